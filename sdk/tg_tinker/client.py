@@ -1,0 +1,65 @@
+"""``ServiceClient``: the entry point of the SDK."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._transport import _GRPC_NAMES, Transport
+from .config import SERVICES, ClientConfig
+
+
+class ServiceClient:
+    """A connection to TenSafe.
+
+    Settings come from the arguments, else ``TS_API_KEY``, ``TS_BASE_URL``
+    (default ``localhost:50051``), ``TS_TENANT_ID``, ``TS_TIMEOUT`` (seconds,
+    default 300), ``TS_RETRY_COUNT`` (default 3) in the environment, else a
+    ``.env`` file in the working directory. ``endpoints`` (or ``TS_<SERVICE>_URL``)
+    sends one service elsewhere than ``base_url``, for the split deployment.
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, tenant_id: str | None = None,
+                 timeout: float | None = None, retry_count: int | None = None, *,
+                 endpoints: Mapping[str, str] | None = None) -> None:
+        self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, tenant_id=tenant_id,
+                                           timeout=timeout, retry_count=retry_count, endpoints=endpoints)
+        self._transport = Transport(self.config)
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every channel; the client cannot be used afterwards."""
+        self._transport.close()
+
+    def check_health(self, timeout: float = 5.0) -> dict[str, str]:
+        """Ask each of the six services for its health; returns service -> status name.
+
+        A service that cannot be reached reports ``UNREACHABLE`` rather than raising,
+        so one call shows the state of the whole deployment.
+        """
+        report: dict[str, str] = {}
+        for service in SERVICES:
+            stub = health_pb2_grpc.HealthStub(self._transport.channel(service))
+            name = f"tensafe.api.{service}.v1.{_GRPC_NAMES[service]}"
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+                report[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as err:
+                report[service] = "UNREACHABLE" if err.code() in (
+                    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else err.code().name
+        return report
+
+    # Used by the higher-level clients (training, sampling, artifacts) in this package.
+    def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        return self._transport.unary(service, method, request, timeout=timeout)
+
+
+__all__ = ["ServiceClient"]

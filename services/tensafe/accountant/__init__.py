@@ -1,0 +1,1 @@
+"""The accountant service. Its RPCs are filled in by issue #6 (privacy accounting)."""

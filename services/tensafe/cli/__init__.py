@@ -1,0 +1,155 @@
+"""The ``tensafe`` command: run the stack, run one service, manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig.load(
+        data_dir=Path(args.data_dir) if getattr(args, "data_dir", None) else None,
+        port=getattr(args, "port", None),
+        host=getattr(args, "host", None),
+        metrics_port=getattr(args, "metrics_port", None),
+    )
+
+
+def _logging(config: ServerConfig) -> None:
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tensafe.runtime.bootstrap import DEFAULT_TENANT, initialise_data_dir
+    from tensafe.runtime.server import TensafeServer
+
+    config = _config(args)
+    _logging(config)
+    api_key, created = initialise_data_dir(config)
+    server = TensafeServer(config, SERVICE_NAMES)
+    word = "created" if created else "reusing"
+    print(f"TenSafe is up on {config.host}:{server.port} (data dir {config.data_dir.resolve()})")
+    print(f"services: {', '.join(SERVICE_NAMES)}")
+    print(f"{word} API key of tenant '{DEFAULT_TENANT}', stored in {config.data_dir / 'api_key'}:")
+    print(api_key, flush=True)
+    server.serve_until_signal()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tensafe.runtime.server import TensafeServer
+
+    config = _config(args)
+    _logging(config)
+    server = TensafeServer(config, [args.service])
+    print(f"tensafe {args.service} serving on {config.host}:{server.port}", flush=True)
+    server.serve_until_signal()
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from tensafe.runtime.bootstrap import initialise_data_dir
+
+    config = _config(args)
+    api_key, created = initialise_data_dir(config)
+    print(f"data dir {config.data_dir.resolve()} {'initialised' if created else 'already initialised'}")
+    print(api_key)
+    return 0
+
+
+def _registry(config: ServerConfig):  # noqa: ANN202
+    from tensafe.runtime.identity import KeyRegistry
+
+    return KeyRegistry(config.identity_url())
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from tensafe.runtime.identity import KeyIssuer
+
+    config = _config(args)
+    if not config.signing_key_path().exists():
+        print(f"error: no key issuer in {config.data_dir}: run `tensafe init` or `tensafe up` first", file=sys.stderr)
+        return 2
+    issuer = KeyIssuer.load_or_create(config.signing_key_path(), config.public_key_path())
+    record, api_key = _registry(config).create_key(issuer, args.tenant, args.description or "")
+    print(f"created key {record.key_id} for tenant {record.tenant_id}; it is shown once, store it safely:")
+    print(api_key)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    record = _registry(_config(args)).revoke(args.key_id)
+    print(f"revoked key {record.key_id} of tenant {record.tenant_id}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records = _registry(_config(args)).list(args.tenant)
+    print(f"{'KEY ID':22} {'TENANT':20} {'CREATED (UTC)':20} {'REVOKED (UTC)':20} DESCRIPTION")
+    for r in records:
+        def when(ts: float | None) -> str:
+            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+        print(f"{r.key_id:22} {r.tenant_id:20} {when(r.created_at):20} {when(r.revoked_at):20} {r.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensafe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data-dir", help="data directory (default: $TENSAFE_DATA_DIR or ./.tensafe)")
+        return p
+
+    def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_data_dir(p)
+        p.add_argument("--port", type=int, help="gRPC port (default: $TENSAFE_PORT or 50051)")
+        p.add_argument("--host", help="bind address (default: $TENSAFE_HOST or 127.0.0.1)")
+        p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (default: 9090)")
+        return p
+
+    with_server(sub.add_parser("up", help="run all six services in one process (the embedded default)")
+                ).set_defaults(func=cmd_up)
+    serve = with_server(sub.add_parser("serve", help="run one service (the split form)"))
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.set_defaults(func=cmd_serve)
+    with_data_dir(sub.add_parser("init", help="create the data dir, keys and the default tenant, then exit")
+                  ).set_defaults(func=cmd_init)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = with_data_dir(keys.add_parser("create", help="create an API key for a tenant (printed last)"))
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--description", default="")
+    create.set_defaults(func=cmd_keys_create)
+    revoke = with_data_dir(keys.add_parser("revoke", help="revoke an API key by its id"))
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    lst = with_data_dir(keys.add_parser("list", help="list API keys"))
+    lst.add_argument("--tenant")
+    lst.set_defaults(func=cmd_keys_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
+        from tensafe.runtime.errors import TensafeError
+
+        if isinstance(exc, (TensafeError, FileNotFoundError, OSError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,3 @@
+from tensafe.cli import main
+
+raise SystemExit(main())

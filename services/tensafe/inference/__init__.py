@@ -1,0 +1,1 @@
+"""The inference service. Its RPCs are filled in by issue #8 (inference)."""

@@ -1,0 +1,1 @@
+"""The ledger service. Its RPCs are filled in by issue #5 (audit ledger)."""

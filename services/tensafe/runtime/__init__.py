@@ -1,0 +1,1 @@
+"""What every TenSafe service shares: configuration, the server builder, auth, errors, telemetry, databases."""

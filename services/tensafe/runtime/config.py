@@ -1,0 +1,173 @@
+"""Server settings from ``TENSAFE_*`` environment variables and a ``.env`` file.
+
+Precedence, highest first: explicit overrides passed by the CLI (``--port``,
+``--data-dir``), the process environment, the ``.env`` file in the working
+directory (or the file named by ``TENSAFE_ENV_FILE``), the defaults below.
+Every setting is listed in ``SETTINGS`` so that the README's configuration
+table and this module cannot drift apart (a test compares them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from dotenv import dotenv_values
+
+SERVICE_NAMES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    kind: type
+    default: Any
+    doc: str
+
+
+# One line per setting: environment variable, field, type, default, meaning.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("TENSAFE_DATA_DIR", "data_dir", Path, Path(".tensafe"), "Data directory: SQLite files, keys, artifact blobs."),
+    Setting("TENSAFE_HOST", "host", str, "127.0.0.1", "Address the gRPC server binds to."),
+    Setting("TENSAFE_PORT", "port", int, 50051, "gRPC port (`tensafe up`, or the service of `tensafe serve`)."),
+    Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
+    Setting("TENSAFE_DB_URL", "db_url", str, "", "SQLAlchemy URL for every service; empty means one SQLite file per service in the data dir. `TENSAFE_<SERVICE>_DB_URL` overrides it per service."),
+    Setting("TENSAFE_DB_SCHEMA_PREFIX", "db_schema_prefix", str, "tensafe_", "PostgreSQL only: each service keeps its tables in schema `<prefix><service>`."),
+    Setting("TENSAFE_IDENTITY_DB_URL", "identity_db_url", str, "", "Where API key records live; empty means `identity.db` in the data dir."),
+    Setting("TENSAFE_AUTH_PUBLIC_KEY_FILE", "auth_public_key_file", str, "", "Ed25519 public key that verifies API keys; empty means `keys/issuer.pub` in the data dir."),
+    Setting("TENSAFE_AUTH_REFRESH_SECONDS", "auth_refresh_seconds", float, 5.0, "How often a service reloads the key registry (revocations take effect within this time)."),
+    Setting("TENSAFE_RATE_LIMIT_RPS", "rate_limit_rps", float, 100.0, "Requests per second allowed per tenant and service (token bucket refill); 0 turns limiting off."),
+    Setting("TENSAFE_RATE_LIMIT_BURST", "rate_limit_burst", int, 200, "Token bucket size per tenant and service."),
+    Setting("TENSAFE_MAX_MESSAGE_MB", "max_message_mb", int, 64, "Largest gRPC message accepted or sent, in MiB."),
+    Setting("TENSAFE_WORKERS", "workers", int, 32, "Threads serving calls in one server."),
+    Setting("TENSAFE_GRACE_SECONDS", "grace_seconds", float, 30.0, "On SIGTERM/SIGINT, how long calls in flight may run before they are cancelled."),
+    Setting("TENSAFE_KEEPALIVE_SECONDS", "keepalive_seconds", int, 30, "Server keepalive ping interval."),
+    Setting("TENSAFE_TLS_CERT_FILE", "tls_cert_file", str, "", "Server certificate (PEM); with the key file it turns TLS on."),
+    Setting("TENSAFE_TLS_KEY_FILE", "tls_key_file", str, "", "Server private key (PEM)."),
+    Setting("TENSAFE_TLS_CLIENT_CA_FILE", "tls_client_ca_file", str, "", "CA that client certificates must chain to; set it to require mTLS."),
+    Setting("TENSAFE_TRACE_EXPORTER", "trace_exporter", str, "none", "Where spans go: `none`, `console` or `otlp` (needs opentelemetry-exporter-otlp)."),
+    Setting("TENSAFE_LOG_LEVEL", "log_level", str, "INFO", "Python log level of the server."),
+    Setting("TENSAFE_ACCESS_LOG", "access_log", bool, True, "Log one line per call (method, tenant, code, milliseconds, request id)."),
+)
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(setting: Setting, raw: str) -> Any:
+    try:
+        if setting.kind is bool:
+            low = raw.strip().lower()
+            if low in _BOOL_TRUE:
+                return True
+            if low in _BOOL_FALSE:
+                return False
+            raise ValueError(raw)
+        if setting.kind is Path:
+            return Path(raw).expanduser()
+        return setting.kind(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    host: str
+    port: int
+    metrics_port: int
+    db_url: str
+    db_schema_prefix: str
+    identity_db_url: str
+    auth_public_key_file: str
+    auth_refresh_seconds: float
+    rate_limit_rps: float
+    rate_limit_burst: int
+    max_message_mb: int
+    workers: int
+    grace_seconds: float
+    keepalive_seconds: int
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    trace_exporter: str
+    log_level: str
+    access_log: bool
+    # Per-service values that have no single default: DB URLs and peer endpoints.
+    extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> "ServerConfig":
+        """Build the configuration; ``overrides`` (non-None values) win over everything."""
+        env = dict(os.environ if environ is None else environ)
+        file_name = env_file or env.get("TENSAFE_ENV_FILE") or ".env"
+        merged: dict[str, str] = {}
+        if Path(file_name).is_file():
+            merged.update({k: v for k, v in dotenv_values(file_name).items() if v is not None})
+        merged.update(env)
+        values: dict[str, Any] = {}
+        for s in SETTINGS:
+            values[s.field] = _parse(s, merged[s.env]) if s.env in merged else s.default
+        for key, val in overrides.items():
+            if val is not None:
+                values[key] = val
+        extra = {
+            k: v
+            for k, v in merged.items()
+            if k.startswith("TENSAFE_") and (k.endswith("_DB_URL") or k.endswith("_ENDPOINT"))
+        }
+        cfg = cls(**values, extra=extra)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"TENSAFE_PORT={self.port} must be between 1 and 65535")
+        if not (0 <= self.metrics_port < 65536):
+            raise ConfigError(f"TENSAFE_METRICS_PORT={self.metrics_port} must be between 0 and 65535")
+        if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
+            raise ConfigError("TENSAFE_RATE_LIMIT_RPS must be >= 0 and TENSAFE_RATE_LIMIT_BURST >= 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("TENSAFE_TLS_CERT_FILE and TENSAFE_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("TENSAFE_TLS_CLIENT_CA_FILE (mTLS) needs TENSAFE_TLS_CERT_FILE and TENSAFE_TLS_KEY_FILE")
+        if self.trace_exporter not in ("none", "console", "otlp"):
+            raise ConfigError(f"TENSAFE_TRACE_EXPORTER={self.trace_exporter!r}: use none, console or otlp")
+        if self.workers < 2:
+            raise ConfigError("TENSAFE_WORKERS must be at least 2")
+
+    # -- derived values -------------------------------------------------
+    def service_db_url(self, service: str) -> str:
+        specific = self.extra.get(f"TENSAFE_{service.upper()}_DB_URL")
+        if specific:
+            return specific
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def identity_url(self) -> str:
+        return self.identity_db_url or f"sqlite:///{(self.data_dir / 'identity.db').resolve()}"
+
+    def public_key_path(self) -> Path:
+        return Path(self.auth_public_key_file) if self.auth_public_key_file else self.data_dir / "keys" / "issuer.pub"
+
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "keys" / "issuer.key"
+
+    def peer_endpoint(self, service: str) -> str | None:
+        """Where another service listens in the split form (``TENSAFE_<SERVICE>_ENDPOINT``)."""
+        return self.extra.get(f"TENSAFE_{service.upper()}_ENDPOINT")

@@ -1,0 +1,141 @@
+"""Domain errors, and their one translation into ``google.rpc.Status``.
+
+Service logic raises these plain exceptions; only :func:`to_rpc_status` knows
+about gRPC. The reason strings are the names of ``tensafe.api.common.v1.ErrorReason``
+without the ``ERROR_REASON_`` prefix (a test keeps the two in step), and the
+SDK maps them back to its exception classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+DOMAIN = "tensafe.dev"
+
+log = logging.getLogger("tensafe.errors")
+
+
+class TensafeError(Exception):
+    """Base of every domain error: a gRPC code, a reason and metadata for the client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {k: str(v) for k, v in metadata.items() if v is not None}
+
+
+class InvalidArgument(TensafeError):
+    """A request field is wrong; ``field`` names it (dotted path)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, **metadata: object) -> None:
+        super().__init__(f"{field}: {message}", field=field, **metadata)
+        self.field = field
+
+
+class NotFound(TensafeError):
+    """The resource does not exist for this tenant (another tenant's resource looks the same)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "RESOURCE_NOT_FOUND"
+
+    def __init__(self, kind: str, resource_id: str) -> None:
+        super().__init__(f"{kind} {resource_id!r} not found", resource_type=kind, resource_id=resource_id)
+
+
+class AlreadyExists(TensafeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(TensafeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(TensafeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "API_KEY_INVALID"
+
+
+class PermissionDenied(TensafeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "TENANT_MISMATCH"
+
+
+class RateLimited(TensafeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=f"{retry_after:.3f}")
+        self.retry_after = retry_after
+
+
+class DependencyUnavailable(TensafeError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DEPENDENCY_UNAVAILABLE"
+
+
+class NotImplementedYet(TensafeError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
+def to_rpc_status(err: TensafeError, request_id: str | None = None) -> status_pb2.Status:
+    """The single place where a domain error becomes a ``google.rpc.Status``."""
+    metadata: dict[str, str] = dict(err.metadata)
+    if request_id:
+        metadata["request_id"] = request_id
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
+    details = [_pack(info)]
+    if isinstance(err, RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    if isinstance(err, InvalidArgument):
+        bad = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+        )
+        details.append(_pack(bad))
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+
+
+def internal_status(exc: BaseException, request_id: str | None) -> status_pb2.Status:
+    """An unexpected exception: logged with its traceback, answered without internals."""
+    log.error("unhandled error (request %s)", request_id, exc_info=exc)
+    metadata = {"request_id": request_id} if request_id else {}
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata=metadata)
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error (request id {request_id})",
+        details=[_pack(info)],
+    )
+
+
+def _pack(msg: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    return packed
+
+
+def reason_metadata(status: status_pb2.Status) -> tuple[str | None, Mapping[str, str]]:
+    """The ErrorInfo reason and metadata carried by a status, if any."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, dict(info.metadata)
+    return None, {}

@@ -1,0 +1,237 @@
+"""Tenants and API keys.
+
+An API key is a signed token: ``ts-<claims>.<signature>``, where the claims
+(key id, tenant, issue time) are signed with the issuer's Ed25519 private key.
+A service verifies a key with the issuer's public key alone, so no call to
+another service is made per request. The registry stores only the key id,
+tenant and revocation time: nothing secret, nothing that could be replayed.
+Services reload the registry every ``TENSAFE_AUTH_REFRESH_SECONDS`` (and at
+once when they meet a key id they have not seen), so a revoked key stops
+working within that interval.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .db import IDENTITY_VERSIONS, create_engine, migrate
+from .errors import InvalidArgument, NotFound, Unauthenticated
+
+KEY_PREFIX = "ts-"
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+_metadata = sa.MetaData()
+tenants = sa.Table(
+    "tenants",
+    _metadata,
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+api_keys = sa.Table(
+    "api_keys",
+    _metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("tenant_id", sa.String(128), nullable=False),
+    sa.Column("description", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant and the key it used."""
+
+    tenant_id: str
+    key_id: str
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    tenant_id: str
+    description: str
+    created_at: float
+    revoked_at: float | None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+class KeyIssuer:
+    """Holds the issuer's Ed25519 private key; used by ``tensafe keys create`` only."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+
+    @classmethod
+    def load_or_create(cls, key_path: Path, public_path: Path) -> "KeyIssuer":
+        if key_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{key_path} is not an Ed25519 private key")
+        else:
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            _write_private(key_path, pem)
+        if not public_path.exists():
+            public_path.parent.mkdir(parents=True, exist_ok=True)
+            public_path.write_bytes(
+                key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        return cls(key)
+
+    def issue(self, key_id: str, tenant_id: str) -> str:
+        claims = json.dumps({"v": 1, "kid": key_id, "tid": tenant_id, "iat": int(time.time())},
+                            separators=(",", ":"), sort_keys=True).encode()
+        return KEY_PREFIX + _b64(claims) + "." + _b64(self._key.sign(claims))
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"API key verification key {path} is missing: run `tensafe up` once, or set TENSAFE_AUTH_PUBLIC_KEY_FILE"
+        )
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def parse_api_key(api_key: str, public_key: Ed25519PublicKey) -> Principal:
+    """Check the signature and return the claimed principal (revocation is checked by the caller)."""
+    if not api_key:
+        raise Unauthenticated("missing API key: send it as 'authorization: Bearer <key>'", reason="API_KEY_MISSING")
+    try:
+        if not api_key.startswith(KEY_PREFIX):
+            raise ValueError("prefix")
+        claims_b64, sig_b64 = api_key[len(KEY_PREFIX):].split(".", 1)
+        claims_raw, sig = _unb64(claims_b64), _unb64(sig_b64)
+        public_key.verify(sig, claims_raw)
+        claims = json.loads(claims_raw)
+        return Principal(tenant_id=str(claims["tid"]), key_id=str(claims["kid"]))
+    except (ValueError, KeyError, InvalidSignature, TypeError):
+        raise Unauthenticated("invalid API key", reason="API_KEY_INVALID") from None
+
+
+class KeyRegistry:
+    """The identity database: tenants and key records, revocations included."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url, schema="tensafe_identity")
+        migrate(self.engine, [IDENTITY_VERSIONS], version_table="alembic_version_identity")
+
+    def ensure_tenant(self, tenant_id: str) -> None:
+        if not TENANT_RE.match(tenant_id):
+            raise InvalidArgument("tenant", "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit")
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(tenants.c.tenant_id).where(tenants.c.tenant_id == tenant_id)).first()
+            if not exists:
+                conn.execute(tenants.insert().values(tenant_id=tenant_id, created_at=time.time()))
+
+    def create_key(self, issuer: KeyIssuer, tenant_id: str, description: str = "") -> tuple[ApiKeyRecord, str]:
+        self.ensure_tenant(tenant_id)
+        key_id = "key_" + secrets.token_hex(8)
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(api_keys.insert().values(
+                key_id=key_id, tenant_id=tenant_id, description=description, created_at=now, revoked_at=None))
+        return ApiKeyRecord(key_id, tenant_id, description, now, None), issuer.issue(key_id, tenant_id)
+
+    def revoke(self, key_id: str) -> ApiKeyRecord:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)).first()
+            if row is None:
+                raise NotFound("api key", key_id)
+            if row.revoked_at is None:
+                conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(revoked_at=time.time()))
+        return self.get(key_id)
+
+    def get(self, key_id: str) -> ApiKeyRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)).first()
+        if row is None:
+            raise NotFound("api key", key_id)
+        return ApiKeyRecord(row.key_id, row.tenant_id, row.description, row.created_at, row.revoked_at)
+
+    def list(self, tenant_id: str | None = None) -> list[ApiKeyRecord]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at)
+        if tenant_id:
+            query = query.where(api_keys.c.tenant_id == tenant_id)
+        with self.engine.connect() as conn:
+            return [ApiKeyRecord(r.key_id, r.tenant_id, r.description, r.created_at, r.revoked_at)
+                    for r in conn.execute(query)]
+
+    def snapshot(self) -> dict[str, tuple[str, bool]]:
+        """key id -> (tenant, revoked), the whole registry (it is small: one row per key)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(api_keys.c.key_id, api_keys.c.tenant_id, api_keys.c.revoked_at))
+            return {r.key_id: (r.tenant_id, r.revoked_at is not None) for r in rows}
+
+
+class KeyVerifier:
+    """Verifies keys locally: signature with the public key, revocation from a cached registry snapshot."""
+
+    def __init__(self, public_key: Ed25519PublicKey, registry: KeyRegistry, refresh_seconds: float) -> None:
+        self._public_key = public_key
+        self._registry = registry
+        self._refresh = refresh_seconds
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[str, bool]] = {}
+        self._loaded_at = float("-inf")
+        self._miss_reload_at = float("-inf")
+
+    def _reload(self) -> None:
+        self._known = self._registry.snapshot()
+        self._loaded_at = time.monotonic()
+
+    def verify(self, api_key: str) -> Principal:
+        principal = parse_api_key(api_key, self._public_key)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._loaded_at >= self._refresh:
+                self._reload()
+            entry = self._known.get(principal.key_id)
+            # A key issued after our last load: reload once, but at most every 100 ms so that
+            # forged-but-signed ids cannot turn every request into a database read.
+            if entry is None and now - self._miss_reload_at >= 0.1:
+                self._miss_reload_at = now
+                self._reload()
+                entry = self._known.get(principal.key_id)
+        if entry is None:
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+        tenant_id, revoked = entry
+        if revoked:
+            raise Unauthenticated(f"API key {principal.key_id} has been revoked", reason="API_KEY_REVOKED")
+        if tenant_id != principal.tenant_id:
+            raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        return principal

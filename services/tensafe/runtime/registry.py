@@ -1,0 +1,111 @@
+"""The six services, and how one is built from configuration.
+
+Service modules are imported only when that service is started, so that a
+process serving only the light services (vault, ledger, accountant) never
+imports torch, transformers or tenseal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from sqlalchemy.engine import Engine
+
+from .config import SERVICE_NAMES, ServerConfig
+from .db import RUNTIME_VERSIONS, create_engine, migrate
+from .idempotency import IdempotencyStore
+
+_SERVICES_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str                 # short name: trainer, vault, ...
+    grpc_service: str         # the service's name in its proto
+    servicer_factory: str     # "module:function" returning the servicer, given a ServiceEnvironment
+
+    @property
+    def proto_module(self) -> str:
+        return f"tensafe.api.{self.name}.v1.{self.name}_pb2"
+
+    @property
+    def full_name(self) -> str:
+        return f"tensafe.api.{self.name}.v1.{self.grpc_service}"
+
+    @property
+    def migrations(self) -> Path:
+        return _SERVICES_ROOT / self.name / "migrations"
+
+
+SPECS: dict[str, ServiceSpec] = {
+    spec.name: spec
+    for spec in (
+        ServiceSpec("trainer", "TrainerService", "tensafe.trainer.servicer:create"),
+        ServiceSpec("accountant", "AccountantService", "tensafe.accountant.servicer:create"),
+        ServiceSpec("he", "HeService", "tensafe.he.servicer:create"),
+        ServiceSpec("vault", "VaultService", "tensafe.vault.servicer:create"),
+        ServiceSpec("ledger", "LedgerService", "tensafe.ledger.servicer:create"),
+        ServiceSpec("inference", "InferenceService", "tensafe.inference.servicer:create"),
+    )
+}
+assert tuple(SPECS) == SERVICE_NAMES
+
+
+@dataclass
+class ServiceEnvironment:
+    """What a service is given to build itself: its settings, its own database, and its peers."""
+
+    name: str
+    config: ServerConfig
+    db: Engine
+    # Address of the server this service runs in (embedded form: every peer lives there).
+    local_endpoint: str | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def peer_endpoint(self, service: str) -> str:
+        endpoint = self.config.peer_endpoint(service) or self.local_endpoint
+        if not endpoint:
+            raise RuntimeError(
+                f"the {self.name} service needs the {service} service: set TENSAFE_{service.upper()}_ENDPOINT"
+            )
+        return endpoint
+
+
+@dataclass
+class ServiceUnit:
+    spec: ServiceSpec
+    servicer: Any
+    env: ServiceEnvironment
+    idempotency: IdempotencyStore
+
+    def register(self, server: grpc.Server) -> None:
+        grpc_module = importlib.import_module(self.spec.proto_module + "_grpc")
+        getattr(grpc_module, f"add_{self.spec.grpc_service}Servicer_to_server")(self.servicer, server)
+
+    def close(self) -> None:
+        for close in reversed(self.env.closers):
+            close()
+        self.env.db.dispose()
+
+
+def open_service_db(config: ServerConfig, spec: ServiceSpec) -> Engine:
+    engine = create_engine(config.service_db_url(spec.name), schema=f"{config.db_schema_prefix}{spec.name}")
+    dirs = [RUNTIME_VERSIONS]
+    if spec.migrations.is_dir():
+        dirs.append(spec.migrations)
+    migrate(engine, dirs, version_table=f"alembic_version_{spec.name}")
+    return engine
+
+
+def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = None) -> ServiceUnit:
+    if name not in SPECS:
+        raise ValueError(f"unknown service {name!r}; choose from {', '.join(SPECS)}")
+    spec = SPECS[name]
+    env = ServiceEnvironment(name, config, open_service_db(config, spec), local_endpoint)
+    module_name, func = spec.servicer_factory.split(":")
+    servicer = getattr(importlib.import_module(module_name), func)(env)
+    return ServiceUnit(spec, servicer, env, IdempotencyStore(env.db))

@@ -67,7 +67,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _registry(config: ServerConfig):  # noqa: ANN202
     from tensafe.runtime.identity import KeyRegistry
 
-    return KeyRegistry(config.identity_url())
+    return KeyRegistry.from_config(config)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

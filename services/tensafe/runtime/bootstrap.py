@@ -37,7 +37,7 @@ def initialise_data_dir(config: ServerConfig) -> tuple[str, bool]:
     key_file = data_dir / "api_key"
     if key_file.exists():
         return key_file.read_text().strip(), False
-    registry = KeyRegistry(config.identity_url())
+    registry = KeyRegistry.from_config(config)
     _, api_key = registry.create_key(issuer, DEFAULT_TENANT, "created by tensafe up")
     registry.engine.dispose()
     _write_secret(key_file, (api_key + "\n").encode())

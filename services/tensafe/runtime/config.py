@@ -135,8 +135,8 @@ class ServerConfig:
         return cfg
 
     def validate(self) -> None:
-        if not (0 < self.port < 65536):
-            raise ConfigError(f"TENSAFE_PORT={self.port} must be between 1 and 65535")
+        if not (0 <= self.port < 65536):
+            raise ConfigError(f"TENSAFE_PORT={self.port} must be between 0 (any free port) and 65535")
         if not (0 <= self.metrics_port < 65536):
             raise ConfigError(f"TENSAFE_METRICS_PORT={self.metrics_port} must be between 0 and 65535")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:

@@ -8,6 +8,7 @@ and one database without seeing each other's tables.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +19,8 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 _MIGRATIONS_ENV = Path(__file__).parent / "migrations"
+# Alembic narrates every migration at INFO; a server start should not.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def normalise_url(url: str) -> str:

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .config import ServerConfig
 from .db import IDENTITY_VERSIONS, create_engine, migrate
 from .errors import InvalidArgument, NotFound, Unauthenticated
 
@@ -146,8 +147,8 @@ def parse_api_key(api_key: str, public_key: Ed25519PublicKey) -> Principal:
 class KeyRegistry:
     """The identity database: tenants and key records, revocations included."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, schema="tensafe_identity")
+    def __init__(self, url: str, schema: str = "tensafe_identity") -> None:
+        self.engine = create_engine(url, schema=schema)
         migrate(self.engine, [IDENTITY_VERSIONS], version_table="alembic_version_identity")
 
     def ensure_tenant(self, tenant_id: str) -> None:
@@ -190,6 +191,10 @@ class KeyRegistry:
         with self.engine.connect() as conn:
             return [ApiKeyRecord(r.key_id, r.tenant_id, r.description, r.created_at, r.revoked_at)
                     for r in conn.execute(query)]
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> "KeyRegistry":
+        return cls(config.identity_url(), schema=f"{config.db_schema_prefix}identity")
 
     def snapshot(self) -> dict[str, tuple[str, bool]]:
         """key id -> (tenant, revoked), the whole registry (it is small: one row per key)."""

@@ -54,7 +54,7 @@ class TensafeServer:
         self.config = config
         self.service_names = list(service_names)
         setup_tracing(config.trace_exporter, "tensafe-" + "+".join(self.service_names))
-        registry = KeyRegistry(config.identity_url())
+        registry = KeyRegistry.from_config(config)
         self.verifier = KeyVerifier(load_public_key(config.public_key_path()), registry,
                                     config.auth_refresh_seconds)
         # Filled once the services exist (they need the bound port to find their peers).
@@ -88,6 +88,11 @@ class TensafeServer:
             (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
         self._stopped = threading.Event()
+
+    @property
+    def grpc_server(self) -> grpc.Server:
+        """The underlying server, for adding handlers before :meth:`start`."""
+        return self._server
 
     @property
     def full_names(self) -> list[str]:

@@ -28,7 +28,7 @@ _configured = False
 def setup_tracing(exporter: str, service_name: str) -> None:
     """Install a tracer provider once per process. ``exporter`` is none, console or otlp."""
     global _configured
-    if _configured:
+    if _configured or isinstance(trace.get_tracer_provider(), TracerProvider):
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if exporter == "console":

@@ -1,0 +1,187 @@
+"""Shared fixtures: database backends and real servers started as users start them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("TENSAFE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+SERVICES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_available() -> str | None:
+    try:
+        engine = sa.create_engine(PG_URL)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return str(exc).splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    problem = _pg_available()
+    if problem:
+        if os.environ.get("TENSAFE_REQUIRE_PG"):
+            pytest.fail(f"PostgreSQL is required (TENSAFE_REQUIRE_PG) but unreachable at {PG_URL}: {problem}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {problem}")
+    return PG_URL
+
+
+def drop_schemas(prefix: str) -> None:
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        names = conn.execute(sa.text(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE :p"), {"p": prefix + "%"})
+        for (name,) in list(names):
+            conn.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
+    engine.dispose()
+
+
+def _backend_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    if request.param == "sqlite":
+        yield {}
+        return
+    url = request.getfixturevalue("pg_url")
+    prefix = f"t{secrets.token_hex(4)}_"
+    yield {"TENSAFE_DB_URL": url, "TENSAFE_IDENTITY_DB_URL": url, "TENSAFE_DB_SCHEMA_PREFIX": prefix}
+    drop_schemas(prefix)
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Environment selecting the database backend for a server under test."""
+    yield from _backend_env(request)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_db_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    yield from _backend_env(request)
+
+
+def tensafe_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tensafe.cli", *args]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_"))}
+    env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"process did not stop on SIGTERM; log:\n{self.output()}") from None
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Process:
+    fh = open(log, "w")
+    return Process(subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO), log)
+
+
+def wait_serving(target: str, services: tuple[str, ...], proc: Process, timeout: float = 60) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tg_tinker._transport import _GRPC_NAMES
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        pending = list(services)
+        while pending:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.proc.returncode}:\n{proc.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pending} not serving after {timeout}s:\n{proc.output()}")
+            name = f"tensafe.api.{pending[0]}.v1.{_GRPC_NAMES[pending[0]]}"
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    pending.pop(0)
+                    continue
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+
+
+@dataclass
+class Stack:
+    """A `tensafe up` process and what a user gets from it."""
+
+    process: Process
+    port: int
+    data_dir: Path
+    env: dict[str, str]
+    api_key: str = field(default="")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **kwargs):  # noqa: ANN003, ANN201
+        from tg_tinker import ServiceClient
+
+        kwargs.setdefault("api_key", self.api_key)
+        kwargs.setdefault("base_url", self.target)
+        kwargs.setdefault("retry_count", 0)
+        return ServiceClient(**kwargs)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(tensafe_cmd(*args, "--data-dir", str(self.data_dir)), env=self.env,
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def start_stack(tmp: Path, env_extra: dict[str, str] | None = None, data_dir: Path | None = None) -> Stack:
+    port = free_port()
+    data_dir = data_dir or tmp / "data"
+    env = base_env(**(env_extra or {}))
+    proc = spawn(tensafe_cmd("up", "--data-dir", str(data_dir), "--port", str(port)), env,
+                 tmp / f"up-{port}.log")
+    wait_serving(f"127.0.0.1:{port}", SERVICES, proc)
+    return Stack(proc, port, data_dir, env, (data_dir / "api_key").read_text().strip())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, module_db_env: dict[str, str]) -> Iterator[Stack]:
+    """One `tensafe up` per test module and backend (keys revoke within 0.2 s)."""
+    s = start_stack(tmp_path_factory.mktemp("stack"), {**module_db_env, "TENSAFE_AUTH_REFRESH_SECONDS": "0.2"})
+    yield s
+    assert s.process.stop() == 0, s.process.output()

@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 DATA   ?= .tensafe
 
-.PHONY: install test test-sqlite lint proto proto-check bench demo up clean
+.PHONY: install test lint proto proto-check bench demo up clean
 
 install: $(VENV)/.installed
 

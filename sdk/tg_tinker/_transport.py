@@ -26,7 +26,9 @@ _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "API_KEY_MISSING": errors.AuthenticationError,
     "API_KEY_INVALID": errors.AuthenticationError,
     "API_KEY_REVOKED": errors.AuthenticationError,
+    "API_KEY_EXPIRED": errors.AuthenticationError,
     "TENANT_MISMATCH": errors.PermissionDeniedError,
+    "PERMISSION_DENIED": errors.PermissionDeniedError,
     "RESOURCE_NOT_FOUND": errors.NotFoundError,
     "INVALID_ARGUMENT": errors.ValidationError,
     "INSECURE_PARAMETERS": errors.ValidationError,
@@ -92,7 +94,7 @@ def translate_error(err: grpc.RpcError) -> errors.TGTinkerError:
     kwargs: dict[str, Any] = dict(code=reason or code.name, details=metadata,
                                   request_id=metadata.get("request_id"), grpc_code=code.name)
     if cls is errors.RateLimitedError:
-        kwargs["retry_after"] = retry_after if retry_after is not None else float(metadata.get("retry_after", 1.0))
+        kwargs["retry_after"] = retry_after if retry_after is not None else float(metadata.get("retry_after_s", 1.0))
     if cls is errors.ValidationError:
         kwargs["field"] = field or metadata.get("field")
     return cls(message or code.name, **kwargs)

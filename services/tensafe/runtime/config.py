@@ -40,7 +40,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
     Setting("TENSAFE_DB_URL", "db_url", str, "", "SQLAlchemy URL for every service; empty means one SQLite file per service in the data dir. `TENSAFE_<SERVICE>_DB_URL` overrides it per service."),
     Setting("TENSAFE_DB_SCHEMA_PREFIX", "db_schema_prefix", str, "tensafe_", "PostgreSQL only: each service keeps its tables in schema `<prefix><service>`."),
-    Setting("TENSAFE_IDENTITY_DB_URL", "identity_db_url", str, "", "Where API key records live; empty means `identity.db` in the data dir."),
+    Setting("TENSAFE_IDENTITY_DB_URL", "identity_db_url", str, "", "Where API key records live; empty means TENSAFE_DB_URL, else `identity.db` in the data dir."),
     Setting("TENSAFE_AUTH_PUBLIC_KEY_FILE", "auth_public_key_file", str, "", "Ed25519 public key that verifies API keys; empty means `keys/issuer.pub` in the data dir."),
     Setting("TENSAFE_AUTH_REFRESH_SECONDS", "auth_refresh_seconds", float, 5.0, "How often a service reloads the key registry (revocations take effect within this time)."),
     Setting("TENSAFE_RATE_LIMIT_RPS", "rate_limit_rps", float, 100.0, "Requests per second allowed per tenant and service (token bucket refill); 0 turns limiting off."),
@@ -160,7 +160,7 @@ class ServerConfig:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
     def identity_url(self) -> str:
-        return self.identity_db_url or f"sqlite:///{(self.data_dir / 'identity.db').resolve()}"
+        return self.identity_db_url or self.db_url or f"sqlite:///{(self.data_dir / 'identity.db').resolve()}"
 
     def public_key_path(self) -> Path:
         return Path(self.auth_public_key_file) if self.auth_public_key_file else self.data_dir / "keys" / "issuer.pub"

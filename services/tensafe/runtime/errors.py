@@ -80,7 +80,7 @@ class RateLimited(TensafeError):
     reason = "RATE_LIMITED"
 
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message, retry_after=f"{retry_after:.3f}")
+        super().__init__(message, retry_after_s=f"{retry_after:.3f}")
         self.retry_after = retry_after
 
 

@@ -3,8 +3,9 @@
 An API key is a signed token: ``ts-<claims>.<signature>``, where the claims
 (key id, tenant, issue time) are signed with the issuer's Ed25519 private key.
 A service verifies a key with the issuer's public key alone, so no call to
-another service is made per request. The registry stores only the key id,
-tenant and revocation time: nothing secret, nothing that could be replayed.
+another service is made per request. The registry stores the key id, tenant,
+a description and the creation and revocation times: nothing secret, nothing
+from which a key could be rebuilt.
 Services reload the registry every ``TENSAFE_AUTH_REFRESH_SECONDS`` (and at
 once when they meet a key id they have not seen), so a revoked key stops
 working within that interval.

@@ -62,12 +62,16 @@ class ServiceEnvironment:
     name: str
     config: ServerConfig
     db: Engine
-    # Address of the server this service runs in (embedded form: every peer lives there).
+    # Address of the server this service runs in, and the services it hosts
+    # (embedded form: all six, so every peer is reached over loopback there).
     local_endpoint: str | None = None
+    local_services: frozenset[str] = frozenset()
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def peer_endpoint(self, service: str) -> str:
-        endpoint = self.config.peer_endpoint(service) or self.local_endpoint
+        endpoint = self.config.peer_endpoint(service)
+        if not endpoint and service in self.local_services:
+            endpoint = self.local_endpoint
         if not endpoint:
             raise RuntimeError(
                 f"the {self.name} service needs the {service} service: set TENSAFE_{service.upper()}_ENDPOINT"
@@ -101,11 +105,14 @@ def open_service_db(config: ServerConfig, spec: ServiceSpec) -> Engine:
     return engine
 
 
-def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = None) -> ServiceUnit:
+def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = None,
+               local_services: frozenset[str] = frozenset()) -> ServiceUnit:
     if name not in SPECS:
         raise ValueError(f"unknown service {name!r}; choose from {', '.join(SPECS)}")
     spec = SPECS[name]
-    env = ServiceEnvironment(name, config, open_service_db(config, spec), local_endpoint)
+    env = ServiceEnvironment(name, config, open_service_db(config, spec), local_endpoint, local_services)
     module_name, func = spec.servicer_factory.split(":")
     servicer = getattr(importlib.import_module(module_name), func)(env)
-    return ServiceUnit(spec, servicer, env, IdempotencyStore(env.db))
+    store = IdempotencyStore(env.db)
+    store.purge_expired()
+    return ServiceUnit(spec, servicer, env, store)

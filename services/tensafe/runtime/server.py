@@ -77,7 +77,9 @@ class TensafeServer:
         if not self.port:
             raise OSError(f"cannot bind {address}")
         local = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::', '') else config.host}:{self.port}"
-        self.units: list[ServiceUnit] = [build_unit(n, config, local_endpoint=local) for n in self.service_names]
+        self.units: list[ServiceUnit] = [
+            build_unit(n, config, local_endpoint=local, local_services=frozenset(self.service_names))
+            for n in self.service_names]
         self._idempotency_stores.update({u.spec.name: u.idempotency for u in self.units})
         for unit in self.units:
             unit.register(self._server)

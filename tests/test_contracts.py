@@ -6,6 +6,7 @@ Run with ``PYTHONPATH=sdk python -m pytest tests/test_contracts.py``.
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,8 +124,11 @@ def test_namespace_package_has_no_init():
     assert not (REPO_ROOT / "sdk" / "tensafe" / "__init__.py").exists()
 
 
-@pytest.mark.skipif(not BUF.exists(), reason="buf not installed: run `npm install` (node_modules/.bin/buf)")
 def test_buf_lint_is_clean():
+    if not BUF.exists():
+        if os.environ.get("TENSAFE_REQUIRE_BUF"):
+            pytest.fail("buf is required (TENSAFE_REQUIRE_BUF) but node_modules/.bin/buf is missing: run `npm ci`")
+        pytest.skip("buf not installed: run `npm ci` (node_modules/.bin/buf)")
     result = subprocess.run([str(BUF), "lint"], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""

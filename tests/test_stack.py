@@ -16,7 +16,7 @@ from conftest import REPO, SERVICES, base_env, free_port, spawn, start_stack, te
 FULL_NAMES = {
     f"tensafe.api.{s}.v1.{n}"
     for s, n in zip(SERVICES, ("TrainerService", "AccountantService", "HeService", "VaultService",
-                               "LedgerService", "InferenceService"))
+                               "LedgerService", "InferenceService"), strict=True)
 }
 
 

@@ -7,7 +7,8 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from dotenv import dotenv_values
 
@@ -33,7 +33,7 @@ class Endpoint:
     tls: bool = False
 
     @classmethod
-    def parse(cls, url: str, field: str = "base_url") -> "Endpoint":
+    def parse(cls, url: str, field: str = "base_url") -> Endpoint:
         url = url.strip()
         tls = False
         for scheme, secure in (("grpcs://", True), ("https://", True), ("grpc://", False), ("http://", False)):
@@ -64,7 +64,7 @@ class ClientConfig:
     def resolve(cls, *, api_key: str | None = None, base_url: str | None = None, tenant_id: str | None = None,
                 timeout: float | None = None, retry_count: int | None = None,
                 endpoints: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env",
-                environ: Mapping[str, str] | None = None) -> "ClientConfig":
+                environ: Mapping[str, str] | None = None) -> ClientConfig:
         env: dict[str, str] = {}
         if env_file and Path(env_file).is_file():
             env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})

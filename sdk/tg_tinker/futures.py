@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from .errors import FutureCancelledError, FutureTimeoutError
 
@@ -72,7 +73,7 @@ class FutureHandle(Generic[T]):
                                                  code="FUTURE_CANCELLED"))
         return True
 
-    def add_done_callback(self, fn: Callable[["FutureHandle[T]"], Any]) -> None:
+    def add_done_callback(self, fn: Callable[[FutureHandle[T]], Any]) -> None:
         """Call ``fn(self)`` when the operation ends (at once if it already has)."""
         self._future.add_done_callback(lambda _f: fn(self))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig
 
@@ -95,7 +95,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     print(f"{'KEY ID':22} {'TENANT':20} {'CREATED (UTC)':20} {'REVOKED (UTC)':20} DESCRIPTION")
     for r in records:
         def when(ts: float | None) -> str:
-            return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+            return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
         print(f"{r.key_id:22} {r.tenant_id:20} {when(r.created_at):20} {when(r.revoked_at):20} {r.description}")
     return 0
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -111,7 +112,7 @@ class ServerConfig:
         environ: Mapping[str, str] | None = None,
         env_file: str | os.PathLike[str] | None = None,
         **overrides: Any,
-    ) -> "ServerConfig":
+    ) -> ServerConfig:
         """Build the configuration; ``overrides`` (non-None values) win over everything."""
         env = dict(os.environ if environ is None else environ)
         file_name = env_file or env.get("TENSAFE_ENV_FILE") or ".env"

@@ -9,7 +9,7 @@ SDK maps them back to its exception classes.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2

@@ -92,7 +92,7 @@ class KeyIssuer:
         self._key = private_key
 
     @classmethod
-    def load_or_create(cls, key_path: Path, public_path: Path) -> "KeyIssuer":
+    def load_or_create(cls, key_path: Path, public_path: Path) -> KeyIssuer:
         if key_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
@@ -154,7 +154,8 @@ class KeyRegistry:
 
     def ensure_tenant(self, tenant_id: str) -> None:
         if not TENANT_RE.match(tenant_id):
-            raise InvalidArgument("tenant", "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit")
+            raise InvalidArgument(
+                "tenant", "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit")
         with self.engine.begin() as conn:
             exists = conn.execute(sa.select(tenants.c.tenant_id).where(tenants.c.tenant_id == tenant_id)).first()
             if not exists:
@@ -194,7 +195,7 @@ class KeyRegistry:
                     for r in conn.execute(query)]
 
     @classmethod
-    def from_config(cls, config: ServerConfig) -> "KeyRegistry":
+    def from_config(cls, config: ServerConfig) -> KeyRegistry:
         return cls(config.identity_url(), schema=f"{config.db_schema_prefix}identity")
 
     def snapshot(self) -> dict[str, tuple[str, bool]]:

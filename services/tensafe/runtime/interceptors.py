@@ -19,8 +19,9 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -57,7 +58,7 @@ class MethodInfo:
     output_class: type | None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def method_info(path: str) -> MethodInfo:
     full_service, _, name = path.lstrip("/").rpartition("/")
     parts = full_service.split(".")

@@ -8,9 +8,10 @@ imports torch, transformers or tenseal.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from sqlalchemy.engine import Engine

@@ -128,12 +128,25 @@ class Transport:
                 options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
                            ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
                 if endpoint.tls:
-                    ca = open(self.config.ca_file, "rb").read() if self.config.ca_file else None
-                    self._channels[endpoint] = grpc.secure_channel(
-                        endpoint.target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+                    self._channels[endpoint] = grpc.secure_channel(endpoint.target, self._credentials(), options)
                 else:
                     self._channels[endpoint] = grpc.insecure_channel(endpoint.target, options)
             return self._channels[endpoint]
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as fh:
+                return fh.read()
+
+        cfg = self.config
+        if bool(cfg.client_cert_file) != bool(cfg.client_key_file):
+            raise errors.ValidationError("TS_CLIENT_CERT_FILE and TS_CLIENT_KEY_FILE must be set together",
+                                         field="client_cert_file", code="INVALID_ARGUMENT")
+        return grpc.ssl_channel_credentials(root_certificates=read(cfg.ca_file),
+                                            private_key=read(cfg.client_key_file),
+                                            certificate_chain=read(cfg.client_cert_file))
 
     def stub(self, service: str) -> Any:
         if service not in SERVICES:

@@ -58,7 +58,10 @@ class ClientConfig:
     timeout: float
     retry: RetryConfig
     endpoints: Mapping[str, str]
+    # TLS: the CA that verifies the server (TS_CA_FILE), and a client certificate for mTLS.
     ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
 
     @classmethod
     def resolve(cls, *, api_key: str | None = None, base_url: str | None = None, tenant_id: str | None = None,
@@ -101,7 +104,8 @@ class ClientConfig:
             Endpoint.parse(url, field=f"endpoints.{name}")
         return cls(api_key=pick(api_key, "TS_API_KEY"), base_url=base, tenant_id=pick(tenant_id, "TS_TENANT_ID"),
                    timeout=timeout_s, retry=RetryConfig(count=retries), endpoints=overrides,
-                   ca_file=env.get("TS_CA_FILE") or None)
+                   ca_file=env.get("TS_CA_FILE") or None, client_cert_file=env.get("TS_CLIENT_CERT_FILE") or None,
+                   client_key_file=env.get("TS_CLIENT_KEY_FILE") or None)
 
     def endpoint(self, service: str) -> Endpoint:
         return Endpoint.parse(self.endpoints.get(service, self.base_url))

@@ -52,7 +52,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_KEEPALIVE_SECONDS", "keepalive_seconds", int, 30, "Server keepalive ping interval."),
     Setting("TENSAFE_TLS_CERT_FILE", "tls_cert_file", str, "", "Server certificate (PEM); with the key file it turns TLS on."),
     Setting("TENSAFE_TLS_KEY_FILE", "tls_key_file", str, "", "Server private key (PEM)."),
-    Setting("TENSAFE_TLS_CLIENT_CA_FILE", "tls_client_ca_file", str, "", "CA that client certificates must chain to; set it to require mTLS."),
+    Setting("TENSAFE_TLS_CLIENT_CA_FILE", "tls_client_ca_file", str, "", "The mesh CA: set, clients must present a certificate chaining to it (mTLS), and services verify each other against it."),
     Setting("TENSAFE_TRACE_EXPORTER", "trace_exporter", str, "none", "Where spans go: `none`, `console` or `otlp` (needs opentelemetry-exporter-otlp)."),
     Setting("TENSAFE_LOG_LEVEL", "log_level", str, "INFO", "Python log level of the server."),
     Setting("TENSAFE_ACCESS_LOG", "access_log", bool, True, "Log one line per call (method, tenant, code, milliseconds, request id)."),

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from .config import SERVICE_NAMES, ServerConfig
 from .db import RUNTIME_VERSIONS, create_engine, migrate
 from .idempotency import IdempotencyStore
+from .peers import PeerChannels
 
 _SERVICES_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,21 +64,9 @@ class ServiceEnvironment:
     name: str
     config: ServerConfig
     db: Engine
-    # Address of the server this service runs in, and the services it hosts
-    # (embedded form: all six, so every peer is reached over loopback there).
-    local_endpoint: str | None = None
-    local_services: frozenset[str] = frozenset()
+    # Channels to the other services (embedded form: the same server, over loopback).
+    peers: PeerChannels
     closers: list[Callable[[], None]] = field(default_factory=list)
-
-    def peer_endpoint(self, service: str) -> str:
-        endpoint = self.config.peer_endpoint(service)
-        if not endpoint and service in self.local_services:
-            endpoint = self.local_endpoint
-        if not endpoint:
-            raise RuntimeError(
-                f"the {self.name} service needs the {service} service: set TENSAFE_{service.upper()}_ENDPOINT"
-            )
-        return endpoint
 
 
 @dataclass
@@ -94,6 +83,7 @@ class ServiceUnit:
     def close(self) -> None:
         for close in reversed(self.env.closers):
             close()
+        self.env.peers.close()
         self.env.db.dispose()
 
 
@@ -111,7 +101,8 @@ def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = Non
     if name not in SPECS:
         raise ValueError(f"unknown service {name!r}; choose from {', '.join(SPECS)}")
     spec = SPECS[name]
-    env = ServiceEnvironment(name, config, open_service_db(config, spec), local_endpoint, local_services)
+    env = ServiceEnvironment(name, config, open_service_db(config, spec),
+                             PeerChannels(config, name, local_endpoint, local_services))
     module_name, func = spec.servicer_factory.split(":")
     servicer = getattr(importlib.import_module(module_name), func)(env)
     store = IdempotencyStore(env.db)

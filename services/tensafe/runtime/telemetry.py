@@ -6,7 +6,7 @@ import logging
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -52,7 +52,7 @@ def tracing_server_interceptor() -> grpc.ServerInterceptor:
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
     """Wrap a channel used for service-to-service calls so that trace context travels with them."""
-    return grpc.intercept_channel(channel, client_interceptor())
+    return grpcext.intercept_channel(channel, client_interceptor())
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:

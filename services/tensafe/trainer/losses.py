@@ -1,0 +1,402 @@
+"""Server-side losses, chosen by name: ``resolve_loss("ppo", clip_epsilon=0.1)``.
+
+Every loss is a function ``fn(inputs: LossInputs, **kwargs) -> LossOutput`` registered with
+:func:`register_loss`. Token positions follow the Hugging Face convention: ``labels`` are aligned
+with ``input_ids`` and the logits at position ``t-1`` predict ``labels[:, t]``; positions whose label
+is ``ignore_index`` contribute nothing. Operators add losses without touching this module through
+the entry point group ``tensafe.losses`` (loaded on the first request for an unknown name); an
+entry point can never replace a built-in loss. Client-defined losses never run here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tensafe.runtime.errors import InvalidArgument
+
+log = logging.getLogger("tensafe.trainer.losses")
+
+ENTRY_POINT_GROUP = "tensafe.losses"
+DEFAULT_LOSS = "token_ce"
+
+
+@dataclass
+class LossInputs:
+    logits: torch.Tensor  # [B, T, V], the model output for input_ids (not shifted)
+    input_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor  # [B, T] 0/1
+    labels: torch.Tensor  # [B, T] int64, aligned with input_ids; ignored positions hold ignore_index
+    advantages: torch.Tensor | None = None  # [B, T] float, aligned like token_logprobs
+    old_logprobs: torch.Tensor | None = None  # [B, T] float, aligned like token_logprobs
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    num_tokens: int  # label tokens that contributed
+    metrics: dict[str, float]  # always has "loss" and "num_tokens"
+    token_logprobs: torch.Tensor  # [B, T] float32, detached; 0 at t=0 and ignored positions
+
+
+class Loss(Protocol):
+    name: str
+    kwargs: dict[str, Any]
+
+    def __call__(self, inputs: LossInputs) -> LossOutput: ...
+
+    def check_batch(self, shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None: ...
+
+
+BatchCheck = Callable[[dict[str, tuple[int, ...]], int, int], None]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    fn: Callable[..., LossOutput]
+    requires: tuple[tuple[str, str | None], ...]  # (field, "BT" | "B" | None = leading dim B)
+    check: BatchCheck | None
+
+
+_TOKEN_FIELDS = ("advantages", "old_logprobs")  # per-token batch inputs, [B, T]
+_REGISTRY: dict[str, _Spec] = {}
+_BUILTINS: frozenset[str] = frozenset()
+_lock = threading.Lock()
+_entry_points_loaded = False
+
+# Value rules for kwarg names shared by the built-ins (and by any plugin that uses the same names).
+_KWARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "label_smoothing": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "margin": (lambda v: v >= 0, "must be >= 0"),
+    "temperature": (lambda v: v > 0, "must be > 0"),
+    "clip_epsilon": (lambda v: v > 0, "must be > 0"),
+}
+
+
+def register_loss(name: str, *, requires: tuple[str, ...] = (), check: BatchCheck | None = None) -> Callable:
+    """Decorator registering ``fn(inputs, **kwargs) -> LossOutput`` under ``name``.
+
+    ``requires`` names batch inputs the loss needs: ``"advantages"``, ``"old_logprobs"`` (shape [B, T])
+    or ``"extra.<key>"`` (leading dimension B), optionally with an exact shape after a colon:
+    ``"extra.targets:B"``, ``"extra.mask:BT"``. ``check(shapes, batch_size, seq_len)`` may add checks.
+    A name that is a built-in cannot be registered again (a warning is logged, the built-in stays).
+    """
+
+    def decorator(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        if name in _BUILTINS:
+            log.warning("loss %r from %s ignored: %r is a built-in loss", name, _describe(fn), name)
+            return fn
+        parsed = tuple((r.partition(":")[0], r.partition(":")[2] or None) for r in requires)
+        if any(set(d or "") - {"B", "T"} or not (f in _TOKEN_FIELDS or f.startswith("extra.")) for f, d in parsed):
+            raise ValueError(f"loss {name!r}: bad requires {requires!r}; see register_loss")
+        _REGISTRY[name] = _Spec(fn, parsed, check)
+        try:
+            fn._tensafe_requires = tuple(requires)  # type: ignore[attr-defined]  # kept when loaded as a plugin
+        except AttributeError:
+            pass
+        return fn
+
+    return decorator
+
+
+@dataclass
+class ResolvedLoss:
+    """A loss with validated kwargs (defaults filled in): what :func:`resolve_loss` returns."""
+
+    name: str
+    kwargs: dict[str, Any]
+    _spec: _Spec = field(repr=False)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return tuple(f for f, _ in self._spec.requires)
+
+    def check_batch(self, shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None:
+        for fld, dims in self._spec.requires:
+            if fld not in shapes:
+                raise InvalidArgument(f"batch.{fld}", f"required by loss '{self.name}'")
+            shape = tuple(shapes[fld])
+            if dims is None and fld in _TOKEN_FIELDS:
+                dims = "BT"
+            want = tuple({"B": batch_size, "T": seq_len}[d] for d in dims) if dims else None
+            if (want is not None and shape != want) or (want is None and shape[:1] != (batch_size,)):
+                expected = f"[{', '.join(dims)}] = {list(want)}" if want else f"a leading dimension of {batch_size}"
+                raise InvalidArgument(f"batch.{fld}", f"loss '{self.name}' expects shape {expected}, got {list(shape)}")
+        if self._spec.check is not None:
+            self._spec.check(shapes, batch_size, seq_len)
+
+    def __call__(self, inputs: LossInputs) -> LossOutput:
+        shapes = {k: tuple(v.shape) for k in _TOKEN_FIELDS if (v := getattr(inputs, k)) is not None}
+        shapes.update({f"extra.{k}": tuple(v.shape) for k, v in inputs.extra.items()})
+        self.check_batch(shapes, *inputs.input_ids.shape[:2])
+        out = self._spec.fn(inputs, **self.kwargs)
+        if not isinstance(out, LossOutput) or out.loss.dim() != 0:
+            raise TypeError(f"loss '{self.name}' must return a LossOutput with a scalar loss, got {type(out)!r}")
+        out.metrics.setdefault("loss", float(out.loss.detach()))
+        out.metrics.setdefault("num_tokens", float(out.num_tokens))
+        return out
+
+
+def available_losses() -> list[str]:
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def resolve_loss(name: str | None = None, /, **kwargs: Any) -> ResolvedLoss:
+    """The loss ``name`` (``None`` or ``""`` -> ``token_ce``) bound to ``kwargs``, validated now."""
+    name = name or DEFAULT_LOSS
+    if not isinstance(name, str):
+        raise InvalidArgument("loss.name", f"must be a string, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        raise InvalidArgument("loss.name", f"unknown loss {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    spec = _REGISTRY[name]
+    return ResolvedLoss(name, _bind_kwargs(spec.fn, kwargs), spec)
+
+
+def _bind_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = list(inspect.signature(fn).parameters.values())[1:]  # the first one takes LossInputs
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+    bound: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        p = named.get(key)
+        if p is None and not open_ended:
+            raise InvalidArgument(f"loss.kwargs.{key}", f"unknown argument; accepted: {', '.join(named) or 'none'}")
+        bound[key] = _check_value(key, value, p.default if p is not None else None)
+    for p in named.values():
+        if p.name not in bound:
+            if p.default is p.empty:
+                raise InvalidArgument(f"loss.kwargs.{p.name}", "required")
+            bound[p.name] = p.default
+    return bound
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        kind = "a finite float" if isinstance(default, float) else f"of type {type(default).__name__}"
+        raise InvalidArgument(f"loss.kwargs.{key}", f"must be {kind}, got {value!r}")
+    rule = _KWARG_RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise InvalidArgument(f"loss.kwargs.{key}", f"{rule[1]}, got {value!r}")
+    return value
+
+
+def _describe(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _load_entry_points() -> None:
+    """Import the ``tensafe.losses`` entry points once; each loads a loss function (or registers one)."""
+    global _entry_points_loaded
+    with _lock:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in _BUILTINS:
+                log.warning("loss entry point %r (%s) ignored: %r is a built-in loss", ep.name, ep.value, ep.name)
+                continue
+            try:
+                obj = ep.load()
+            except Exception:  # noqa: BLE001 - one broken plugin must not take the others down
+                log.exception("could not load loss entry point %r (%s)", ep.name, ep.value)
+                continue
+            if ep.name in _REGISTRY and _REGISTRY[ep.name].fn is obj:
+                continue  # registered itself with @register_loss(ep.name)
+            if not callable(obj):
+                log.warning("loss entry point %r (%s) is not callable; ignored", ep.name, ep.value)
+                continue
+            register_loss(ep.name, requires=getattr(obj, "_tensafe_requires", ()))(obj)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs, mask)``, both [B, T]: ``logprobs[:, t] = log softmax(logits[:, t-1])[labels[:, t]]`` in
+    float32 with grad, 0 at t=0 and where ``labels == ignore_index``; ``mask`` is True where it counts."""
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise InvalidArgument("batch.labels", f"expected shape {list(logits.shape[:2])}, got {list(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InvalidArgument("batch.labels", f"must be integer token ids, got {labels.dtype}")
+    b, t, vocab = logits.shape
+    mask = labels != ignore_index
+    mask[:, 0] = False
+    if (mask & ((labels < 0) | (labels >= vocab))).any():
+        raise InvalidArgument("batch.labels", f"label ids must be in [0, {vocab}) or equal ignore_index {ignore_index}")
+    nll = F.cross_entropy(*_shifted(logits, labels, ignore_index), ignore_index=ignore_index, reduction="none")
+    return torch.cat([logits.new_zeros(b, 1, dtype=torch.float32), -nll.view(b, t)[:, :-1]], dim=1), mask
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float32 logits [B*T, V] and targets labels[:, t+1] (ignore_index at the end), as HF shifts:
+    padding the labels rather than slicing the logits avoids a copy of the largest tensor."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    return logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+def sequence_scores(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores [B], logprobs, mask)``: score_i = mean token log-probability over row i's label tokens."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    counts = mask.sum(dim=1)
+    if (counts == 0).any():
+        row = int((counts == 0).nonzero()[0])
+        raise InvalidArgument("batch.labels", f"row {row} has no label tokens; a sequence score needs at least one")
+    return logp.sum(dim=1) / counts, logp, mask
+
+
+def _output(loss: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, **metrics: float) -> LossOutput:
+    n = int(mask.sum())
+    return LossOutput(loss, n, {"loss": float(loss.detach()), "num_tokens": float(n), **metrics}, logp.detach())
+
+
+def _token_input(value: torch.Tensor | None, name: str, like: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if value is None or tuple(value.shape) != tuple(like.shape):
+        got = "missing" if value is None else f"shape {list(value.shape)}"
+        raise InvalidArgument(f"batch.{name}", f"expected shape {list(like.shape)}, got {got}")
+    return torch.where(mask, value.to(like.device, torch.float32), 0.0)  # ignored positions may hold anything
+
+
+# ---------------------------------------------------------------------------------------------- built-ins
+
+
+@register_loss("token_ce")
+def token_ce(inputs: LossInputs, ignore_index: int = -100, label_smoothing: float = 0.0) -> LossOutput:
+    """Next-token cross entropy: logits[:, t-1] predict labels[:, t] (HF ``labels=`` convention).
+
+    loss = sum over label tokens of CE (with ``label_smoothing`` as in ``F.cross_entropy``) / number of
+    label tokens, i.e. the mean. Equal to ``model(input_ids, labels=labels).loss`` when smoothing is 0.
+    A batch with no label tokens gives a zero loss (and zero gradients). Metric ``nll``: mean -log p."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    n = max(int(mask.sum()), 1)
+    nll = -logp.sum() / n
+    if label_smoothing == 0.0:
+        loss = nll
+    else:
+        flat, target = _shifted(inputs.logits, inputs.labels, ignore_index)
+        smoothed = F.cross_entropy(
+            flat, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+        )
+        loss = smoothed / n
+    return _output(loss, logp, mask, nll=float(nll.detach()))
+
+
+def _ratio(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, ...]:
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    old = _token_input(inputs.old_logprobs, "old_logprobs", logp, mask)
+    adv = _token_input(inputs.advantages, "advantages", logp, mask)
+    ratio = torch.where(mask, logp - old, 0.0).exp()
+    return logp, mask, ratio, adv
+
+
+@register_loss("importance_sampling", requires=("advantages", "old_logprobs"))
+def importance_sampling(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+    """Policy gradient with importance weights, for off-policy samples.
+
+    Inputs: ``advantages`` A and ``old_logprobs`` (the sampler's log p), both [B, T] aligned with
+    ``token_logprobs``. ratio = exp(logp - old_logp); loss = -mean over label tokens of ratio * A.
+    Metric ``ratio_mean``."""
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    n = max(int(mask.sum()), 1)
+    loss = -(ratio * adv).sum() / n
+    return _output(loss, logp, mask, ratio_mean=float((ratio.detach() * mask).sum() / n))
+
+
+@register_loss("ppo", requires=("advantages", "old_logprobs"))
+def ppo(inputs: LossInputs, clip_epsilon: float = 0.2, ignore_index: int = -100) -> LossOutput:
+    """PPO clipped surrogate. Inputs as ``importance_sampling``; eps = ``clip_epsilon``.
+
+    loss = -mean over label tokens of min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
+    Metrics: ``clip_fraction`` (label tokens with |ratio - 1| > eps), ``approx_kl`` (mean of
+    ratio - 1 - log ratio)."""
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    n = max(int(mask.sum()), 1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
+    loss = -(surrogate * mask).sum() / n
+    with torch.no_grad():
+        clipped = float((((ratio - 1).abs() > clip_epsilon) & mask).sum() / n)
+        approx_kl = float(((ratio - 1 - ratio.log()) * mask).sum() / n)
+    return _output(loss, logp, mask, clip_fraction=clipped, approx_kl=approx_kl)
+
+
+def _pairs(shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None:
+    if batch_size % 2:
+        raise InvalidArgument(
+            "batch.input_ids", f"margin_ranking needs (chosen, rejected) pairs, got {batch_size} rows"
+        )
+
+
+@register_loss("margin_ranking", check=_pairs)
+def margin_ranking(inputs: LossInputs, margin: float = 1.0, ignore_index: int = -100) -> LossOutput:
+    """Pairwise ranking on sequence scores (score = mean label-token log-probability of a row).
+
+    Rows are pairs [chosen_0, rejected_0, chosen_1, rejected_1, ...] (B even).
+    loss = mean over pairs of relu(margin - (s_chosen - s_rejected)). Metric ``accuracy``: share of
+    pairs with s_chosen > s_rejected."""
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    chosen, rejected = scores[0::2], scores[1::2]
+    loss = F.relu(margin - (chosen - rejected)).mean()
+    return _output(loss, logp, mask, accuracy=float((chosen > rejected).float().mean()))
+
+
+@register_loss("contrastive", requires=("extra.group_ids:B", "extra.is_positive:B"))
+def contrastive(inputs: LossInputs, temperature: float = 0.07, ignore_index: int = -100) -> LossOutput:
+    """InfoNCE over groups of rows, on sequence scores (mean label-token log-probability of a row).
+
+    Inputs: ``extra.group_ids`` (int [B]) and ``extra.is_positive`` ([B], bool or 0/1; exactly one
+    positive per group). loss = mean over groups of -log softmax(scores_in_group / temperature)[positive].
+    Metric ``accuracy``: share of groups whose positive has the highest score."""
+    groups, positive = inputs.extra["group_ids"], inputs.extra["is_positive"]
+    if groups.is_floating_point() or groups.is_complex():
+        raise InvalidArgument("batch.extra.group_ids", f"must be integers, got {groups.dtype}")
+    if not ((positive == 0) | (positive == 1)).all():
+        raise InvalidArgument("batch.extra.is_positive", "must be booleans or 0/1")
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    groups, positive = groups.to(scores.device), positive.to(scores.device).bool()
+    terms, hits = [], 0
+    for g in groups.unique():
+        rows = groups == g
+        pos = positive[rows]
+        if int(pos.sum()) != 1:
+            raise InvalidArgument("batch.extra.is_positive", f"group {int(g)} has {int(pos.sum())} positives, needs 1")
+        logits = scores[rows] / temperature
+        terms.append(-torch.log_softmax(logits, dim=0)[pos][0])
+        hits += int(pos[logits.argmax()])
+    loss = torch.stack(terms).mean()
+    return _output(loss, logp, mask, accuracy=hits / len(terms), num_groups=float(len(terms)))
+
+
+@register_loss("mse", requires=("extra.targets:B",))
+def mse(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+    """Regression of sequence scores (mean label-token log-probability of a row) onto ``extra.targets``
+    (float [B]): loss = mean over rows of (score - target)^2. Metric ``score_mean``."""
+    targets = inputs.extra["targets"]
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    loss = ((scores - targets.to(scores.device, torch.float32)) ** 2).mean()
+    return _output(loss, logp, mask, score_mean=float(scores.detach().mean()))
+
+
+_BUILTINS = frozenset(_REGISTRY)

@@ -185,3 +185,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, module_db_env: dict[str, str
     s = start_stack(tmp_path_factory.mktemp("stack"), {**module_db_env, "TENSAFE_AUTH_REFRESH_SECONDS": "0.2"})
     yield s
     assert s.process.stop() == 0, s.process.output()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama model + tokenizer saved the way users save models; its parent is a model dir."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def trainer_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("trainer"), {"TENSAFE_MODEL_DIR": str(tiny_model.parent)})
+    yield s
+    assert s.process.stop() == 0, s.process.output()

@@ -8,6 +8,7 @@
 from ._version import __version__
 from .client import ServiceClient
 from .config import ClientConfig, RetryConfig
+from .configs import DPConfig, LoRAConfig, LossConfig, OptimizerConfig, TrainingConfig
 from .errors import (
     AuthenticationError,
     ConflictError,
@@ -24,6 +25,8 @@ from .errors import (
     ValidationError,
 )
 from .futures import FutureHandle
+from .results import CustomLossResult, ForwardBackwardResult, OptimStepResult, Sample, SampleResult, SessionInfo
+from .training import TrainingClient
 
 __all__ = [
     "__version__",
@@ -31,6 +34,18 @@ __all__ = [
     "ClientConfig",
     "RetryConfig",
     "FutureHandle",
+    "TrainingClient",
+    "TrainingConfig",
+    "LoRAConfig",
+    "OptimizerConfig",
+    "LossConfig",
+    "DPConfig",
+    "ForwardBackwardResult",
+    "OptimStepResult",
+    "SampleResult",
+    "Sample",
+    "SessionInfo",
+    "CustomLossResult",
     "TGTinkerError",
     "AuthenticationError",
     "PermissionDeniedError",

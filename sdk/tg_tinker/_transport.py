@@ -89,8 +89,15 @@ def translate_error(err: grpc.RpcError) -> errors.TGTinkerError:
                 detail.Unpack(bad)
                 if bad.field_violations:
                     field = bad.field_violations[0].field
+    return make_error(code.name, reason, message, metadata, retry_after=retry_after, field=field)
+
+
+def make_error(code_name: str, reason: str | None, message: str, metadata: dict[str, str], *,
+               retry_after: float | None = None, field: str | None = None) -> errors.TGTinkerError:
+    """An SDK exception from a status code name, a reason and its metadata (calls and futures alike)."""
+    code = grpc.StatusCode[code_name] if code_name in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
     cls = _REASON_TO_ERROR.get(reason or "") or _CODE_TO_ERROR.get(code, errors.ServerError)
-    if code == grpc.StatusCode.UNAVAILABLE and reason is None:
+    if code == grpc.StatusCode.UNAVAILABLE and not reason:
         message = f"service unavailable: {message}"
     kwargs: dict[str, Any] = dict(code=reason or code.name, details=metadata,
                                   request_id=metadata.get("request_id"), grpc_code=code.name)

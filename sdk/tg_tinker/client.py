@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._transport import _GRPC_NAMES, Transport
 from .config import SERVICES, ClientConfig
+from .errors import ConflictError, ValidationError
+
+if TYPE_CHECKING:
+    from .configs import TrainingConfig
+    from .training import TrainingClient
 
 
 class ServiceClient:
@@ -57,6 +62,47 @@ class ServiceClient:
                 report[service] = "UNREACHABLE" if err.code() in (
                     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else err.code().name
         return report
+
+    # -- training ---------------------------------------------------------------------------
+    def create_training_client(self, config: TrainingConfig) -> TrainingClient:
+        """Start a training session (loads the base model on first use) and return its client."""
+        from tensafe.api.trainer.v1 import trainer_pb2
+
+        from .configs import TrainingConfig
+        from .training import TrainingClient
+
+        if not isinstance(config, TrainingConfig):
+            raise ValidationError("config must be a tg_tinker.TrainingConfig", field="config",
+                                  code="INVALID_ARGUMENT")
+        resp = self._call("trainer", "CreateSession", trainer_pb2.CreateSessionRequest(config=config.to_proto()))
+        return TrainingClient(self, resp.session)
+
+    def get_training_client(self, session_id: str) -> TrainingClient:
+        """Reattach to an open session of your tenant."""
+        from tensafe.api.trainer.v1 import trainer_pb2
+
+        from .training import TrainingClient
+
+        session = self._call("trainer", "GetSession", trainer_pb2.GetSessionRequest(session_id=session_id)).session
+        if session.state != trainer_pb2.SESSION_STATE_ACTIVE:
+            raise ConflictError(f"session {session_id} is closed", code="FAILED_PRECONDITION")
+        return TrainingClient(self, session)
+
+    def list_training_clients(self, include_closed: bool = False) -> list[dict[str, Any]]:
+        """Your tenant's sessions: id, model, step and state of each."""
+        from tensafe.api.trainer.v1 import trainer_pb2
+
+        out: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            resp = self._call("trainer", "ListSessions", trainer_pb2.ListSessionsRequest(
+                include_closed=include_closed, page_token=token))
+            out.extend({"session_id": s.session_id, "model_ref": s.config.model_ref, "step": s.step,
+                        "state": trainer_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_").lower()}
+                       for s in resp.sessions)
+            token = resp.next_page_token
+            if not token:
+                return out
 
     # Used by the higher-level clients (training, sampling, artifacts) in this package.
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:

@@ -36,6 +36,7 @@ class Setting:
 # One line per setting: environment variable, field, type, default, meaning.
 SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_DATA_DIR", "data_dir", Path, Path(".tensafe"), "Data directory: SQLite files, keys, artifact blobs."),
+    Setting("TENSAFE_MODEL_DIR", "model_dir", str, "", "Where the trainer and inference services look up model names; empty means `models` in the data dir."),
     Setting("TENSAFE_HOST", "host", str, "127.0.0.1", "Address the gRPC server binds to."),
     Setting("TENSAFE_PORT", "port", int, 50051, "gRPC port (`tensafe up`, or the service of `tensafe serve`)."),
     Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
@@ -83,6 +84,7 @@ def _parse(setting: Setting, raw: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path
+    model_dir: str
     host: str
     port: int
     metrics_port: int

@@ -1,17 +1,91 @@
-"""gRPC adapter of the trainer service.
+"""gRPC adapter of the trainer: requests in, logic called, responses out. No logic here."""
 
-Until issue #3 (training sessions) lands, every RPC of TrainerService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.trainer.v1 import trainer_pb2_grpc
+from pathlib import Path
+
+import grpc
+
+from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from tensafe.runtime import context
+from tensafe.runtime.errors import NotImplementedYet
 from tensafe.runtime.registry import ServiceEnvironment
+
+from .service import Trainer
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    # -- sessions ---------------------------------------------------------------------------
+    def CreateSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        session = self.trainer.create_session(context.current_tenant(), request.config)
+        return trainer_pb2.CreateSessionResponse(session=session.proto())
+
+    def GetSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.GetSessionResponse(
+            session=self.trainer.get(context.current_tenant(), request.session_id).proto())
+
+    def ListSessions(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        sessions = self.trainer.list(context.current_tenant(), request.include_closed)
+        start = int(request.page_token) if request.page_token.isdigit() else 0
+        size = request.page_size if request.page_size > 0 else 100
+        page = sessions[start:start + size]
+        token = str(start + size) if start + size < len(sessions) else ""
+        return trainer_pb2.ListSessionsResponse(sessions=[s.proto() for s in page], next_page_token=token)
+
+    def CloseSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.CloseSessionResponse(
+            session=self.trainer.close(context.current_tenant(), request.session_id).proto())
+
+    # -- ops: each returns its future at once ----------------------------------------------------
+    def ForwardBackward(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        op = self.trainer.forward_backward(context.current_tenant(), request)
+        return trainer_pb2.ForwardBackwardResponse(future=op.ref())
+
+    def Forward(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.ForwardResponse(future=self.trainer.forward(context.current_tenant(), request).ref())
+
+    def OptimStep(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.OptimStepResponse(future=self.trainer.optim_step(context.current_tenant(), request).ref())
+
+    def Sample(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.SampleResponse(future=self.trainer.sample(context.current_tenant(), request).ref())
+
+    def GetInfo(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return trainer_pb2.GetInfoResponse(future=self.trainer.get_info(context.current_tenant(), request).ref())
+
+    def ForwardCustom(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        op = self.trainer.forward_custom(context.current_tenant(), request)
+        return trainer_pb2.ForwardCustomResponse(future=op.ref())
+
+    def BackwardCustom(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        op = self.trainer.backward_custom(context.current_tenant(), request)
+        return trainer_pb2.BackwardCustomResponse(future=op.ref())
+
+    def SaveState(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        raise NotImplementedYet("save_state arrives with the vault (issue #4)")
+
+    def LoadState(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        raise NotImplementedYet("load_state arrives with the vault (issue #4)")
+
+    # -- futures ---------------------------------------------------------------------------------
+    def WatchFutures(self, request, ctx: grpc.ServicerContext):  # noqa: N802, ANN001, ANN201
+        for event in self.trainer.watch(context.current_tenant(), request, ctx.is_active):
+            yield trainer_pb2.WatchFuturesResponse(event=event)
+
+    def GetFuture(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        op = self.trainer.future(context.current_tenant(), request.session_id, request.future_id)
+        return trainer_pb2.GetFutureResponse(event=op.event())
+
+    def CancelFuture(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        cancelled, op = self.trainer.cancel(context.current_tenant(), request.session_id, request.future_id)
+        return trainer_pb2.CancelFutureResponse(cancelled=cancelled, event=op.event())
 
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
-    return TrainerServicer(env)
+    model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
+    trainer = Trainer(model_dir)
+    env.closers.append(trainer.shutdown)
+    return TrainerServicer(trainer)

@@ -1,0 +1,141 @@
+"""What training operations return, as plain Python objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from tensafe.api.common.v1 import common_pb2
+from tensafe.api.trainer.v1 import trainer_pb2
+
+from .tensors import from_proto
+
+
+def _array(msg: Any, name: str) -> np.ndarray | None:
+    return from_proto(getattr(msg, name), name) if msg.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class ForwardBackwardResult:
+    """``loss`` of the batch (gradients were accumulated); ``logprobs`` [batch, seq] when asked for."""
+
+    loss: float
+    num_tokens: int
+    num_sequences: int
+    metrics: dict[str, float]
+    logprobs: np.ndarray | None = None
+
+    @classmethod
+    def from_proto(cls, msg: trainer_pb2.ForwardBackwardResult | trainer_pb2.ForwardResult) -> ForwardBackwardResult:
+        return cls(msg.loss, msg.num_tokens, msg.num_sequences, dict(msg.metrics), _array(msg, "logprobs"))
+
+
+ForwardResult = ForwardBackwardResult
+
+
+@dataclass(frozen=True)
+class DPMetrics:
+    noise_applied: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    total_epsilon: float
+    delta: float
+    target_epsilon: float
+    remaining_epsilon: float
+    sample_rate: float
+    accounted_steps: int
+    budget_id: str
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    """``step`` after this call; ``applied`` is False while gradients are still being accumulated."""
+
+    step: int
+    learning_rate: float
+    grad_norm: float
+    num_tokens: int
+    metrics: dict[str, float]
+    dp_metrics: DPMetrics | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.metrics.get("applied", 1.0) == 1.0
+
+    @classmethod
+    def from_proto(cls, msg: trainer_pb2.OptimStepResult) -> OptimStepResult:
+        dp = None
+        if msg.HasField("dp_metrics"):
+            d = msg.dp_metrics
+            dp = DPMetrics(d.noise_applied, d.noise_multiplier, d.max_grad_norm, d.total_epsilon, d.delta,
+                           d.target_epsilon, d.remaining_epsilon, d.sample_rate, d.accounted_steps, d.budget_id)
+        return cls(msg.step, msg.learning_rate, msg.grad_norm, msg.num_tokens, dict(msg.metrics), dp)
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    completion: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str          # "stop" (EOS or a stop string) or "length"
+    prompt_index: int = 0
+    sample_index: int = 0
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    samples: list[Sample] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, msg: trainer_pb2.SampleResult) -> SampleResult:
+        return cls([Sample(s.prompt, s.completion, list(s.token_ids), list(s.logprobs),
+                           common_pb2.FinishReason.Name(s.finish_reason).removeprefix("FINISH_REASON_").lower(),
+                           s.prompt_index, s.sample_index) for s in msg.samples])
+
+
+@dataclass(frozen=True)
+class CustomLossResult:
+    """Result of ``forward_backward_custom``: the client's loss value and the tokens it covered."""
+
+    loss: float
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model_ref: str
+    step: int
+    num_trainable_parameters: int
+    num_parameters: int
+    vocab_size: int
+    max_sequence_length: int
+    eos_token_id: int | None
+    pad_token_id: int | None
+    pending_ops: int
+    tokens_processed: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_proto(cls, m: trainer_pb2.SessionInfo) -> SessionInfo:
+        return cls(m.session_id, m.model_ref, m.step, m.num_trainable_parameters, m.num_parameters, m.vocab_size,
+                   m.max_sequence_length, m.eos_token_id if m.HasField("eos_token_id") else None,
+                   m.pad_token_id if m.HasField("pad_token_id") else None, m.pending_ops, m.tokens_processed,
+                   json_format.MessageToDict(m.metadata))
+
+
+RESULT_TYPES = {
+    "forward_backward": ForwardBackwardResult.from_proto,
+    "forward": ForwardBackwardResult.from_proto,
+    "optim_step": OptimStepResult.from_proto,
+    "sample": SampleResult.from_proto,
+    "info": SessionInfo.from_proto,
+    "forward_custom": lambda m: m,
+    "backward_custom": lambda m: m,
+    "save_state": lambda m: m,
+    "load_state": lambda m: m,
+}

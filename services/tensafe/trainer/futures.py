@@ -1,0 +1,161 @@
+"""Futures of one training session: submitted in order, completed in order, watched over a stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from tensafe.api.common.v1 import common_pb2
+from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.runtime.errors import TensafeError, to_rpc_status
+
+PENDING = trainer_pb2.FUTURE_STATE_PENDING
+RUNNING = trainer_pb2.FUTURE_STATE_RUNNING
+SUCCEEDED = trainer_pb2.FUTURE_STATE_SUCCEEDED
+FAILED = trainer_pb2.FUTURE_STATE_FAILED
+CANCELLED = trainer_pb2.FUTURE_STATE_CANCELLED
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# Finished futures kept per session for late watchers; older ones are dropped.
+KEEP_FINISHED = 1000
+
+
+def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+@dataclass
+class Op:
+    """One queued operation and, once it ran, its outcome."""
+
+    session_id: str
+    future_id: str
+    sequence: int
+    op_type: int
+    run: Callable[[], tuple[str, Any]] | None  # returns (FutureEvent oneof field, result message)
+    submit_time: float = field(default_factory=time.time)
+    state: int = PENDING
+    start_time: float | None = None
+    end_time: float | None = None
+    result_field: str | None = None
+    result: Any = None
+    error: common_pb2.ErrorDetail | None = None
+
+    def ref(self) -> trainer_pb2.FutureRef:
+        return trainer_pb2.FutureRef(session_id=self.session_id, future_id=self.future_id,
+                                     sequence=self.sequence, op=self.op_type)
+
+    def event(self) -> trainer_pb2.FutureEvent:
+        ev = trainer_pb2.FutureEvent(session_id=self.session_id, future_id=self.future_id, sequence=self.sequence,
+                                     op=self.op_type, state=self.state, submit_time=_ts(self.submit_time),
+                                     start_time=_ts(self.start_time), end_time=_ts(self.end_time))
+        if self.result_field is not None:
+            getattr(ev, self.result_field).CopyFrom(self.result)
+        if self.error is not None:
+            ev.error.CopyFrom(self.error)
+        return ev
+
+
+def error_detail(err: TensafeError) -> common_pb2.ErrorDetail:
+    status = to_rpc_status(err)
+    return common_pb2.ErrorDetail(code=status.code, message=err.message, reason=err.reason,
+                                  metadata=err.metadata, domain="tensafe.dev")
+
+
+class FutureBook:
+    """The futures of one session. Thread-safe; watchers wake when an op ends."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._cond = threading.Condition()
+        self._ops: dict[str, Op] = {}
+        self._finished: list[Op] = []  # in completion order
+        self._dropped = 0  # finished ops dropped from the front of _finished
+        self.last_sequence = 0
+        self.closed = False
+
+    def create(self, op_type: int, run: Callable[[], tuple[str, Any]]) -> Op:
+        with self._cond:
+            self.last_sequence += 1
+            op = Op(self.session_id, "fut_" + uuid.uuid4().hex[:16], self.last_sequence, op_type, run)
+            self._ops[op.future_id] = op
+            return op
+
+    def get(self, future_id: str) -> Op | None:
+        with self._cond:
+            return self._ops.get(future_id)
+
+    def pending_count(self) -> int:
+        with self._cond:
+            return sum(1 for op in self._ops.values() if op.state in (PENDING, RUNNING))
+
+    def start(self, op: Op) -> bool:
+        """Mark running; False if it was cancelled meanwhile (then it must not run)."""
+        with self._cond:
+            if op.state != PENDING:
+                return False
+            op.state, op.start_time = RUNNING, time.time()
+            return True
+
+    def finish(self, op: Op, *, result_field: str | None = None, result: Any = None,
+               error: common_pb2.ErrorDetail | None = None, state: int | None = None) -> None:
+        with self._cond:
+            op.state = state if state is not None else (FAILED if error is not None else SUCCEEDED)
+            op.end_time = time.time()
+            op.result_field, op.result, op.error = result_field, result, error
+            op.run = None
+            self._finished.append(op)
+            if len(self._finished) > KEEP_FINISHED:
+                old = self._finished.pop(0)
+                self._dropped += 1
+                self._ops.pop(old.future_id, None)
+            self._cond.notify_all()
+
+    def cancel(self, future_id: str) -> tuple[bool, Op | None]:
+        with self._cond:
+            op = self._ops.get(future_id)
+            if op is None or op.state != PENDING:
+                return False, op
+        cancelled = TensafeError(f"operation {future_id} was cancelled before it ran", reason="FUTURE_CANCELLED")
+        self.finish(op, error=error_detail(cancelled), state=CANCELLED)
+        return True, op
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def watch(self, after_sequence: int, future_ids: set[str], still_wanted: Callable[[], bool],
+              poll: float = 1.0) -> Iterator[trainer_pb2.FutureEvent]:
+        """Yield the end event of each matching op once, as ops end; returns when all asked-for ids
+        were sent, when the session closes (after draining), or when ``still_wanted()`` turns False."""
+        sent: set[str] = set()
+        index = 0
+        while True:
+            with self._cond:
+                batch = self._finished[max(0, index - self._dropped):]
+                index = self._dropped + len(self._finished)
+                if not batch:
+                    if self.closed or not still_wanted():
+                        return
+                    self._cond.wait(poll)
+                    continue
+            for op in batch:
+                if op.sequence <= after_sequence or op.future_id in sent:
+                    continue
+                if future_ids and op.future_id not in future_ids:
+                    continue
+                sent.add(op.future_id)
+                yield op.event()
+            if future_ids and future_ids <= sent:
+                return

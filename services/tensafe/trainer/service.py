@@ -1,0 +1,290 @@
+"""The trainer's logic: sessions, their validated ops, and the shared base models. No gRPC here."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from peft import LoraConfig
+
+from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, NotImplementedYet
+
+from .base import SharedBase
+from .batches import PreparedBatch, float_matrix, prepare_batch
+from .futures import Op
+from .losses import Loss, resolve_loss
+from .models import resolve_model_ref
+from .session import SessionSettings, TrainingSession
+
+_BIAS = {trainer_pb2.LORA_BIAS_UNSPECIFIED: "none", trainer_pb2.LORA_BIAS_NONE: "none",
+         trainer_pb2.LORA_BIAS_ALL: "all", trainer_pb2.LORA_BIAS_LORA_ONLY: "lora_only"}
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def struct_kwargs(msg: Any) -> dict[str, Any]:
+    """A protobuf Struct as keyword arguments; whole numbers become ints (Struct has only doubles)."""
+    raw = json_format.MessageToDict(msg) if msg is not None else {}
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return {k: fix(v) for k, v in raw.items()}
+
+
+def resolve_request_loss(default: Loss, loss: trainer_pb2.LossConfig | None, has_loss: bool) -> Loss:
+    if not has_loss:
+        return default
+    return resolve_loss(loss.name or "token_ce", **struct_kwargs(loss.kwargs))
+
+
+def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings, LoraConfig]:
+    lora = config.lora_config
+    if lora.rank <= 0:
+        raise InvalidArgument("config.lora_config.rank", "must be > 0")
+    if lora.alpha <= 0:
+        raise InvalidArgument("config.lora_config.alpha", "must be > 0")
+    if not 0 <= lora.dropout < 1:
+        raise InvalidArgument("config.lora_config.dropout", "must be in [0, 1)")
+    if not lora.target_modules or any(not m.strip() for m in lora.target_modules):
+        raise InvalidArgument("config.lora_config.target_modules", "must list at least one module name")
+    opt = config.optimizer
+    name = (opt.name or "adamw").lower()
+    if name not in OPTIMIZERS:
+        raise InvalidArgument("config.optimizer.name", f"unknown optimizer {opt.name!r}; use one of {OPTIMIZERS}")
+    if not opt.learning_rate > 0:
+        raise InvalidArgument("config.optimizer.learning_rate", "must be > 0")
+    if opt.weight_decay < 0:
+        raise InvalidArgument("config.optimizer.weight_decay", "must be >= 0")
+    betas = tuple(opt.betas) or (0.9, 0.999)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise InvalidArgument("config.optimizer.betas", "must be two numbers in [0, 1)")
+    eps = opt.eps if opt.HasField("eps") else 1e-8
+    if eps <= 0:
+        raise InvalidArgument("config.optimizer.eps", "must be > 0")
+    momentum = opt.momentum if opt.HasField("momentum") else 0.0
+    if momentum < 0:
+        raise InvalidArgument("config.optimizer.momentum", "must be >= 0")
+    if config.batch_size <= 0:
+        raise InvalidArgument("config.batch_size", "must be > 0")
+    if config.gradient_accumulation_steps < 0:
+        raise InvalidArgument("config.gradient_accumulation_steps", "must be >= 1")
+    if config.max_sequence_length < 0:
+        raise InvalidArgument("config.max_sequence_length", "must be >= 0 (0: the model's limit)")
+    if config.dp_config.enabled:
+        raise NotImplementedYet("differential privacy (dp_config.enabled) arrives with issue #6; "
+                                "this server refuses DP sessions rather than train without it")
+    default_loss = resolve_loss(config.loss.name or "token_ce", **struct_kwargs(config.loss.kwargs)) \
+        if config.HasField("loss") else resolve_loss("token_ce")
+    seed = config.seed if config.HasField("seed") else secrets.randbits(62)
+    settings = SessionSettings(config=config, optimizer=name, learning_rate=opt.learning_rate,
+                               weight_decay=opt.weight_decay, betas=(float(betas[0]), float(betas[1])), eps=eps,
+                               momentum=momentum, accumulation=max(1, config.gradient_accumulation_steps),
+                               seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), bias=_BIAS[lora.bias])
+    return settings, peft_config
+
+
+class Trainer:
+    def __init__(self, model_dir: Path | None) -> None:
+        self.model_dir = model_dir
+        self._lock = threading.Lock()
+        self._bases: dict[str, SharedBase] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._sessions: dict[str, TrainingSession] = {}
+
+    # -- sessions -------------------------------------------------------------------------
+    def _base_for(self, model_ref: str, private_key: str | None) -> SharedBase:
+        location = resolve_model_ref(model_ref, self.model_dir)
+        key = location.cache_key if private_key is None else f"{location.cache_key}#{private_key}"
+        with self._lock:
+            if key in self._bases:
+                return self._bases[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one load per model even when several sessions start at once
+            with self._lock:
+                if key in self._bases:
+                    return self._bases[key]
+            base = SharedBase(location, on_empty=lambda b: self._drop_base(key, b))
+            with self._lock:
+                self._bases[key] = base
+                self._loading.pop(key, None)
+            return base
+
+    def _drop_base(self, key: str, base: SharedBase) -> None:
+        with self._lock:
+            if self._bases.get(key) is base and not base.sessions:
+                del self._bases[key]
+
+    def create_session(self, tenant: str, config: trainer_pb2.TrainingConfig) -> TrainingSession:
+        settings, peft_config = validate_config(config)
+        session_id = "ses_" + uuid.uuid4().hex[:16]
+        # Training base biases would change weights other sessions share: such a session gets its own copy.
+        base = self._base_for(config.model_ref, session_id if peft_config.bias != "none" else None)
+        limit = base.max_length
+        if settings.max_length > limit:
+            raise InvalidArgument("config.max_sequence_length", f"exceeds the model's limit of {limit} tokens")
+        settings.max_length = settings.max_length or limit
+        session = TrainingSession(session_id, tenant, settings, base)
+        with base.lock:
+            base.attach(session, peft_config, settings.seed)
+            session.init_optimizer()
+        with self._lock:
+            self._sessions[session_id] = session
+        return session
+
+    def get(self, tenant: str, session_id: str, *, active: bool = False) -> TrainingSession:
+        session = self._sessions.get(session_id)
+        if session is None or session.tenant_id != tenant:
+            raise NotFound("session", session_id)
+        if active and session.closed:
+            raise FailedPrecondition(f"session {session_id} is closed")
+        return session
+
+    def list(self, tenant: str, include_closed: bool) -> list[TrainingSession]:
+        with self._lock:
+            found = [s for s in self._sessions.values() if s.tenant_id == tenant and (include_closed or not s.closed)]
+        return sorted(found, key=lambda s: (s.create_time, s.session_id))
+
+    def close(self, tenant: str, session_id: str) -> TrainingSession:
+        session = self.get(tenant, session_id)
+        if session.closed:
+            return session
+        for op in list(session.book._ops.values()):  # noqa: SLF001 - pending ops die with the session
+            session.book.cancel(op.future_id)
+        with session.base.lock:
+            session.close_time = time.time()
+            session.optimizer = None
+            session.custom = None
+            session.base.detach(session_id)
+        session.book.close()
+        return session
+
+    def shutdown(self) -> None:
+        for session in list(self._sessions.values()):
+            if not session.closed:
+                self.close(session.tenant_id, session.session_id)
+
+    # -- ops: validated here, at submission, then queued ------------------------------------
+    def _submit(self, session: TrainingSession, op_type: int, run) -> Op:  # noqa: ANN001
+        op = session.book.create(op_type, run)
+        session.base.submit(session, op)
+        return op
+
+    def _batch(self, session: TrainingSession, batch: trainer_pb2.Batch, loss: Loss) -> PreparedBatch:
+        prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
+                                 ignore_index=int(loss.kwargs.get("ignore_index", -100)))
+        loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
+        return prepared
+
+    def forward_backward(self, tenant: str, req: trainer_pb2.ForwardBackwardRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        loss = resolve_request_loss(s.settings.default_loss, req.loss, req.HasField("loss"))
+        batch = self._batch(s, req.batch, loss)
+        return self._submit(s, trainer_pb2.OP_TYPE_FORWARD_BACKWARD,
+                            lambda: s.forward_backward(batch, loss, req.return_logprobs))
+
+    def forward(self, tenant: str, req: trainer_pb2.ForwardRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        loss = resolve_request_loss(s.settings.default_loss, req.loss, req.HasField("loss"))
+        batch = self._batch(s, req.batch, loss)
+        return self._submit(s, trainer_pb2.OP_TYPE_FORWARD, lambda: s.forward(batch, loss, req.return_logprobs))
+
+    def forward_custom(self, tenant: str, req: trainer_pb2.ForwardCustomRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        batch = self._batch(s, req.batch, resolve_loss("token_ce"))
+        holder: dict[str, str] = {}
+        op = self._submit(s, trainer_pb2.OP_TYPE_FORWARD_CUSTOM, lambda: s.forward_custom(holder["id"], batch))
+        holder["id"] = op.future_id
+        return op
+
+    def backward_custom(self, tenant: str, req: trainer_pb2.BackwardCustomRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        if not req.forward_future_id:
+            raise InvalidArgument("forward_future_id", "is required")
+        if not req.HasField("grad_logprobs") or len(req.grad_logprobs.shape) != 2:
+            raise InvalidArgument("grad_logprobs", "is required, as a float tensor [batch, seq]")
+        shape = (int(req.grad_logprobs.shape[0]), int(req.grad_logprobs.shape[1]))
+        grad = float_matrix(req.grad_logprobs, "grad_logprobs", shape)
+        loss = req.loss if req.HasField("loss") else None
+        return self._submit(s, trainer_pb2.OP_TYPE_BACKWARD_CUSTOM,
+                            lambda: s.backward_custom(req.forward_future_id, grad, loss))
+
+    def optim_step(self, tenant: str, req: trainer_pb2.OptimStepRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        if req.HasField("apply_dp_noise") and req.apply_dp_noise:
+            raise InvalidArgument("apply_dp_noise", "this session has no DP configuration (dp_config.enabled is "
+                                                    "false); create a DP session to train with noise")
+        return self._submit(s, trainer_pb2.OP_TYPE_OPTIM_STEP, s.optim_step)
+
+    def sample(self, tenant: str, req: trainer_pb2.SampleRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        sp = req.sampling
+        if req.prompts and req.prompt_token_ids:
+            raise InvalidArgument("prompts", "give prompts as text or as token ids, not both")
+        if not req.prompts and not req.prompt_token_ids:
+            raise InvalidArgument("prompts", "at least one prompt is required")
+        if sp.max_tokens <= 0:
+            raise InvalidArgument("sampling.max_tokens", "must be > 0")
+        if sp.HasField("temperature") and sp.temperature < 0:
+            raise InvalidArgument("sampling.temperature", "must be >= 0 (0 is greedy)")
+        if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
+            raise InvalidArgument("sampling.top_p", "must be in (0, 1]")
+        if sp.HasField("top_k") and sp.top_k < 0:
+            raise InvalidArgument("sampling.top_k", "must be >= 0 (0 disables it)")
+        if sp.num_samples < 0 or sp.num_samples > 64:
+            raise InvalidArgument("sampling.num_samples", "must be between 1 and 64")
+        tok = s.base.tokenizer
+        if req.prompts:
+            texts = list(req.prompts)
+            prompts = [tok(t).input_ids for t in texts]
+            field = "prompts"
+        else:
+            prompts = [list(p.token_ids) for p in req.prompt_token_ids]
+            texts = [tok.decode(p) for p in prompts]
+            field = "prompt_token_ids"
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise InvalidArgument(f"{field}[{i}]", "is empty")
+            if min(ids) < 0 or max(ids) >= s.base.vocab_size:
+                raise InvalidArgument(f"{field}[{i}]", f"token ids must be in [0, {s.base.vocab_size})")
+            if len(ids) + sp.max_tokens > s.settings.max_length:
+                raise InvalidArgument("sampling.max_tokens", f"prompt {i} ({len(ids)} tokens) plus max_tokens "
+                                                             f"exceeds the limit of {s.settings.max_length}")
+        return self._submit(s, trainer_pb2.OP_TYPE_SAMPLE, lambda: s.sample(prompts, texts, sp))
+
+    def get_info(self, tenant: str, req: trainer_pb2.GetInfoRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        return self._submit(s, trainer_pb2.OP_TYPE_GET_INFO, s.info)
+
+    # -- futures ------------------------------------------------------------------------------
+    def future(self, tenant: str, session_id: str, future_id: str) -> Op:
+        op = self.get(tenant, session_id).book.get(future_id)
+        if op is None:
+            raise NotFound("future", future_id)
+        return op
+
+    def cancel(self, tenant: str, session_id: str, future_id: str) -> tuple[bool, Op]:
+        session = self.get(tenant, session_id)
+        cancelled, op = session.book.cancel(future_id)
+        if op is None:
+            raise NotFound("future", future_id)
+        return cancelled, op
+
+    def watch(self, tenant: str, req: trainer_pb2.WatchFuturesRequest, still_wanted) -> Iterator:  # noqa: ANN001
+        session = self.get(tenant, req.session_id)
+        return session.book.watch(req.after_sequence, set(req.future_ids), still_wanted)
+

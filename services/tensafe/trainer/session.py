@@ -1,0 +1,230 @@
+"""A training session: its adapter, optimizer, RNG and futures, and what each op does."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf import struct_pb2
+
+from tensafe.api.common.v1 import common_pb2
+from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, TensafeError
+from tg_tinker.tensors import to_proto
+
+from .base import SharedBase
+from .batches import PreparedBatch
+from .futures import FutureBook, Op, error_detail
+from .losses import Loss, LossInputs, token_logprobs
+from .sampling import generate
+
+
+@dataclass
+class SessionSettings:
+    """A validated TrainingConfig."""
+
+    config: trainer_pb2.TrainingConfig
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    momentum: float
+    accumulation: int
+    seed: int
+    max_length: int
+    default_loss: Loss
+
+
+@dataclass
+class CustomForward:
+    future_id: str
+    logprobs: torch.Tensor  # with graph
+    num_tokens: int
+
+
+@dataclass
+class TrainingSession:
+    session_id: str
+    tenant_id: str
+    settings: SessionSettings
+    base: SharedBase
+    create_time: float = field(default_factory=time.time)
+    close_time: float | None = None
+    step: int = 0
+    micro_steps: int = 0            # forward_backward calls since the last optimizer update
+    optim_calls: int = 0            # optim_step calls since the last update (gradient accumulation)
+    tokens_since_update: int = 0
+    tokens_processed: int = 0
+    rng_state: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    custom: CustomForward | None = None
+    book: FutureBook = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.book = FutureBook(self.session_id)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def init_optimizer(self) -> None:
+        s = self.settings
+        params = self.base.adapter_parameters(self.session_id)
+        if s.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=s.learning_rate, momentum=s.momentum,
+                                             weight_decay=s.weight_decay)
+        else:
+            cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+            self.optimizer = cls(params, lr=s.learning_rate, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+        gen = torch.Generator().manual_seed(s.seed + 1)
+        self.rng_state = gen.get_state()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_time is not None
+
+    def proto(self) -> trainer_pb2.Session:
+        msg = trainer_pb2.Session(session_id=self.session_id, tenant_id=self.tenant_id, config=self.settings.config,
+                                  state=trainer_pb2.SESSION_STATE_CLOSED if self.closed
+                                  else trainer_pb2.SESSION_STATE_ACTIVE,
+                                  step=self.step, last_sequence=self.book.last_sequence)
+        msg.create_time.FromNanoseconds(int(self.create_time * 1e9))
+        if self.close_time:
+            msg.close_time.FromNanoseconds(int(self.close_time * 1e9))
+        return msg
+
+    def error_detail(self, err: TensafeError) -> common_pb2.ErrorDetail:
+        return error_detail(err)
+
+    # -- running an op (called on the base's worker, under its lock) --------------------
+    def run_op(self, op: Op) -> tuple[str, Any]:
+        if self.closed:
+            raise FailedPrecondition(f"session {self.session_id} is closed")
+        model = self.base.activate(self.session_id)
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            return op.run()
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+            model.eval()
+
+    def _loss_output(self, batch: PreparedBatch, loss: Loss, train: bool):  # noqa: ANN202
+        model = self.base.peft
+        model.train(train)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        return loss(LossInputs(logits=logits, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               labels=batch.labels, advantages=batch.advantages,
+                               old_logprobs=batch.old_logprobs, extra=batch.extra))
+
+    def forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
+        self._drop_custom()
+        out = self._loss_output(batch, loss, train=True)
+        if not torch.isfinite(out.loss):
+            raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
+        (out.loss / self.settings.accumulation).backward()
+        self.micro_steps += 1
+        self.tokens_since_update += out.num_tokens
+        self.tokens_processed += out.num_tokens
+        res = trainer_pb2.ForwardBackwardResult(loss=float(out.loss.detach()), metrics=out.metrics,
+                                                num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
+        if return_logprobs:
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+        return "forward_backward", res
+
+    def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
+        with torch.no_grad():
+            out = self._loss_output(batch, loss, train=False)
+        res = trainer_pb2.ForwardResult(loss=float(out.loss), metrics=out.metrics, num_tokens=out.num_tokens,
+                                        num_sequences=len(batch.input_ids))
+        if return_logprobs:
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+        return "forward", res
+
+    def forward_custom(self, op_id: str, batch: PreparedBatch) -> tuple[str, Any]:
+        """Per-token log-probabilities of the labels, keeping the graph for the client's gradient."""
+        self._drop_custom()
+        model = self.base.peft
+        model.train(True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        logprobs, mask = token_logprobs(logits, batch.labels)
+        num_tokens = int(mask.sum())
+        self.custom = CustomForward(op_id, logprobs, num_tokens)
+        return "forward_custom", trainer_pb2.ForwardCustomResult(
+            logprobs=to_proto(logprobs.detach().numpy().astype(np.float32)), num_tokens=num_tokens)
+
+    def backward_custom(self, forward_future_id: str, grad: torch.Tensor, loss: float | None) -> tuple[str, Any]:
+        pending = self.custom
+        if pending is None or pending.future_id != forward_future_id:
+            raise FailedPrecondition(
+                f"no pending ForwardCustom {forward_future_id}: BackwardCustom must follow its ForwardCustom "
+                "with no other forward in between")
+        if tuple(grad.shape) != tuple(pending.logprobs.shape):
+            raise InvalidArgument("grad_logprobs", f"shape {list(grad.shape)} differs from the logprobs "
+                                                   f"{list(pending.logprobs.shape)}")
+        self.custom = None
+        pending.logprobs.backward(grad / self.settings.accumulation)
+        self.micro_steps += 1
+        self.tokens_since_update += pending.num_tokens
+        self.tokens_processed += pending.num_tokens
+        res = trainer_pb2.BackwardCustomResult(num_tokens=pending.num_tokens)
+        if loss is not None:
+            res.loss = loss
+        return "backward_custom", res
+
+    def _drop_custom(self) -> None:
+        self.custom = None  # an abandoned custom forward frees its graph
+
+    def optim_step(self) -> tuple[str, Any]:
+        self._drop_custom()
+        params = self.base.adapter_parameters(self.session_id)
+        if self.micro_steps == 0:
+            raise FailedPrecondition("optim_step without gradients: call forward_backward first")
+        self.optim_calls += 1
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.optim_calls < self.settings.accumulation:
+            # Accumulating: gradients are kept until the configured number of micro-batches is reached.
+            return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
+                                                             num_tokens=self.tokens_since_update,
+                                                             metrics={"applied": 0.0})
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._reset_accumulation()
+            raise InvalidArgument("batch", "gradients are not finite; the step was skipped and gradients cleared")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = self.tokens_since_update
+        self._reset_accumulation()
+        return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
+                                                         num_tokens=tokens, metrics={"applied": 1.0})
+
+    def _reset_accumulation(self) -> None:
+        self.micro_steps = self.optim_calls = self.tokens_since_update = 0
+
+    def sample(self, prompts: list[list[int]], texts: list[str],
+               sampling: common_pb2.SamplingParams) -> tuple[str, Any]:
+        self._drop_custom()
+        return "sample", generate(self.base.peft, self.base.tokenizer, prompts, texts, sampling)
+
+    def info(self) -> tuple[str, Any]:
+        cfg = self.settings.config
+        tok = self.base.tokenizer
+        trainable = sum(p.numel() for p in self.base.adapter_parameters(self.session_id))
+        msg = trainer_pb2.SessionInfo(
+            session_id=self.session_id, model_ref=cfg.model_ref, step=self.step, lora_config=cfg.lora_config,
+            num_trainable_parameters=trainable, num_parameters=self.base.num_base_parameters + trainable,
+            vocab_size=self.base.vocab_size, max_sequence_length=self.settings.max_length,
+            pending_ops=self.book.pending_count() - 1, tokens_processed=self.tokens_processed,
+            metadata=cfg.metadata if cfg.HasField("metadata") else struct_pb2.Struct())
+        if tok.eos_token_id is not None:
+            msg.eos_token_id = int(tok.eos_token_id)
+        if tok.pad_token_id is not None:
+            msg.pad_token_id = int(tok.pad_token_id)
+        return "info", msg

@@ -1,0 +1,33 @@
+"""The examples run as users run them: against `tensafe up`, configured by TS_* variables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_example(stack, *args: str) -> subprocess.CompletedProcess:  # noqa: ANN001
+    env = dict(stack.env, TS_API_KEY=stack.api_key, TS_BASE_URL=stack.target)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_hello(trainer_stack) -> None:
+    out = run_example(trainer_stack, "examples/quickstart/01_hello_tensafe.py")
+    assert out.returncode == 0, out.stderr
+    assert "all services are serving" in out.stdout
+
+
+def test_basic_training(trainer_stack) -> None:
+    out = run_example(trainer_stack, "examples/quickstart/02_basic_training.py", "--model", "tiny", "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert "Step 3: loss=" in out.stdout
+
+
+def test_lora_finetuning(trainer_stack, tiny_model) -> None:
+    out = run_example(trainer_stack, "examples/training/lora_finetuning.py", "--model", "tiny", "--tokenizer",
+                      str(tiny_model), "--steps", "3", "--batch-size", "2", "--samples", "1")
+    assert out.returncode == 0, out.stderr
+    assert "Before fine-tuning" in out.stdout and "After fine-tuning" in out.stdout
+    assert "trained 3 steps" in out.stdout

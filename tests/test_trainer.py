@@ -299,3 +299,22 @@ def test_not_yet_available_features_say_so(service) -> None:
         with pytest.raises(ValidationError) as bad:
             tc.optim_step(apply_dp_noise=True)
         assert bad.value.field == "apply_dp_noise"
+
+
+def test_gradient_accumulation_applies_the_mean_every_k_calls(service) -> None:
+    adam = OptimizerConfig(name="adam", learning_rate=1e-2)
+    with service.create_training_client(config(optimizer=adam, gradient_accumulation_steps=2)) as acc, \
+            service.create_training_client(config(optimizer=adam)) as single:
+        acc.forward_backward(BATCH)
+        first = acc.optim_step().result(timeout=60)
+        assert (first.step, first.applied) == (0, False)
+        acc.forward_backward(BATCH)
+        second = acc.optim_step().result(timeout=60)
+        assert (second.step, second.applied) == (1, True)
+        single.forward_backward(BATCH)
+        one = single.optim_step().result(timeout=60)
+        # Two identical micro-batches averaged give the single batch's gradient, hence the same update.
+        assert second.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
+        assert second.num_tokens == 2 * one.num_tokens
+        assert acc.forward(BATCH).result(timeout=60).loss == pytest.approx(
+            single.forward(BATCH).result(timeout=60).loss, rel=1e-5)

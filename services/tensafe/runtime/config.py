@@ -48,7 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_RATE_LIMIT_RPS", "rate_limit_rps", float, 100.0, "Requests per second allowed per tenant and service (token bucket refill); 0 turns limiting off."),
     Setting("TENSAFE_RATE_LIMIT_BURST", "rate_limit_burst", int, 200, "Token bucket size per tenant and service."),
     Setting("TENSAFE_MAX_MESSAGE_MB", "max_message_mb", int, 64, "Largest gRPC message accepted or sent, in MiB."),
-    Setting("TENSAFE_WORKERS", "workers", int, 32, "Threads serving calls in one server."),
+    Setting("TENSAFE_WORKERS", "workers", int, 64, "Threads serving calls in one server; each open training client holds one for its result stream."),
     Setting("TENSAFE_GRACE_SECONDS", "grace_seconds", float, 30.0, "On SIGTERM/SIGINT, how long calls in flight may run before they are cancelled."),
     Setting("TENSAFE_KEEPALIVE_SECONDS", "keepalive_seconds", int, 30, "Server keepalive ping interval."),
     Setting("TENSAFE_TLS_CERT_FILE", "tls_cert_file", str, "", "Server certificate (PEM); with the key file it turns TLS on."),

@@ -95,6 +95,10 @@ class FutureBook:
         with self._cond:
             return self._ops.get(future_id)
 
+    def pending_ids(self) -> list[str]:
+        with self._cond:
+            return [op.future_id for op in self._ops.values() if op.state == PENDING]
+
     def pending_count(self) -> int:
         with self._cond:
             return sum(1 for op in self._ops.values() if op.state in (PENDING, RUNNING))

@@ -163,8 +163,8 @@ class Trainer:
         session = self.get(tenant, session_id)
         if session.closed:
             return session
-        for op in list(session.book._ops.values()):  # noqa: SLF001 - pending ops die with the session
-            session.book.cancel(op.future_id)
+        for future_id in session.book.pending_ids():  # queued ops die with the session
+            session.book.cancel(future_id)
         with session.base.lock:
             session.close_time = time.time()
             session.optimizer = None

@@ -6,6 +6,7 @@
 """
 
 from ._version import __version__
+from .artifacts import ArtifactInfo, EncryptionInfo, TenantKeyInfo
 from .client import ServiceClient
 from .config import ClientConfig, RetryConfig
 from .configs import DPConfig, LoRAConfig, LossConfig, OptimizerConfig, TrainingConfig
@@ -25,7 +26,16 @@ from .errors import (
     ValidationError,
 )
 from .futures import FutureHandle
-from .results import CustomLossResult, ForwardBackwardResult, OptimStepResult, Sample, SampleResult, SessionInfo
+from .results import (
+    CustomLossResult,
+    ForwardBackwardResult,
+    LoadStateResult,
+    OptimStepResult,
+    Sample,
+    SampleResult,
+    SaveStateResult,
+    SessionInfo,
+)
 from .training import TrainingClient
 
 __all__ = [
@@ -46,6 +56,11 @@ __all__ = [
     "Sample",
     "SessionInfo",
     "CustomLossResult",
+    "SaveStateResult",
+    "LoadStateResult",
+    "ArtifactInfo",
+    "EncryptionInfo",
+    "TenantKeyInfo",
     "TGTinkerError",
     "AuthenticationError",
     "PermissionDeniedError",

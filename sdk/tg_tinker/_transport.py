@@ -39,7 +39,7 @@ _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "RATE_LIMITED": errors.RateLimitedError,
     "DP_BUDGET_EXCEEDED": errors.DPBudgetExceededError,
     "INTEGRITY_ERROR": errors.IntegrityError,
-    "TENANT_SHREDDED": errors.NotFoundError,
+    "TENANT_SHREDDED": errors.ConflictError,
     "FUTURE_CANCELLED": errors.FutureCancelledError,
     "DEPENDENCY_UNAVAILABLE": errors.ServiceUnavailableError,
     "NOT_IMPLEMENTED": errors.ServerError,
@@ -59,6 +59,7 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.TGTinkerError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.ServiceUnavailableError,
     grpc.StatusCode.CANCELLED: errors.FutureCancelledError,
+    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
 }
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -190,12 +191,20 @@ class Transport:
                                               metadata=self.metadata(key)))
 
     def client_stream(self, service: str, method: str, requests: Callable[[], Iterator[Any]], *,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None, retry: bool = True) -> Any:
         """Call a client-streaming method; ``requests`` is called again for each attempt."""
         key = uuid.uuid4().hex
         rpc = getattr(self.stub(service), method)
-        return self._with_retries(lambda: rpc(requests(), timeout=timeout or self.config.timeout,
-                                              metadata=self.metadata(key)))
+
+        def attempt() -> Any:
+            return rpc(requests(), timeout=timeout or self.config.timeout, metadata=self.metadata(key))
+
+        if not retry:
+            try:
+                return attempt()
+            except grpc.RpcError as err:
+                raise translate_error(err) from None
+        return self._with_retries(attempt)
 
     def server_stream(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
         """Iterate a server-streaming method; errors surface as SDK exceptions while iterating."""

@@ -13,6 +13,7 @@ from .config import SERVICES, ClientConfig
 from .errors import ConflictError, ValidationError
 
 if TYPE_CHECKING:
+    from .artifacts import ArtifactInfo, Artifacts
     from .configs import TrainingConfig
     from .training import TrainingClient
 
@@ -103,6 +104,35 @@ class ServiceClient:
             token = resp.next_page_token
             if not token:
                 return out
+
+    # -- artifacts (the vault) ------------------------------------------------------------------
+    @property
+    def artifacts(self) -> Artifacts:
+        """Vault calls: put, describe, list, pull, decrypt, delete, key rotation and shredding."""
+        from .artifacts import Artifacts
+
+        return Artifacts(self._transport)
+
+    def pull_artifact(self, artifact_id: str) -> bytes:
+        """The artifact's encrypted container, as stored; decrypt it with :meth:`decrypt_artifact`."""
+        return self.artifacts.pull(artifact_id)
+
+    def decrypt_artifact(self, container: bytes) -> bytes:
+        """Decrypt a pulled container here: the vault unwraps its data key for its owner only."""
+        return self.artifacts.decrypt(container)
+
+    def get_artifact(self, artifact_id: str) -> bytes:
+        """The plaintext, decrypted and verified by the vault and sent to its owner."""
+        return b"".join(self.artifacts.iter_plaintext(artifact_id))
+
+    def describe_artifact(self, artifact_id: str) -> ArtifactInfo:
+        return self.artifacts.describe(artifact_id)
+
+    def list_artifacts(self, kind: str | None = None, session_id: str | None = None) -> list[ArtifactInfo]:
+        return self.artifacts.list(kind, session_id)
+
+    def delete_artifact(self, artifact_id: str) -> None:
+        self.artifacts.delete(artifact_id)
 
     # Used by the higher-level clients (training, sampling, artifacts) in this package.
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:

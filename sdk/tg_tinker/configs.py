@@ -32,6 +32,22 @@ def to_struct(values: dict[str, Any] | None, fld: str) -> struct_pb2.Struct:
     return s
 
 
+def from_struct(msg: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a dict; whole numbers come back as ints (Struct stores every number as a double)."""
+    from google.protobuf import json_format
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(json_format.MessageToDict(msg))
+
+
 @dataclass
 class LoRAConfig:
     """The LoRA adapter: ``rank`` (r), ``alpha`` (scaling alpha / r), ``dropout``, ``target_modules``, ``bias``."""

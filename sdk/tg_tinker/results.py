@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 
+from .configs import from_struct
 from .tensors import from_proto
 
 
@@ -125,7 +125,39 @@ class SessionInfo:
         return cls(m.session_id, m.model_ref, m.step, m.num_trainable_parameters, m.num_parameters, m.vocab_size,
                    m.max_sequence_length, m.eos_token_id if m.HasField("eos_token_id") else None,
                    m.pad_token_id if m.HasField("pad_token_id") else None, m.pending_ops, m.tokens_processed,
-                   json_format.MessageToDict(m.metadata))
+                   from_struct(m.metadata))
+
+
+@dataclass(frozen=True)
+class SaveStateResult:
+    """A checkpoint stored, encrypted, in the vault: ``encryption.algorithm`` is "AES-256-GCM"."""
+
+    artifact_id: str
+    step: int
+    name: str
+    size_bytes: int
+    sha256: str
+    encryption: Any
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_proto(cls, m: trainer_pb2.SaveStateResult) -> SaveStateResult:
+        from .artifacts import EncryptionInfo
+
+        return cls(m.artifact_id, m.step, m.name, m.size_bytes, m.sha256.hex(),
+                   EncryptionInfo.from_proto(m.encryption), from_struct(m.metadata))
+
+
+@dataclass(frozen=True)
+class LoadStateResult:
+    step: int
+    artifact_id: str
+    optimizer_restored: bool
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_proto(cls, m: trainer_pb2.LoadStateResult) -> LoadStateResult:
+        return cls(m.step, m.artifact_id, m.optimizer_restored, from_struct(m.metadata))
 
 
 RESULT_TYPES = {
@@ -136,6 +168,6 @@ RESULT_TYPES = {
     "info": SessionInfo.from_proto,
     "forward_custom": lambda m: m,
     "backward_custom": lambda m: m,
-    "save_state": lambda m: m,
-    "load_state": lambda m: m,
+    "save_state": SaveStateResult.from_proto,
+    "load_state": LoadStateResult.from_proto,
 }

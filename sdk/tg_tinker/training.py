@@ -17,7 +17,16 @@ from ._transport import make_error, translate_error
 from .configs import LossConfig, to_struct
 from .errors import FutureCancelledError, ServiceUnavailableError, TGTinkerError, ValidationError
 from .futures import FutureHandle
-from .results import RESULT_TYPES, CustomLossResult, ForwardBackwardResult, OptimStepResult, SampleResult, SessionInfo
+from .results import (
+    RESULT_TYPES,
+    CustomLossResult,
+    ForwardBackwardResult,
+    LoadStateResult,
+    OptimStepResult,
+    SampleResult,
+    SaveStateResult,
+    SessionInfo,
+)
 from .tensors import to_proto
 
 if TYPE_CHECKING:
@@ -292,7 +301,7 @@ class TrainingClient:
             metadata=to_struct(metadata, "metadata"), name=name))
 
     def save_state(self, include_optimizer: bool = True, metadata: dict[str, Any] | None = None,
-                   name: str = "") -> Any:
+                   name: str = "") -> SaveStateResult:
         """Save an encrypted checkpoint in the vault and return its description."""
         return self.save_state_async(include_optimizer, metadata, name).result()
 
@@ -300,7 +309,7 @@ class TrainingClient:
         return self._submit("LoadState", trainer_pb2.LoadStateRequest(session_id=self.session_id,
                                                                       artifact_id=artifact_id))
 
-    def load_state(self, artifact_id: str) -> Any:
+    def load_state(self, artifact_id: str) -> LoadStateResult:
         """Restore a checkpoint saved by :meth:`save_state`."""
         return self.load_state_async(artifact_id).result()
 

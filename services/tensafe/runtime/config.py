@@ -37,6 +37,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_DATA_DIR", "data_dir", Path, Path(".tensafe"), "Data directory: SQLite files, keys, artifact blobs."),
     Setting("TENSAFE_MODEL_DIR", "model_dir", str, "", "Where the trainer and inference services look up model names; empty means `models` in the data dir."),
+    Setting("TENSAFE_MASTER_KEY_FILE", "master_key_file", str, "", "Vault master key: a file of 32 random bytes, mode 0600; empty means `master.key` in the data dir (created by `tensafe up`)."),
+    Setting("TENSAFE_MASTER_KEY", "master_key", str, "", "Vault master key as base64 (32 bytes), instead of a file; wins over the file."),
+    Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs; empty means `blobs` in the data dir."),
     Setting("TENSAFE_HOST", "host", str, "127.0.0.1", "Address the gRPC server binds to."),
     Setting("TENSAFE_PORT", "port", int, 50051, "gRPC port (`tensafe up`, or the service of `tensafe serve`)."),
     Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
@@ -85,6 +88,9 @@ def _parse(setting: Setting, raw: str) -> Any:
 class ServerConfig:
     data_dir: Path
     model_dir: str
+    master_key_file: str
+    master_key: str
+    blob_dir: str
     host: str
     port: int
     metrics_port: int

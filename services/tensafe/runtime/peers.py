@@ -64,7 +64,11 @@ class PeerChannels:
 
 def forward_metadata(idempotency_key: str | None = None) -> list[tuple[str, str]]:
     """Metadata for a call made on behalf of the current caller."""
-    ctx = call_context.current()
+    return metadata_for(call_context.current(), idempotency_key)
+
+
+def metadata_for(ctx: call_context.CallContext, idempotency_key: str | None = None) -> list[tuple[str, str]]:
+    """Metadata for a call made on behalf of ``ctx``'s caller (also later, from a worker thread)."""
     md = [("authorization", f"Bearer {ctx.api_key}"), ("x-request-id", ctx.request_id)]
     if idempotency_key:
         md.append(("x-idempotency-key", idempotency_key))

@@ -10,18 +10,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
 from peft import LoraConfig
 
 from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.api.vault.v1 import vault_pb2
+from tensafe.runtime import context as call_context
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, NotImplementedYet
+from tg_tinker.configs import from_struct
 
+from . import checkpoint
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
 from .futures import Op
 from .losses import Loss, resolve_loss
 from .models import resolve_model_ref
 from .session import SessionSettings, TrainingSession
+from .vault_client import VaultClient
 
 _BIAS = {trainer_pb2.LORA_BIAS_UNSPECIFIED: "none", trainer_pb2.LORA_BIAS_NONE: "none",
          trainer_pb2.LORA_BIAS_ALL: "all", trainer_pb2.LORA_BIAS_LORA_ONLY: "lora_only"}
@@ -30,18 +34,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 def struct_kwargs(msg: Any) -> dict[str, Any]:
     """A protobuf Struct as keyword arguments; whole numbers become ints (Struct has only doubles)."""
-    raw = json_format.MessageToDict(msg) if msg is not None else {}
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        return v
-
-    return {k: fix(v) for k, v in raw.items()}
+    return from_struct(msg) if msg is not None else {}
 
 
 def resolve_request_loss(default: Loss, loss: trainer_pb2.LossConfig | None, has_loss: bool) -> Loss:
@@ -99,8 +92,9 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
 
 
 class Trainer:
-    def __init__(self, model_dir: Path | None) -> None:
+    def __init__(self, model_dir: Path | None, vault: VaultClient | None = None) -> None:
         self.model_dir = model_dir
+        self.vault = vault
         self._lock = threading.Lock()
         self._bases: dict[str, SharedBase] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -265,6 +259,46 @@ class Trainer:
                 raise InvalidArgument("sampling.max_tokens", f"prompt {i} ({len(ids)} tokens) plus max_tokens "
                                                              f"exceeds the limit of {s.settings.max_length}")
         return self._submit(s, trainer_pb2.OP_TYPE_SAMPLE, lambda: s.sample(prompts, texts, sp))
+
+    def save_state(self, tenant: str, req: trainer_pb2.SaveStateRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        if self.vault is None:
+            raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
+        if len(req.name) > 256:
+            raise InvalidArgument("name", "must be at most 256 characters")
+        caller = call_context.current()  # the vault is called as this caller, later, from the worker
+        metadata = struct_kwargs(req.metadata) if req.HasField("metadata") else {}
+        vault = self.vault
+
+        def run() -> tuple[str, Any]:
+            data = checkpoint.build(s, req.include_optimizer, metadata)
+            artifact = vault.put(caller, data, kind=vault_pb2.ARTIFACT_KIND_CHECKPOINT,
+                                 name=req.name or f"{s.session_id}-step{s.step}", metadata=metadata,
+                                 session_id=s.session_id, content_type=checkpoint.CONTENT_TYPE)
+            return "save_state", trainer_pb2.SaveStateResult(
+                artifact_id=artifact.artifact_id, step=s.step, encryption=artifact.encryption,
+                size_bytes=artifact.size_bytes, sha256=artifact.plaintext_sha256, name=artifact.name,
+                metadata=artifact.metadata, create_time=artifact.create_time)
+
+        return self._submit(s, trainer_pb2.OP_TYPE_SAVE_STATE, run)
+
+    def load_state(self, tenant: str, req: trainer_pb2.LoadStateRequest) -> Op:
+        s = self.get(tenant, req.session_id, active=True)
+        if self.vault is None:
+            raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
+        if not req.artifact_id:
+            raise InvalidArgument("artifact_id", "is required")
+        caller = call_context.current()
+        vault = self.vault
+
+        def run() -> tuple[str, Any]:
+            artifact, data = vault.get(caller, req.artifact_id)
+            record, optimizer_restored = checkpoint.restore(s, checkpoint.read(data))
+            return "load_state", trainer_pb2.LoadStateResult(
+                step=s.step, artifact_id=req.artifact_id, optimizer_restored=optimizer_restored,
+                metadata=artifact.metadata)
+
+        return self._submit(s, trainer_pb2.OP_TYPE_LOAD_STATE, run)
 
     def get_info(self, tenant: str, req: trainer_pb2.GetInfoRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)

@@ -8,10 +8,10 @@ import grpc
 
 from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from tensafe.runtime import context
-from tensafe.runtime.errors import NotImplementedYet
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .service import Trainer
+from .vault_client import VaultClient
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -65,10 +65,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.BackwardCustomResponse(future=op.ref())
 
     def SaveState(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        raise NotImplementedYet("save_state arrives with the vault (issue #4)")
+        return trainer_pb2.SaveStateResponse(future=self.trainer.save_state(context.current_tenant(), request).ref())
 
     def LoadState(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        raise NotImplementedYet("load_state arrives with the vault (issue #4)")
+        return trainer_pb2.LoadStateResponse(future=self.trainer.load_state(context.current_tenant(), request).ref())
 
     # -- futures ---------------------------------------------------------------------------------
     def WatchFutures(self, request, ctx: grpc.ServicerContext):  # noqa: N802, ANN001, ANN201
@@ -86,6 +86,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
-    trainer = Trainer(model_dir)
+    trainer = Trainer(model_dir, VaultClient(env.peers))
     env.closers.append(trainer.shutdown)
     return TrainerServicer(trainer)

@@ -1,17 +1,132 @@
-"""gRPC adapter of the vault service.
+"""gRPC adapter of the vault: messages in and out, the logic in service.py."""
 
-Until issue #4 (encrypted artifacts) lands, every RPC of VaultService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.vault.v1 import vault_pb2_grpc
+from pathlib import Path
+
+from google.protobuf import json_format, struct_pb2
+
+from tensafe.api.common.v1 import common_pb2
+from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
+from tensafe.runtime import context
+from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.registry import ServiceEnvironment
+
+from .blobs import LocalBlobStore
+from .keys import load_master_key
+from .service import ALGORITHM, ArtifactHeader, KekInfo, Vault
+from .store import SHREDDED, ArtifactRecord, VaultStore
+
+_KEK_STATES = {"active": vault_pb2.KEK_STATE_ACTIVE, "retired": vault_pb2.KEK_STATE_RETIRED,
+               "destroyed": vault_pb2.KEK_STATE_DESTROYED}
+CHUNK = 1 << 20
+
+
+def _ts(seconds: float):  # noqa: ANN202
+    from google.protobuf import timestamp_pb2
+
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def encryption_info(record: ArtifactRecord, key_id: str = "") -> common_pb2.EncryptionInfo:
+    return common_pb2.EncryptionInfo(algorithm=ALGORITHM, format_version=record.format_version,
+                                     kek_version=record.kek_version, key_id=key_id,
+                                     segment_size=record.segment_size)
+
+
+def artifact_proto(record: ArtifactRecord) -> vault_pb2.Artifact:
+    meta = struct_pb2.Struct()
+    meta.update(record.metadata)
+    return vault_pb2.Artifact(
+        artifact_id=record.artifact_id, tenant_id=record.tenant_id, kind=record.kind, name=record.name,
+        size_bytes=record.size_bytes, plaintext_sha256=record.plaintext_sha256, create_time=_ts(record.created_at),
+        encryption=encryption_info(record), metadata=meta, content_type=record.content_type,
+        session_id=record.session_id, stored_size_bytes=record.stored_size,
+        state=vault_pb2.ARTIFACT_STATE_SHREDDED if record.state == SHREDDED else vault_pb2.ARTIFACT_STATE_AVAILABLE)
+
+
+def key_info_proto(info: KekInfo) -> vault_pb2.TenantKeyInfo:
+    msg = vault_pb2.TenantKeyInfo(tenant_id=info.tenant_id, key_id=info.key_id,
+                                  current_version=info.current_version, shredded=info.shredded_at is not None)
+    for version, state, count, created in info.versions:
+        msg.versions.add(version=version, state=_KEK_STATES[state], wrapped_key_count=count,
+                         create_time=_ts(created))
+    if info.shredded_at is not None:
+        msg.shred_time.CopyFrom(_ts(info.shredded_at))
+    return msg
 
 
 class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+
+    def PutArtifact(self, request_iterator, ctx):  # noqa: N802, ANN001, ANN201
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "the first message of PutArtifact must be the header")
+        h = first.header
+        header = ArtifactHeader(kind=h.kind or vault_pb2.ARTIFACT_KIND_OTHER, name=h.name,
+                                metadata=json_format.MessageToDict(h.metadata), content_type=h.content_type,
+                                session_id=h.session_id, expected_sha256=h.expected_sha256)
+
+        def chunks():  # noqa: ANN202
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("header", "only the first message may be a header")
+                yield msg.chunk
+
+        record = self.vault.put(context.current_tenant(), header, chunks())
+        return vault_pb2.PutArtifactResponse(artifact=artifact_proto(record))
+
+    def GetArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record, plaintext = self.vault.read(context.current_tenant(), request.artifact_id)
+        yield vault_pb2.GetArtifactResponse(artifact=artifact_proto(record))
+        for chunk in plaintext:
+            yield vault_pb2.GetArtifactResponse(chunk=chunk)
+
+    def PullArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record, stored = self.vault.pull(context.current_tenant(), request.artifact_id)
+        yield vault_pb2.PullArtifactResponse(artifact=artifact_proto(record))
+        for chunk in stored:
+            yield vault_pb2.PullArtifactResponse(chunk=chunk)
+
+    def DescribeArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record = self.vault.describe(context.current_tenant(), request.artifact_id)
+        return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record))
+
+    def ListArtifacts(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        size = min(request.page_size if request.page_size > 0 else 100, 1000)
+        records = self.vault.list(context.current_tenant(), request.kind, request.session_id, offset, size + 1)
+        token = str(offset + size) if len(records) > size else ""
+        return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r) for r in records[:size]],
+                                               next_page_token=token)
+
+    def DeleteArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        self.vault.delete(context.current_tenant(), request.artifact_id)
+        return vault_pb2.DeleteArtifactResponse()
+
+    def UnwrapDataKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record, dek = self.vault.unwrap_data_key(context.current_tenant(), request.artifact_id)
+        return vault_pb2.UnwrapDataKeyResponse(artifact_id=record.artifact_id, data_key=dek,
+                                               encryption=encryption_info(record))
+
+    def RotateTenantKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        info, count = self.vault.rotate(context.current_tenant())
+        return vault_pb2.RotateTenantKeyResponse(key_info=key_info_proto(info), rewrapped_count=count)
+
+    def ShredTenant(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        info, count = self.vault.shred(context.current_tenant(), request.confirm_tenant_id)
+        return vault_pb2.ShredTenantResponse(key_info=key_info_proto(info), artifact_count=count)
+
+    def GetTenantKeyInfo(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return vault_pb2.GetTenantKeyInfoResponse(key_info=key_info_proto(self.vault.key_info(
+            context.current_tenant())))
 
 
 def create(env: ServiceEnvironment) -> VaultServicer:
-    return VaultServicer(env)
+    cfg = env.config
+    blob_root = Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs"
+    return VaultServicer(Vault(VaultStore(env.db), LocalBlobStore(blob_root), load_master_key(cfg)))

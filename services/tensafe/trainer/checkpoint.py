@@ -1,0 +1,136 @@
+"""Checkpoints: a tar of safetensors and JSON files. Nothing is ever unpickled.
+
+    adapter_config.json          PEFT adapter config   } together a standard PEFT adapter:
+    adapter_model.safetensors    PEFT adapter weights  } PeftModel.from_pretrained / vLLM load them
+    session.json                 step, counters, the session's TrainingConfig, user metadata
+    rng.safetensors              the session's torch RNG state
+    optimizer.safetensors        optimizer tensors (with include_optimizer)
+    optimizer.json               optimizer scalars and param groups (with include_optimizer)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.protobuf import json_format
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
+
+CHECKPOINT_FORMAT = 1
+CONTENT_TYPE = "application/x-tar"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"type": type(optimizer).__name__, "scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def build(session: Any, include_optimizer: bool, metadata: dict[str, Any]) -> bytes:
+    """The session's checkpoint as tar bytes (called on the session's worker, its adapter active)."""
+    peft = session.base.peft
+    sid = session.session_id
+    with tempfile.TemporaryDirectory() as tmp:
+        peft.peft_config[sid].save_pretrained(tmp)
+        adapter_config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = session.settings.config.model_ref
+    weights = {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(peft, adapter_name=sid).items()}
+    record = {
+        "format": CHECKPOINT_FORMAT, "session_id": sid, "step": session.step,
+        "micro_steps": session.micro_steps, "optim_calls": session.optim_calls,
+        "tokens_since_update": session.tokens_since_update, "tokens_processed": session.tokens_processed,
+        "seed": session.settings.seed, "config": json_format.MessageToDict(session.settings.config),
+        "metadata": metadata, "include_optimizer": include_optimizer, "saved_at": time.time(),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        _add(tar, "adapter_config.json", json.dumps(adapter_config, indent=2, sort_keys=True).encode())
+        _add(tar, "adapter_model.safetensors", st_save(weights))
+        _add(tar, "session.json", json.dumps(record, indent=2, sort_keys=True).encode())
+        # The live RNG state: during an op the session's state is the global one.
+        _add(tar, "rng.safetensors", st_save({"cpu": torch.get_rng_state()}))
+        if include_optimizer:
+            tensors, scalars = _optimizer_parts(session.optimizer)
+            _add(tar, "optimizer.safetensors", st_save(tensors))
+            _add(tar, "optimizer.json", json.dumps(scalars, sort_keys=True).encode())
+    return buf.getvalue()
+
+
+def read(data: bytes) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or "/" in member.name or member.size > 1 << 34:
+                    raise InvalidArgument("artifact_id", f"not a TenSafe checkpoint (unexpected entry {member.name!r})")
+                files[member.name] = tar.extractfile(member).read()
+    except tarfile.TarError:
+        raise InvalidArgument("artifact_id", "the artifact is not a TenSafe checkpoint") from None
+    for required in ("adapter_config.json", "adapter_model.safetensors", "session.json", "rng.safetensors"):
+        if required not in files:
+            raise InvalidArgument("artifact_id", f"the checkpoint has no {required}")
+    return files
+
+
+def restore(session: Any, files: dict[str, bytes]) -> tuple[dict[str, Any], bool]:
+    """Load a checkpoint into the session (its adapter active); returns (session.json, optimizer restored)."""
+    record = json.loads(files["session.json"])
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise FailedPrecondition(f"checkpoint format {record.get('format')} is not supported by this trainer")
+    saved = json.loads(files["adapter_config.json"])
+    mine = session.settings.config.lora_config
+    if saved.get("r") != mine.rank or sorted(saved.get("target_modules") or []) != sorted(mine.target_modules):
+        raise FailedPrecondition(
+            f"checkpoint adapter (rank {saved.get('r')}, modules {saved.get('target_modules')}) does not match this "
+            f"session (rank {mine.rank}, modules {list(mine.target_modules)}): create the session with the same "
+            "lora_config")
+    weights = st_load(files["adapter_model.safetensors"])
+    result = set_peft_model_state_dict(session.base.peft, weights, adapter_name=session.session_id)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise FailedPrecondition(f"checkpoint weights do not fit this adapter: {unexpected[:3]}")
+    optimizer_restored = False
+    if "optimizer.safetensors" in files and "optimizer.json" in files:
+        meta = json.loads(files["optimizer.json"])
+        if meta["type"] != type(session.optimizer).__name__:
+            raise FailedPrecondition(f"checkpoint optimizer {meta['type']} differs from this session's "
+                                     f"{type(session.optimizer).__name__}")
+        tensors = st_load(files["optimizer.safetensors"])
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for index, scalars in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(scalars)
+        session.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        optimizer_restored = True
+    session.optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(st_load(files["rng.safetensors"])["cpu"])  # kept by the op when it ends
+    session.step = int(record["step"])
+    session.micro_steps = session.optim_calls = session.tokens_since_update = 0
+    session.tokens_processed = int(record.get("tokens_processed", 0))
+    return record, optimizer_restored

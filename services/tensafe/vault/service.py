@@ -1,0 +1,257 @@
+"""The vault's logic: put, get, pull, key lifecycle. No gRPC here; every call is for one tenant."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from tensafe.runtime.errors import InvalidArgument, NotFound, TensafeError
+from tg_tinker import errors as sdk_errors
+from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, ContainerReader, ContainerWriter
+
+from .blobs import BlobStore
+from .keys import KEY_BYTES, KeyUnwrapError, MasterKey, aead_unwrap, aead_wrap, dek_aad, kek_aad
+from .store import AVAILABLE, DESTROYED, SHREDDED, ArtifactRecord, VaultStore, artifacts, keks, tenants
+
+ALGORITHM = "AES-256-GCM"
+MAX_NAME = 256
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class IntegrityFailure(TensafeError):
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "INTEGRITY_ERROR"
+
+
+class TenantShredded(TensafeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TENANT_SHREDDED"
+
+
+@dataclass(frozen=True)
+class ArtifactHeader:
+    kind: int
+    name: str
+    metadata: dict[str, Any]
+    content_type: str = "application/octet-stream"
+    session_id: str = ""
+    expected_sha256: bytes = b""
+
+
+@dataclass(frozen=True)
+class KekInfo:
+    tenant_id: str
+    key_id: str
+    current_version: int
+    versions: list[tuple[int, str, int, float]]  # (version, state, wrapped DEKs, created)
+    shredded_at: float | None
+
+
+class Vault:
+    def __init__(self, store: VaultStore, blobs: BlobStore, master: MasterKey,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.master = master
+        self.segment_size = segment_size
+        self._tenant_lock = threading.Lock()  # serialises KEK creation and rotation
+
+    # -- keys ----------------------------------------------------------------------------------
+    def _active_kek(self, tenant_id: str) -> tuple[int, bytes]:
+        """The tenant's current KEK (created on first use), unwrapped for one put."""
+        with self._tenant_lock, self.store.engine.begin() as conn:
+            row = self.store.tenant(conn, tenant_id)
+            if row is None:
+                self.store.add_tenant(conn, tenant_id, "kek_" + secrets.token_hex(8),
+                                      self.master.wrap(os.urandom(KEY_BYTES), kek_aad(tenant_id, 1)))
+                row = self.store.tenant(conn, tenant_id)
+            if row.shredded_at is not None:
+                raise TenantShredded(f"tenant {tenant_id!r} was shredded: the vault stores nothing more for it",
+                                     tenant_id=tenant_id)
+            version = row.current_version
+            wrapped = conn.execute(sa.select(keks.c.wrapped_kek).where(sa.and_(
+                keks.c.tenant_id == tenant_id, keks.c.version == version))).scalar_one()
+        return version, self._unwrap_kek(tenant_id, version, wrapped)
+
+    def _unwrap_kek(self, tenant_id: str, version: int, wrapped: bytes | None) -> bytes:
+        if wrapped is None:
+            raise TenantShredded(f"KEK version {version} of tenant {tenant_id!r} was destroyed", tenant_id=tenant_id)
+        try:
+            return self.master.unwrap(wrapped, kek_aad(tenant_id, version))
+        except KeyUnwrapError:
+            raise IntegrityFailure(f"KEK version {version} of tenant {tenant_id!r} failed authentication under "
+                                   "the master key (wrong master key, or the key record was altered)") from None
+
+    def _data_key(self, record: ArtifactRecord) -> bytes:
+        if record.state == SHREDDED or record.wrapped_dek is None:
+            raise TenantShredded(f"artifact {record.artifact_id} can no longer be decrypted: its tenant's keys "
+                                 "were destroyed (shredded)", artifact_id=record.artifact_id)
+        with self.store.engine.connect() as conn:
+            wrapped_kek = conn.execute(sa.select(keks.c.wrapped_kek).where(sa.and_(
+                keks.c.tenant_id == record.tenant_id, keks.c.version == record.kek_version))).scalar_one_or_none()
+        kek = self._unwrap_kek(record.tenant_id, record.kek_version, wrapped_kek)
+        try:
+            return aead_unwrap(kek, record.wrapped_dek, dek_aad(record.tenant_id, record.artifact_id,
+                                                                 record.kek_version))
+        except KeyUnwrapError:
+            raise IntegrityFailure(f"the data key of artifact {record.artifact_id} failed authentication (the "
+                                   "key record was altered)", artifact_id=record.artifact_id) from None
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def put(self, tenant_id: str, header: ArtifactHeader, chunks: Iterable[bytes]) -> ArtifactRecord:
+        """Encrypt and store; visible only once every byte is on disk and the record is committed."""
+        if len(header.name) > MAX_NAME:
+            raise InvalidArgument("header.name", f"must be at most {MAX_NAME} characters")
+        if len(repr(header.metadata)) > MAX_METADATA_BYTES:
+            raise InvalidArgument("header.metadata", f"must be under {MAX_METADATA_BYTES} bytes")
+        if header.expected_sha256 and len(header.expected_sha256) != 32:
+            raise InvalidArgument("header.expected_sha256", "must be 32 bytes")
+        artifact_id = "art_" + secrets.token_hex(12)
+        kek_version, kek = self._active_kek(tenant_id)
+        dek = os.urandom(KEY_BYTES)
+        writer = ContainerWriter(dek, tenant_id, artifact_id, self.segment_size)
+        blob_key = artifact_id
+        out = self.blobs.open_writer(blob_key)
+        try:
+            out.write(writer.header)
+            for chunk in chunks:
+                for segment in writer.update(chunk):
+                    out.write(segment)
+            out.write(writer.finalize())
+            if header.expected_sha256 and header.expected_sha256 != writer.plaintext_sha256:
+                raise IntegrityFailure(f"artifact {artifact_id}: the received bytes do not match expected_sha256",
+                                       artifact_id=artifact_id)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        record = ArtifactRecord(
+            artifact_id=artifact_id, tenant_id=tenant_id, kind=header.kind, name=header.name,
+            content_type=header.content_type or "application/octet-stream", session_id=header.session_id,
+            metadata=header.metadata, size_bytes=writer.plaintext_size, plaintext_sha256=writer.plaintext_sha256,
+            stored_size=writer.stored_size, format_version=FORMAT_VERSION, segment_size=self.segment_size,
+            kek_version=kek_version, wrapped_dek=aead_wrap(kek, dek, dek_aad(tenant_id, artifact_id, kek_version)),
+            blob_key=blob_key, state=AVAILABLE, created_at=time.time())
+        try:
+            self.store.insert_artifact(record)  # committed last: the artifact exists from here on
+        except BaseException:
+            self.blobs.delete(blob_key)
+            raise
+        return record
+
+    def describe(self, tenant_id: str, artifact_id: str) -> ArtifactRecord:
+        record = self.store.get_artifact(tenant_id, artifact_id) if artifact_id else None
+        if record is None:
+            raise NotFound("artifact", artifact_id)
+        return record
+
+    def read(self, tenant_id: str, artifact_id: str) -> tuple[ArtifactRecord, Iterator[bytes]]:
+        """The plaintext, verified segment by segment; an integrity failure ends the stream with an error."""
+        record = self.describe(tenant_id, artifact_id)
+        dek = self._data_key(record)
+
+        def plaintext() -> Iterator[bytes]:
+            reader = ContainerReader(dek, record.tenant_id, record.artifact_id)
+            try:
+                for chunk in self.blobs.read(record.blob_key):
+                    yield from reader.update(chunk)
+                last = reader.finalize()
+            except sdk_errors.IntegrityError as exc:
+                raise IntegrityFailure(f"artifact {record.artifact_id}: {exc.message}",
+                                       artifact_id=record.artifact_id) from None
+            except FileNotFoundError:
+                raise IntegrityFailure(f"artifact {record.artifact_id}: its stored bytes are missing",
+                                       artifact_id=record.artifact_id) from None
+            if reader.plaintext_sha256 != record.plaintext_sha256:
+                raise IntegrityFailure(f"artifact {record.artifact_id}: plaintext digest differs from the record",
+                                       artifact_id=record.artifact_id)
+            if last:
+                yield last
+
+        return record, plaintext()
+
+    def pull(self, tenant_id: str, artifact_id: str) -> tuple[ArtifactRecord, Iterator[bytes]]:
+        """The encrypted container exactly as stored (the owner decrypts it with UnwrapDataKey)."""
+        record = self.describe(tenant_id, artifact_id)
+        if record.state == SHREDDED:
+            self._data_key(record)  # raises the clear TENANT_SHREDDED error
+        return record, self.blobs.read(record.blob_key)
+
+    def unwrap_data_key(self, tenant_id: str, artifact_id: str) -> tuple[ArtifactRecord, bytes]:
+        record = self.describe(tenant_id, artifact_id)
+        return record, self._data_key(record)
+
+    def list(self, tenant_id: str, kind: int, session_id: str, offset: int, limit: int) -> list[ArtifactRecord]:
+        return self.store.list_artifacts(tenant_id, kind, session_id, offset, limit)
+
+    def delete(self, tenant_id: str, artifact_id: str) -> None:
+        record = self.describe(tenant_id, artifact_id)
+        if self.store.delete_artifact(tenant_id, artifact_id):
+            self.blobs.delete(record.blob_key)
+
+    # -- key lifecycle -----------------------------------------------------------------------------
+    def key_info(self, tenant_id: str) -> KekInfo:
+        with self.store.engine.connect() as conn:
+            row = self.store.tenant(conn, tenant_id)
+            if row is None:
+                raise NotFound("tenant key", tenant_id)
+            counts = self.store.wrapped_counts(conn, tenant_id)
+            versions = [(r.version, r.state, counts.get(r.version, 0), r.created_at)
+                        for r in self.store.kek_rows(conn, tenant_id)]
+        return KekInfo(tenant_id, row.key_id, row.current_version, versions, row.shredded_at)
+
+    def rotate(self, tenant_id: str) -> tuple[KekInfo, int]:
+        """New KEK version; every data key is rewrapped under it (the data is not re-encrypted).
+        Versions that no longer wrap any data key are destroyed."""
+        self._active_kek(tenant_id)  # creates the tenant's first KEK if needed; refuses a shredded tenant
+        with self._tenant_lock, self.store.engine.begin() as conn:
+            row = self.store.tenant(conn, tenant_id)
+            old_keks = {r.version: r.wrapped_kek for r in self.store.kek_rows(conn, tenant_id)}
+            new_version = row.current_version + 1
+            new_kek = os.urandom(KEY_BYTES)
+            self.store.add_kek_version(conn, tenant_id, new_version,
+                                       self.master.wrap(new_kek, kek_aad(tenant_id, new_version)))
+            unwrapped: dict[int, bytes] = {}
+            rewrapped = 0
+            rows = conn.execute(sa.select(artifacts.c.artifact_id, artifacts.c.kek_version, artifacts.c.wrapped_dek)
+                                .where(sa.and_(artifacts.c.tenant_id == tenant_id,
+                                               artifacts.c.wrapped_dek.is_not(None)))).all()
+            for art_id, version, wrapped_dek in rows:
+                if version not in unwrapped:
+                    unwrapped[version] = self._unwrap_kek(tenant_id, version, old_keks.get(version))
+                dek = aead_unwrap(unwrapped[version], wrapped_dek, dek_aad(tenant_id, art_id, version))
+                conn.execute(artifacts.update().where(artifacts.c.artifact_id == art_id).values(
+                    kek_version=new_version, wrapped_dek=aead_wrap(new_kek, dek, dek_aad(tenant_id, art_id,
+                                                                                         new_version))))
+                rewrapped += 1
+            counts = self.store.wrapped_counts(conn, tenant_id)
+            for version in old_keks:
+                if counts.get(version, 0) == 0:
+                    self.store.destroy_kek(conn, tenant_id, version)
+        return self.key_info(tenant_id), rewrapped
+
+    def shred(self, tenant_id: str, confirm_tenant_id: str) -> tuple[KekInfo, int]:
+        """Destroy every KEK version of the tenant: all its artifacts become unreadable for good."""
+        if confirm_tenant_id != tenant_id:
+            raise InvalidArgument("confirm_tenant_id", "must equal your tenant id: shredding cannot be undone")
+        with self._tenant_lock, self.store.engine.begin() as conn:
+            row = self.store.tenant(conn, tenant_id)
+            if row is None:
+                self.store.add_tenant(conn, tenant_id, "kek_" + secrets.token_hex(8), b"")
+            for r in self.store.kek_rows(conn, tenant_id):
+                if r.state != DESTROYED:
+                    self.store.destroy_kek(conn, tenant_id, r.version)
+            conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(shredded_at=time.time()))
+            res = conn.execute(artifacts.update().where(artifacts.c.tenant_id == tenant_id)
+                               .values(wrapped_dek=None, state=SHREDDED))
+            count = res.rowcount or 0
+        return self.key_info(tenant_id), count
+

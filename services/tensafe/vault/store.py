@@ -1,0 +1,144 @@
+"""The vault's SQL records: tenants' KEK versions and artifact metadata (with wrapped DEKs only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+tenants = sa.Table(
+    "vault_tenants", metadata,
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("current_version", sa.Integer, nullable=False),
+    sa.Column("shredded_at", sa.Float, nullable=True),
+)
+keks = sa.Table(
+    "vault_keks", metadata,
+    sa.Column("tenant_id", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("wrapped_kek", sa.LargeBinary, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("destroyed_at", sa.Float, nullable=True),
+)
+artifacts = sa.Table(
+    "vault_artifacts", metadata,
+    sa.Column("artifact_id", sa.String(64), primary_key=True),
+    sa.Column("tenant_id", sa.String(128), nullable=False),
+    sa.Column("kind", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("content_type", sa.String(128), nullable=False),
+    sa.Column("session_id", sa.String(64), nullable=False),
+    sa.Column("metadata_json", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("plaintext_sha256", sa.LargeBinary, nullable=False),
+    sa.Column("stored_size", sa.BigInteger, nullable=False),
+    sa.Column("format_version", sa.Integer, nullable=False),
+    sa.Column("segment_size", sa.Integer, nullable=False),
+    sa.Column("kek_version", sa.Integer, nullable=False),
+    sa.Column("wrapped_dek", sa.LargeBinary, nullable=True),
+    sa.Column("blob_key", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
+AVAILABLE, SHREDDED = "available", "shredded"
+
+
+@dataclass
+class ArtifactRecord:
+    artifact_id: str
+    tenant_id: str
+    kind: int
+    name: str
+    content_type: str
+    session_id: str
+    metadata: dict[str, Any]
+    size_bytes: int
+    plaintext_sha256: bytes
+    stored_size: int
+    format_version: int
+    segment_size: int
+    kek_version: int
+    wrapped_dek: bytes | None
+    blob_key: str
+    state: str
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: Any) -> ArtifactRecord:
+        m = row._mapping
+        return cls(**{k: m[k] for k in m.keys() if k != "metadata_json"}, metadata=json.loads(m["metadata_json"]))
+
+    def values(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "metadata"}
+        out["metadata_json"] = json.dumps(self.metadata, sort_keys=True)
+        return out
+
+
+class VaultStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def tenant(self, conn: Connection, tenant_id: str) -> Any:
+        return conn.execute(sa.select(tenants).where(tenants.c.tenant_id == tenant_id)).first()
+
+    def kek_rows(self, conn: Connection, tenant_id: str) -> list[Any]:
+        return list(conn.execute(sa.select(keks).where(keks.c.tenant_id == tenant_id).order_by(keks.c.version)))
+
+    def add_tenant(self, conn: Connection, tenant_id: str, key_id: str, wrapped_kek: bytes) -> None:
+        conn.execute(tenants.insert().values(tenant_id=tenant_id, key_id=key_id, current_version=1, shredded_at=None))
+        conn.execute(keks.insert().values(tenant_id=tenant_id, version=1, wrapped_kek=wrapped_kek, state=ACTIVE,
+                                          created_at=time.time(), destroyed_at=None))
+
+    def add_kek_version(self, conn: Connection, tenant_id: str, version: int, wrapped_kek: bytes) -> None:
+        conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.state == ACTIVE))
+                     .values(state=RETIRED))
+        conn.execute(keks.insert().values(tenant_id=tenant_id, version=version, wrapped_kek=wrapped_kek,
+                                          state=ACTIVE, created_at=time.time(), destroyed_at=None))
+        conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(current_version=version))
+
+    def destroy_kek(self, conn: Connection, tenant_id: str, version: int) -> None:
+        conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.version == version))
+                     .values(wrapped_kek=None, state=DESTROYED, destroyed_at=time.time()))
+
+    def wrapped_counts(self, conn: Connection, tenant_id: str) -> dict[int, int]:
+        query = (sa.select(artifacts.c.kek_version, sa.func.count())
+                 .where(sa.and_(artifacts.c.tenant_id == tenant_id, artifacts.c.wrapped_dek.is_not(None)))
+                 .group_by(artifacts.c.kek_version))
+        rows = conn.execute(query)
+        return {int(v): int(n) for v, n in rows}
+
+    def insert_artifact(self, record: ArtifactRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(artifacts.insert().values(**record.values()))
+
+    def get_artifact(self, tenant_id: str, artifact_id: str) -> ArtifactRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(artifacts).where(sa.and_(
+                artifacts.c.artifact_id == artifact_id, artifacts.c.tenant_id == tenant_id))).first()
+        return ArtifactRecord.from_row(row) if row else None
+
+    def list_artifacts(self, tenant_id: str, kind: int, session_id: str, offset: int, limit: int
+                       ) -> list[ArtifactRecord]:
+        query = sa.select(artifacts).where(artifacts.c.tenant_id == tenant_id)
+        if kind:
+            query = query.where(artifacts.c.kind == kind)
+        if session_id:
+            query = query.where(artifacts.c.session_id == session_id)
+        query = query.order_by(artifacts.c.created_at, artifacts.c.artifact_id).offset(offset).limit(limit)
+        with self.engine.connect() as conn:
+            return [ArtifactRecord.from_row(r) for r in conn.execute(query)]
+
+    def delete_artifact(self, tenant_id: str, artifact_id: str) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(artifacts.delete().where(sa.and_(
+                artifacts.c.artifact_id == artifact_id, artifacts.c.tenant_id == tenant_id)))
+            return bool(res.rowcount)

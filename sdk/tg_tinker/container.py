@@ -190,7 +190,11 @@ class ContainerReader:
     :class:`IntegrityError` on any tampering.
     """
 
-    def __init__(self, data_key: bytes, tenant_id: str | None = None, artifact_id: str | None = None) -> None:
+    def __init__(self, data_key: bytes, tenant_id: str | None = None, artifact_id: str | None = None, *,
+                 digest: bool = True) -> None:
+        """``digest=False`` skips the plaintext SHA-256 (``plaintext_sha256`` stays None): the AEAD tags and
+        the STREAM nonces already authenticate every byte, its order and the end, so a reader that does not
+        need the digest saves the hashing, the slowest step of decryption."""
         _check_key(data_key)
         self._data_key = data_key
         self._expected_tenant = tenant_id
@@ -199,7 +203,7 @@ class ContainerReader:
         self.header: ContainerHeader | None = None
         self._open: _SegmentCipher | None = None
         self._pending = _Pieces()
-        self._digest = _PlaintextDigest()
+        self._digest = _PlaintextDigest() if digest else _PlaintextSize()
         self._done = False
         self.plaintext_sha256: bytes | None = None
         self.plaintext_size: int | None = None
@@ -338,7 +342,8 @@ def decrypt_chunks(chunks: Iterable[bytes | bytearray | memoryview], data_key: b
     """
     reader = ContainerReader(data_key, tenant_id, artifact_id)
     for chunk in chunks:
-        yield from _sliced(reader.update, chunk, DEFAULT_SEGMENT_SIZE)
+        block = reader.header.segment_size + TAG_SIZE if reader.header is not None else DEFAULT_SEGMENT_SIZE
+        yield from _sliced(reader.update, chunk, block)
     final = reader.finalize()
     if final:
         yield final
@@ -495,6 +500,22 @@ class _PlaintextDigest:
     def _drain(self, keep: int) -> None:
         while len(self._queued) > keep:
             self._queued.popleft().result()
+
+
+class _PlaintextSize:
+    """Counts the plaintext without hashing it (a reader built with ``digest=False``)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+
+    def digest(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _parse_header(buf: memoryview, artifact_id: str | None) -> tuple[ContainerHeader, int] | None:

@@ -35,6 +35,7 @@ def test_put_get_pull_and_local_decrypt(stack) -> None:
         info = client.artifacts.put(data, kind="other", name="notes", metadata={"epoch": 3, "ok": True})
         assert info.size_bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
         assert info.encryption.algorithm == "AES-256-GCM" and info.metadata == {"epoch": 3, "ok": True}
+        assert info.encryption.key_id.startswith("kek_") and info.encryption.kek_version == 1
         assert client.get_artifact(info.artifact_id) == data
         container = client.pull_artifact(info.artifact_id)
         assert len(container) == info.stored_size_bytes and MARKER not in container

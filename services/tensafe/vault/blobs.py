@@ -20,7 +20,7 @@ class BlobWriter(Protocol):
 class BlobStore(Protocol):
     def open_writer(self, key: str) -> BlobWriter: ...
 
-    def read(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]: ...
+    def read(self, key: str, chunk_size: int = 1 << 20, first: int | None = None) -> Iterator[bytes]: ...
 
     def delete(self, key: str) -> None: ...
 
@@ -74,8 +74,12 @@ class LocalBlobStore:
     def open_writer(self, key: str) -> _LocalWriter:
         return _LocalWriter(self.path_of(key), self.tmp / f"{key}.{secrets.token_hex(4)}.part")
 
-    def read(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        with open(self.path_of(key), "rb") as fh:
+    def read(self, key: str, chunk_size: int = 1 << 20, first: int | None = None) -> Iterator[bytes]:
+        """Chunks of ``chunk_size`` bytes, after a first chunk of ``first`` bytes if given (so that a
+        reader can align chunks with the container's segments and decrypt without copying)."""
+        with open(self.path_of(key), "rb", buffering=0) as fh:
+            if first:
+                yield fh.read(first)
             while chunk := fh.read(chunk_size):
                 yield chunk
 

@@ -36,13 +36,13 @@ def encryption_info(record: ArtifactRecord, key_id: str = "") -> common_pb2.Encr
                                      segment_size=record.segment_size)
 
 
-def artifact_proto(record: ArtifactRecord) -> vault_pb2.Artifact:
+def artifact_proto(record: ArtifactRecord, key_id: str = "") -> vault_pb2.Artifact:
     meta = struct_pb2.Struct()
     meta.update(record.metadata)
     return vault_pb2.Artifact(
         artifact_id=record.artifact_id, tenant_id=record.tenant_id, kind=record.kind, name=record.name,
         size_bytes=record.size_bytes, plaintext_sha256=record.plaintext_sha256, create_time=_ts(record.created_at),
-        encryption=encryption_info(record), metadata=meta, content_type=record.content_type,
+        encryption=encryption_info(record, key_id), metadata=meta, content_type=record.content_type,
         session_id=record.session_id, stored_size_bytes=record.stored_size,
         state=vault_pb2.ARTIFACT_STATE_SHREDDED if record.state == SHREDDED else vault_pb2.ARTIFACT_STATE_AVAILABLE)
 
@@ -77,31 +77,33 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     raise InvalidArgument("header", "only the first message may be a header")
                 yield msg.chunk
 
-        record = self.vault.put(context.current_tenant(), header, chunks())
-        return vault_pb2.PutArtifactResponse(artifact=artifact_proto(record))
+        tenant = context.current_tenant()
+        record = self.vault.put(tenant, header, chunks())
+        return vault_pb2.PutArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(tenant)))
 
     def GetArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
         record, plaintext = self.vault.read(context.current_tenant(), request.artifact_id)
-        yield vault_pb2.GetArtifactResponse(artifact=artifact_proto(record))
+        yield vault_pb2.GetArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in plaintext:
             yield vault_pb2.GetArtifactResponse(chunk=chunk)
 
     def PullArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
         record, stored = self.vault.pull(context.current_tenant(), request.artifact_id)
-        yield vault_pb2.PullArtifactResponse(artifact=artifact_proto(record))
+        yield vault_pb2.PullArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in stored:
             yield vault_pb2.PullArtifactResponse(chunk=chunk)
 
     def DescribeArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
         record = self.vault.describe(context.current_tenant(), request.artifact_id)
-        return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record))
+        return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
 
     def ListArtifacts(self, request, ctx):  # noqa: N802, ANN001, ANN201
         offset = int(request.page_token) if request.page_token.isdigit() else 0
         size = min(request.page_size if request.page_size > 0 else 100, 1000)
         records = self.vault.list(context.current_tenant(), request.kind, request.session_id, offset, size + 1)
         token = str(offset + size) if len(records) > size else ""
-        return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r) for r in records[:size]],
+        key_id = self.vault.key_id(context.current_tenant())
+        return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r, key_id) for r in records[:size]],
                                                next_page_token=token)
 
     def DeleteArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
@@ -111,7 +113,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     def UnwrapDataKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
         record, dek = self.vault.unwrap_data_key(context.current_tenant(), request.artifact_id)
         return vault_pb2.UnwrapDataKeyResponse(artifact_id=record.artifact_id, data_key=dek,
-                                               encryption=encryption_info(record))
+                                               encryption=encryption_info(record, self.vault.key_id(record.tenant_id)))
 
     def RotateTenantKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
         info, count = self.vault.rotate(context.current_tenant())

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import free_port
 from tensafe.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime import context as call_context
 from tensafe.runtime.bootstrap import initialise_data_dir
 from tensafe.runtime.config import ServerConfig
@@ -277,21 +278,21 @@ def test_metrics_and_trace_context(tmp_path) -> None:
     metrics_port = free_port()
     config = dataclasses.replace(make_config(tmp_path, {}), metrics_port=metrics_port)
     api_key, _ = initialise_data_dir(config)
-    server = TensafeServer(config, ["ledger"])
+    server = TensafeServer(config, ["vault"])
     server.start()
     try:
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
         traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            stub = vault_pb2_grpc.VaultServiceStub(channel)
             with pytest.raises(grpc.RpcError) as err:
-                stub.ListEntries(ledger_pb2.ListEntriesRequest(), metadata=(
+                stub.DescribeArtifact(vault_pb2.DescribeArtifactRequest(artifact_id="art_missing"), metadata=(
                     ("authorization", f"Bearer {api_key}"), ("traceparent", traceparent)))
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        spans = [s for s in exporter.get_finished_spans() if "ListEntries" in s.name]
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        spans = [s for s in exporter.get_finished_spans() if "DescribeArtifact" in s.name]
         assert spans and format(spans[0].context.trace_id, "032x") == trace_id
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert 'tensafe_grpc_requests_total{code="UNIMPLEMENTED",method="ListEntries",service="ledger"}' in body
+        assert 'tensafe_grpc_requests_total{code="NOT_FOUND",method="DescribeArtifact",service="vault"}' in body
         assert "tensafe_grpc_latency_seconds_bucket" in body
     finally:
         server.stop(0)

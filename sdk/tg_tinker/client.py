@@ -14,6 +14,7 @@ from .errors import ConflictError, ValidationError
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactInfo, Artifacts
+    from .audit import AuditRecord, AuditTrail
     from .configs import TrainingConfig
     from .training import TrainingClient
 
@@ -35,6 +36,7 @@ class ServiceClient:
         self.config = ClientConfig.resolve(api_key=api_key, base_url=base_url, tenant_id=tenant_id,
                                            timeout=timeout, retry_count=retry_count, endpoints=endpoints)
         self._transport = Transport(self.config)
+        self._audit: AuditTrail | None = None
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -133,6 +135,18 @@ class ServiceClient:
 
     def delete_artifact(self, artifact_id: str) -> None:
         self.artifacts.delete(artifact_id)
+
+    # -- the audit ledger ---------------------------------------------------------------------------
+    def get_audit_logs(self, *, action: str = "", resource_id: str = "", service: str = "", limit: int = 1000,
+                       vkey: str | None = None) -> list[AuditRecord]:
+        """Your tenant's audit entries, each verified by its inclusion proof against a signed checkpoint;
+        the client remembers the last checkpoint and checks that the next one extends it.
+        ``vkey`` (or TS_LEDGER_VKEY) is the ledger's verifier key, from `tensafe ledger vkey`."""
+        from .audit import AuditTrail
+
+        if self._audit is None or (vkey and vkey not in [v.vkey for v in self._audit.verifier.verifiers]):
+            self._audit = AuditTrail(self._transport, vkey)
+        return self._audit.entries(action=action, resource_id=resource_id, service=service, limit=limit)
 
     # Used by the higher-level clients (training, sampling, artifacts) in this package.
     def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None) -> Any:

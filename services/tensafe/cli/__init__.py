@@ -106,6 +106,32 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_vkey(args: argparse.Namespace) -> int:
+    from tensafe.ledger.servicer import load_signer
+
+    print(load_signer(_config(args)).vkey)
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from tensafe.ledger.servicer import load_signer
+    from tensafe.ledger.verify import verify_log
+    from tensafe.runtime.db import create_engine
+    from tg_tinker.transparency import NoteVerifier
+
+    config = _config(args)
+    verifier = NoteVerifier.from_vkey(args.vkey) if args.vkey else load_signer(config).verifier()
+    url = args.url or config.service_db_url("ledger")
+    engine = create_engine(url, schema=f"{config.db_schema_prefix}ledger")
+    report = verify_log(engine, verifier, config.ledger_origin)
+    engine.dispose()
+    if not report.ok:
+        print(f"FAILED after {report.entries} entries: {report.problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {report.entries} entries, {report.checkpoints} signed checkpoints, all consistent")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst = with_data_dir(keys.add_parser("list", help="list API keys"))
     lst.add_argument("--tenant")
     lst.set_defaults(func=cmd_keys_list)
+
+    ledger = sub.add_parser("ledger", help="the audit ledger").add_subparsers(dest="ledger_command", required=True)
+    verify = with_data_dir(ledger.add_parser("verify", help="recompute the log and check every signed checkpoint"))
+    verify.add_argument("--url", help="the ledger's database URL (default: from the data dir / configuration)")
+    verify.add_argument("--vkey", help="the log's verifier key (default: derived from the data dir's signing key)")
+    verify.set_defaults(func=cmd_ledger_verify)
+    with_data_dir(ledger.add_parser("vkey", help="print the verifier key that checks the ledger's checkpoints")
+                  ).set_defaults(func=cmd_ledger_vkey)
     return parser
 
 

@@ -1,17 +1,100 @@
-"""gRPC adapter of the ledger service.
+"""gRPC adapter of the ledger."""
 
-Until issue #5 (audit ledger) lands, every RPC of LedgerService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.ledger.v1 import ledger_pb2_grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import timestamp_pb2
+
+from tensafe.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tensafe.runtime import context
+from tensafe.runtime.bootstrap import SYSTEM_TENANT
+from tensafe.runtime.config import ServerConfig
+from tensafe.runtime.errors import PermissionDenied
 from tensafe.runtime.registry import ServiceEnvironment
+from tg_tinker.transparency import NoteSigner
+
+from .log import MerkleLog
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def checkpoint_proto(row: tuple[int, bytes, str, float], origin: str) -> ledger_pb2.Checkpoint:
+    size, root, note, created = row
+    return ledger_pb2.Checkpoint(origin=origin, tree_size=size, root_hash=root, signed_note=note,
+                                 create_time=_ts(created))
+
+
+def load_signer(config: ServerConfig) -> NoteSigner:
+    path = config.ledger_key_path()
+    if not path.exists():
+        raise FileNotFoundError(f"ledger signing key {path} is missing: run `tensafe init` or set "
+                                "TENSAFE_LEDGER_KEY_FILE")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return NoteSigner(config.ledger_origin, key)
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, log: MerkleLog) -> None:
+        self.log = log
+
+    def AppendEntries(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        if context.current_tenant() != SYSTEM_TENANT:
+            raise PermissionDenied("only TenSafe's services append to the ledger", reason="PERMISSION_DENIED")
+        appended, size = self.log.append(list(request.entries))
+        return ledger_pb2.AppendEntriesResponse(
+            entries=[ledger_pb2.AppendedEntry(entry_id=a.entry_id, index=a.index, duplicate=a.duplicate)
+                     for a in appended], tree_size=size)
+
+    def ListEntries(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        after = int(request.page_token) if request.page_token.lstrip("-").isdigit() else -1
+        size = min(request.page_size if request.page_size > 0 else 100, 1000)
+        rows = self.log.entries(
+            context.current_tenant(),
+            start=request.start_time.ToNanoseconds() / 1e9 if request.HasField("start_time") else None,
+            end=request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else None,
+            action=request.action, resource_id=request.resource_id, service=request.service,
+            after_index=after, limit=size + 1)
+        page = rows[:size]
+        return ledger_pb2.ListEntriesResponse(
+            entries=[ledger_pb2.LedgerEntry(index=i, entry=ledger_pb2.AuditEntry.FromString(data), leaf_hash=h)
+                     for i, data, h in page],
+            next_page_token=str(page[-1][0]) if len(rows) > size else "")
+
+    def GetLatestCheckpoint(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return ledger_pb2.GetLatestCheckpointResponse(
+            checkpoint=checkpoint_proto(self.log.latest_checkpoint(), self.log.origin))
+
+    def GetCheckpoint(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return ledger_pb2.GetCheckpointResponse(
+            checkpoint=checkpoint_proto(self.log.checkpoint(request.tree_size), self.log.origin))
+
+    def ListCheckpoints(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        after = int(request.page_token) if request.page_token.isdigit() else 0
+        size = min(request.page_size if request.page_size > 0 else 100, 1000)
+        rows = self.log.list_checkpoints(after, size + 1)
+        return ledger_pb2.ListCheckpointsResponse(
+            checkpoints=[checkpoint_proto(r, self.log.origin) for r in rows[:size]],
+            next_page_token=str(rows[size - 1][0]) if len(rows) > size else "")
+
+    def GetInclusionProof(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        leaf, proof = self.log.inclusion(context.current_tenant(), request.leaf_index, request.tree_size)
+        return ledger_pb2.GetInclusionProofResponse(leaf_index=request.leaf_index, tree_size=request.tree_size,
+                                                    leaf_hash=leaf, hashes=proof)
+
+    def GetConsistencyProof(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        proof = self.log.consistency(request.first_tree_size, request.second_tree_size)
+        return ledger_pb2.GetConsistencyProofResponse(first_tree_size=request.first_tree_size,
+                                                      second_tree_size=request.second_tree_size, hashes=proof)
 
 
 def create(env: ServiceEnvironment) -> LedgerServicer:
-    return LedgerServicer(env)
+    log = MerkleLog(env.db, load_signer(env.config), env.config.ledger_origin)
+    env.closers.append(log.close)
+    return LedgerServicer(log)

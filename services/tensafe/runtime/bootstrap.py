@@ -10,6 +10,8 @@ from .config import ServerConfig
 from .identity import KeyIssuer, KeyRegistry
 
 DEFAULT_TENANT = "default"
+# The services' own identity: the only tenant allowed to append audit entries.
+SYSTEM_TENANT = "tensafe-system"
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -34,6 +36,19 @@ def initialise_data_dir(config: ServerConfig) -> tuple[str, bool]:
     if not master_key_path(config).exists():
         _write_secret(master_key_path(config), secrets.token_bytes(32))
     issuer = KeyIssuer.load_or_create(config.signing_key_path(), config.public_key_path())
+    if not config.ledger_key_path().exists():
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        config.ledger_key_path().parent.mkdir(parents=True, exist_ok=True)
+        _write_secret(config.ledger_key_path(), Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    service_key_file = data_dir / "service_key"
+    if not service_key_file.exists():
+        registry = KeyRegistry.from_config(config)
+        _, service_key = registry.create_key(issuer, SYSTEM_TENANT, "services: audit delivery")
+        registry.engine.dispose()
+        _write_secret(service_key_file, (service_key + "\n").encode())
     key_file = data_dir / "api_key"
     if key_file.exists():
         return key_file.read_text().strip(), False

@@ -40,6 +40,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_MASTER_KEY_FILE", "master_key_file", str, "", "Vault master key: a file of 32 random bytes, mode 0600; empty means `master.key` in the data dir (created by `tensafe up`)."),
     Setting("TENSAFE_MASTER_KEY", "master_key", str, "", "Vault master key as base64 (32 bytes), instead of a file; wins over the file."),
     Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs; empty means `blobs` in the data dir."),
+    Setting("TENSAFE_LEDGER_KEY_FILE", "ledger_key_file", str, "", "Ed25519 key that signs ledger checkpoints; empty means `keys/ledger.key` in the data dir (created by `tensafe up`)."),
+    Setting("TENSAFE_LEDGER_ORIGIN", "ledger_origin", str, "tensafe.local/ledger", "Origin line (log name) of the ledger's signed checkpoints."),
+    Setting("TENSAFE_SERVICE_API_KEY", "service_api_key", str, "", "The services' own API key for writing audit entries; empty means the `service_key` file in the data dir."),
     Setting("TENSAFE_HOST", "host", str, "127.0.0.1", "Address the gRPC server binds to."),
     Setting("TENSAFE_PORT", "port", int, 50051, "gRPC port (`tensafe up`, or the service of `tensafe serve`)."),
     Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
@@ -91,6 +94,9 @@ class ServerConfig:
     master_key_file: str
     master_key: str
     blob_dir: str
+    ledger_key_file: str
+    ledger_origin: str
+    service_api_key: str
     host: str
     port: int
     metrics_port: int
@@ -173,6 +179,16 @@ class ServerConfig:
 
     def public_key_path(self) -> Path:
         return Path(self.auth_public_key_file) if self.auth_public_key_file else self.data_dir / "keys" / "issuer.pub"
+
+    def ledger_key_path(self) -> Path:
+        return Path(self.ledger_key_file) if self.ledger_key_file else self.data_dir / "keys" / "ledger.key"
+
+    def service_key(self) -> str:
+        """The API key services use to append audit entries (tenant ``tensafe-system``)."""
+        if self.service_api_key:
+            return self.service_api_key
+        path = self.data_dir / "service_key"
+        return path.read_text().strip() if path.exists() else ""
 
     def signing_key_path(self) -> Path:
         return self.data_dir / "keys" / "issuer.key"

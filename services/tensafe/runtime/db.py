@@ -30,8 +30,11 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def create_engine(url: str, schema: str | None = None) -> Engine:
-    """An engine for ``url``; ``schema`` (PostgreSQL only) is created and put first on the search path."""
+def create_engine(url: str, schema: str | None = None, sqlite_synchronous: str = "NORMAL") -> Engine:
+    """An engine for ``url``; ``schema`` (PostgreSQL only) is created and put first on the search path.
+
+    SQLite runs in WAL mode; ``sqlite_synchronous`` FULL makes each commit durable against power loss
+    (NORMAL: against a process crash)."""
     url = normalise_url(url)
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -43,7 +46,7 @@ def create_engine(url: str, schema: str | None = None) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

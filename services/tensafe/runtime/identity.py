@@ -168,6 +168,7 @@ class KeyRegistry:
         with self.engine.begin() as conn:
             conn.execute(api_keys.insert().values(
                 key_id=key_id, tenant_id=tenant_id, description=description, created_at=now, revoked_at=None))
+            self._audit(conn, "identity.CreateKey", tenant_id, key_id)
         return ApiKeyRecord(key_id, tenant_id, description, now, None), issuer.issue(key_id, tenant_id)
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
@@ -177,7 +178,19 @@ class KeyRegistry:
                 raise NotFound("api key", key_id)
             if row.revoked_at is None:
                 conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(revoked_at=time.time()))
+                self._audit(conn, "identity.RevokeKey", row.tenant_id, key_id)
         return self.get(key_id)
+
+    @staticmethod
+    def _audit(conn: sa.Connection, action: str, tenant_id: str, key_id: str) -> None:
+        """Queue the ledger entry in the same transaction as the change (delivered by the server)."""
+        from .audit import SUCCESS, build_entry, outbox
+
+        entry = build_entry(service="identity", action=action, tenant_id=tenant_id, key_id="", outcome=SUCCESS,
+                            request_id="cli", resource=key_id, details={"via": "tensafe keys"})
+        entry.actor = "operator:cli"
+        conn.execute(outbox.insert().values(entry_id=entry.entry_id, payload=entry.SerializeToString(),
+                                            created_at=time.time()))
 
     def get(self, key_id: str) -> ApiKeyRecord:
         with self.engine.connect() as conn:

@@ -29,6 +29,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from . import context as call_context
+from .audit import AUDITED_READS, AuditOutbox, audit_digest, build_entry, outcome_for, resource_id
 from .errors import (
     NotImplementedYet,
     PermissionDenied,
@@ -81,6 +82,7 @@ class Call:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     tenant: str = "-"
+    key_id: str = ""
     error_reason: str = ""
 
 
@@ -141,6 +143,7 @@ class Authentication:
             raise PermissionDenied(f"this API key belongs to another tenant than {claimed!r}",
                                    reason="TENANT_MISMATCH")
         call.tenant = principal.tenant_id
+        call.key_id = principal.key_id
         return call_context.CallContext(principal, call.request_id, api_key, call.info.path)
 
 
@@ -193,17 +196,43 @@ class Idempotency:
         call.context.abort_with_status(rpc_status.to_status(status))
 
 
+class Auditing:
+    """One ledger entry per state-changing call (and per sensitive read), whatever its outcome."""
+
+    def __init__(self, outboxes: Mapping[str, AuditOutbox]) -> None:
+        self.outboxes = outboxes
+
+    def record(self, call: Call, request: Any, response: Any) -> None:
+        outbox = self.outboxes.get(call.info.service)
+        action = f"{call.info.service}.{call.info.name}"
+        if outbox is None or call.info.service == "ledger":
+            return
+        if call.info.read_only and action not in AUDITED_READS:
+            return
+        code = call.context.code() or grpc.StatusCode.OK
+        try:
+            outbox.record(build_entry(
+                service=call.info.service, action=action, tenant_id="" if call.tenant == "-" else call.tenant,
+                key_id=call.key_id, outcome=outcome_for(code, call.error_reason), request_id=call.request_id,
+                resource=resource_id(response, request), digest=audit_digest(request),
+                details={"code": code.name, **({"reason": call.error_reason} if call.error_reason else {})}))
+        except Exception:  # noqa: BLE001 - never fail the user's call because of the audit trail
+            log.exception("could not record the audit entry of %s", call.request_id)
+
+
 # -- the interceptor ---------------------------------------------------------------------
 
 
 class CallPipeline(grpc.ServerInterceptor):
     def __init__(self, verifier: KeyVerifier, limiter: TokenBucketLimiter,
-                 idempotency_stores: Mapping[str, IdempotencyStore], access_log: bool = True) -> None:
+                 idempotency_stores: Mapping[str, IdempotencyStore], access_log: bool = True,
+                 audit_outboxes: Mapping[str, AuditOutbox] | None = None) -> None:
         self.access_log = AccessLog(access_log)
         self.errors = ErrorTranslation()
         self.auth = Authentication(verifier)
         self.rate_limit = RateLimit(limiter)
         self.idempotency = Idempotency(idempotency_stores)
+        self.auditing = Auditing(audit_outboxes if audit_outboxes is not None else {})
 
     def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
         handler = continuation(handler_call_details)
@@ -241,6 +270,7 @@ class CallPipeline(grpc.ServerInterceptor):
 
     def _unary(self, info: MethodInfo, behavior, request, context):  # noqa: ANN001, ANN202
         call = self._begin(info, context)
+        response = None
         try:
             token = self._admit(call)
             try:
@@ -254,6 +284,7 @@ class CallPipeline(grpc.ServerInterceptor):
             self.errors.abort(call, exc)
         finally:
             self.access_log.finish(call)
+            self.auditing.record(call, request, response)
 
     def _streaming(self, info: MethodInfo, behavior, request, context) -> Iterator[Any]:  # noqa: ANN001
         call = self._begin(info, context)
@@ -271,4 +302,5 @@ class CallPipeline(grpc.ServerInterceptor):
             self.errors.abort(call, exc)
         finally:
             self.access_log.finish(call)
+            self.auditing.record(call, request, None)
 

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from sqlalchemy.engine import Engine
 
+from .audit import AuditOutbox
 from .config import SERVICE_NAMES, ServerConfig
 from .db import RUNTIME_VERSIONS, create_engine, migrate
 from .idempotency import IdempotencyStore
@@ -75,12 +76,14 @@ class ServiceUnit:
     servicer: Any
     env: ServiceEnvironment
     idempotency: IdempotencyStore
+    audit: AuditOutbox
 
     def register(self, server: grpc.Server) -> None:
         grpc_module = importlib.import_module(self.spec.proto_module + "_grpc")
         getattr(grpc_module, f"add_{self.spec.grpc_service}Servicer_to_server")(self.servicer, server)
 
     def close(self) -> None:
+        self.audit.stop()
         for close in reversed(self.env.closers):
             close()
         self.env.peers.close()
@@ -88,7 +91,9 @@ class ServiceUnit:
 
 
 def open_service_db(config: ServerConfig, spec: ServiceSpec) -> Engine:
-    engine = create_engine(config.service_db_url(spec.name), schema=f"{config.db_schema_prefix}{spec.name}")
+    # The ledger acknowledges an append only once it is on disk: SQLite syncs every commit there.
+    engine = create_engine(config.service_db_url(spec.name), schema=f"{config.db_schema_prefix}{spec.name}",
+                           sqlite_synchronous="FULL" if spec.name == "ledger" else "NORMAL")
     dirs = [RUNTIME_VERSIONS]
     if spec.migrations.is_dir():
         dirs.append(spec.migrations)
@@ -107,4 +112,5 @@ def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = Non
     servicer = getattr(importlib.import_module(module_name), func)(env)
     store = IdempotencyStore(env.db)
     store.purge_expired()
-    return ServiceUnit(spec, servicer, env, store)
+    audit = AuditOutbox(env.db, lambda: env.peers.channel("ledger"), config.service_key)
+    return ServiceUnit(spec, servicer, env, store, audit)

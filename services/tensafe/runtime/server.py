@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .audit import AuditOutbox
 from .config import ServerConfig
 from .idempotency import IdempotencyStore
 from .identity import KeyRegistry, KeyVerifier, load_public_key
@@ -55,15 +56,18 @@ class TensafeServer:
         self.service_names = list(service_names)
         setup_tracing(config.trace_exporter, "tensafe-" + "+".join(self.service_names))
         registry = KeyRegistry.from_config(config)
+        self.registry = registry
         self.verifier = KeyVerifier(load_public_key(config.public_key_path()), registry,
                                     config.auth_refresh_seconds)
         # Filled once the services exist (they need the bound port to find their peers).
         self._idempotency_stores: dict[str, IdempotencyStore] = {}
+        self._audit_outboxes: dict[str, AuditOutbox] = {}
         pipeline = CallPipeline(
             self.verifier,
             TokenBucketLimiter(config.rate_limit_rps, config.rate_limit_burst),
             self._idempotency_stores,
             access_log=config.access_log,
+            audit_outboxes=self._audit_outboxes,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tensafe-rpc"),
@@ -81,6 +85,14 @@ class TensafeServer:
             build_unit(n, config, local_endpoint=local, local_services=frozenset(self.service_names))
             for n in self.service_names]
         self._idempotency_stores.update({u.spec.name: u.idempotency for u in self.units})
+        # Key creations and revocations are queued in the identity database; the server that hosts the
+        # ledger delivers them.
+        self.identity_audit = None
+        if "ledger" in self.service_names:
+            ledger_unit = next(u for u in self.units if u.spec.name == "ledger")
+            self.identity_audit = AuditOutbox(registry.engine, lambda: ledger_unit.env.peers.channel("ledger"),
+                                              config.service_key)
+        self._audit_outboxes.update({u.spec.name: u.audit for u in self.units})
         for unit in self.units:
             unit.register(self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -104,6 +116,10 @@ class TensafeServer:
         self._server.start()
         for name in ("", *self.full_names):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for unit in self.units:
+            unit.audit.start()
+        if self.identity_audit is not None:
+            self.identity_audit.start()
         start_metrics_server(self.config.metrics_port, self.config.host)
         log.info("serving %s on %s:%d", ", ".join(self.service_names), self.config.host, self.port)
 
@@ -113,6 +129,11 @@ class TensafeServer:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        outboxes = [u.audit for u in self.units] + ([self.identity_audit] if self.identity_audit else [])
+        for outbox in outboxes:  # while the ledger still answers
+            outbox.flush()
+        if self.identity_audit is not None:
+            self.identity_audit.stop()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping: draining calls in flight for up to %.0fs", grace)
         self._server.stop(grace).wait()

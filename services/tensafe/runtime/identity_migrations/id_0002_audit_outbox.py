@@ -1,0 +1,26 @@
+"""Audit entries of key creation and revocation, written with the change itself.
+
+Revision ID: id_0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "id_0002"
+down_revision = "id_0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "audit_outbox",
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("entry_id", sa.String(64), nullable=False, unique=True),
+        sa.Column("payload", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("audit_outbox")

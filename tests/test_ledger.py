@@ -173,3 +173,31 @@ def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path) -> None:
         client.close()
         vault.stop()
         ledger.stop()
+
+
+def test_checkpoints_can_carry_several_signatures(tmp_path) -> None:
+    """Key rotation: with two keys configured, clients holding either verifier key accept the log."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from conftest import start_stack
+
+    old = start_stack(tmp_path)
+    old_vkey = vkey(old)
+    assert old.process.stop() == 0
+    new_key = tmp_path / "ledger-new.key"
+    new_key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    new_key.chmod(0o600)
+    keys = f"{new_key},{old.data_dir / 'keys' / 'ledger.key'}"
+    s = start_stack(tmp_path, {"TENSAFE_LEDGER_KEY_FILE": keys}, data_dir=old.data_dir)
+    try:
+        new_vkey = vkey(s)
+        assert new_vkey != old_vkey
+        with s.client() as client:
+            client.artifacts.put(b"after rotation", name="r")
+            for key in (old_vkey, new_vkey):
+                assert wait_for(lambda k=key: [r.action for r in client.get_audit_logs(vkey=k)
+                                               if r.action == "vault.PutArtifact"])
+    finally:
+        s.process.stop()

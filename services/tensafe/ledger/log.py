@@ -27,6 +27,7 @@ from tg_tinker.transparency import (
     format_checkpoint,
     inclusion_proof,
     leaf_hash,
+    sign_note,
 )
 
 metadata = sa.MetaData()
@@ -90,9 +91,9 @@ class NodeReader:
 
 
 class MerkleLog:
-    def __init__(self, engine: Engine, signer: NoteSigner, origin: str) -> None:
+    def __init__(self, engine: Engine, signers: NoteSigner | list[NoteSigner], origin: str) -> None:
         self.engine = engine
-        self.signer = signer
+        self.signers = signers if isinstance(signers, list) else [signers]
         self.origin = origin
         with engine.connect() as conn:  # the right edge of the tree, kept in memory by the single writer
             self._range = CompactRange.from_store(self._size(conn), NodeReader(conn))
@@ -173,7 +174,7 @@ class MerkleLog:
                 conn.execute(leaves.insert(), rows)
                 conn.execute(nodes.insert(), [dict(level=lv, idx=ix, hash=h) for (lv, ix), h in fresh.items()])
                 root = tree.root()
-                note = self.signer.sign(format_checkpoint(self.origin, size, root))
+                note = sign_note(format_checkpoint(self.origin, size, root), self.signers)
                 conn.execute(checkpoints.insert().values(tree_size=size, root_hash=root, note=note,
                                                          created_at=time.time()))
         self._range = tree  # committed: the new right edge is the log's

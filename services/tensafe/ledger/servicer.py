@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import timestamp_pb2
@@ -29,15 +31,25 @@ def checkpoint_proto(row: tuple[int, bytes, str, float], origin: str) -> ledger_
                                  create_time=_ts(created))
 
 
+def load_signers(config: ServerConfig) -> list[NoteSigner]:
+    """Every configured signing key (TENSAFE_LEDGER_KEY_FILE may list several, comma-separated, to rotate
+    keys: checkpoints carry one signature per key while clients move to the new verifier key)."""
+    paths = [Path(p.strip()) for p in config.ledger_key_file.split(",") if p.strip()] or [config.ledger_key_path()]
+    signers = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"ledger signing key {path} is missing: run `tensafe init` or set "
+                                    "TENSAFE_LEDGER_KEY_FILE")
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        signers.append(NoteSigner(config.ledger_origin, key))
+    return signers
+
+
 def load_signer(config: ServerConfig) -> NoteSigner:
-    path = config.ledger_key_path()
-    if not path.exists():
-        raise FileNotFoundError(f"ledger signing key {path} is missing: run `tensafe init` or set "
-                                "TENSAFE_LEDGER_KEY_FILE")
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
-    return NoteSigner(config.ledger_origin, key)
+    """The first (current) signing key."""
+    return load_signers(config)[0]
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -95,6 +107,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
 
 def create(env: ServiceEnvironment) -> LedgerServicer:
-    log = MerkleLog(env.db, load_signer(env.config), env.config.ledger_origin)
+    log = MerkleLog(env.db, load_signers(env.config), env.config.ledger_origin)
     env.closers.append(log.close)
     return LedgerServicer(log)

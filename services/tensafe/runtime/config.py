@@ -40,7 +40,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_MASTER_KEY_FILE", "master_key_file", str, "", "Vault master key: a file of 32 random bytes, mode 0600; empty means `master.key` in the data dir (created by `tensafe up`)."),
     Setting("TENSAFE_MASTER_KEY", "master_key", str, "", "Vault master key as base64 (32 bytes), instead of a file; wins over the file."),
     Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs; empty means `blobs` in the data dir."),
-    Setting("TENSAFE_LEDGER_KEY_FILE", "ledger_key_file", str, "", "Ed25519 key that signs ledger checkpoints; empty means `keys/ledger.key` in the data dir (created by `tensafe up`)."),
+    Setting("TENSAFE_LEDGER_KEY_FILE", "ledger_key_file", str, "", "Ed25519 key(s) that sign ledger checkpoints (comma-separated to rotate: every key signs); empty means `keys/ledger.key` in the data dir."),
     Setting("TENSAFE_LEDGER_ORIGIN", "ledger_origin", str, "tensafe.local/ledger", "Origin line (log name) of the ledger's signed checkpoints."),
     Setting("TENSAFE_SERVICE_API_KEY", "service_api_key", str, "", "The services' own API key for writing audit entries; empty means the `service_key` file in the data dir."),
     Setting("TENSAFE_HOST", "host", str, "127.0.0.1", "Address the gRPC server binds to."),
@@ -181,7 +181,9 @@ class ServerConfig:
         return Path(self.auth_public_key_file) if self.auth_public_key_file else self.data_dir / "keys" / "issuer.pub"
 
     def ledger_key_path(self) -> Path:
-        return Path(self.ledger_key_file) if self.ledger_key_file else self.data_dir / "keys" / "ledger.key"
+        """The current (first) ledger signing key."""
+        first = self.ledger_key_file.split(",")[0].strip()
+        return Path(first) if first else self.data_dir / "keys" / "ledger.key"
 
     def service_key(self) -> str:
         """The API key services use to append audit entries (tenant ``tensafe-system``)."""

@@ -88,7 +88,8 @@ def tensafe_cmd(*args: str) -> list[str]:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_"))}
-    env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
+    env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
+                "TENSAFE_GRACE_SECONDS": "10"})
     env.update(extra)
     return env
 
@@ -101,7 +102,7 @@ class Process:
     def output(self) -> str:
         return self.log.read_text()
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

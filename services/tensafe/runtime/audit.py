@@ -125,6 +125,7 @@ class AuditOutbox:
                 return
 
     def stop(self) -> None:
+        """End background delivery (idempotent)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -142,7 +143,7 @@ class AuditOutbox:
             raise RuntimeError("no service API key (TENSAFE_SERVICE_API_KEY or <data dir>/service_key)")
         request = ledger_pb2.AppendEntriesRequest(entries=[ledger_pb2.AuditEntry.FromString(p) for _, p in rows])
         ledger_pb2_grpc.LedgerServiceStub(self._channel()).AppendEntries(
-            request, timeout=30, metadata=(("authorization", f"Bearer {key}"),))
+            request, timeout=5, metadata=(("authorization", f"Bearer {key}"),))
         with self.engine.begin() as conn:
             conn.execute(outbox.delete().where(outbox.c.seq <= rows[-1][0]))
         return len(rows)

@@ -130,10 +130,10 @@ class TensafeServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         outboxes = [u.audit for u in self.units] + ([self.identity_audit] if self.identity_audit else [])
-        for outbox in outboxes:  # while the ledger still answers
+        for outbox in outboxes:  # background delivery ends first, so only this thread delivers from here on
+            outbox.stop()
+        for outbox in outboxes:  # while the ledger still answers; what is left waits for the next start
             outbox.flush()
-        if self.identity_audit is not None:
-            self.identity_audit.stop()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping: draining calls in flight for up to %.0fs", grace)
         self._server.stop(grace).wait()
@@ -150,7 +150,15 @@ class TensafeServer:
 
         def _on_signal(signum, _frame):  # noqa: ANN001
             log.info("received %s", signal.Signals(signum).name)
-            threading.Thread(target=lambda: (self.stop(), done.set()), daemon=True).start()
+            def stop_then_exit() -> None:
+                try:
+                    self.stop()
+                except Exception:  # noqa: BLE001 - a failed clean-up must not keep the process alive
+                    log.exception("error while stopping")
+                finally:
+                    done.set()
+
+            threading.Thread(target=stop_then_exit, daemon=True).start()
 
         previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

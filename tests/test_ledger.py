@@ -141,14 +141,16 @@ def test_storage_refuses_rewrites_and_verify_names_the_edited_entry(stack) -> No
 
 
 @pytest.mark.slow
-def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path) -> None:
-    """Split form: the vault keeps auditing while the ledger is stopped; on restart every entry arrives once."""
+def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path, tiny_model) -> None:
+    """Split form: a training run goes on while the ledger is stopped; on restart every entry arrives once."""
+    from tg_tinker import LoRAConfig, TrainingConfig
+
     data_dir = tmp_path / "data"
-    env = base_env()
+    env = base_env(TENSAFE_MODEL_DIR=str(tiny_model.parent))
     init = subprocess.run(tensafe_cmd("init", "--data-dir", str(data_dir)), env=env, capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     api_key = init.stdout.strip().splitlines()[-1]
-    ports = {"vault": free_port(), "ledger": free_port()}
+    ports = {"trainer": free_port(), "vault": free_port(), "ledger": free_port()}
     env.update({f"TENSAFE_{s.upper()}_ENDPOINT": f"127.0.0.1:{p}" for s, p in ports.items()})
 
     def serve(name: str):  # noqa: ANN202
@@ -157,28 +159,41 @@ def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path) -> None:
         wait_serving(f"127.0.0.1:{ports[name]}", (name,), proc)
         return proc
 
-    vault, ledger = serve("vault"), serve("ledger")
+    procs = {name: serve(name) for name in ("trainer", "vault", "ledger")}
     client = ServiceClient(api_key=api_key, base_url="127.0.0.1:1", retry_count=0,
                            endpoints={s: f"127.0.0.1:{p}" for s, p in ports.items()})
+    batch = {"input_ids": [[1, 20, 30, 40, 50, 60]]}
     try:
-        client.artifacts.put(b"before", name="before")
-        assert ledger.stop() == 0
-        for i in range(20):  # the ledger is down: users are not blocked
-            client.artifacts.put(f"while down {i}".encode(), name=f"down{i}")
-        assert vault.stop() == 0  # and the vault restarts too: the outbox is on disk
-        vault, ledger = serve("vault"), serve("ledger")
+        tc = client.create_training_client(TrainingConfig(model_ref="tiny", seed=0, lora_config=LoRAConfig(rank=4)))
+        tc.forward_backward(batch)
+        tc.optim_step().result(timeout=60)
+        assert procs["ledger"].stop() == 0
+        for _ in range(10):  # the ledger is down: training is not blocked
+            tc.forward_backward(batch)
+            tc.optim_step().result(timeout=60)
+        ckpt = tc.save_state()  # trainer -> vault, both audited
+        assert procs["vault"].stop() == 0  # and the vault restarts too: its outbox is on disk
+        procs["vault"], procs["ledger"] = serve("vault"), serve("ledger")
         key = subprocess.run(tensafe_cmd("ledger", "vkey", "--data-dir", str(data_dir)), env=env,
                              capture_output=True, text=True, cwd=REPO).stdout.strip()
-        records = wait_for(lambda: (lambda r: r if len(r) >= 21 else None)(
-            client.get_audit_logs(vkey=key, action="vault.PutArtifact")), 30)
+
+        def complete():  # noqa: ANN202
+            records = client.get_audit_logs(vkey=key)
+            steps = [r for r in records if r.action == "trainer.OptimStep"]
+            saved = [r for r in records if r.action in ("trainer.SaveState", "vault.PutArtifact")]
+            return records if len(steps) >= 11 and len(saved) >= 2 else None
+
+        records = wait_for(complete, 30)
         assert records is not None
-        names = [r.resource_id for r in records]
-        assert len(names) == 21 == len(set(names))  # all of them, each once
+        steps = [r for r in records if r.action == "trainer.OptimStep"]
+        assert len(steps) == 11 and len({r.request_id for r in steps}) == 11  # all of them, each once
+        assert [r.resource_id for r in records if r.action == "vault.PutArtifact"] == [ckpt.artifact_id]
         assert [r.index for r in records] == sorted(r.index for r in records)
+        tc.close()
     finally:
         client.close()
-        vault.stop()
-        ledger.stop()
+        for proc in procs.values():
+            proc.stop()
 
 
 def test_checkpoints_can_carry_several_signatures(tmp_path) -> None:

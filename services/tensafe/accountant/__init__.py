@@ -1,1 +1,1 @@
-"""The accountant service. Its RPCs are filled in by issue #6 (privacy accounting)."""
+"""The accountant service: privacy budgets and the durable record of every DP step (docs/privacy.md)."""

@@ -1,17 +1,117 @@
-"""gRPC adapter of the accountant service.
+"""gRPC adapter of the accountant: messages in and out, the logic in service.py, the maths in accounting.py."""
 
-Until issue #6 (privacy accounting) lands, every RPC of AccountantService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.accountant.v1 import accountant_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from tensafe.api.accountant.v1 import accountant_pb2, accountant_pb2_grpc
+from tensafe.api.common.v1 import common_pb2
+from tensafe.runtime import context
+from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.registry import ServiceEnvironment
+
+from .service import Budgets, calibrate_noise, remaining
+from .store import ACTIVE, CLOSED, EXHAUSTED, AccountantStore, BudgetRecord, StepRecord
+
+_TYPES = {"pld": common_pb2.ACCOUNTANT_TYPE_PLD, "rdp": common_pb2.ACCOUNTANT_TYPE_RDP}
+_STATES = {ACTIVE: accountant_pb2.BUDGET_STATE_ACTIVE, EXHAUSTED: accountant_pb2.BUDGET_STATE_EXHAUSTED,
+           CLOSED: accountant_pb2.BUDGET_STATE_CLOSED}
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+
+def accountant_name(value: int, field: str = "accountant_type") -> str:
+    """The accountant an AccountantType asks for; UNSPECIFIED is PLD. PRV is refused, never replaced."""
+    if value == common_pb2.ACCOUNTANT_TYPE_UNSPECIFIED:
+        return "pld"
+    if value == common_pb2.ACCOUNTANT_TYPE_PRV:
+        raise InvalidArgument(field, "ACCOUNTANT_TYPE_PRV is not available: dp-accounting 0.6.0 has no PRV "
+                                     "accountant; use ACCOUNTANT_TYPE_PLD (the default, as tight) or "
+                                     "ACCOUNTANT_TYPE_RDP")
+    for name, enum in _TYPES.items():
+        if value == enum:
+            return name
+    raise InvalidArgument(field, f"unknown accountant type {value}; use ACCOUNTANT_TYPE_PLD or ACCOUNTANT_TYPE_RDP")
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def budget_proto(b: BudgetRecord) -> accountant_pb2.Budget:
+    return accountant_pb2.Budget(
+        budget_id=b.budget_id, tenant_id=b.tenant_id, session_id=b.session_id, target_epsilon=b.target_epsilon,
+        target_delta=b.target_delta, accountant_type=_TYPES[b.accountant], sample_rate=b.sample_rate,
+        spent_epsilon=b.spent_epsilon, remaining_epsilon=remaining(b), num_steps=b.num_steps,
+        state=_STATES[b.state], create_time=_ts(b.created_at), update_time=_ts(b.updated_at))
+
+
+def step_proto(s: StepRecord) -> accountant_pb2.StepRecord:
+    return accountant_pb2.StepRecord(budget_id=s.budget_id, step_id=s.step_id, noise_multiplier=s.noise_multiplier,
+                                     sample_rate=s.sample_rate, num_steps=s.num_steps, epsilon_after=s.epsilon_after,
+                                     record_time=_ts(s.recorded_at))
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int]:
+    if page_size < 0:
+        raise InvalidArgument("page_size", "must be >= 0")
+    if page_token and not page_token.isdigit():
+        raise InvalidArgument("page_token", "is not a token this service gave")
+    return (int(page_token) if page_token else 0), min(page_size or DEFAULT_PAGE, MAX_PAGE)
 
 
 class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+
+    def CreateBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record = self.budgets.create(context.current_tenant(), request.session_id, request.target_epsilon,
+                                     request.target_delta, accountant_name(request.accountant_type),
+                                     request.sample_rate)
+        return accountant_pb2.CreateBudgetResponse(budget=budget_proto(record))
+
+    def GetBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return accountant_pb2.GetBudgetResponse(budget=budget_proto(
+            self.budgets.get(context.current_tenant(), request.budget_id)))
+
+    def ListBudgets(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        offset, size = _page(request.page_size, request.page_token)
+        records = self.budgets.list(context.current_tenant(), request.session_id, offset, size + 1)
+        token = str(offset + size) if len(records) > size else ""
+        return accountant_pb2.ListBudgetsResponse(budgets=[budget_proto(r) for r in records[:size]],
+                                                  next_page_token=token)
+
+    def RecordStep(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        step, budget, duplicate = self.budgets.record_step(
+            context.current_tenant(), request.budget_id, request.step_id, request.noise_multiplier,
+            request.sample_rate if request.HasField("sample_rate") else None,
+            request.num_steps if request.HasField("num_steps") else None)
+        return accountant_pb2.RecordStepResponse(step=step_proto(step), budget=budget_proto(budget),
+                                                 duplicate=duplicate)
+
+    def ListSteps(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        after, size = _page(request.page_size, request.page_token)
+        records = self.budgets.list_steps(context.current_tenant(), request.budget_id, after, size + 1)
+        token = str(records[size - 1].seq) if len(records) > size else ""
+        return accountant_pb2.ListStepsResponse(steps=[step_proto(s) for s in records[:size]], next_page_token=token)
+
+    def GetEpsilon(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        report = self.budgets.epsilon(context.current_tenant(), request.budget_id,
+                                      request.delta if request.HasField("delta") else None)
+        return accountant_pb2.GetEpsilonResponse(epsilon=report.epsilon, delta=report.delta,
+                                                 num_steps=report.num_steps,
+                                                 accountant_type=_TYPES[report.accountant])
+
+    def CalibrateNoise(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        noise, epsilon = calibrate_noise(request.target_epsilon, request.target_delta, request.sample_rate,
+                                         request.num_steps, accountant_name(request.accountant_type))
+        return accountant_pb2.CalibrateNoiseResponse(noise_multiplier=noise, epsilon=epsilon)
+
+    def CloseBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return accountant_pb2.CloseBudgetResponse(budget=budget_proto(
+            self.budgets.close(context.current_tenant(), request.budget_id)))
 
 
 def create(env: ServiceEnvironment) -> AccountantServicer:
-    return AccountantServicer(env)
+    return AccountantServicer(Budgets(AccountantStore(env.db)))

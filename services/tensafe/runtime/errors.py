@@ -65,6 +65,13 @@ class FailedPrecondition(TensafeError):
     reason = "FAILED_PRECONDITION"
 
 
+class DPBudgetExceeded(TensafeError):
+    """The step would spend more privacy budget than the target epsilon allows (nothing was recorded)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "DP_BUDGET_EXCEEDED"
+
+
 class Unauthenticated(TensafeError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "API_KEY_INVALID"

@@ -91,9 +91,10 @@ class ServiceUnit:
 
 
 def open_service_db(config: ServerConfig, spec: ServiceSpec) -> Engine:
-    # The ledger acknowledges an append only once it is on disk: SQLite syncs every commit there.
+    # The ledger acknowledges an append, and the accountant a DP step, only once it is on disk: SQLite syncs
+    # every commit there.
     engine = create_engine(config.service_db_url(spec.name), schema=f"{config.db_schema_prefix}{spec.name}",
-                           sqlite_synchronous="FULL" if spec.name == "ledger" else "NORMAL")
+                           sqlite_synchronous="FULL" if spec.name in ("ledger", "accountant") else "NORMAL")
     dirs = [RUNTIME_VERSIONS]
     if spec.migrations.is_dir():
         dirs.append(spec.migrations)

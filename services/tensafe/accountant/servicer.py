@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
 from tensafe.api.accountant.v1 import accountant_pb2, accountant_pb2_grpc
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .service import Budgets, calibrate_noise, remaining
@@ -33,24 +32,18 @@ def accountant_name(value: int, field: str = "accountant_type") -> str:
     raise InvalidArgument(field, f"unknown accountant type {value}; use ACCOUNTANT_TYPE_PLD or ACCOUNTANT_TYPE_RDP")
 
 
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def budget_proto(b: BudgetRecord) -> accountant_pb2.Budget:
     return accountant_pb2.Budget(
         budget_id=b.budget_id, tenant_id=b.tenant_id, session_id=b.session_id, target_epsilon=b.target_epsilon,
         target_delta=b.target_delta, accountant_type=_TYPES[b.accountant], sample_rate=b.sample_rate,
         spent_epsilon=b.spent_epsilon, remaining_epsilon=remaining(b), num_steps=b.num_steps,
-        state=_STATES[b.state], create_time=_ts(b.created_at), update_time=_ts(b.updated_at))
+        state=_STATES[b.state], create_time=timestamp(b.created_at), update_time=timestamp(b.updated_at))
 
 
 def step_proto(s: StepRecord) -> accountant_pb2.StepRecord:
     return accountant_pb2.StepRecord(budget_id=s.budget_id, step_id=s.step_id, noise_multiplier=s.noise_multiplier,
                                      sample_rate=s.sample_rate, num_steps=s.num_steps, epsilon_after=s.epsilon_after,
-                                     record_time=_ts(s.recorded_at))
+                                     record_time=timestamp(s.recorded_at))
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:

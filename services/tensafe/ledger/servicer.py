@@ -6,29 +6,23 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf import timestamp_pb2
 
 from tensafe.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.bootstrap import SYSTEM_TENANT
 from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import PermissionDenied
+from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
 from tg_tinker.transparency import NoteSigner
 
 from .log import MerkleLog
 
 
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def checkpoint_proto(row: tuple[int, bytes, str, float], origin: str) -> ledger_pb2.Checkpoint:
     size, root, note, created = row
     return ledger_pb2.Checkpoint(origin=origin, tree_size=size, root_hash=root, signed_note=note,
-                                 create_time=_ts(created))
+                                 create_time=timestamp(created))
 
 
 def load_signers(config: ServerConfig) -> list[NoteSigner]:

@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.errors import TensafeError, to_rpc_status
+from tensafe.runtime.messages import timestamp
 
 PENDING = trainer_pb2.FUTURE_STATE_PENDING
 RUNNING = trainer_pb2.FUTURE_STATE_RUNNING
@@ -27,11 +28,7 @@ KEEP_FINISHED = 1000
 
 
 def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    return None if seconds is None else timestamp(seconds)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .blobs import LocalBlobStore
@@ -20,14 +21,6 @@ from .store import SHREDDED, ArtifactRecord, VaultStore
 _KEK_STATES = {"active": vault_pb2.KEK_STATE_ACTIVE, "retired": vault_pb2.KEK_STATE_RETIRED,
                "destroyed": vault_pb2.KEK_STATE_DESTROYED}
 CHUNK = 1 << 20
-
-
-def _ts(seconds: float):  # noqa: ANN202
-    from google.protobuf import timestamp_pb2
-
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def encryption_info(record: ArtifactRecord, key_id: str = "") -> common_pb2.EncryptionInfo:
@@ -41,7 +34,8 @@ def artifact_proto(record: ArtifactRecord, key_id: str = "") -> vault_pb2.Artifa
     meta.update(record.metadata)
     return vault_pb2.Artifact(
         artifact_id=record.artifact_id, tenant_id=record.tenant_id, kind=record.kind, name=record.name,
-        size_bytes=record.size_bytes, plaintext_sha256=record.plaintext_sha256, create_time=_ts(record.created_at),
+        size_bytes=record.size_bytes, plaintext_sha256=record.plaintext_sha256,
+        create_time=timestamp(record.created_at),
         encryption=encryption_info(record, key_id), metadata=meta, content_type=record.content_type,
         session_id=record.session_id, stored_size_bytes=record.stored_size,
         state=vault_pb2.ARTIFACT_STATE_SHREDDED if record.state == SHREDDED else vault_pb2.ARTIFACT_STATE_AVAILABLE)
@@ -52,9 +46,9 @@ def key_info_proto(info: KekInfo) -> vault_pb2.TenantKeyInfo:
                                   current_version=info.current_version, shredded=info.shredded_at is not None)
     for version, state, count, created in info.versions:
         msg.versions.add(version=version, state=_KEK_STATES[state], wrapped_key_count=count,
-                         create_time=_ts(created))
+                         create_time=timestamp(created))
     if info.shredded_at is not None:
-        msg.shred_time.CopyFrom(_ts(info.shredded_at))
+        msg.shred_time.CopyFrom(timestamp(info.shredded_at))
     return msg
 
 

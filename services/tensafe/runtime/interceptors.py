@@ -7,6 +7,8 @@
    must match the key's tenant; the caller is bound for the logic (``runtime.context``)
 5. rate limit    -- a token bucket per tenant
 6. idempotency   -- a state-changing unary call with ``x-idempotency-key`` is applied once
+7. audit         -- when the call ends, one ledger entry for every state-changing call, sensitive read
+   and refused request, written to the service's durable outbox (``runtime.audit``)
 
 Each stage is a small class below; :class:`CallPipeline` is the one gRPC interceptor
 that runs them, so that the same order holds for unary and streaming calls alike.

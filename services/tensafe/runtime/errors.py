@@ -72,6 +72,20 @@ class DPBudgetExceeded(TensafeError):
     reason = "DP_BUDGET_EXCEEDED"
 
 
+class IntegrityFailure(TensafeError):
+    """Stored bytes or a stored key record failed authentication; the message names the artifact."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "INTEGRITY_ERROR"
+
+
+class TenantShredded(TensafeError):
+    """The tenant's keys were destroyed: its artifacts can no longer be decrypted."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TENANT_SHREDDED"
+
+
 class Unauthenticated(TensafeError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "API_KEY_INVALID"

@@ -10,10 +10,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import sqlalchemy as sa
 
-from tensafe.runtime.errors import InvalidArgument, NotFound, TensafeError
+from tensafe.runtime.errors import IntegrityFailure, InvalidArgument, NotFound, TenantShredded
 from tg_tinker import errors as sdk_errors
 from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, TAG_SIZE, ContainerReader, ContainerWriter
 
@@ -24,16 +23,6 @@ from .store import AVAILABLE, DESTROYED, SHREDDED, ArtifactRecord, VaultStore, a
 ALGORITHM = "AES-256-GCM"
 MAX_NAME = 256
 MAX_METADATA_BYTES = 64 * 1024
-
-
-class IntegrityFailure(TensafeError):
-    code = grpc.StatusCode.DATA_LOSS
-    reason = "INTEGRITY_ERROR"
-
-
-class TenantShredded(TensafeError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "TENANT_SHREDDED"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_DATA_DIR", "data_dir", Path, Path(".tensafe"), "Data directory: SQLite files, keys, artifact blobs."),
     Setting("TENSAFE_MODEL_DIR", "model_dir", str, "", "Where the trainer and inference services look up model names; empty means `models` in the data dir."),
+    Setting("TENSAFE_INFERENCE_BACKEND", "inference_backend", str, "hf", "Backend of the inference service when a call names none: `hf` (transformers, CPU) or `vllm` (GPU; needs the `vllm` extra)."),
+    Setting("TENSAFE_VLLM_GPU_MEMORY_UTILIZATION", "vllm_gpu_memory_utilization", float, 0.9, "vllm backend: share of GPU memory vLLM may take."),
+    Setting("TENSAFE_VLLM_MAX_LORAS", "vllm_max_loras", int, 8, "vllm backend: adapters served at once per base model."),
+    Setting("TENSAFE_VLLM_MAX_LORA_RANK", "vllm_max_lora_rank", int, 64, "vllm backend: largest adapter rank accepted."),
     Setting("TENSAFE_MASTER_KEY_FILE", "master_key_file", str, "", "Vault master key: a file of 32 random bytes, mode 0600; empty means `master.key` in the data dir (created by `tensafe up`)."),
     Setting("TENSAFE_MASTER_KEY", "master_key", str, "", "Vault master key as base64 (32 bytes), instead of a file; wins over the file."),
     Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs; empty means `blobs` in the data dir."),
@@ -91,6 +95,10 @@ def _parse(setting: Setting, raw: str) -> Any:
 class ServerConfig:
     data_dir: Path
     model_dir: str
+    inference_backend: str
+    vllm_gpu_memory_utilization: float
+    vllm_max_loras: int
+    vllm_max_lora_rank: int
     master_key_file: str
     master_key: str
     blob_dir: str
@@ -162,6 +170,8 @@ class ServerConfig:
             raise ConfigError("TENSAFE_TLS_CLIENT_CA_FILE (mTLS) needs TENSAFE_TLS_CERT_FILE and TENSAFE_TLS_KEY_FILE")
         if self.trace_exporter not in ("none", "console", "otlp"):
             raise ConfigError(f"TENSAFE_TRACE_EXPORTER={self.trace_exporter!r}: use none, console or otlp")
+        if self.inference_backend not in ("hf", "vllm"):
+            raise ConfigError(f"TENSAFE_INFERENCE_BACKEND={self.inference_backend!r}: use hf or vllm")
         if self.workers < 2:
             raise ConfigError("TENSAFE_WORKERS must be at least 2")
 

@@ -109,28 +109,42 @@ class OperationCounts(_message.Message):
     def __init__(self, plaintext_multiplies: _Optional[int] = ..., additions: _Optional[int] = ..., rotations: _Optional[int] = ..., multiplicative_depth: _Optional[int] = ..., rescales: _Optional[int] = ...) -> None: ...
 
 class ComputeTimings(_message.Message):
-    __slots__ = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms")
+    __slots__ = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")
     DESERIALIZE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     SERIALIZE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     deserialize_ms: float
     compute_ms: float
     serialize_ms: float
     total_ms: float
-    def __init__(self, deserialize_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., serialize_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    load_ms: float
+    def __init__(self, deserialize_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., serialize_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class LayerDelta(_message.Message):
-    __slots__ = ("layer", "ciphertexts", "counts", "block_size")
+    __slots__ = ("layer", "ciphertexts", "counts", "block_size", "output_offset", "round")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     layer: str
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
     counts: OperationCounts
     block_size: int
-    def __init__(self, layer: _Optional[str] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    output_offset: int
+    round: int
+    def __init__(self, layer: _Optional[str] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., block_size: _Optional[int] = ..., output_offset: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class LayerInput(_message.Message):
+    __slots__ = ("layer", "ciphertexts")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, layer: _Optional[str] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class RegisterContextRequest(_message.Message):
     __slots__ = ("key_id", "public_context", "params")
@@ -240,26 +254,66 @@ class UnloadAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AppendInputRequest(_message.Message):
+    __slots__ = ("computation_id", "adapter_id", "layers", "num_tokens", "offset", "ciphertexts")
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    adapter_id: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    num_tokens: int
+    offset: int
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, computation_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., num_tokens: _Optional[int] = ..., offset: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class AppendInputResponse(_message.Message):
+    __slots__ = ("computation_id", "received", "complete", "counts", "timings")
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    received: int
+    complete: bool
+    counts: OperationCounts
+    timings: ComputeTimings
+    def __init__(self, computation_id: _Optional[str] = ..., received: _Optional[int] = ..., complete: _Optional[bool] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., timings: _Optional[_Union[ComputeTimings, _Mapping]] = ...) -> None: ...
+
 class ComputeDeltaRequest(_message.Message):
-    __slots__ = ("adapter_id", "layers", "packing", "ciphertexts", "num_tokens")
+    __slots__ = ("adapter_id", "layers", "packing", "ciphertexts", "num_tokens", "computation_id", "layer_inputs", "output_offset", "output_count")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PACKING_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COUNT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     layers: _containers.RepeatedScalarFieldContainer[str]
     packing: Packing
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
     num_tokens: int
-    def __init__(self, adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., packing: _Optional[_Union[Packing, str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    computation_id: str
+    layer_inputs: _containers.RepeatedCompositeFieldContainer[LayerInput]
+    output_offset: int
+    output_count: int
+    def __init__(self, adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., packing: _Optional[_Union[Packing, str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., computation_id: _Optional[str] = ..., layer_inputs: _Optional[_Iterable[_Union[LayerInput, _Mapping]]] = ..., output_offset: _Optional[int] = ..., output_count: _Optional[int] = ...) -> None: ...
 
 class ComputeDeltaResponse(_message.Message):
-    __slots__ = ("deltas", "counts", "timings")
+    __slots__ = ("deltas", "counts", "timings", "computation_id")
     DELTAS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
     deltas: _containers.RepeatedCompositeFieldContainer[LayerDelta]
     counts: OperationCounts
     timings: ComputeTimings
-    def __init__(self, deltas: _Optional[_Iterable[_Union[LayerDelta, _Mapping]]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., timings: _Optional[_Union[ComputeTimings, _Mapping]] = ...) -> None: ...
+    computation_id: str
+    def __init__(self, deltas: _Optional[_Iterable[_Union[LayerDelta, _Mapping]]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., timings: _Optional[_Union[ComputeTimings, _Mapping]] = ..., computation_id: _Optional[str] = ...) -> None: ...

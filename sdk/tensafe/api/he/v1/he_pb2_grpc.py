@@ -75,6 +75,11 @@ class HeServiceStub:
                 request_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.AppendInput = channel.unary_unary(
+                '/tensafe.api.he.v1.HeService/AppendInput',
+                request_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputRequest.SerializeToString,
+                response_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputResponse.FromString,
+                _registered_method=True)
         self.ComputeDelta = channel.unary_unary(
                 '/tensafe.api.he.v1.HeService/ComputeDelta',
                 request_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaRequest.SerializeToString,
@@ -139,9 +144,21 @@ class HeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendInput(self, request, context):
+        """Stages column-packed activations of a pending computation, in order, in
+        chunks that fit a message; the first call opens the computation. The
+        service folds each chunk into its encrypted rank projections as it
+        arrives and keeps nothing else of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ComputeDelta(self, request, context):
-        """delta = (alpha / r) * B * A * x on encrypted x, without rotations. Pure
-        computation on loaded state (safe to retry; responses are not cached).
+        """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
+        first round of a single token (PACKING_REPLICATED), its second round, or
+        output ciphertexts of a staged column computation. A pure function of the
+        request and of pending state (safe to retry; responses are not cached).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +206,11 @@ def add_HeServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'AppendInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendInput,
+                    request_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputRequest.FromString,
+                    response_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputResponse.SerializeToString,
             ),
             'ComputeDelta': grpc.unary_unary_rpc_method_handler(
                     servicer.ComputeDelta,
@@ -413,6 +435,33 @@ class HeService:
             '/tensafe.api.he.v1.HeService/UnloadAdapter',
             tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterRequest.SerializeToString,
             tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.api.he.v1.HeService/AppendInput',
+            tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputRequest.SerializeToString,
+            tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.AppendInputResponse.FromString,
             options,
             channel_credentials,
             insecure,

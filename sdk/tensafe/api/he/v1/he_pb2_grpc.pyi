@@ -53,9 +53,17 @@ class HeServiceStub:
     GetAdapter: _grpc.UnaryUnaryMultiCallable[_he_pb2.GetAdapterRequest, _he_pb2.GetAdapterResponse]
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_he_pb2.ListAdaptersRequest, _he_pb2.ListAdaptersResponse]
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_he_pb2.UnloadAdapterRequest, _he_pb2.UnloadAdapterResponse]
+    AppendInput: _grpc.UnaryUnaryMultiCallable[_he_pb2.AppendInputRequest, _he_pb2.AppendInputResponse]
+    """Stages column-packed activations of a pending computation, in order, in
+    chunks that fit a message; the first call opens the computation. The
+    service folds each chunk into its encrypted rank projections as it
+    arrives and keeps nothing else of it.
+    """
     ComputeDelta: _grpc.UnaryUnaryMultiCallable[_he_pb2.ComputeDeltaRequest, _he_pb2.ComputeDeltaResponse]
-    """delta = (alpha / r) * B * A * x on encrypted x, without rotations. Pure
-    computation on loaded state (safe to retry; responses are not cached).
+    """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
+    first round of a single token (PACKING_REPLICATED), its second round, or
+    output ciphertexts of a staged column computation. A pure function of the
+    request and of pending state (safe to retry; responses are not cached).
     """
 
 @_typing.type_check_only
@@ -78,9 +86,17 @@ class HeServiceAsyncStub(HeServiceStub):
     GetAdapter: _aio.UnaryUnaryMultiCallable[_he_pb2.GetAdapterRequest, _he_pb2.GetAdapterResponse]  # type: ignore[assignment]
     ListAdapters: _aio.UnaryUnaryMultiCallable[_he_pb2.ListAdaptersRequest, _he_pb2.ListAdaptersResponse]  # type: ignore[assignment]
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_he_pb2.UnloadAdapterRequest, _he_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    AppendInput: _aio.UnaryUnaryMultiCallable[_he_pb2.AppendInputRequest, _he_pb2.AppendInputResponse]  # type: ignore[assignment]
+    """Stages column-packed activations of a pending computation, in order, in
+    chunks that fit a message; the first call opens the computation. The
+    service folds each chunk into its encrypted rank projections as it
+    arrives and keeps nothing else of it.
+    """
     ComputeDelta: _aio.UnaryUnaryMultiCallable[_he_pb2.ComputeDeltaRequest, _he_pb2.ComputeDeltaResponse]  # type: ignore[assignment]
-    """delta = (alpha / r) * B * A * x on encrypted x, without rotations. Pure
-    computation on loaded state (safe to retry; responses are not cached).
+    """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
+    first round of a single token (PACKING_REPLICATED), its second round, or
+    output ciphertexts of a staged column computation. A pure function of the
+    request and of pending state (safe to retry; responses are not cached).
     """
 
 class HeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -150,13 +166,27 @@ class HeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_he_pb2.UnloadAdapterResponse, _abc.Awaitable[_he_pb2.UnloadAdapterResponse]]: ...
 
     @_abc_1.abstractmethod
+    def AppendInput(
+        self,
+        request: _he_pb2.AppendInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_he_pb2.AppendInputResponse, _abc.Awaitable[_he_pb2.AppendInputResponse]]:
+        """Stages column-packed activations of a pending computation, in order, in
+        chunks that fit a message; the first call opens the computation. The
+        service folds each chunk into its encrypted rank projections as it
+        arrives and keeps nothing else of it.
+        """
+
+    @_abc_1.abstractmethod
     def ComputeDelta(
         self,
         request: _he_pb2.ComputeDeltaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_he_pb2.ComputeDeltaResponse, _abc.Awaitable[_he_pb2.ComputeDeltaResponse]]:
-        """delta = (alpha / r) * B * A * x on encrypted x, without rotations. Pure
-        computation on loaded state (safe to retry; responses are not cached).
+        """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
+        first round of a single token (PACKING_REPLICATED), its second round, or
+        output ciphertexts of a staged column computation. A pure function of the
+        request and of pending state (safe to retry; responses are not cached).
         """
 
 def add_HeServiceServicer_to_server(servicer: HeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

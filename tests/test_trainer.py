@@ -16,7 +16,6 @@ from tg_tinker import (
     LossConfig,
     NotFoundError,
     OptimizerConfig,
-    ServerError,
     TrainingConfig,
     ValidationError,
 )
@@ -287,12 +286,7 @@ def test_sampling_parameters(service) -> None:
             assert info.value.field == field
 
 
-def test_not_yet_available_features_say_so(service) -> None:
-    from tg_tinker import DPConfig
-
-    with pytest.raises(ServerError) as info:
-        service.create_training_client(config(dp_config=DPConfig(enabled=True, dataset_size=100)))
-    assert info.value.code == "NOT_IMPLEMENTED"
+def test_noise_cannot_be_asked_for_in_a_session_without_dp(service) -> None:
     with service.create_training_client(config()) as tc:
         with pytest.raises(ValidationError) as bad:
             tc.optim_step(apply_dp_noise=True)

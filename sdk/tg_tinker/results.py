@@ -119,13 +119,16 @@ class SessionInfo:
     pending_ops: int
     tokens_processed: int
     metadata: dict[str, Any]
+    dp_enabled: bool = False
+    budget_id: str = ""      # the accountant budget of a DP session
+    total_epsilon: float = 0.0  # spent so far (DP sessions), at the budget's target delta
 
     @classmethod
     def from_proto(cls, m: trainer_pb2.SessionInfo) -> SessionInfo:
         return cls(m.session_id, m.model_ref, m.step, m.num_trainable_parameters, m.num_parameters, m.vocab_size,
                    m.max_sequence_length, m.eos_token_id if m.HasField("eos_token_id") else None,
                    m.pad_token_id if m.HasField("pad_token_id") else None, m.pending_ops, m.tokens_processed,
-                   from_struct(m.metadata))
+                   from_struct(m.metadata), m.dp_enabled, m.budget_id, m.total_epsilon)
 
 
 @dataclass(frozen=True)

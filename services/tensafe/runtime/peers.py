@@ -16,6 +16,7 @@ import grpc
 
 from . import context as call_context
 from .config import ServerConfig
+from .errors import DependencyUnavailable, TensafeError
 from .telemetry import traced_channel
 
 
@@ -73,3 +74,21 @@ def metadata_for(ctx: call_context.CallContext, idempotency_key: str | None = No
     if idempotency_key:
         md.append(("x-idempotency-key", idempotency_key))
     return md
+
+
+def peer_error(err: grpc.RpcError, service: str, what: str) -> TensafeError:
+    """A peer's error, passed on to our caller with the same code, reason and metadata.
+
+    UNAVAILABLE and DEADLINE_EXCEEDED become DependencyUnavailable naming the peer.
+    """
+    from grpc_status import rpc_status
+
+    from .errors import reason_metadata
+
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return DependencyUnavailable(f"the {service} is unavailable ({what}): {err.details()}")
+    status = rpc_status.from_call(err)
+    reason, metadata = reason_metadata(status) if status is not None else (None, {})
+    exc = TensafeError(err.details() or what, reason=reason or "INTERNAL", **metadata)
+    exc.code = err.code()
+    return exc

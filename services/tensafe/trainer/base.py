@@ -65,7 +65,7 @@ class SharedBase:
 
     def adapter_parameters(self, session_id: str) -> list[torch.nn.Parameter]:
         marker = f".{session_id}."
-        return [p for n, p in self.peft.named_parameters() if marker in n]
+        return [p for n, p in self.peft.named_parameters() if marker in n + "."]  # also ParameterDict entries
 
     def activate(self, session_id: str) -> PeftModel:
         self.peft.set_adapter(session_id)

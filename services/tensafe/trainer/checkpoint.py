@@ -66,6 +66,12 @@ def build(session: Any, include_optimizer: bool, metadata: dict[str, Any]) -> by
         "seed": session.settings.seed, "config": json_format.MessageToDict(session.settings.config),
         "metadata": metadata, "include_optimizer": include_optimizer, "saved_at": time.time(),
     }
+    dp = getattr(session, "dp", None)
+    if dp is not None:
+        record["dp"] = {"budget_id": dp.budget_id, "noise_multiplier": dp.noise_multiplier,
+                        "max_grad_norm": dp.max_grad_norm, "sample_rate": dp.sample_rate,
+                        "spent_epsilon": dp.total_epsilon, "delta": dp.target_delta,
+                        "accounted_steps": dp.accounted_steps}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         _add(tar, "adapter_config.json", json.dumps(adapter_config, indent=2, sort_keys=True).encode())
@@ -101,6 +107,13 @@ def restore(session: Any, files: dict[str, bytes]) -> tuple[dict[str, Any], bool
     record = json.loads(files["session.json"])
     if record.get("format") != CHECKPOINT_FORMAT:
         raise FailedPrecondition(f"checkpoint format {record.get('format')} is not supported by this trainer")
+    saved_dp, dp = record.get("dp"), getattr(session, "dp", None)
+    if saved_dp and dp is not None and saved_dp["budget_id"] != dp.budget_id:
+        raise FailedPrecondition(
+            f"this checkpoint was trained with DP under budget {saved_dp['budget_id']} (epsilon "
+            f"{saved_dp['spent_epsilon']:.4g} spent when saved): loading it does not give spent budget back. "
+            f"Continue that budget: create the session with dp_config.budget_id={saved_dp['budget_id']!r} and "
+            f"noise_multiplier={saved_dp['noise_multiplier']!r}", budget_id=saved_dp["budget_id"])
     saved = json.loads(files["adapter_config.json"])
     mine = session.settings.config.lora_config
     if saved.get("r") != mine.rank or sorted(saved.get("target_modules") or []) != sorted(mine.target_modules):

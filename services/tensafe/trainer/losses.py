@@ -66,6 +66,7 @@ class _Spec:
     fn: Callable[..., LossOutput]
     requires: tuple[tuple[str, str | None], ...]  # (field, "BT" | "B" | None = leading dim B)
     check: BatchCheck | None
+    per_example: bool = False
 
 
 _TOKEN_FIELDS = ("advantages", "old_logprobs")  # per-token batch inputs, [B, T]
@@ -83,13 +84,17 @@ _KWARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def register_loss(name: str, *, requires: tuple[str, ...] = (), check: BatchCheck | None = None) -> Callable:
+def register_loss(name: str, *, requires: tuple[str, ...] = (), check: BatchCheck | None = None,
+                  per_example: bool = False) -> Callable:
     """Decorator registering ``fn(inputs, **kwargs) -> LossOutput`` under ``name``.
 
     ``requires`` names batch inputs the loss needs: ``"advantages"``, ``"old_logprobs"`` (shape [B, T])
     or ``"extra.<key>"`` (leading dimension B), optionally with an exact shape after a colon:
     ``"extra.targets:B"``, ``"extra.mask:BT"``. ``check(shapes, batch_size, seq_len)`` may add checks.
-    A name that is a built-in cannot be registered again (a warning is logged, the built-in stays).
+    ``per_example=True`` declares that the loss of a batch is built from each row on its own (no row's
+    term depends on another row), so the loss of one row alone is meaningful: only such losses are
+    accepted in DP sessions, which clip each row's gradient. A name that is a built-in cannot be
+    registered again (a warning is logged, the built-in stays).
     """
 
     def decorator(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
@@ -99,9 +104,10 @@ def register_loss(name: str, *, requires: tuple[str, ...] = (), check: BatchChec
         parsed = tuple((r.partition(":")[0], r.partition(":")[2] or None) for r in requires)
         if any(set(d or "") - {"B", "T"} or not (f in _TOKEN_FIELDS or f.startswith("extra.")) for f, d in parsed):
             raise ValueError(f"loss {name!r}: bad requires {requires!r}; see register_loss")
-        _REGISTRY[name] = _Spec(fn, parsed, check)
+        _REGISTRY[name] = _Spec(fn, parsed, check, per_example)
         try:
             fn._tensafe_requires = tuple(requires)  # type: ignore[attr-defined]  # kept when loaded as a plugin
+            fn._tensafe_per_example = per_example  # type: ignore[attr-defined]
         except AttributeError:
             pass
         return fn
@@ -116,6 +122,11 @@ class ResolvedLoss:
     name: str
     kwargs: dict[str, Any]
     _spec: _Spec = field(repr=False)
+
+    @property
+    def per_example(self) -> bool:
+        """True when each row's loss stands alone (required by DP sessions)."""
+        return self._spec.per_example
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -227,7 +238,8 @@ def _load_entry_points() -> None:
             if not callable(obj):
                 log.warning("loss entry point %r (%s) is not callable; ignored", ep.name, ep.value)
                 continue
-            register_loss(ep.name, requires=getattr(obj, "_tensafe_requires", ()))(obj)
+            register_loss(ep.name, requires=getattr(obj, "_tensafe_requires", ()),
+                          per_example=getattr(obj, "_tensafe_per_example", False))(obj)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -283,7 +295,7 @@ def _token_input(value: torch.Tensor | None, name: str, like: torch.Tensor, mask
 # ---------------------------------------------------------------------------------------------- built-ins
 
 
-@register_loss("token_ce")
+@register_loss("token_ce", per_example=True)
 def token_ce(inputs: LossInputs, ignore_index: int = -100, label_smoothing: float = 0.0) -> LossOutput:
     """Next-token cross entropy: logits[:, t-1] predict labels[:, t] (HF ``labels=`` convention).
 
@@ -312,7 +324,7 @@ def _ratio(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, ...]:
     return logp, mask, ratio, adv
 
 
-@register_loss("importance_sampling", requires=("advantages", "old_logprobs"))
+@register_loss("importance_sampling", requires=("advantages", "old_logprobs"), per_example=True)
 def importance_sampling(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
     """Policy gradient with importance weights, for off-policy samples.
 
@@ -325,7 +337,7 @@ def importance_sampling(inputs: LossInputs, ignore_index: int = -100) -> LossOut
     return _output(loss, logp, mask, ratio_mean=float((ratio.detach() * mask).sum() / n))
 
 
-@register_loss("ppo", requires=("advantages", "old_logprobs"))
+@register_loss("ppo", requires=("advantages", "old_logprobs"), per_example=True)
 def ppo(inputs: LossInputs, clip_epsilon: float = 0.2, ignore_index: int = -100) -> LossOutput:
     """PPO clipped surrogate. Inputs as ``importance_sampling``; eps = ``clip_epsilon``.
 
@@ -389,7 +401,7 @@ def contrastive(inputs: LossInputs, temperature: float = 0.07, ignore_index: int
     return _output(loss, logp, mask, accuracy=hits / len(terms), num_groups=float(len(terms)))
 
 
-@register_loss("mse", requires=("extra.targets:B",))
+@register_loss("mse", requires=("extra.targets:B",), per_example=True)
 def mse(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
     """Regression of sequence scores (mean label-token log-probability of a row) onto ``extra.targets``
     (float [B]): loss = mean over rows of (score - target)^2. Metric ``score_mean``."""

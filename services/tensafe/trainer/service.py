@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -12,19 +13,23 @@ from typing import Any
 
 from peft import LoraConfig
 
+from tensafe.api.accountant.v1 import accountant_pb2
+from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import context as call_context
-from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, NotImplementedYet
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tg_tinker.configs import from_struct
 
 from . import checkpoint
+from .accountant_client import AccountantClient
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
+from .dp import PerSampleClipper, lora_layers
 from .futures import Op
 from .losses import Loss, resolve_loss
 from .models import resolve_model_ref
-from .session import SessionSettings, TrainingSession
+from .session import DPState, SessionSettings, TrainingSession
 from .vault_client import VaultClient
 
 _BIAS = {trainer_pb2.LORA_BIAS_UNSPECIFIED: "none", trainer_pb2.LORA_BIAS_NONE: "none",
@@ -76,9 +81,6 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
         raise InvalidArgument("config.gradient_accumulation_steps", "must be >= 1")
     if config.max_sequence_length < 0:
         raise InvalidArgument("config.max_sequence_length", "must be >= 0 (0: the model's limit)")
-    if config.dp_config.enabled:
-        raise NotImplementedYet("differential privacy (dp_config.enabled) arrives with issue #6; "
-                                "this server refuses DP sessions rather than train without it")
     default_loss = resolve_loss(config.loss.name or "token_ce", **struct_kwargs(config.loss.kwargs)) \
         if config.HasField("loss") else resolve_loss("token_ce")
     seed = config.seed if config.HasField("seed") else secrets.randbits(62)
@@ -88,13 +90,77 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
                                seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias=_BIAS[lora.bias])
+    if config.dp_config.enabled:
+        settings.dp = validate_dp(config, default_loss, peft_config)
     return settings, peft_config
 
 
+# Sample rates from dataset_size and from sample_rate must agree this closely when both are given.
+_RATE_RTOL = 1e-6
+
+
+def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: LoraConfig) -> DPState:
+    """The DP parameters of a session, checked; the noise multiplier may still need calibrating."""
+    dp = config.dp_config
+    if not dp.max_grad_norm > 0 or not math.isfinite(dp.max_grad_norm):
+        raise InvalidArgument("config.dp_config.max_grad_norm", "must be a finite number > 0 (the per-sample "
+                                                                 "clipping bound)")
+    if dp.HasField("noise_multiplier") and not (dp.noise_multiplier > 0 and math.isfinite(dp.noise_multiplier)):
+        raise InvalidArgument("config.dp_config.noise_multiplier", "must be > 0 (no noise, no privacy); omit it "
+                                                                    "and give max_steps to calibrate it")
+    if not dp.HasField("noise_multiplier") and dp.budget_id:
+        raise InvalidArgument("config.dp_config.noise_multiplier", "is required when continuing a budget "
+                                                                    "(budget_id): give the previous run's")
+    if not dp.HasField("noise_multiplier") and not (dp.HasField("max_steps") and dp.max_steps > 0):
+        raise InvalidArgument("config.dp_config.noise_multiplier", "give noise_multiplier, or max_steps (> 0) to "
+                                                                    "calibrate it to the target epsilon")
+    if dp.HasField("max_steps") and dp.max_steps <= 0:
+        raise InvalidArgument("config.dp_config.max_steps", "must be > 0")
+    if not dp.budget_id:
+        if not (dp.target_epsilon > 0 and math.isfinite(dp.target_epsilon)):
+            raise InvalidArgument("config.dp_config.target_epsilon", "must be a finite number > 0")
+        if not 0 < dp.target_delta < 1:
+            raise InvalidArgument("config.dp_config.target_delta", "must be in (0, 1)")
+    expected = config.batch_size * max(1, config.gradient_accumulation_steps)
+    rate = None
+    if dp.HasField("dataset_size"):
+        if dp.dataset_size <= 0:
+            raise InvalidArgument("config.dp_config.dataset_size", "must be > 0")
+        if expected > dp.dataset_size:
+            raise InvalidArgument("config.dp_config.dataset_size", f"is smaller than the expected batch size "
+                                                                   f"{expected} (batch_size x accumulation steps)")
+        rate = expected / dp.dataset_size
+    if dp.HasField("sample_rate"):
+        if not 0 < dp.sample_rate <= 1:
+            raise InvalidArgument("config.dp_config.sample_rate", "must be in (0, 1]")
+        if rate is not None and abs(rate - dp.sample_rate) > _RATE_RTOL * rate:
+            raise InvalidArgument("config.dp_config.sample_rate",
+                                  "disagrees with dataset_size: batch_size x accumulation / dataset_size = "
+                                  f"{rate:.6g}; give one of the two")
+        rate = dp.sample_rate
+    if rate is None:
+        raise InvalidArgument("config.dp_config.dataset_size",
+                              "a DP session needs dataset_size (or sample_rate): the privacy guarantee depends on "
+                              "the sampling rate, expected batch size / dataset size")
+    if lora.bias != "none":
+        raise InvalidArgument("config.lora_config.bias", "DP sessions train the LoRA factors only (bias 'none'): "
+                                                         "base-layer biases are not clipped per sample")
+    if not default_loss.per_example:
+        raise InvalidArgument("config.loss.name", f"loss '{default_loss.name}' compares rows with each other, so a "
+                                                  "row's gradient is not its own; DP sessions need a per-example "
+                                                  "loss")
+    return DPState(noise_multiplier=dp.noise_multiplier if dp.HasField("noise_multiplier") else 0.0,
+                   max_grad_norm=dp.max_grad_norm, sample_rate=rate, expected_batch_size=expected,
+                   accountant_type=dp.accountant_type or common_pb2.ACCOUNTANT_TYPE_PLD,
+                   target_epsilon=dp.target_epsilon, target_delta=dp.target_delta)
+
+
 class Trainer:
-    def __init__(self, model_dir: Path | None, vault: VaultClient | None = None) -> None:
+    def __init__(self, model_dir: Path | None, vault: VaultClient | None = None,
+                 accountant: AccountantClient | None = None) -> None:
         self.model_dir = model_dir
         self.vault = vault
+        self.accountant = accountant
         self._lock = threading.Lock()
         self._bases: dict[str, SharedBase] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -125,6 +191,8 @@ class Trainer:
 
     def create_session(self, tenant: str, config: trainer_pb2.TrainingConfig) -> TrainingSession:
         settings, peft_config = validate_config(config)
+        if settings.dp is not None and self.accountant is None:
+            raise FailedPrecondition("this trainer has no accountant configured: set TENSAFE_ACCOUNTANT_ENDPOINT")
         session_id = "ses_" + uuid.uuid4().hex[:16]
         # Training base biases would change weights other sessions share: such a session gets its own copy.
         base = self._base_for(config.model_ref, session_id if peft_config.bias != "none" else None)
@@ -132,13 +200,50 @@ class Trainer:
         if settings.max_length > limit:
             raise InvalidArgument("config.max_sequence_length", f"exceeds the model's limit of {limit} tokens")
         settings.max_length = settings.max_length or limit
-        session = TrainingSession(session_id, tenant, settings, base)
+        session = TrainingSession(session_id, tenant, settings, base, dp=settings.dp, accountant=self.accountant)
         with base.lock:
             base.attach(session, peft_config, settings.seed)
-            session.init_optimizer()
+            try:
+                if session.dp is not None:
+                    session.dp.clipper = PerSampleClipper(lora_layers(base.peft, session_id),
+                                                          session.dp.max_grad_norm)
+                session.init_optimizer()
+            except Exception:
+                base.detach(session_id)
+                raise
+        if session.dp is not None:
+            try:
+                self._open_budget(session)
+            except Exception:
+                with base.lock:
+                    session.dp.clipper.close()
+                    base.detach(session_id)
+                raise
         with self._lock:
             self._sessions[session_id] = session
         return session
+
+    def _open_budget(self, session: TrainingSession) -> None:
+        """Create the session's accountant budget (or take over the one named in the config) and fix
+        the noise multiplier, calibrating it from max_steps when it was not given."""
+        dp, cfg, caller = session.dp, session.settings.config.dp_config, call_context.current()
+        if cfg.budget_id:
+            budget = self.accountant.get_budget(caller, cfg.budget_id)
+            if budget.state != accountant_pb2.BUDGET_STATE_ACTIVE:
+                raise FailedPrecondition(f"budget {cfg.budget_id} takes no more steps (state "
+                                         f"{accountant_pb2.BudgetState.Name(budget.state)})")
+            dp.target_epsilon, dp.target_delta = budget.target_epsilon, budget.target_delta
+            dp.accountant_type = budget.accountant_type
+            dp.total_epsilon, dp.accounted_steps = budget.spent_epsilon, budget.num_steps
+            dp.budget_id = cfg.budget_id
+            return
+        if not dp.noise_multiplier:
+            dp.noise_multiplier = self.accountant.calibrate(caller, dp.target_epsilon, dp.target_delta,
+                                                            dp.sample_rate, cfg.max_steps,
+                                                            dp.accountant_type).noise_multiplier
+        dp.budget_id = self.accountant.create_budget(caller, session.session_id, dp.target_epsilon,
+                                                     dp.target_delta, dp.accountant_type,
+                                                     dp.sample_rate).budget_id
 
     def get(self, tenant: str, session_id: str, *, active: bool = False) -> TrainingSession:
         session = self._sessions.get(session_id)
@@ -163,6 +268,8 @@ class Trainer:
             session.close_time = time.time()
             session.optimizer = None
             session.custom = None
+            if session.dp is not None and session.dp.clipper is not None:
+                session.dp.clipper.close()
             session.base.detach(session_id)
         session.book.close()
         return session
@@ -178,7 +285,17 @@ class Trainer:
         session.base.submit(session, op)
         return op
 
+    @staticmethod
+    def _no_custom_in_dp(session: TrainingSession, op: str) -> None:
+        if session.dp is not None:
+            raise FailedPrecondition(f"{op} is not available in DP sessions: a client-side loss can couple rows, "
+                                     "so per-sample clipping could not bound each row's influence; use a "
+                                     "server-side per-example loss")
+
     def _batch(self, session: TrainingSession, batch: trainer_pb2.Batch, loss: Loss) -> PreparedBatch:
+        if session.dp is not None and not loss.per_example:
+            raise InvalidArgument("loss.name", f"loss '{loss.name}' compares rows with each other, so a row's "
+                                               "gradient is not its own; DP sessions need a per-example loss")
         prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
                                  ignore_index=int(loss.kwargs.get("ignore_index", -100)))
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
@@ -199,6 +316,7 @@ class Trainer:
 
     def forward_custom(self, tenant: str, req: trainer_pb2.ForwardCustomRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)
+        self._no_custom_in_dp(s, "ForwardCustom")
         batch = self._batch(s, req.batch, resolve_loss("token_ce"))
         holder: dict[str, str] = {}
         op = self._submit(s, trainer_pb2.OP_TYPE_FORWARD_CUSTOM, lambda: s.forward_custom(holder["id"], batch))
@@ -207,6 +325,7 @@ class Trainer:
 
     def backward_custom(self, tenant: str, req: trainer_pb2.BackwardCustomRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)
+        self._no_custom_in_dp(s, "BackwardCustom")
         if not req.forward_future_id:
             raise InvalidArgument("forward_future_id", "is required")
         if not req.HasField("grad_logprobs") or len(req.grad_logprobs.shape) != 2:
@@ -219,6 +338,12 @@ class Trainer:
 
     def optim_step(self, tenant: str, req: trainer_pb2.OptimStepRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)
+        if s.dp is not None:
+            if req.HasField("apply_dp_noise") and not req.apply_dp_noise:
+                raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
+                                                        "noised and accounted; false is refused, not obeyed")
+            caller = call_context.current()  # the accountant is called as this caller, from the worker
+            return self._submit(s, trainer_pb2.OP_TYPE_OPTIM_STEP, lambda: s.optim_step(caller))
         if req.HasField("apply_dp_noise") and req.apply_dp_noise:
             raise InvalidArgument("apply_dp_noise", "this session has no DP configuration (dp_config.enabled is "
                                                     "false); create a DP session to train with noise")

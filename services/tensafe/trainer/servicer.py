@@ -10,6 +10,7 @@ from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.registry import ServiceEnvironment
 
+from .accountant_client import AccountantClient
 from .service import Trainer
 from .vault_client import VaultClient
 
@@ -86,6 +87,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
-    trainer = Trainer(model_dir, VaultClient(env.peers))
+    trainer = Trainer(model_dir, VaultClient(env.peers), AccountantClient(env.peers))
     env.closers.append(trainer.shutdown)
     return TrainerServicer(trainer)

@@ -13,13 +13,16 @@ from google.protobuf import struct_pb2
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
-from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, TensafeError
+from tensafe.runtime.context import CallContext
+from tensafe.runtime.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument, TensafeError
 from tg_tinker.tensors import to_proto
 
+from .accountant_client import AccountantClient
 from .base import SharedBase
 from .batches import PreparedBatch
+from .dp import PerSampleClipper, SecureGaussian
 from .futures import FutureBook, Op, error_detail
-from .losses import Loss, LossInputs, token_logprobs
+from .losses import Loss, LossInputs, LossOutput, token_logprobs
 from .sampling import generate
 
 
@@ -38,6 +41,35 @@ class SessionSettings:
     seed: int
     max_length: int
     default_loss: Loss
+    dp: DPState | None = None
+
+
+@dataclass
+class DPState:
+    """A DP session's privacy parameters, its per-sample clipper and its accountant budget."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int       # batch_size x gradient_accumulation_steps: the divisor of the noised sum
+    accountant_type: int
+    target_epsilon: float
+    target_delta: float
+    budget_id: str = ""
+    clipper: PerSampleClipper | None = None
+    noise: SecureGaussian = field(default_factory=SecureGaussian)
+    updates: int = 0               # DP updates attempted; names the accountant step ids, never restored
+    total_epsilon: float = 0.0
+    accounted_steps: int = 0
+
+    def metrics(self, budget: Any = None, applied: bool = False) -> trainer_pb2.DPMetrics:
+        if budget is not None:
+            self.total_epsilon, self.accounted_steps = budget.spent_epsilon, budget.num_steps
+        return trainer_pb2.DPMetrics(
+            noise_applied=applied, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            total_epsilon=self.total_epsilon, delta=self.target_delta, target_epsilon=self.target_epsilon,
+            remaining_epsilon=max(0.0, self.target_epsilon - self.total_epsilon), sample_rate=self.sample_rate,
+            accounted_steps=self.accounted_steps, accountant_type=self.accountant_type, budget_id=self.budget_id)
 
 
 @dataclass
@@ -63,6 +95,8 @@ class TrainingSession:
     rng_state: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
     custom: CustomForward | None = None
+    dp: DPState | None = None
+    accountant: AccountantClient | None = None
     book: FutureBook = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -89,7 +123,8 @@ class TrainingSession:
         msg = trainer_pb2.Session(session_id=self.session_id, tenant_id=self.tenant_id, config=self.settings.config,
                                   state=trainer_pb2.SESSION_STATE_CLOSED if self.closed
                                   else trainer_pb2.SESSION_STATE_ACTIVE,
-                                  step=self.step, last_sequence=self.book.last_sequence)
+                                  step=self.step, last_sequence=self.book.last_sequence,
+                                  budget_id=self.dp.budget_id if self.dp else "")
         msg.create_time.FromNanoseconds(int(self.create_time * 1e9))
         if self.close_time:
             msg.close_time.FromNanoseconds(int(self.close_time * 1e9))
@@ -122,6 +157,8 @@ class TrainingSession:
 
     def forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
         self._drop_custom()
+        if self.dp is not None:
+            return self._dp_forward_backward(batch, loss, return_logprobs)
         out = self._loss_output(batch, loss, train=True)
         if not torch.isfinite(out.loss):
             raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
@@ -133,6 +170,28 @@ class TrainingSession:
                                                 num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
         if return_logprobs:
             res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+        return "forward_backward", res
+
+    def _dp_forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
+        """Each row's loss on its own; each row's gradient clipped and added to the step's sum."""
+        model = self.base.peft
+
+        def run_model() -> LossInputs:
+            model.train(True)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+            return LossInputs(logits=logits, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              labels=batch.labels, advantages=batch.advantages, old_logprobs=batch.old_logprobs,
+                              extra=batch.extra)
+
+        outs = self.dp.clipper.per_sample_backward(run_model, loss)
+        merged = merge_rows(outs)
+        self.micro_steps += 1
+        self.tokens_since_update += merged.num_tokens
+        self.tokens_processed += merged.num_tokens
+        res = trainer_pb2.ForwardBackwardResult(loss=float(merged.loss), metrics=merged.metrics,
+                                                num_tokens=merged.num_tokens, num_sequences=len(batch.input_ids))
+        if return_logprobs:
+            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.numpy().astype(np.float32)))
         return "forward_backward", res
 
     def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
@@ -178,15 +237,15 @@ class TrainingSession:
     def _drop_custom(self) -> None:
         self.custom = None  # an abandoned custom forward frees its graph
 
-    def optim_step(self) -> tuple[str, Any]:
+    def optim_step(self, caller: CallContext | None = None) -> tuple[str, Any]:
         self._drop_custom()
+        if self.dp is not None:
+            return self._dp_optim_step(caller)
         params = self.base.adapter_parameters(self.session_id)
         if self.micro_steps == 0:
             raise FailedPrecondition("optim_step without gradients: call forward_backward first")
         self.optim_calls += 1
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
+        grad_norm = _norm([p.grad for p in params if p.grad is not None])
         lr = float(self.optimizer.param_groups[0]["lr"])
         if self.optim_calls < self.settings.accumulation:
             # Accumulating: gradients are kept until the configured number of micro-batches is reached.
@@ -205,6 +264,51 @@ class TrainingSession:
         return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
                                                          num_tokens=tokens, metrics={"applied": 1.0})
 
+    def _dp_optim_step(self, caller: CallContext | None) -> tuple[str, Any]:
+        """Record the step with the accountant, THEN noise and apply it; a refused step changes nothing.
+
+        An optimizer step with no forward_backward before it is allowed here: under Poisson sampling a
+        batch may be empty, and that step is still noised and accounted.
+        """
+        dp, clipper = self.dp, self.dp.clipper
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optim_calls += 1
+        if self.optim_calls < self.settings.accumulation:
+            return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr,
+                                                             num_tokens=self.tokens_since_update,
+                                                             metrics={"applied": 0.0}, dp_metrics=dp.metrics())
+        dp.updates += 1
+        step_id = f"{self.session_id}:u{dp.updates}"
+        try:
+            recorded = self.accountant.record_step(caller, dp.budget_id, step_id, dp.noise_multiplier,
+                                                   dp.sample_rate)
+        except DependencyUnavailable:
+            # Maybe recorded, maybe not: keep the logical batch and the step id, so that retrying
+            # optim_step records the same step (counted once) and applies it.
+            dp.updates -= 1
+            self.optim_calls -= 1
+            raise
+        except TensafeError:
+            clipper.reset()  # refused (budget exceeded or closed): the weights stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            self._reset_accumulation()
+            raise
+        # Recorded: from here on the step counts against the budget whether or not it is applied.
+        grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
+        for p, g in grads.items():
+            p.grad = g
+        grad_norm = _norm(list(grads.values()))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clipper.reset()
+        self.step += 1
+        tokens = self.tokens_since_update
+        self._reset_accumulation()
+        return "optim_step", trainer_pb2.OptimStepResult(
+            step=self.step, learning_rate=lr, grad_norm=grad_norm, num_tokens=tokens,
+            metrics={"applied": 1.0, "duplicate_record": float(recorded.duplicate)},
+            dp_metrics=dp.metrics(recorded.budget, applied=True))
+
     def _reset_accumulation(self) -> None:
         self.micro_steps = self.optim_calls = self.tokens_since_update = 0
 
@@ -222,9 +326,30 @@ class TrainingSession:
             num_trainable_parameters=trainable, num_parameters=self.base.num_base_parameters + trainable,
             vocab_size=self.base.vocab_size, max_sequence_length=self.settings.max_length,
             pending_ops=self.book.pending_count() - 1, tokens_processed=self.tokens_processed,
-            metadata=cfg.metadata if cfg.HasField("metadata") else struct_pb2.Struct())
+            metadata=cfg.metadata if cfg.HasField("metadata") else struct_pb2.Struct(),
+            dp_enabled=self.dp is not None, budget_id=self.dp.budget_id if self.dp else "",
+            total_epsilon=self.dp.total_epsilon if self.dp else 0.0)
         if tok.eos_token_id is not None:
             msg.eos_token_id = int(tok.eos_token_id)
         if tok.pad_token_id is not None:
             msg.pad_token_id = int(tok.pad_token_id)
         return "info", msg
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
+
+def merge_rows(outs: list[LossOutput]) -> LossOutput:
+    """One result for a DP micro-batch from its rows' own losses: the loss and each metric are the
+    mean over rows (the gradient is of their sum), num_tokens the total."""
+    n = len(outs)
+    keys = {k for o in outs for k in o.metrics}
+    metrics = {k: sum(o.metrics.get(k, 0.0) for o in outs) / n for k in keys}
+    tokens = sum(o.num_tokens for o in outs)
+    metrics["num_tokens"] = float(tokens)
+    loss = torch.stack([o.loss.detach() for o in outs]).mean()
+    metrics["loss"] = float(loss)
+    return LossOutput(loss, tokens, metrics, torch.cat([o.token_logprobs for o in outs]))

@@ -11,25 +11,15 @@ from google.protobuf import struct_pb2
 
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime.context import CallContext
-from tensafe.runtime.errors import DependencyUnavailable, TensafeError
-from tensafe.runtime.peers import PeerChannels, metadata_for
+from tensafe.runtime.errors import TensafeError
+from tensafe.runtime.peers import PeerChannels, metadata_for, peer_error
 
 CHUNK = 1 << 20
 
 
 def _reraise(err: grpc.RpcError, what: str) -> TensafeError:
     """The vault's own error, passed on to the trainer's caller with the same code and reason."""
-    from grpc_status import rpc_status
-
-    from tensafe.runtime.errors import reason_metadata
-
-    status = rpc_status.from_call(err)
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return DependencyUnavailable(f"the vault is unavailable ({what}): {err.details()}")
-    reason, metadata = reason_metadata(status) if status is not None else (None, {})
-    exc = TensafeError(err.details() or what, reason=reason or "INTERNAL", **metadata)
-    exc.code = err.code()
-    return exc
+    return peer_error(err, "vault", what)
 
 
 class VaultClient:

@@ -1,0 +1,207 @@
+"""DP-SGD for one training session: per-sample clipping of its LoRA parameters, noise once per step.
+
+How a DP step is computed (Abadi et al. 2016, as Opacus does it):
+
+1. ``forward_backward``: the loss of each row is computed on that row alone (the batch loss is their
+   sum), one backward pass runs, and hooks on the session's LoRA ``nn.Linear`` layers compute each
+   row's gradient with Opacus' own per-sample rule for linear layers
+   (:func:`opacus.grad_sample.linear.compute_linear_grad_sample`). Each row's gradient over ALL the
+   session's trainable parameters is clipped to L2 norm ``max_grad_norm`` and the clipped gradients
+   are added to a running sum that spans the logical batch (all micro-batches of one step).
+2. ``optim_step``: Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` is added
+   ONCE to that sum, which is then divided by the EXPECTED batch size (the session's batch size times
+   its gradient-accumulation steps; under Poisson sampling the actual size varies and must not be
+   used, it would depend on the data). The noise comes from a CSPRNG (:class:`SecureGaussian`).
+
+Per-sample gradients are materialised rather than computed by ghost clipping: for a LoRA factor of
+rank r over d inputs and a sequence of T tokens, a row's gradient costs T·r·d multiply-adds and r·d
+floats, while its ghost norm costs T²·(d + r) and a second backward pass; materialising is the
+cheaper of the two whenever T > r·d/(d + r) ≈ r, i.e. for every sequence longer than the rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from torch import nn
+
+from tensafe.runtime.errors import InvalidArgument
+
+from .losses import Loss, LossInputs, LossOutput
+
+CLIP_EPS = 1e-6  # added to a row's norm before dividing, as Opacus does
+
+
+class SecureGaussian:
+    """Standard normal samples from a cryptographically secure generator.
+
+    Each call draws a fresh 256-bit key and nonce from the operating system (``os.urandom``) and
+    expands them with AES-256-CTR into 64-bit words; pairs of 53-bit uniforms in (0, 1] become
+    normals by the Box-Muller transform in float64, then the result is cast to the parameter dtype.
+    ``torch.normal`` (a Mersenne Twister whose state can be recovered from its outputs) is never
+    used for privacy noise.
+    """
+
+    def sample(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        pairs = (n + 1) // 2
+        stream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+        words = torch.frombuffer(bytearray(stream.update(bytes(16 * pairs))), dtype=torch.int64)
+        # The top 53 bits of each word, as an integer in [0, 2^53), then mapped to (0, 1].
+        u = ((words >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(1.0).mul_(2.0 ** -53)
+        u1, u2 = u[:pairs], u[pairs:]
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        angle = (2.0 * torch.pi) * u2
+        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+        return z[:n].to(dtype)
+
+
+@dataclass
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int
+
+
+class PerSampleClipper:
+    """Per-sample gradients of a session's LoRA layers, clipped and summed over a logical batch.
+
+    Hooks are put on the given ``nn.Linear`` modules only; they record nothing unless
+    :meth:`per_sample_backward` is running, so ``forward``, ``sample`` and other sessions' ops on
+    the same shared base model are unaffected.
+    """
+
+    def __init__(self, modules: Sequence[nn.Linear], max_grad_norm: float) -> None:
+        if not modules:
+            raise InvalidArgument("config.lora_config.target_modules", "DP needs at least one LoRA layer")
+        self.modules = list(modules)
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.max_grad_norm = float(max_grad_norm)
+        self.summed: dict[nn.Parameter, torch.Tensor] = {}
+        self.rows = 0  # rows (samples) clipped into ``summed`` since the last reset
+        self._capturing = False
+        self._grad_samples: dict[nn.Parameter, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        self.summed = {}
+        self.rows = 0
+        self._grad_samples = {}
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._capturing or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        activations = inputs[0].detach()
+
+        def on_grad(backprops: torch.Tensor) -> None:
+            for param, grad_sample in compute_linear_grad_sample(module, [activations], backprops.detach()).items():
+                if param in self._grad_samples:
+                    self._grad_samples[param] = self._grad_samples[param] + grad_sample
+                else:
+                    self._grad_samples[param] = grad_sample
+
+        output.register_hook(on_grad)
+
+    # -- one micro-batch ---------------------------------------------------------------------------
+    def per_sample_backward(self, forward: Callable[[], LossInputs], loss: Loss) -> list[LossOutput]:
+        """Runs the model, one loss per row, one backward; clips each row and adds it to the sum.
+
+        ``forward()`` runs the model and returns the batch's LossInputs (logits included). Returns the
+        per-row loss outputs. Nothing is added when a row's loss is not finite.
+        """
+        self._grad_samples = {}
+        self._capturing = True
+        try:
+            batch = forward()
+        finally:
+            self._capturing = False
+        try:
+            outputs = [loss(row_inputs(batch, i)) for i in range(batch.input_ids.shape[0])]
+            for i, out in enumerate(outputs):
+                if not torch.isfinite(out.loss):
+                    raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
+            torch.stack([o.loss for o in outputs]).sum().backward()
+            self._accumulate(len(outputs))
+        finally:
+            self._grad_samples = {}
+            for p in self.params:
+                p.grad = None  # the unclipped batch gradient autograd also made is never used
+        return outputs
+
+    def _accumulate(self, rows: int) -> None:
+        samples = self._grad_samples
+        missing = [p for p in self.params if p not in samples]
+        if len(missing) == len(self.params):
+            raise InvalidArgument("batch", "no LoRA layer took part in this forward pass")
+        sq = torch.zeros(rows, dtype=torch.float64)
+        for gs in samples.values():
+            sq += gs.reshape(rows, -1).to(torch.float64).pow(2).sum(dim=1)
+        norms = sq.sqrt()
+        factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        if not torch.isfinite(norms).all():
+            raise InvalidArgument("batch", "per-sample gradients are not finite; no gradient was accumulated")
+        for p, gs in samples.items():
+            clipped = torch.einsum("n,n...->...", factors.to(gs.dtype), gs)
+            self.summed[p] = self.summed[p] + clipped if p in self.summed else clipped
+        self.rows += rows
+
+    # -- the step ----------------------------------------------------------------------------------
+    def clipped_sum(self, param: nn.Parameter) -> torch.Tensor:
+        got = self.summed.get(param)
+        return got if got is not None else torch.zeros_like(param)
+
+    def noised_mean(self, noise_multiplier: float, expected_batch_size: int,
+                    noise: SecureGaussian | None) -> dict[nn.Parameter, torch.Tensor]:
+        """(sum of clipped rows + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size.
+
+        ``noise=None`` adds none: only tests of the clipping itself pass it.
+        """
+        std = noise_multiplier * self.max_grad_norm
+        total = sum(p.numel() for p in self.params)
+        z = noise.sample(total) if noise is not None and std > 0 else None
+        out, offset = {}, 0
+        for p in self.params:
+            g = self.clipped_sum(p).clone()
+            if z is not None:
+                g += std * z[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+            out[p] = g / expected_batch_size
+        return out
+
+
+def row_inputs(batch: LossInputs, i: int) -> LossInputs:
+    """Row ``i`` of a batch alone (leading dimension kept), for its own loss."""
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[i:i + 1]
+
+    return LossInputs(logits=batch.logits[i:i + 1], input_ids=batch.input_ids[i:i + 1],
+                      attention_mask=batch.attention_mask[i:i + 1], labels=batch.labels[i:i + 1],
+                      advantages=pick(batch.advantages), old_logprobs=pick(batch.old_logprobs),
+                      extra={k: v[i:i + 1] for k, v in batch.extra.items()})
+
+
+def lora_layers(model: nn.Module, session_id: str) -> list[nn.Linear]:
+    """The session's LoRA factor layers; refuses an adapter with parameters outside ``nn.Linear`` layers."""
+    marker = f".{session_id}."
+    layers: list[nn.Linear] = []
+    for name, module in model.named_modules():
+        if not any(marker in f"{name}.{n}." for n, _ in module.named_parameters(recurse=False)):
+            continue
+        if type(module) is not nn.Linear:
+            raise InvalidArgument("config.lora_config.target_modules",
+                                  f"DP-SGD clips per-sample gradients of LoRA linear layers only; {name} is a "
+                                  f"{type(module).__name__}")
+        layers.append(module)
+    return layers

@@ -31,3 +31,21 @@ def test_lora_finetuning(trainer_stack, tiny_model) -> None:
     assert out.returncode == 0, out.stderr
     assert "Before fine-tuning" in out.stdout and "After fine-tuning" in out.stdout
     assert "trained 3 steps" in out.stdout
+
+
+def test_dp_training(trainer_stack) -> None:
+    out = run_example(trainer_stack, "examples/quickstart/04_dp_training.py", "--model", "tiny")
+    assert out.returncode == 0, out.stderr
+    assert "Step 1: batch=" in out.stdout and "noise=True" in out.stdout
+    # The default budget runs out within the 40 steps tried: the run ends on the accountant's refusal.
+    assert "Budget exhausted after step" in out.stdout, out.stdout
+    assert "epsilon spent" in out.stdout
+
+
+def test_lora_finetuning_with_dp(trainer_stack, tiny_model) -> None:
+    """What `make demo` runs, on the tiny model: DP fine-tuning that reports the epsilon it spent."""
+    out = run_example(trainer_stack, "examples/training/lora_finetuning.py", "--model", "tiny", "--tokenizer",
+                      str(tiny_model), "--steps", "3", "--batch-size", "4", "--samples", "1", "--dp")
+    assert out.returncode == 0, out.stderr
+    assert "trained 3 steps" in out.stdout, out.stdout
+    assert "privacy: epsilon" in out.stdout and "3 steps accounted" in out.stdout, out.stdout

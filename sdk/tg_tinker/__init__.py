@@ -36,6 +36,7 @@ from .results import (
     SaveStateResult,
     SessionInfo,
 )
+from .sampling import GenerationChunk, SamplingClient, TokenStream
 from .training import TrainingClient
 
 __all__ = [
@@ -45,6 +46,9 @@ __all__ = [
     "RetryConfig",
     "FutureHandle",
     "TrainingClient",
+    "SamplingClient",
+    "TokenStream",
+    "GenerationChunk",
     "TrainingConfig",
     "LoRAConfig",
     "OptimizerConfig",

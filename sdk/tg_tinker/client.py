@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .artifacts import ArtifactInfo, Artifacts
     from .audit import AuditRecord, AuditTrail
     from .configs import TrainingConfig
+    from .sampling import SamplingClient
     from .training import TrainingClient
 
 
@@ -106,6 +107,16 @@ class ServiceClient:
             token = resp.next_page_token
             if not token:
                 return out
+
+    # -- generation (the inference service) ------------------------------------------------------
+    def create_sampling_client(self, artifact_id: str | None = None, *, model_ref: str | None = None,
+                               base_model_ref: str | None = None, backend: str | None = None,
+                               enable_he_lora: bool = False) -> SamplingClient:
+        """Load an adapter artifact (a checkpoint from ``save_state``) into the inference service and return
+        a client generating with it; ``model_ref`` instead: the base model alone. See ``tg_tinker.sampling``."""
+        from .sampling import create_sampling_client
+
+        return create_sampling_client(self, artifact_id, model_ref, base_model_ref, backend, enable_he_lora)
 
     # -- artifacts (the vault) ------------------------------------------------------------------
     @property

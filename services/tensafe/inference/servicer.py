@@ -1,17 +1,76 @@
-"""gRPC adapter of the inference service.
+"""gRPC adapter of the inference service: requests in, logic called, responses out. No logic here."""
 
-Until issue #8 (inference) lands, every RPC of InferenceService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.inference.v1 import inference_pb2_grpc
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from tensafe.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from tensafe.runtime import context
 from tensafe.runtime.registry import ServiceEnvironment
+from tensafe.trainer.vault_client import VaultClient
+
+from .backend import Backend
+from .service import Inference
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, inference: Inference) -> None:
+        self.inference = inference
+
+    def LoadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        adapter = self.inference.load_adapter(context.current(), request)
+        return inference_pb2.LoadAdapterResponse(adapter=adapter.proto())
+
+    def GetAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        adapter = self.inference.get(context.current_tenant(), request.adapter_id)
+        return inference_pb2.GetAdapterResponse(adapter=adapter.proto())
+
+    def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        adapters = self.inference.list(context.current_tenant())
+        start = int(request.page_token) if request.page_token.isdigit() else 0
+        size = request.page_size if request.page_size > 0 else 100
+        token = str(start + size) if start + size < len(adapters) else ""
+        return inference_pb2.ListAdaptersResponse(adapters=[a.proto() for a in adapters[start:start + size]],
+                                                  next_page_token=token)
+
+    def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        self.inference.unload(context.current_tenant(), request.adapter_id)
+        return inference_pb2.UnloadAdapterResponse()
+
+    def Generate(self, request, ctx: grpc.ServicerContext):  # noqa: N802, ANN001, ANN201
+        cancelled = threading.Event()
+        ctx.add_callback(cancelled.set)  # the client went away (or the call ended): stop generating
+        try:
+            for chunk in self.inference.generate(context.current_tenant(), request, cancelled):
+                yield inference_pb2.GenerateResponse(
+                    prompt_index=chunk.prompt_index, sample_index=chunk.sample_index, text=chunk.text,
+                    token_ids=chunk.token_ids, logprobs=chunk.logprobs, finish_reason=chunk.finish_reason)
+        finally:
+            cancelled.set()
+
+
+def _backends(env: ServiceEnvironment) -> dict[str, Callable[[], Backend]]:
+    cfg = env.config
+
+    def hf() -> Backend:
+        from .hf_backend import HFBackend
+
+        return HFBackend()
+
+    def vllm() -> Backend:
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(cfg.vllm_gpu_memory_utilization, cfg.vllm_max_loras, cfg.vllm_max_lora_rank)
+
+    return {"hf": hf, "vllm": vllm}
 
 
 def create(env: ServiceEnvironment) -> InferenceServicer:
-    return InferenceServicer(env)
+    model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
+    inference = Inference(model_dir, VaultClient(env.peers), env.config.inference_backend, _backends(env))
+    env.closers.append(inference.shutdown)
+    return InferenceServicer(inference)

@@ -68,7 +68,8 @@ class InferenceServiceServicer:
 
     def LoadAdapter(self, request, context):
         """Loads an adapter artifact from the vault (as the caller's tenant) onto a
-        base model, loading the base model if needed.
+        base model, loading the base model if needed. Loading an artifact the
+        tenant already loaded (same backend and base) returns that adapter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,8 @@ class InferenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]
     """Loads an adapter artifact from the vault (as the caller's tenant) onto a
-    base model, loading the base model if needed.
+    base model, loading the base model if needed. Loading an artifact the
+    tenant already loaded (same backend and base) returns that adapter.
     """
     GetAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetAdapterRequest, _inference_pb2.GetAdapterResponse]
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]
@@ -58,7 +59,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]  # type: ignore[assignment]
     """Loads an adapter artifact from the vault (as the caller's tenant) onto a
-    base model, loading the base model if needed.
+    base model, loading the base model if needed. Loading an artifact the
+    tenant already loaded (same backend and base) returns that adapter.
     """
     GetAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetAdapterRequest, _inference_pb2.GetAdapterResponse]  # type: ignore[assignment]
     ListAdapters: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]  # type: ignore[assignment]
@@ -78,7 +80,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.LoadAdapterResponse, _abc.Awaitable[_inference_pb2.LoadAdapterResponse]]:
         """Loads an adapter artifact from the vault (as the caller's tenant) onto a
-        base model, loading the base model if needed.
+        base model, loading the base model if needed. Loading an artifact the
+        tenant already loaded (same backend and base) returns that adapter.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,195 @@
+"""The transformers backend (the default): PEFT named adapters on one base model, CPU.
+
+Generation is transformers' own ``generate`` called with the arguments the trainer's
+``sample`` uses, one prompt (and sample) at a time with no padding, so an adapter's greedy
+output here is the training session's greedy output, token for token. A streamer receives
+each token as it is chosen; a forward hook on the output layer keeps the raw logits of that
+step, from which the token's log-probability is taken exactly as the trainer takes it.
+
+Jobs on one base run one at a time (a lock): the active adapter and the seeded RNG are
+state of the model and the process. A job waiting for the lock gives up when cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load as st_load
+from transformers.generation.streamers import BaseStreamer
+
+from tensafe.runtime.errors import InvalidArgument
+from tensafe.trainer.models import ModelLocation, load_base_model
+
+from .adapter import AdapterFiles
+from .backend import Backend, ChunkQueue, ServedBase
+from .generation import GenerationJob, SequenceStream
+
+log = logging.getLogger("tensafe.inference.hf")
+
+
+class _Halt(Exception):
+    """Raised from the streamer to end ``generate`` early (stop string seen, or cancelled)."""
+
+
+class _TokenSink(BaseStreamer):
+    def __init__(self, on_token) -> None:  # noqa: ANN001
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt itself
+            self.prompt_seen = True
+            return
+        self.on_token(int(value.reshape(-1)[0]))
+
+    def end(self) -> None:
+        pass
+
+
+class HFBase(ServedBase):
+    def __init__(self, location: ModelLocation) -> None:
+        self.location = location
+        self.model, self.tokenizer = load_base_model(location)
+        self.peft: PeftModel | None = None
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        self.lock = threading.Lock()
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: AdapterFiles) -> None:
+        fields = {k: v for k, v in adapter.config.items() if k not in ("base_model_name_or_path", "revision")}
+        try:
+            config = PeftConfig.from_peft_type(**fields)
+            weights = st_load(adapter.weights)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("artifact_id", f"unreadable adapter: {str(exc).splitlines()[0]}") from None
+        config.inference_mode = True
+        with self.lock, torch.random.fork_rng(devices=[]):  # PEFT initialises the new layers from the RNG
+            try:
+                if self.peft is None:
+                    self.peft = get_peft_model(self.model, config, adapter_name=name)
+                else:
+                    self.peft.add_adapter(name, config)
+                result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                self._drop(name)
+                raise InvalidArgument("artifact_id", f"the adapter does not fit this base model: "
+                                                     f"{str(exc).splitlines()[0]}") from None
+            marker = f".{name}."
+            missing = [k for k in result.missing_keys if marker in k and "lora_" in k]
+            unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+            if missing or unexpected:
+                self._drop(name)
+                raise InvalidArgument("artifact_id", f"the adapter's weights do not fit this base model "
+                                                     f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+            self.peft.eval()
+
+    def _drop(self, name: str) -> None:
+        if self.peft is None or name not in self.peft.peft_config:
+            return
+        if len(self.peft.peft_config) == 1:
+            self.peft.delete_adapter(name)
+            self.model = self.peft.unload()  # back to the plain base model
+            self.peft = None
+        else:
+            self.peft.delete_adapter(name)
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self._drop(name)
+
+    def close(self) -> None:
+        with self.lock:
+            self.peft = None
+            self.model = None
+
+    # -- generation ----------------------------------------------------------------------------
+    def start(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
+        threading.Thread(target=self._run, args=(adapter, job, out), name="inference-hf", daemon=True).start()
+
+    def _run(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
+        try:
+            while not self.lock.acquire(timeout=0.05):
+                if out.cancelled.is_set():
+                    out.close()
+                    return
+            try:
+                self._generate(adapter, job, out)
+            finally:
+                self.lock.release()
+            out.close()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it
+            if not isinstance(exc, InvalidArgument):
+                log.exception("generation failed")
+            out.close(exc)
+
+    def _model(self, adapter: str | None, stack: contextlib.ExitStack):  # noqa: ANN202
+        if adapter is None:
+            if self.peft is not None:
+                stack.enter_context(self.peft.disable_adapter())
+                return self.peft
+            return self.model
+        if self.peft is None or adapter not in self.peft.peft_config:
+            raise InvalidArgument("adapter_id", "the adapter is no longer loaded")
+        self.peft.set_adapter(adapter)
+        return self.peft
+
+    def _generate(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
+        tok = self.tokenizer
+        greedy = job.temperature == 0.0
+        kwargs: dict = dict(max_new_tokens=job.sampling.max_tokens, do_sample=not greedy,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            return_dict_in_generate=True)
+        if greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k or None)
+        want_logprobs = job.sampling.return_logprobs
+        with contextlib.ExitStack() as stack:
+            model = self._model(adapter, stack)
+            model.eval()
+            stack.enter_context(torch.no_grad())
+            if job.sampling.HasField("seed"):
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+                torch.manual_seed(job.sampling.seed)  # once per request, as the trainer's sample does
+            last_logits: list[torch.Tensor] = []
+            if want_logprobs:
+                head = model.get_output_embeddings()
+                hook = head.register_forward_hook(lambda m, i, o: last_logits.__setitem__(slice(None), [o[:, -1]]))
+                stack.callback(hook.remove)
+            for index, ids in enumerate(job.prompts):
+                for sample_index in range(job.num_samples):
+                    if out.cancelled.is_set():
+                        return
+                    seq = SequenceStream(tok, index, sample_index, job.stops, want_logprobs)
+
+                    def on_token(token: int, seq: SequenceStream = seq) -> None:
+                        if out.cancelled.is_set():
+                            raise _Halt
+                        lp = float(torch.log_softmax(last_logits[0][0].float(), -1)[token]) if want_logprobs else 0.0
+                        chunk = seq.push(token, lp)
+                        if chunk is not None:
+                            out.put(chunk)
+                        if seq.stopped:
+                            raise _Halt
+
+                    input_ids = torch.tensor([ids], dtype=torch.long)
+                    try:
+                        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       streamer=_TokenSink(on_token), **kwargs)
+                    except _Halt:
+                        pass
+                    if out.cancelled.is_set():
+                        return
+                    out.put(seq.finish())
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def open(self, location: ModelLocation) -> HFBase:
+        return HFBase(location)

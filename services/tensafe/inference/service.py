@@ -1,0 +1,150 @@
+"""The inference service's logic: tenants' adapters on shared base models, and generation. No gRPC here.
+
+A base model is loaded once per backend and serves every tenant's adapters (PEFT named
+adapters on transformers, LoRA requests on vLLM). An adapter belongs to the tenant whose
+call loaded it: the vault is asked for the artifact as that caller, so another tenant's
+artifact is NOT_FOUND before anything is read, and every adapter lookup is by tenant, so
+another tenant's adapter id is NOT_FOUND too.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tensafe.api.inference.v1 import inference_pb2
+from tensafe.runtime.context import CallContext
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.trainer.models import ModelLocation, resolve_model_ref
+from tensafe.trainer.vault_client import VaultClient
+
+from .adapter import BACKEND_NAME, LoadedAdapter, read_adapter
+from .backend import Backend, ChunkQueue, ServedBase
+from .generation import Chunk, validate
+
+
+class Inference:
+    def __init__(self, model_dir: Path | None, vault: VaultClient | None, default_backend: str,
+                 backends: dict[str, Callable[[], Backend]]) -> None:
+        self.model_dir = model_dir
+        self.vault = vault
+        self.default_backend = default_backend
+        self._backend_factories = backends
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        self._bases: dict[tuple[str, str], ServedBase] = {}
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._adapters: dict[str, LoadedAdapter] = {}
+
+    # -- backends and base models -------------------------------------------------------------
+    def _backend(self, value: int) -> Backend:
+        if value and value not in BACKEND_NAME:
+            raise InvalidArgument("backend", f"unknown backend {value}")
+        name = BACKEND_NAME[value] if value else self.default_backend
+        with self._lock:
+            if name not in self._backends:
+                self._backends[name] = self._backend_factories[name]()
+            return self._backends[name]
+
+    def _location(self, model_ref: str, field: str) -> ModelLocation:
+        try:
+            return resolve_model_ref(model_ref, self.model_dir)
+        except InvalidArgument as exc:
+            raise InvalidArgument(field, exc.message.split(": ", 1)[-1]) from None
+
+    def _base(self, backend: Backend, location: ModelLocation) -> tuple[tuple[str, str], ServedBase]:
+        key = (backend.name, location.cache_key)
+        with self._lock:
+            if key in self._bases:
+                return key, self._bases[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one load per model even when several calls arrive at once
+            with self._lock:
+                if key in self._bases:
+                    return key, self._bases[key]
+            base = backend.open(location)
+            with self._lock:
+                self._bases[key] = base
+                self._loading.pop(key, None)
+            return key, base
+
+    # -- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, caller: CallContext, req: inference_pb2.LoadAdapterRequest) -> LoadedAdapter:
+        tenant = caller.principal.tenant_id
+        if not req.artifact_id:
+            raise InvalidArgument("artifact_id", "is required")
+        backend = self._backend(req.backend)
+        with self._lock:
+            wanted = (tenant, req.artifact_id, backend.name)
+            for adapter in self._adapters.values():  # loading the same thing again returns the loaded adapter
+                if (adapter.tenant_id, adapter.artifact_id, adapter.backend) == wanted \
+                        and req.base_model_ref in ("", adapter.base_model_ref):
+                    return adapter
+        if self.vault is None:
+            raise FailedPrecondition("this inference service has no vault configured: set TENSAFE_VAULT_ENDPOINT")
+        _, data = self.vault.get(caller, req.artifact_id)
+        files = read_adapter(data)
+        del data
+        model_ref = req.base_model_ref or files.base_model_ref
+        if not model_ref:
+            raise InvalidArgument("base_model_ref", "the adapter names no base model: give base_model_ref")
+        location = self._location(model_ref, "base_model_ref")
+        key, base = self._base(backend, location)
+        adapter_id = "adp_" + uuid.uuid4().hex[:16]
+        base.add_adapter(adapter_id, files)
+        adapter = LoadedAdapter(adapter_id, tenant, req.artifact_id, model_ref, key, backend.name, files.rank,
+                                files.alpha, files.target_modules)
+        with self._lock:
+            self._adapters[adapter_id] = adapter
+        return adapter
+
+    def get(self, tenant: str, adapter_id: str) -> LoadedAdapter:
+        adapter = self._adapters.get(adapter_id)
+        if adapter is None or adapter.tenant_id != tenant:
+            raise NotFound("adapter", adapter_id)
+        return adapter
+
+    def list(self, tenant: str) -> list[LoadedAdapter]:
+        with self._lock:
+            found = [a for a in self._adapters.values() if a.tenant_id == tenant]
+        return sorted(found, key=lambda a: (a.load_time, a.adapter_id))
+
+    def unload(self, tenant: str, adapter_id: str) -> None:
+        adapter = self.get(tenant, adapter_id)
+        with self._lock:
+            if self._adapters.pop(adapter_id, None) is None:
+                return
+            base = self._bases.get(adapter.base_key)
+        if base is not None:
+            base.remove_adapter(adapter_id)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, tenant: str, req: inference_pb2.GenerateRequest, cancelled: threading.Event) -> Iterator[Chunk]:
+        """Validate the request, start generating, and return the increments as they come."""
+        if req.adapter_id:
+            adapter = self.get(tenant, req.adapter_id)
+            base = self._bases[adapter.base_key]
+            name: str | None = adapter.adapter_id
+        else:
+            if not req.model_ref:
+                raise InvalidArgument("adapter_id", "give adapter_id, or model_ref to use the base model alone")
+            _, base = self._base(self._backend(req.backend), self._location(req.model_ref, "model_ref"))
+            name = None
+        job = validate(base.tokenizer, list(req.prompts), [list(p.token_ids) for p in req.prompt_token_ids],
+                       req.sampling, base.vocab_size, base.max_length)
+        out = ChunkQueue(cancelled)
+        base.start(name, job, out)
+        return iter(out)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            bases = list(self._bases.values())
+            self._bases.clear()
+            self._adapters.clear()
+            backends = list(self._backends.values())
+        for base in bases:
+            base.close()
+        for backend in backends:
+            backend.close()

@@ -1,0 +1,106 @@
+"""The inference service's parts without a server: stream decoding, the chunk queue, the vLLM backend's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from tensafe.inference.backend import ChunkQueue
+from tensafe.inference.generation import LENGTH, STOP, Chunk, SequenceStream
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotImplementedYet
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):  # noqa: ANN001, ANN201
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
+
+
+def _feed(tokenizer, text: str, stops: list[str]) -> tuple[list[Chunk], Chunk]:  # noqa: ANN001
+    seq = SequenceStream(tokenizer, 0, 0, stops, want_logprobs=True)
+    chunks = []
+    for i, token in enumerate(tokenizer(text, add_special_tokens=False).input_ids):
+        chunk = seq.push(token, -0.1 * (i + 1))
+        if chunk is not None:
+            chunks.append(chunk)
+    return chunks, seq.finish()
+
+
+def test_text_that_may_start_a_stop_string_is_held_back(tokenizer) -> None:  # noqa: ANN001
+    chunks, last = _feed(tokenizer, "The quick brown fox jumps over the lazy dog.", ["brown fox", "lazy"])
+    streamed = "".join(c.text for c in chunks)
+    assert "b" not in streamed[len("The quick "):] and streamed.startswith("The quick")
+    assert streamed + last.text == "The quick " and last.finish_reason == STOP
+    ids = [t for c in [*chunks, last] for t in c.token_ids]
+    assert tokenizer.decode(ids) in ("The quick ", "The quick")
+    logprobs = [lp for c in [*chunks, last] for lp in c.logprobs]
+    assert logprobs == pytest.approx([-0.1 * (i + 1) for i in range(len(ids))])
+
+
+def test_without_stops_every_token_goes_out_at_once(tokenizer) -> None:  # noqa: ANN001
+    text = "Hello, world! How are you today?"
+    chunks, last = _feed(tokenizer, text, [])
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(chunks) == len(ids) and all(len(c.token_ids) == 1 for c in chunks)
+    assert "".join(c.text for c in chunks) == text and last.text == "" and last.finish_reason == LENGTH
+
+
+def test_eos_ends_the_sequence_and_is_kept(tokenizer) -> None:  # noqa: ANN001
+    seq = SequenceStream(tokenizer, 1, 2, [], want_logprobs=False)
+    ids = tokenizer("Hello", add_special_tokens=False).input_ids
+    for t in ids:
+        seq.push(t)
+    assert seq.push(tokenizer.eos_token_id) is None and seq.stopped
+    last = seq.finish()
+    assert last.token_ids == [tokenizer.eos_token_id] and last.finish_reason == STOP and last.logprobs == []
+    assert (last.prompt_index, last.sample_index) == (1, 2)
+
+
+def test_chunk_queue_merges_increments_and_passes_errors_after_them() -> None:
+    out = ChunkQueue(threading.Event())
+    for i in range(3):
+        out.put(Chunk(0, 0, f"a{i}", [i]))
+    out.put(Chunk(0, 0, "", [], [], STOP))
+    out.put(Chunk(1, 0, "b", [9]))
+    out.close(InvalidArgument("x", "boom"))
+    got = []
+    with pytest.raises(InvalidArgument):
+        for chunk in out:
+            got.append(chunk)
+    assert [(c.prompt_index, c.text, c.token_ids, c.finish_reason) for c in got] == \
+        [(0, "a0a1a2", [0, 1, 2], STOP), (1, "b", [9], 0)]
+
+
+def test_chunk_queue_ends_when_cancelled() -> None:
+    cancelled = threading.Event()
+    out = ChunkQueue(cancelled)
+    cancelled.set()
+    assert list(out) == []
+
+
+def test_vllm_engine_without_vllm_names_the_extra(tmp_path) -> None:  # noqa: ANN001
+    from tensafe.inference.vllm_backend import TenSafeAsyncEngine, TenSafeVLLMConfig
+
+    try:  # vLLM is absent here by design (it needs CUDA torch): the refusal is what is tested
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed in this environment")
+    engine = TenSafeAsyncEngine(TenSafeVLLMConfig(model=str(tmp_path), max_lora_rank=16))
+    with pytest.raises(FailedPrecondition, match=r"tensafe\[vllm\].*docs/vllm.md"):
+        asyncio.run(engine.initialize())
+    with pytest.raises(FailedPrecondition, match="initialize"):
+        engine.engine  # noqa: B018
+
+
+def test_two_plane_he_lora_is_refused_until_it_exists() -> None:
+    from tensafe.inference.vllm_backend import TenSafeVLLMConfig
+
+    with pytest.raises(NotImplementedYet, match="issue #7"):
+        TenSafeVLLMConfig(model="m", enable_he_lora=True, he_lora_adapter_path="/a.tssp")
+    with pytest.raises(InvalidArgument, match="gpu_memory_utilization"):
+        TenSafeVLLMConfig(model="m", gpu_memory_utilization=1.5)

@@ -1,17 +1,138 @@
-"""gRPC adapter of the he service.
+"""gRPC adapter of the he service: messages in and out, the logic in service.py, the maths in compute.py."""
 
-Until issue #7 (HE-LoRA) lands, every RPC of HeService answers UNIMPLEMENTED
-(reason NOT_IMPLEMENTED): nothing here pretends to work.
-"""
+from __future__ import annotations
 
-from tensafe.api.he.v1 import he_pb2_grpc
+from tensafe.api.he.v1 import he_pb2, he_pb2_grpc
+from tensafe.runtime import context
+from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
+
+from .compute import Counts
+from .service import ComputeResult, HeService, check_params
+from .store import AdapterRecord, ContextRecord, HeStore
+
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+_PACKINGS = {he_pb2.PACKING_COLUMN: "column", he_pb2.PACKING_REPLICATED: "replicated"}
+
+
+def context_proto(r: ContextRecord) -> he_pb2.HeContext:
+    params = he_pb2.HeSchemeParams(scheme=he_pb2.HE_SCHEME_CKKS, poly_modulus_degree=r.poly_modulus_degree,
+                                   coeff_mod_bit_sizes=list(r.coeff_mod_bit_sizes),
+                                   global_scale=float(2 ** r.scale_bits), security_level=r.security_level)
+    return he_pb2.HeContext(key_id=r.key_id, tenant_id=r.tenant_id, params=params, size_bytes=len(r.public_context),
+                            sha256=r.sha256, has_relin_keys=r.has_relin_keys, has_galois_keys=False,
+                            slot_count=r.poly_modulus_degree // 2, create_time=timestamp(r.created_at))
+
+
+def counts_proto(c: Counts) -> he_pb2.OperationCounts:
+    return he_pb2.OperationCounts(plaintext_multiplies=c.plaintext_multiplies, additions=c.additions,
+                                  rotations=c.rotations, multiplicative_depth=c.multiplicative_depth,
+                                  rescales=c.rescales)
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int]:
+    if page_size < 0:
+        raise InvalidArgument("page_size", "must be >= 0")
+    if page_token and not page_token.isdigit():
+        raise InvalidArgument("page_token", "is not a token this service gave")
+    return (int(page_token) if page_token else 0), min(page_size or DEFAULT_PAGE, MAX_PAGE)
 
 
 class HeServicer(he_pb2_grpc.HeServiceServicer):
-    def __init__(self, env: ServiceEnvironment) -> None:
-        self.env = env
+    def __init__(self, service: HeService) -> None:
+        self.service = service
+
+    def _adapter_proto(self, record: AdapterRecord) -> he_pb2.HeAdapter:
+        msg = he_pb2.HeAdapter(adapter_id=record.adapter_id, tenant_id=record.tenant_id,
+                               artifact_id=record.artifact_id, key_id=record.key_id,
+                               create_time=timestamp(record.created_at))
+        for layer in self.service.layer_info(record.tenant_id, record.adapter_id):
+            msg.layers.add(name=layer.name, in_features=layer.in_features, out_features=layer.out_features,
+                           rank=layer.rank, alpha=layer.alpha, scaling=layer.scaling)
+        return msg
+
+    # -- contexts ---------------------------------------------------------------------------------------
+    def RegisterContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        p = request.params
+        if p.scheme not in (he_pb2.HE_SCHEME_CKKS,):
+            raise InvalidArgument("params.scheme", "must be HE_SCHEME_CKKS")
+        params = check_params("ckks", p.poly_modulus_degree, list(p.coeff_mod_bit_sizes), p.global_scale,
+                              p.security_level)
+        record = self.service.register_context(context.current_tenant(), request.key_id, request.public_context,
+                                               params)
+        return he_pb2.RegisterContextResponse(context=context_proto(record))
+
+    def GetContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return he_pb2.GetContextResponse(context=context_proto(
+            self.service.get_context(context.current_tenant(), request.key_id)))
+
+    def ListContexts(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        offset, size = _page(request.page_size, request.page_token)
+        records = self.service.list_contexts(context.current_tenant(), offset, size + 1)
+        token = str(offset + size) if len(records) > size else ""
+        return he_pb2.ListContextsResponse(contexts=[context_proto(r) for r in records[:size]], next_page_token=token)
+
+    def DeleteContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        self.service.delete_context(context.current_tenant(), request.key_id)
+        return he_pb2.DeleteContextResponse()
+
+    # -- adapters ---------------------------------------------------------------------------------------
+    def LoadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        record, _ = self.service.load_adapter(context.current_tenant(), request.artifact_id, request.key_id,
+                                              list(request.layers))
+        return he_pb2.LoadAdapterResponse(adapter=self._adapter_proto(record))
+
+    def GetAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        return he_pb2.GetAdapterResponse(adapter=self._adapter_proto(
+            self.service.get_adapter(context.current_tenant(), request.adapter_id)))
+
+    def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        offset, size = _page(request.page_size, request.page_token)
+        records = self.service.list_adapters(context.current_tenant(), offset, size + 1)
+        token = str(offset + size) if len(records) > size else ""
+        return he_pb2.ListAdaptersResponse(adapters=[self._adapter_proto(r) for r in records[:size]],
+                                           next_page_token=token)
+
+    def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        self.service.unload_adapter(context.current_tenant(), request.adapter_id)
+        return he_pb2.UnloadAdapterResponse()
+
+    # -- compute ----------------------------------------------------------------------------------------
+    def AppendInput(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        comp, counts, timings = self.service.append_input(
+            context.current_tenant(), request.computation_id, request.adapter_id, list(request.layers),
+            request.num_tokens, request.offset, list(request.ciphertexts))
+        return he_pb2.AppendInputResponse(computation_id=comp.computation_id, received=comp.received,
+                                          complete=comp.complete, counts=counts_proto(counts),
+                                          timings=he_pb2.ComputeTimings(**timings))
+
+    def ComputeDelta(self, request, ctx):  # noqa: N802, ANN001, ANN201
+        packing = _PACKINGS.get(request.packing)
+        if packing is None:
+            raise InvalidArgument("packing", "must be PACKING_COLUMN or PACKING_REPLICATED")
+        result: ComputeResult = self.service.compute_delta(
+            context.current_tenant(), request.adapter_id, list(request.layers), packing, list(request.ciphertexts),
+            request.num_tokens, request.computation_id,
+            [(li.layer, list(li.ciphertexts)) for li in request.layer_inputs], request.output_offset,
+            request.output_count)
+        resp = he_pb2.ComputeDeltaResponse(counts=counts_proto(result.counts),
+                                           timings=he_pb2.ComputeTimings(**result.timings),
+                                           computation_id=result.computation_id)
+        for d in result.deltas:
+            resp.deltas.add(layer=d.layer, ciphertexts=d.ciphertexts, counts=counts_proto(d.counts),
+                            block_size=d.block_size, output_offset=d.output_offset, round=d.round)
+        return resp
 
 
 def create(env: ServiceEnvironment) -> HeServicer:
-    return HeServicer(env)
+    from tensafe.trainer import checkpoint
+    from tensafe.trainer.vault_client import VaultClient
+
+    vault = VaultClient(env.peers)
+
+    def read_artifact(artifact_id: str) -> dict[str, bytes]:
+        _, data = vault.get(context.current(), artifact_id)
+        return checkpoint.read(data)
+
+    return HeServicer(HeService(HeStore(env.db), read_artifact, env.config.max_message_mb << 20))

@@ -1,0 +1,336 @@
+"""Private inference with HE-LoRA: encrypt on the tenant's machine, compute on the he service, decrypt here.
+
+Two packings, chosen by the number of tokens (see docs/he.md):
+
+* one token: *replicated* packing in two rounds. x is tiled into blocks of d slots; the service returns
+  masked products whose block sums are the blinded rank projections Q A x + rho; this client (the key
+  holder) sums the blocks, re-encrypts the sums tiled in blocks of r slots, and the service returns
+  masked products whose block sums are the delta.
+* several tokens: *column* packing. One ciphertext per input dimension holds that dimension across up
+  to N/2 tokens; the service multiplies by A then by s * B as scalars (depth 2) and returns one
+  ciphertext per output dimension.
+
+No ciphertext is ever rotated, and the service never holds a secret key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ValidationError
+from .keys import HEKeyBundle
+from .params import HESchemeParams
+from .remote import HEAdapterInfo, HeClient, HELayerInfo
+
+# Bytes of ciphertexts per AppendInput call: well under the 64 MiB message limit.
+_CHUNK_BYTES = 24 << 20
+_COUNT_FIELDS = ("plaintext_multiplies", "additions", "rotations", "rescales")
+_TIMING_FIELDS = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")
+
+
+@dataclass
+class CallStats:
+    """What the he service reported for one ``process`` (summed over its RPCs), and the bytes moved."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNT_FIELDS, 0)
+                                   | {"multiplicative_depth": 0})
+    server_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_TIMING_FIELDS, 0.0))
+    rpcs: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    wall_ms: float = 0.0
+
+    def add(self, counts: Any, timings: Any, request: Any, response: Any) -> None:
+        for name in _COUNT_FIELDS:
+            self.counts[name] += getattr(counts, name)
+        self.counts["multiplicative_depth"] = max(self.counts["multiplicative_depth"], counts.multiplicative_depth)
+        for name in _TIMING_FIELDS:
+            self.server_ms[name] += getattr(timings, name)
+        self.rpcs += 1
+        self.request_bytes += request.ByteSize()
+        self.response_bytes += response.ByteSize()
+
+
+@dataclass
+class EncryptedInput:
+    """Ciphertexts of hidden states, ready for :meth:`PrivateInference.process`. ``groups`` holds, per
+    group of at most N/2 tokens, the serialised ciphertexts (column: one per input dimension;
+    replicated: one)."""
+
+    packing: str
+    shape: tuple[int, ...]
+    groups: list[tuple[int, list[bytes]]]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(c) for _, cts in self.groups for c in cts)
+
+
+@dataclass
+class EncryptedOutput:
+    """The encrypted deltas returned by the he service; only the key holder can decrypt them."""
+
+    packing: str
+    shape: tuple[int, ...]
+    # layer -> per token group: (tokens, ciphertexts, block size)
+    layers: dict[str, list[tuple[int, list[bytes], int]]]
+    out_features: dict[str, int]
+    stats: CallStats
+
+
+def _as_matrix(hidden_states: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    if hasattr(hidden_states, "detach"):
+        hidden_states = hidden_states.detach().to("cpu").double().numpy()
+    x = np.asarray(hidden_states, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim not in (2, 3):
+        raise ValidationError(f"hidden_states must be [d], [tokens, d] or [batch, tokens, d], got shape {x.shape}",
+                              field="hidden_states", code="INVALID_ARGUMENT")
+    if not np.all(np.isfinite(x)):
+        raise ValidationError("hidden_states holds NaN or infinity", field="hidden_states", code="INVALID_ARGUMENT")
+    return x.reshape(-1, x.shape[-1]), x.shape
+
+
+
+class PrivateInference:
+    """Encrypt hidden states (:meth:`encrypt_input`), have the he service compute the LoRA delta of an
+    adapter on them (:meth:`process`), decrypt the result (:meth:`decrypt_output`). Built by
+    :func:`create_private_inference_mode`. The key bundle stays in this object, in this process."""
+
+    def __init__(self, bundle: HEKeyBundle, he: HeClient, adapter: HEAdapterInfo) -> None:
+        self.bundle = bundle
+        self.he = he
+        self.adapter = adapter
+        self.last_stats: CallStats | None = None
+
+    @property
+    def layers(self) -> tuple[HELayerInfo, ...]:
+        return self.adapter.layers
+
+    def _layers(self, layers: list[str] | None) -> list[HELayerInfo]:
+        chosen = [self.adapter.layer(n) for n in layers] if layers else list(self.adapter.layers)
+        dims = {ly.in_features for ly in chosen}
+        if len(dims) != 1:
+            raise ValidationError(f"one input x serves layers with one input size; these take {sorted(dims)}: "
+                                  "name the layers (layers=[...])", field="layers", code="INVALID_ARGUMENT")
+        return chosen
+
+    # -- tenant side ---------------------------------------------------------------------------------------
+    def encrypt_input(self, hidden_states: Any, packing: str = "auto") -> EncryptedInput:
+        """Encrypt hidden states of shape [d], [tokens, d] or [batch, tokens, d] under the tenant's public
+        key. ``packing``: "auto" (replicated for one token, column otherwise), "replicated" or "column"."""
+        x, shape = _as_matrix(hidden_states)
+        tokens, d = x.shape
+        slots = self.bundle.slot_count
+        if packing == "auto":
+            packing = "replicated" if tokens == 1 else "column"
+        if packing == "replicated":
+            if tokens != 1:
+                raise ValidationError("replicated packing takes one token", field="packing", code="INVALID_ARGUMENT")
+            if d > slots:
+                raise ValidationError(f"d = {d} exceeds the {slots} slots of the context; use column packing or "
+                                      "a larger poly_modulus_degree", field="hidden_states",
+                                      code="INVALID_ARGUMENT")
+            tiled = np.tile(x[0], slots // d)
+            return EncryptedInput("replicated", shape, [(1, [self.bundle.encrypt(tiled).serialize()])])
+        if packing != "column":
+            raise ValidationError("packing must be 'auto', 'replicated' or 'column'", field="packing",
+                                  code="INVALID_ARGUMENT")
+        groups = []
+        for start in range(0, tokens, slots):
+            part = x[start:start + slots]
+            groups.append((part.shape[0], [self.bundle.encrypt(part[:, j]).serialize() for j in range(d)]))
+        return EncryptedInput("column", shape, groups)
+
+    def decrypt_output(self, output: EncryptedOutput) -> dict[str, np.ndarray]:
+        """The decrypted delta of each layer: layer name -> array of shape [tokens, d_out] (or
+        [batch, tokens, d_out] for a 3-D input), float64."""
+        result = {}
+        for name, groups in output.layers.items():
+            d_out = output.out_features[name]
+            parts = []
+            for tokens, cts, block in groups:
+                if output.packing == "replicated":
+                    values = [v for c in cts for v in self._decrypt_blocks(c, block)]
+                    parts.append(np.asarray(values[:d_out], dtype=np.float64)[None, :])
+                else:
+                    parts.append(np.stack([np.asarray(self.bundle.decrypt(c)[:tokens]) for c in cts], axis=1))
+            delta = np.concatenate(parts, axis=0)
+            result[name] = delta.reshape(*output.shape[:-1], d_out) if len(output.shape) > 1 else delta[0]
+        return result
+
+    def _decrypt_blocks(self, data: bytes, block: int) -> np.ndarray:
+        values = np.asarray(self.bundle.decrypt(data), dtype=np.float64)
+        per = len(values) // block
+        return values[: per * block].reshape(per, block).sum(axis=1)
+
+    # -- the he service --------------------------------------------------------------------------------------
+    def process(self, encrypted: EncryptedInput, layers: list[str] | None = None) -> EncryptedOutput:
+        """Have the he service compute the delta of ``layers`` (default: every loaded layer; they must share
+        their input size) on ``encrypted``. Sends ciphertexts only. For one token the second round's
+        input is made here, by the key holder, from the first round's block sums."""
+        chosen = self._layers(layers)
+        stats = CallStats()
+        t0 = time.perf_counter()
+        if encrypted.groups and len(encrypted.groups[0][1]) and encrypted.packing == "column":
+            d = len(encrypted.groups[0][1])
+        else:
+            d = chosen[0].in_features
+        if d != chosen[0].in_features:
+            raise ValidationError(f"the input has {d} features; the layers take {chosen[0].in_features}",
+                                  field="hidden_states", code="INVALID_ARGUMENT")
+        out: dict[str, list[tuple[int, list[bytes], int]]] = {ly.name: [] for ly in chosen}
+        for tokens, cts in encrypted.groups:
+            if encrypted.packing == "replicated":
+                for name, (cts_out, block) in self._replicated(chosen, cts, stats).items():
+                    out[name].append((1, cts_out, block))
+            else:
+                for name, cts_out in self._column(chosen, tokens, cts, stats).items():
+                    out[name].append((tokens, cts_out, 0))
+        stats.wall_ms = (time.perf_counter() - t0) * 1e3
+        self.last_stats = stats
+        return EncryptedOutput(encrypted.packing, encrypted.shape, out, {ly.name: ly.out_features for ly in chosen},
+                               stats)
+
+    def _replicated(self, layers: list[HELayerInfo], cts: list[bytes], stats: CallStats
+                    ) -> dict[str, tuple[list[bytes], int]]:
+        from tensafe.api.he.v1 import he_pb2
+
+        names = [ly.name for ly in layers]
+        req = he_pb2.ComputeDeltaRequest(adapter_id=self.adapter.adapter_id, layers=names,
+                                         packing=he_pb2.PACKING_REPLICATED, ciphertexts=cts, num_tokens=1)
+        first = self.he.compute_delta(req)
+        stats.add(first.counts, first.timings, req, first)
+        # The key holder's step: block sums of round 1 are the blinded projections, re-encrypted tiled.
+        second = he_pb2.ComputeDeltaRequest(adapter_id=self.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
+                                            computation_id=first.computation_id, num_tokens=1)
+        slots = self.bundle.slot_count
+        for delta in first.deltas:
+            layer = self.adapter.layer(delta.layer)
+            sums = np.concatenate([self._decrypt_blocks(c, delta.block_size) for c in delta.ciphertexts])[:layer.rank]
+            tiled = np.tile(sums, slots // layer.rank)
+            second.layer_inputs.add(layer=delta.layer, ciphertexts=[self.bundle.encrypt(tiled).serialize()])
+        final = self.he.compute_delta(second)
+        stats.add(final.counts, final.timings, second, final)
+        return {d.layer: (list(d.ciphertexts), d.block_size) for d in final.deltas}
+
+    def _column(self, layers: list[HELayerInfo], tokens: int, cts: list[bytes], stats: CallStats
+                ) -> dict[str, list[bytes]]:
+        from tensafe.api.he.v1 import he_pb2
+
+        names = [ly.name for ly in layers]
+        computation_id, offset = "", 0
+        while offset < len(cts):
+            chunk, size = [], 0
+            for ct in cts[offset:]:
+                if chunk and size + len(ct) > _CHUNK_BYTES:
+                    break
+                chunk.append(ct)
+                size += len(ct)
+            req = he_pb2.AppendInputRequest(computation_id=computation_id, offset=offset, ciphertexts=chunk)
+            if not computation_id:
+                req.adapter_id, req.num_tokens = self.adapter.adapter_id, tokens
+                req.layers.extend(names)
+            resp = self.he.append_input(req)
+            stats.add(resp.counts, resp.timings, req, resp)
+            computation_id, offset = resp.computation_id, resp.received
+        out: dict[str, list[bytes]] = {n: [] for n in names}
+        width = max(ly.out_features for ly in layers)
+        offset = 0
+        while offset < width:
+            req = he_pb2.ComputeDeltaRequest(adapter_id=self.adapter.adapter_id, layers=names,
+                                             packing=he_pb2.PACKING_COLUMN, computation_id=computation_id,
+                                             output_offset=offset)
+            resp = self.he.compute_delta(req)
+            stats.add(resp.counts, resp.timings, req, resp)
+            step = 0
+            for delta in resp.deltas:
+                out[delta.layer].extend(delta.ciphertexts)
+                step = max(step, len(delta.ciphertexts))
+            if step == 0:
+                raise ValidationError("the he service returned no output ciphertexts", field="output_offset",
+                                      code="INTERNAL")
+            offset += step
+        return out
+
+
+def create_private_inference_mode(key_bundle: HEKeyBundle, params: HESchemeParams | None = None, *, client: Any,
+                                  adapter: str, layers: list[str] | None = None) -> PrivateInference:
+    """Register ``key_bundle``'s public context with the he service of ``client`` (a
+    :class:`~tg_tinker.ServiceClient`) and have it load ``adapter`` (a vault artifact id of a trainer
+    checkpoint) for ``layers`` (module names or suffixes; default all). ``params``, if given, must be
+    the bundle's own."""
+    if params is not None and params != key_bundle.params:
+        raise ValidationError("params differ from the key bundle's parameters", field="params",
+                              code="INVALID_ARGUMENT")
+    he: HeClient = client.he
+    he.register_context(key_bundle.key_id, key_bundle.public_context(), key_bundle.params)
+    info = he.load_adapter(adapter, key_bundle.key_id, layers)
+    return PrivateInference(key_bundle, he, info)
+
+
+@dataclass(frozen=True)
+class AdapterEncryptionConfig:
+    """Which layers of an adapter run encrypted: ``encrypted_layers`` are module names or suffixes
+    ("q_proj"); ``rank`` is the adapter's LoRA rank, checked against the adapter the service loads."""
+
+    rank: int
+    encrypted_layers: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encrypted_layers", tuple(self.encrypted_layers))
+        if self.rank < 1:
+            raise ValidationError("rank must be >= 1", field="config.rank", code="INVALID_ARGUMENT")
+        if not self.encrypted_layers:
+            raise ValidationError("name at least one layer", field="config.encrypted_layers",
+                                  code="INVALID_ARGUMENT")
+
+
+class EncryptedLoRARuntime:
+    """The HE-LoRA side of a plaintext forward pass: :meth:`forward` returns the LoRA delta of one
+    encrypted layer for given hidden states, computed by the he service on their encryption."""
+
+    def __init__(self, inference: PrivateInference, config: AdapterEncryptionConfig) -> None:
+        self.inference = inference
+        self.config = config
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(ly.name for ly in self.inference.layers)
+
+    def forward(self, hidden_states: Any, layer: str) -> Any:
+        """The delta (alpha / r) * B A x of ``layer`` (PEFT module name such as
+        "model.layers.0.self_attn.q_proj", or a suffix naming one layer) for ``hidden_states`` of shape
+        [tokens, d] or [batch, tokens, d]: same leading shape, last dimension d_out. A torch tensor comes
+        back as a torch tensor (input dtype and device), anything else as a float64 numpy array."""
+        info = self.inference.adapter.layer(layer)
+        enc = self.inference.encrypt_input(hidden_states)
+        out = self.inference.process(enc, layers=[info.name])
+        delta = self.inference.decrypt_output(out)[info.name]
+        if hasattr(hidden_states, "detach"):
+            import torch
+
+            return torch.as_tensor(delta, dtype=hidden_states.dtype, device=hidden_states.device)
+        return delta
+
+    __call__ = forward
+
+
+def create_encrypted_runtime(config: AdapterEncryptionConfig, key_bundle: HEKeyBundle, *, client: Any,
+                             adapter: str) -> EncryptedLoRARuntime:
+    """Load ``adapter`` (vault artifact id) on the he service of ``client`` for ``config.encrypted_layers``
+    and return the runtime computing their deltas under ``key_bundle``. The encrypted part runs on the
+    he service; there is no local or simulated mode."""
+    inference = create_private_inference_mode(key_bundle, client=client, adapter=adapter,
+                                              layers=list(config.encrypted_layers))
+    wrong = [ly.name for ly in inference.layers if ly.rank != config.rank]
+    if wrong:
+        raise ValidationError(f"config.rank is {config.rank}; the adapter's layers {wrong[:3]} have rank "
+                              f"{inference.adapter.layer(wrong[0]).rank}", field="config.rank",
+                              code="INVALID_ARGUMENT")
+    return EncryptedLoRARuntime(inference, config)

@@ -1,0 +1,209 @@
+"""HE-LoRA without a server: parameters against the security table, key files, the CKKS arithmetic of
+both packings, and what the single-token masks hide. Real TenSEAL throughout."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from tensafe.he import compute
+from tensafe.he.compute import Counts, LoraLayer
+from tensafe.he.service import check_params, inspect_context
+from tensafe.runtime.errors import InvalidArgument
+from tg_tinker import IntegrityError, ValidationError
+from tg_tinker.he import HEKeyManager, HEScheme, HESchemeParams
+
+
+@pytest.fixture(scope="module")
+def bundle():  # noqa: ANN201
+    return HEKeyManager("tenant-a").generate_key_bundle(key_id="k1")
+
+
+def _server_contexts(bundle):  # noqa: ANN001, ANN202
+    column = ts.context_from(bundle.public_context())
+    column.auto_rescale = False
+    return column, ts.context_from(bundle.public_context())
+
+
+def _layer(rng: np.random.Generator, d: int, r: int, d_out: int) -> LoraLayer:
+    return LoraLayer("m", rng.uniform(-1, 1, (r, d)) / np.sqrt(d), rng.normal(0, 5e-3, (d_out, r)), 2.0 * r, 2.0)
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# -- parameters --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "bits", "level", "limit"), [
+    (8192, (60, 60, 60, 60), 128, 218),      # 240 bits
+    (8192, (60, 40, 40, 60), 192, 152),      # the default primes are not 192-bit secure at N = 8192
+    (8192, (60, 40, 40, 60), 256, 118),
+    (4096, (40, 30, 40), 128, 109),
+    (16384, (60,) * 8, 128, 438),           # 480 bits
+])
+def test_insecure_parameters_are_refused_naming_the_limit(n: int, bits: tuple, level: int, limit: int) -> None:
+    with pytest.raises(ValidationError) as err:
+        HESchemeParams(poly_modulus_degree=n, coeff_mod_bit_sizes=bits, security_level=level)
+    assert err.value.code == "INSECURE_PARAMETERS"
+    assert f"{limit} bits" in str(err.value) and f"{level}-bit" in str(err.value)
+    assert err.value.field == "params.coeff_mod_bit_sizes"
+    with pytest.raises(InvalidArgument) as server:
+        check_params("ckks", n, list(bits), 2.0 ** 40, level)
+    assert server.value.reason == "INSECURE_PARAMETERS" and str(limit) in server.value.metadata["limit"]
+
+
+def test_secure_parameters_pass_and_shallow_ones_are_refused() -> None:
+    assert HESchemeParams().max_modulus_bits() == 218
+    HESchemeParams(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 40, 40, 40, 60), security_level=192)
+    with pytest.raises(ValidationError) as err:  # secure, but 2 multiplications at scale 2^40 do not fit
+        HESchemeParams(coeff_mod_bit_sizes=(60, 40, 60))
+    assert err.value.field == "params.coeff_mod_bit_sizes" and "3 x scale_bits" in str(err.value)
+    with pytest.raises(ValidationError) as err:
+        HESchemeParams(poly_modulus_degree=3000)
+    assert err.value.code == "INSECURE_PARAMETERS"
+    with pytest.raises(ValidationError):
+        HESchemeParams(scheme="bfv")  # type: ignore[arg-type]
+    assert HESchemeParams(scheme=HEScheme.CKKS).slot_count == 4096
+
+
+def test_the_service_inspects_the_context_itself(bundle) -> None:  # noqa: ANN001
+    params = bundle.params
+    ctx = inspect_context(bundle.public_context(), params)
+    assert not ctx.has_secret_key() and not ctx.has_galois_keys()
+    private = bundle.context.serialize(save_secret_key=True)
+    with pytest.raises(InvalidArgument) as err:
+        inspect_context(private, params)
+    assert err.value.reason == "SECRET_KEY_REFUSED" and err.value.field == "public_context"
+    galois = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])  # small: keys of N=8192 are 35 MB
+    galois.generate_galois_keys()
+    galois.make_context_public()
+    with pytest.raises(InvalidArgument, match="Galois"):
+        inspect_context(galois.serialize(save_galois_keys=True), params)
+    # The claimed parameters must be the context's own: a claim cannot smuggle a weaker context through.
+    with pytest.raises(InvalidArgument) as err:
+        inspect_context(bundle.public_context(), HESchemeParams(coeff_mod_bit_sizes=(50, 40, 40, 40, 40)))
+    assert err.value.field == "params.coeff_mod_bit_sizes"
+    with pytest.raises(InvalidArgument) as err:
+        inspect_context(b"junk", params)
+    assert err.value.field == "public_context"
+
+
+# -- keys ----------------------------------------------------------------------------------------------------
+def test_key_bundle_file_is_encrypted_and_round_trips(bundle, tmp_path) -> None:  # noqa: ANN001
+    path = bundle.save(tmp_path / "k.bundle", passphrase="correct horse battery")
+    raw = path.read_bytes()
+    secret = bundle.context.serialize(save_secret_key=True)
+    sk_file = tmp_path / "sk"
+    bundle.context.secret_key().data.save(str(sk_file))
+    sk = sk_file.read_bytes()
+    for probe in (secret[len(secret) // 2:len(secret) // 2 + 32], sk[len(sk) // 2:len(sk) // 2 + 32]):
+        assert probe not in raw
+    assert (path.stat().st_mode & 0o777) == 0o600
+    keys = HEKeyManager("tenant-a")
+    loaded = keys.load_key_bundle(path, passphrase="correct horse battery")
+    assert loaded.key_id == "k1" and loaded.params == bundle.params
+    ct = bundle.encrypt([1.5, -2.0]).serialize()
+    assert np.allclose(loaded.decrypt(ct), [1.5, -2.0], atol=1e-6)
+    with pytest.raises(IntegrityError):
+        keys.load_key_bundle(path, passphrase="wrong horse battery")
+    tampered = tmp_path / "t.bundle"
+    tampered.write_bytes(raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:])
+    with pytest.raises(IntegrityError):
+        keys.load_key_bundle(tampered, passphrase="correct horse battery")
+    key = bytes(range(32))
+    other = bundle.save(tmp_path / "key.bundle", key=key)
+    assert keys.load_key_bundle(other, key=key).key_id == "k1"
+    with pytest.raises(IntegrityError):
+        keys.load_key_bundle(other, key=bytes(32))
+    with pytest.raises(TypeError):
+        pickle.dumps(bundle)
+    assert "secret" not in repr(bundle).lower() and "context" not in repr(bundle)
+
+
+# -- the arithmetic --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("d", "r", "d_out", "tokens"), [(64, 8, 32, 7), (128, 4, 64, 1000), (96, 16, 200, 2)])
+def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle, d, r, d_out, tokens) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(d + r)
+    layer = _layer(rng, d, r, d_out)
+    x = rng.normal(0, 1, (tokens, d))
+    column, _ = _server_contexts(bundle)
+    cts = [ts.ckks_vector_from(column, bundle.encrypt(x[:, j]).serialize()) for j in range(d)]
+    proj, counts = compute.ColumnProjection(layer), Counts()
+    proj.fold(cts[:d // 3], 0, counts)
+    proj.fold(cts[d // 3:], d // 3, counts)
+    outs = compute.column_outputs(column, proj, 0, d_out, tokens, 2.0 ** 40, counts)
+    got = np.stack([bundle.decrypt(o.serialize())[:tokens] for o in outs], axis=1)
+    assert _rel(got, layer.scaling * x @ layer.A.T @ layer.B.T) < 1e-4
+    assert counts.rotations == 0 and counts.multiplicative_depth == 2 and counts.rescales == 0
+    assert counts.plaintext_multiplies == d * r + d_out * r
+
+
+def _token(bundle, layer: LoraLayer, x: np.ndarray):  # noqa: ANN001, ANN202
+    """Both rounds of one token as the SDK runs them; returns (round 1 slots, round 2 slots, delta, counts)."""
+    _, ctx = _server_contexts(bundle)
+    slots, d, r = bundle.slot_count, layer.in_features, layer.rank
+    counts = Counts()
+    ct = ts.ckks_vector_from(ctx, bundle.encrypt(np.tile(x, slots // d)).serialize())
+    first, blinding = compute.project_token(ctx, layer, ct, slots, counts)
+    slots1 = np.concatenate([bundle.decrypt(c.serialize()) for c in first])
+    sums = np.concatenate([np.reshape(bundle.decrypt(c.serialize()), (-1, d)).sum(1) for c in first])[:r]
+    ct2 = ts.ckks_vector_from(ctx, bundle.encrypt(np.tile(sums, slots // r)).serialize())
+    second = compute.expand_token(ctx, blinding, ct2, slots, counts)
+    slots2 = np.concatenate([bundle.decrypt(c.serialize()) for c in second])
+    delta = slots2.reshape(-1, r).sum(1)[: layer.out_features]
+    return slots1, slots2, sums, blinding, delta, counts
+
+
+@pytest.mark.parametrize(("d", "r", "d_out"), [(64, 8, 32), (576, 16, 576), (100, 4, 300)])
+def test_replicated_packing_is_the_lora_delta(bundle, d, r, d_out) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(d * r)
+    layer = _layer(rng, d, r, d_out)
+    x = rng.normal(0, 1, d)
+    *_, delta, counts = _token(bundle, layer, x)
+    assert _rel(delta, layer.scaling * layer.B @ layer.A @ x) < 1e-4
+    assert counts.rotations == 0 and counts.multiplicative_depth == 1
+
+
+def test_single_token_masks_cancel_in_block_sums_and_hide_the_products(bundle) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(5)
+    layer = _layer(rng, 64, 8, 32)
+    x = rng.normal(0, 1, 64)
+    slots1, slots2, sums, blinding, delta, _ = _token(bundle, layer, x)
+    # Round 1: the block sums are the blinded projections Q A x + rho, not A x ...
+    projections = blinding.Q @ layer.A @ x
+    assert np.allclose(sums, projections + blinding.rho, atol=1e-5)
+    assert np.abs(sums - layer.A @ x).min() > 1.0  # rho is of order 2^14
+    # ... and no slot is one of the products (Q A)[k, j] x_j it sums: each is off by a mask of order 2^14.
+    products = ((blinding.Q @ layer.A) * x).ravel()
+    assert np.abs(slots1[: products.size] - products).min() > 1e-3
+    assert np.std(slots1[: products.size] - products) > 1000
+    # Round 2: the masks cancel in every block of r slots, and the slots are not the products either.
+    blocks = slots2.reshape(-1, layer.rank)[: layer.out_features]
+    products2 = layer.scaling * (layer.B @ blinding.Q.T) * projections
+    assert np.allclose(blocks.sum(1), products2.sum(1), atol=1e-6)
+    assert np.abs(blocks - products2).min() > 1e-3
+    # A second call on the same x draws fresh Q, rho and masks: same delta, different everything else.
+    slots1b, slots2b, sums_b, _, delta_b, _ = _token(bundle, layer, x)
+    assert np.allclose(delta, delta_b, rtol=0, atol=1e-6 * np.abs(delta).max())
+    assert np.abs(sums - sums_b).min() > 1e-2 and np.abs(slots2 - slots2b).min() > 1e-3
+
+
+def test_block_masks_sum_exactly_and_are_fresh() -> None:
+    sums = np.array([3.0, -1.0, 0.0])
+    m = compute.block_masks(40, 10, 3, sums)
+    assert np.allclose(m[:30].reshape(3, 10).sum(1), sums, atol=1e-9)
+    assert m.std() > 1000
+    assert not np.allclose(m, compute.block_masks(40, 10, 3, sums))
+    q = compute.random_orthogonal(16)
+    assert np.allclose(q @ q.T, np.eye(16), atol=1e-12)
+
+
+def test_a_token_wider_than_the_slots_is_refused(bundle) -> None:  # noqa: ANN001
+    layer = _layer(np.random.default_rng(0), 8192, 4, 8)
+    _, ctx = _server_contexts(bundle)
+    with pytest.raises(InvalidArgument) as err:
+        compute.project_token(ctx, layer, bundle.encrypt([0.0]), bundle.slot_count, Counts())
+    assert "poly_modulus_degree" in str(err.value)

@@ -204,3 +204,18 @@ def test_cancelling_a_stream_stops_generation(sc) -> None:
         next(stream)
     quick = list(sc.stream(PROMPTS[:1], max_tokens=4, temperature=0, timeout=60))
     assert quick[-1].finish_reason in ("length", "stop")
+
+
+def test_streaming_example_runs_against_tensafe_up(trainer_stack) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(trainer_stack.env, TS_API_KEY=trainer_stack.api_key, TS_BASE_URL=trainer_stack.target)
+    out = subprocess.run([sys.executable, "examples/serving/stream_generation.py", "--model", "tiny", "--steps", "2",
+                          "--max-tokens", "6", "Once upon a time"], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "trained 2 steps" in out.stdout and "[0] Once upon a time" in out.stdout
+    assert "<length>" in out.stdout or "<stop>" in out.stdout

@@ -1,0 +1,186 @@
+"""Generation through SDK + gRPC + the inference service, against transformers' generate in this process.
+
+Anchor: the same base model with the same LoRA adapter (read from the same checkpoint) and
+PEFT, ``model.generate`` greedy over the same prompts, one prompt at a time, in this process.
+Measured: `tensafe up` in a subprocess; an adapter trained a few steps through the SDK and
+saved to the vault, loaded into the inference service, and the same prompts streamed through
+``SamplingClient.stream``. Both produce the same tokens (checked). Rounds are interleaved
+(anchor, service, ...) and medians compared, because this machine is shared and noisy.
+
+Printed: generated tokens per second (service over anchor, target >= 0.9) and first-token
+latency (time to the first streamed token of the first prompt, against in-process generate
+with max_new_tokens=1).
+
+    python bench/bench_inference.py [--models tiny smollm2] [--tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same OpenMP policy as the server (see tensafe.cli)
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+TARGETS = ["q_proj", "v_proj"]
+PROMPTS = ["Once upon a time", "The clinic opens at", "Please bring your insurance card", "The train to the city"]
+
+
+class Server:
+    def __init__(self, model_root: Path, tmp: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_root), TENSAFE_METRICS_PORT="0",
+                   TENSAFE_LOG_LEVEL="WARNING", TENSAFE_ACCESS_LOG="false")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(tmp / "data"),
+                                      "--port", str(self.port)], env=env, stdout=subprocess.PIPE, text=True)
+        for line in self.proc.stdout:
+            if line.startswith("ts-"):
+                self.api_key = line.strip()
+                break
+
+    def client(self):  # noqa: ANN201
+        from tg_tinker import ServiceClient
+
+        return ServiceClient(api_key=self.api_key, base_url=f"127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def trained_adapter(client, model_ref: str) -> str:  # noqa: ANN001
+    """A checkpoint artifact of an adapter trained 3 steps (so it is not the identity)."""
+    from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
+
+    cfg = TrainingConfig(model_ref=model_ref, batch_size=2, seed=0, optimizer=OptimizerConfig(learning_rate=1e-3),
+                         lora_config=LoRAConfig(rank=16, alpha=32, dropout=0.0, target_modules=TARGETS))
+    with client.create_training_client(cfg) as tc:
+        ids = [[1, 20, 30, 40, 50, 60, 70, 80], [1, 21, 31, 41, 51, 61, 71, 81]]
+        for _ in range(3):
+            tc.forward_backward({"input_ids": ids, "labels": ids})
+            tc.optim_step()
+        return tc.save_state(include_optimizer=False).artifact_id
+
+
+def in_process_model(model_dir: Path, adapter_tar: bytes):  # noqa: ANN001, ANN201
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load as st_load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tensafe.inference.adapter import read_adapter
+
+    adapter = read_adapter(adapter_tar)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    fields = {k: v for k, v in adapter.config.items() if k not in ("base_model_name_or_path", "revision")}
+    model = get_peft_model(base, PeftConfig.from_peft_type(**fields))
+    set_peft_model_state_dict(model, st_load(adapter.weights))
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, pad
+
+
+def anchor_round(model, tokenizer, pad: int, tokens: int) -> tuple[float, float, list[list[int]]]:  # noqa: ANN001
+    """(tokens/s, first-token seconds, outputs) of in-process greedy generate."""
+    outputs, generated = [], 0
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(PROMPTS[0]).input_ids])
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for prompt in PROMPTS:
+            ids = torch.tensor([tokenizer(prompt).input_ids])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            outputs.append(out[0, ids.shape[1]:].tolist())
+            generated += len(outputs[-1])
+        elapsed = time.perf_counter() - start
+    return generated / elapsed, first, outputs
+
+
+def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:  # noqa: ANN001
+    outputs: dict[int, list[int]] = {}
+    start = time.perf_counter()
+    first = None
+    for chunk in sc.stream(PROMPTS, max_tokens=tokens, temperature=0):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter() - start
+        outputs.setdefault(chunk.prompt_index, []).extend(chunk.token_ids)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(v) for v in outputs.values())
+    return generated / elapsed, first, [outputs[i] for i in range(len(PROMPTS))]
+
+
+def bench(name: str, model_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
+    server = Server(model_dir.parent, tmp / name)
+    try:
+        with server.client() as client:
+            artifact = trained_adapter(client, model_dir.name)
+            model, tokenizer, pad = in_process_model(model_dir, client.get_artifact(artifact))
+            sc = client.create_sampling_client(artifact_id=artifact)
+            service_round(sc, 4)  # warm-up: both sides
+            anchor_round(model, tokenizer, pad, 4)
+            a_rate, a_first, s_rate, s_first = [], [], [], []
+            for _ in range(rounds):
+                rate, first, expected = anchor_round(model, tokenizer, pad, tokens)
+                a_rate.append(rate)
+                a_first.append(first)
+                rate, first, got = service_round(sc, tokens)
+                s_rate.append(rate)
+                s_first.append(first)
+                if got != expected:
+                    raise SystemExit(f"{name}: the service generated other tokens than the in-process anchor")
+        a, s = statistics.median(a_rate), statistics.median(s_rate)
+        af, sf = statistics.median(a_first), statistics.median(s_first)
+        print(f"{name}: {len(PROMPTS)} prompts x {tokens} new tokens, greedy, LoRA r=16 on {'/'.join(TARGETS)}, "
+              f"median of {rounds} interleaved rounds")
+        print(f"  in-process generate       {a:9.1f} tokens/s   first token {af * 1000:8.1f} ms")
+        print(f"  SDK+gRPC+inference stream {s:9.1f} tokens/s   first token {sf * 1000:8.1f} ms")
+        print(f"  ratio                     {s / a:9.3f} (target >= 0.9)      first token {sf / af:6.2f}x")
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.models:
+            if name == "tiny":
+                from tiny_model import build_tiny_model
+
+                bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.tokens, args.rounds, tmp)
+                continue
+            from tensafe.trainer.models import prepare_smollm2
+
+            try:
+                model_dir = prepare_smollm2(REPO / ".tensafe" / "models")
+            except RuntimeError as exc:
+                print(f"smollm2: skipped ({exc})")
+                continue
+            bench("smollm2", model_dir, args.tokens, args.rounds, tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .artifacts import ArtifactInfo, Artifacts
     from .audit import AuditRecord, AuditTrail
     from .configs import TrainingConfig
+    from .he.remote import HeClient
     from .sampling import SamplingClient
     from .training import TrainingClient
 
@@ -146,6 +147,14 @@ class ServiceClient:
 
     def delete_artifact(self, artifact_id: str) -> None:
         self.artifacts.delete(artifact_id)
+
+    # -- HE-LoRA (the he service) ----------------------------------------------------------------
+    @property
+    def he(self) -> HeClient:
+        """The he service's calls; HE-LoRA itself is in :mod:`tg_tinker.he`."""
+        from .he.remote import HeClient
+
+        return HeClient(self._transport)
 
     # -- the audit ledger ---------------------------------------------------------------------------
     def get_audit_logs(self, *, action: str = "", resource_id: str = "", service: str = "", limit: int = 1000,

@@ -1,0 +1,237 @@
+"""HE-LoRA through `tensafe up`: adapters trained by the trainer, loaded by the he service from the
+vault, deltas computed on ciphertexts and compared with PEFT's own LoRA delta on the same activations."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import tarfile
+
+import grpc
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from tg_tinker import LoRAConfig, NotFoundError, OptimizerConfig, TrainingConfig, ValidationError
+from tg_tinker.he import (
+    AdapterEncryptionConfig,
+    HEKeyManager,
+    HESchemeParams,
+    create_encrypted_runtime,
+    create_private_inference_mode,
+)
+
+IDS = [[0, 45, 120, 77, 200, 31, 9, 150], [0, 99, 14, 230, 61, 7, 180, 42]]
+ADAPTERS = {  # name -> (rank, alpha, modules): several shapes (64->64, 64->32, 64->128, 128->64) and ranks
+    "attn": (8, 16, ["q_proj", "v_proj"]),
+    "mlp": (4, 12, ["gate_proj", "down_proj"]),
+}
+
+
+class Recorder(grpc.UnaryUnaryClientInterceptor):
+    """Keeps every request message the SDK sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        self.sent.append(request.SerializeToString())
+        return continuation(client_call_details, request)
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def service(trainer_stack, recorder):  # noqa: ANN001, ANN201
+    client = trainer_stack.client(retry_count=2)
+    transport = client._transport
+    channel = transport.channel
+    transport.channel = lambda name: grpc.intercept_channel(channel(name), recorder)  # every call the SDK makes
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(service) -> dict[str, str]:  # noqa: ANN001
+    """A few training steps per adapter, saved to the vault: name -> artifact id."""
+    out = {}
+    for name, (rank, alpha, modules) in ADAPTERS.items():
+        config = TrainingConfig(model_ref="tiny", seed=3, batch_size=2,
+                                lora_config=LoRAConfig(rank=rank, alpha=alpha, dropout=0.0, target_modules=modules),
+                                optimizer=OptimizerConfig(name="adamw", learning_rate=2e-2))
+        with service.create_training_client(config) as tc:
+            for _ in range(3):
+                tc.forward_backward({"input_ids": IDS})
+                tc.optim_step()
+            out[name] = tc.save_state().artifact_id
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_model(service, checkpoints, tiny_model, tmp_path_factory):  # noqa: ANN001, ANN201
+    """PEFT's own model for each adapter, from the same checkpoint bytes (pulled and decrypted here)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+    for name, artifact in checkpoints.items():
+        folder = tmp_path_factory.mktemp(name)
+        with tarfile.open(fileobj=io.BytesIO(service.get_artifact(artifact))) as tar:
+            tar.extractall(folder, filter="data")
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+        models[name] = PeftModel.from_pretrained(base, str(folder)).eval()
+    return models
+
+
+@pytest.fixture(scope="module")
+def bundle():  # noqa: ANN201
+    return HEKeyManager(tenant_id="default").generate_key_bundle(HESchemeParams(), key_id="tenant-key-1")
+
+
+def peft_delta(model, module: str, x: torch.Tensor) -> np.ndarray:  # noqa: ANN001
+    """PEFT's LoRA delta of ``module`` for x: the wrapped layer's output minus its base layer's."""
+    layer = model.get_submodule("base_model.model." + module)
+    with torch.no_grad():
+        return (layer(x) - layer.base_layer(x)).double().numpy()
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_deltas_equal_pefts_own_for_shapes_ranks_and_token_counts(service, checkpoints, peft_model, bundle) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(0)
+    for name, (rank, _, modules) in ADAPTERS.items():
+        runtime = create_encrypted_runtime(config=AdapterEncryptionConfig(rank=rank, encrypted_layers=modules),
+                                           key_bundle=bundle, client=service, adapter=checkpoints[name])
+        assert len(runtime.layers) == 2 * len(modules)  # two decoder blocks
+        for layer in runtime.layers:
+            info = runtime.inference.adapter.layer(layer)
+            assert info.rank == rank and info.scaling == pytest.approx(ADAPTERS[name][1] / rank)
+            # Block 0: one token (replicated) and [batch, tokens, d]; block 1: [tokens, d] (both column).
+            shapes = [(1,), (2, 3)] if ".layers.0." in layer else [(5,)]
+            for shape in [(*s, info.in_features) for s in shapes]:
+                x = torch.tensor(rng.normal(0, 1, shape), dtype=torch.float32)
+                delta = runtime.forward(x, layer=layer)
+                assert isinstance(delta, torch.Tensor) and delta.shape == (*shape[:-1], info.out_features)
+                want = peft_delta(peft_model[name], layer, x)
+                assert np.abs(want).max() > 1e-4  # trained: B is no longer zero
+                assert rel_err(delta.double().numpy(), want) < 1e-4, (name, layer, shape)
+                stats = runtime.inference.last_stats
+                assert stats.counts["rotations"] == 0
+                assert stats.counts["multiplicative_depth"] == (1 if shape[0] == 1 else 2)
+                assert stats.counts["plaintext_multiplies"] > 0 and stats.server_ms["compute_ms"] > 0
+
+
+def test_private_inference_mode_and_several_layers_per_call(service, checkpoints, peft_model, bundle) -> None:  # noqa: ANN001
+    inference = create_private_inference_mode(key_bundle=bundle, params=bundle.params, client=service,
+                                              adapter=checkpoints["attn"], layers=["layers.1.self_attn.q_proj",
+                                                                                   "layers.1.self_attn.v_proj"])
+    x = np.random.default_rng(1).normal(0, 1, (4, 64))
+    enc = inference.encrypt_input(x)
+    out = inference.process(enc)
+    deltas = inference.decrypt_output(out)
+    assert set(deltas) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    for module, delta in deltas.items():
+        assert rel_err(delta, peft_delta(peft_model["attn"], module, torch.tensor(x, dtype=torch.float32))) < 1e-4
+    assert out.stats.counts["rotations"] == 0 and out.stats.request_bytes > enc.size_bytes * 0.99
+
+
+def test_no_secret_key_reaches_the_service_or_its_database(service, trainer_stack, recorder, bundle,  # noqa: ANN001
+                                                           tmp_path) -> None:
+    assert recorder.sent, "the other tests ran through the recorder"
+    bundle.context.secret_key().data.save(str(tmp_path / "sk"))
+    secret = (tmp_path / "sk").read_bytes()  # SEAL's own serialisation of the secret key
+    probes = [secret[i:i + 32] for i in range(64, len(secret) - 32, len(secret) // 8)]
+    for message in recorder.sent:
+        assert not any(p in message for p in probes)
+    # The registered context is public: the service and its database hold no secret key.
+    info = service.he.get_context(bundle.key_id)
+    assert not info.has_galois_keys and info.size_bytes <= 2 << 20
+    db = sqlite3.connect(trainer_stack.data_dir / "he.db")
+    blobs = [row[0] for row in db.execute("SELECT public_context FROM he_contexts")]
+    assert blobs and all(not ts.context_from(b).has_secret_key() for b in blobs)
+    # A context carrying a secret key is refused and not stored.
+    with pytest.raises(ValidationError) as err:
+        service.he.register_context("leaky", bundle.context.serialize(save_secret_key=True), bundle.params)
+    assert err.value.code == "SECRET_KEY_REFUSED" and err.value.field == "public_context"
+    assert db.execute("SELECT count(*) FROM he_contexts WHERE key_id = 'leaky'").fetchone()[0] == 0
+    raw = (trainer_stack.data_dir / "he.db").read_bytes()
+    assert not any(p in raw for p in probes)
+
+
+def test_insecure_parameters_are_refused_by_the_service(service, bundle) -> None:  # noqa: ANN001
+    from tensafe.api.he.v1 import he_pb2
+
+    # The SDK refuses these before sending; a hand-made request must meet the service's own check.
+    claim = he_pb2.HeSchemeParams(scheme=he_pb2.HE_SCHEME_CKKS, poly_modulus_degree=8192,
+                                  coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2.0 ** 40, security_level=256)
+    with pytest.raises(ValidationError) as err:
+        service.he._call("RegisterContext", he_pb2.RegisterContextRequest(
+            key_id="weak", public_context=bundle.public_context(), params=claim))
+    assert err.value.code == "INSECURE_PARAMETERS" and "118 bits" in str(err.value)
+    assert "118" in err.value.details["limit"]
+
+
+def test_another_tenants_context_adapter_and_computation_are_not_found(service, trainer_stack, checkpoints,
+                                                                        bundle) -> None:  # noqa: ANN001
+    from tensafe.api.he.v1 import he_pb2
+
+    inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["attn"],
+                                              layers=["layers.0.self_attn.q_proj"])
+    first = service.he.compute_delta(he_pb2.ComputeDeltaRequest(
+        adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED, num_tokens=1,
+        ciphertexts=inference.encrypt_input(np.ones(64)).groups[0][1]))
+    key = trainer_stack.cli("keys", "create", "--tenant", "mallory").stdout.strip().splitlines()[-1]
+    with trainer_stack.client(api_key=key) as mallory:
+        mine = HEKeyManager("mallory").generate_key_bundle(key_id="m1")
+        mallory.he.register_context("m1", mine.public_context(), mine.params)
+        for call in (lambda: mallory.he.get_context(bundle.key_id),
+                     lambda: mallory.he.load_adapter(checkpoints["attn"], "m1"),
+                     lambda: mallory.he.load_adapter(checkpoints["attn"], bundle.key_id),
+                     lambda: mallory.he.get_adapter(inference.adapter.adapter_id),
+                     lambda: mallory.he.unload_adapter(inference.adapter.adapter_id),
+                     lambda: mallory.he.compute_delta(he_pb2.ComputeDeltaRequest(
+                         adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED, num_tokens=1,
+                         ciphertexts=[b"x"])),
+                     lambda: mallory.he.compute_delta(he_pb2.ComputeDeltaRequest(
+                         packing=he_pb2.PACKING_REPLICATED, computation_id=first.computation_id,
+                         layer_inputs=[he_pb2.LayerInput(layer="q_proj", ciphertexts=[b"x"])]))):
+            with pytest.raises(NotFoundError):
+                call()
+        assert [c.key_id for c in mallory.he.list_contexts()] == ["m1"] and mallory.he.list_adapters() == []
+    assert service.he.get_adapter(inference.adapter.adapter_id).layers[0].name == "model.layers.0.self_attn.q_proj"
+
+
+def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noqa: ANN001
+    from tensafe.api.he.v1 import he_pb2
+
+    inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["mlp"],
+                                              layers=["layers.0.mlp.gate_proj"])
+    cases = [
+        (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
+                                    num_tokens=1, ciphertexts=[b"not a ciphertext"]), "ciphertexts[0]"),
+        (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, num_tokens=1), "packing"),
+        (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
+                                    num_tokens=1, ciphertexts=[bundle.encrypt(np.ones(64)).serialize()]),
+         "ciphertexts[0]"),  # not tiled: the wrong number of slots
+        (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
+                                    layers=["k_proj"], num_tokens=1, ciphertexts=[b""]), "layers"),
+    ]
+    for request, field in cases:
+        with pytest.raises(ValidationError) as err:
+            service.he.compute_delta(request)
+        assert err.value.field == field, (field, err.value)
+    with pytest.raises(ValidationError) as err:
+        service.he.load_adapter(checkpoints["mlp"], bundle.key_id, ["q_proj"])
+    assert err.value.field == "layers"
+    with pytest.raises(NotFoundError):
+        service.he.load_adapter(checkpoints["mlp"], "no-such-key")
+    with pytest.raises(ValidationError) as err:
+        create_encrypted_runtime(config=AdapterEncryptionConfig(rank=16, encrypted_layers=["gate_proj"]),
+                                 key_bundle=bundle, client=service, adapter=checkpoints["mlp"])
+    assert err.value.field == "config.rank"

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from typing import ClassVar
 
@@ -156,9 +159,63 @@ def _composed(name: str, state: State) -> dp_accounting.PrivacyAccountant:
     return acct
 
 
-@lru_cache(maxsize=4096)
+# Epsilon per (accountant, state, delta): computed once, even when several threads ask at the same time
+# (the others wait for the first), and kept for the most recent EPSILON_CACHE_SIZE answers.
+EPSILON_CACHE_SIZE = 4096
+_EpsKey = tuple[str, State, float]
+_eps_cache: OrderedDict[_EpsKey, float] = OrderedDict()
+_eps_inflight: dict[_EpsKey, Future] = {}
+_eps_lock = threading.Lock()
+_prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsilon-prefetch")
+
+
 def _epsilon(name: str, state: State, delta: float) -> float:
-    return float(_composed(name, state).get_epsilon(delta))
+    key = (name, state, delta)
+    with _eps_lock:
+        if key in _eps_cache:
+            _eps_cache.move_to_end(key)
+            return _eps_cache[key]
+        pending = _eps_inflight.get(key)
+        if pending is None:
+            pending = _eps_inflight[key] = Future()
+            mine = True
+        else:
+            mine = False
+    if not mine:
+        return pending.result()
+    try:
+        value = float(_composed(name, state).get_epsilon(delta))
+    except BaseException as exc:
+        with _eps_lock:
+            _eps_inflight.pop(key, None)
+        pending.set_exception(exc)
+        raise
+    with _eps_lock:
+        _eps_cache[key] = value
+        while len(_eps_cache) > EPSILON_CACHE_SIZE:
+            _eps_cache.popitem(last=False)
+        _eps_inflight.pop(key, None)
+    pending.set_result(value)
+    return value
+
+
+def prefetch(accountant: Accountant, delta: float) -> None:
+    """Start computing ``accountant``'s epsilon at ``delta`` in the background (a later call for the same
+    state is then answered from the cache, or waits for this computation rather than repeating it)."""
+    if not accountant.num_steps:
+        return
+    key = (accountant.name, accountant.state, float(delta))
+    with _eps_lock:
+        if key in _eps_cache or key in _eps_inflight:
+            return
+    _prefetcher.submit(_swallow, *key)
+
+
+def _swallow(name: str, state: State, delta: float) -> None:
+    try:
+        _epsilon(name, state, delta)
+    except Exception:  # noqa: BLE001 - the caller who needs the value computes it again and sees the error
+        logging.getLogger("tensafe.accountant").debug("epsilon prefetch failed", exc_info=True)
 
 
 def calibrate_noise(name: str, target_epsilon: float, delta: float, sample_rate: float, steps: int

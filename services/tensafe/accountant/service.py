@@ -181,6 +181,11 @@ class Budgets:
                                   epsilon_after=eps_after, recorded_at=time.time())
                 after = self.store.append_step(budget, step, state)
                 if after is not None:
+                    # The next record of the same kind will need one more step's epsilon (for its state
+                    # check): start it now, while the trainer computes that step.
+                    if state == ACTIVE:
+                        acct.compose(noise_multiplier, rate, 1)
+                        accounting.prefetch(acct, budget.target_delta)
                     return step, after, False
         raise FailedPrecondition(f"budget {budget_id} kept changing while recording step {step_id!r}; retry")
 

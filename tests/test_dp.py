@@ -368,3 +368,15 @@ def test_loading_a_checkpoint_gives_no_budget_back(service) -> None:
         after = resumed.optim_step().result(timeout=60).dp_metrics
         assert after.budget_id == spent.budget_id and after.accounted_steps == 3
         assert after.total_epsilon == pytest.approx(pld_epsilon(1.1, 0.01, 3, 1e-5), rel=5e-3)
+
+
+def test_rdp_sessions_are_accounted_with_rdp(service) -> None:
+    with service.create_training_client(dp_config(dp={"accountant_type": "rdp"})) as tc:
+        for _ in range(2):
+            tc.forward_backward(BATCH)
+            dp = tc.optim_step().result(timeout=60).dp_metrics
+    acct = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acct.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 2)
+    assert dp.accounted_steps == 2
+    assert dp.total_epsilon == pytest.approx(acct.get_epsilon(1e-5), rel=1e-3)
+    assert dp.total_epsilon > pld_epsilon(1.1, 0.01, 2, 1e-5)  # RDP is the looser bound

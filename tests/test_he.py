@@ -235,3 +235,25 @@ def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noq
         create_encrypted_runtime(config=AdapterEncryptionConfig(rank=16, encrypted_layers=["gate_proj"]),
                                  key_bundle=bundle, client=service, adapter=checkpoints["mlp"])
     assert err.value.field == "config.rank"
+
+
+def test_examples_run_against_tensafe_up(trainer_stack, tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(trainer_stack.env, TS_API_KEY=trainer_stack.api_key, TS_BASE_URL=trainer_stack.target,
+               TS_HE_PASSPHRASE="a test passphrase")
+    state, key = str(tmp_path / "he.json"), str(tmp_path / "he.bundle")
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    setup = run("examples/privacy/he_lora_setup.py", "--model", "tiny", "--rank", "4", "--state", state,
+                "--key-file", key)
+    assert "HE-LoRA setup done" in setup and "Galois keys: False" in setup
+    out = run("examples/inference/encrypted_inference.py", "--state", state, "--tokens", "6")
+    assert "encrypted inference done" in out and out.count("rotations 0") == 2, out

@@ -10,7 +10,6 @@ from tg_tinker import (
     LoRAConfig,
     NotFoundError,
     OptimizerConfig,
-    ServerError,
     TrainingConfig,
     ValidationError,
 )
@@ -180,9 +179,9 @@ def test_bad_requests(service, sc) -> None:
     assert info.value.field == "artifact_id"
     with pytest.raises(NotFoundError):
         service.create_sampling_client(model_ref="no-such-model").sample(PROMPTS, max_tokens=2)
-    with pytest.raises(ServerError) as err:
+    with pytest.raises(ValidationError) as info:
         service.create_sampling_client(artifact_id="anything", enable_he_lora=True)
-    assert err.value.code == "NOT_IMPLEMENTED" and "issue #7" in str(err.value)
+    assert info.value.field == "key_bundle"
 
 
 def test_vllm_backend_without_vllm_says_how_to_install_it(sc, trained) -> None:
@@ -219,3 +218,24 @@ def test_streaming_example_runs_against_tensafe_up(trainer_stack) -> None:  # no
     assert out.returncode == 0, out.stderr
     assert "trained 2 steps" in out.stdout and "[0] Once upon a time" in out.stdout
     assert "<length>" in out.stdout or "<stop>" in out.stdout
+
+
+def test_two_plane_he_lora_greedy_equals_the_plaintext_adapter(service, trained, tiny_model) -> None:  # noqa: ANN001
+    from tg_tinker.he import HEKeyManager
+
+    bundle = HEKeyManager(tenant_id="default").generate_key_bundle(key_id="two-plane-test")
+    he_sc = service.create_sampling_client(artifact_id=trained[0]["artifact"], enable_he_lora=True, key_bundle=bundle,
+                                           base_model_ref=str(tiny_model))
+    try:
+        assert len(he_sc._two_plane.layers) == 4  # q_proj and v_proj of both layers, all under HE
+        chunks = list(he_sc.stream(PROMPTS[:1], max_tokens=16, temperature=0))
+        expected = trained[0]["greedy"].samples[0].token_ids[:16]
+        assert [t for c in chunks for t in c.token_ids] == expected
+        assert len(chunks) >= 2 and chunks[-1].finish_reason in ("length", "stop")
+        stats = he_sc._two_plane.runtime.inference.last_stats  # the he service computed the last delta
+        assert stats.rpcs == 2 and stats.counts["plaintext_multiplies"] > 0 and stats.counts["rotations"] == 0
+        with pytest.raises(ValidationError) as info:
+            he_sc.sample(PROMPTS[:1], max_tokens=4, top_p=1.5)
+        assert info.value.field == "sampling.top_p"
+    finally:
+        he_sc.unload()

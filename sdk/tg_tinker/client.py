@@ -112,12 +112,15 @@ class ServiceClient:
     # -- generation (the inference service) ------------------------------------------------------
     def create_sampling_client(self, artifact_id: str | None = None, *, model_ref: str | None = None,
                                base_model_ref: str | None = None, backend: str | None = None,
-                               enable_he_lora: bool = False) -> SamplingClient:
+                               enable_he_lora: bool = False, key_bundle: Any = None) -> SamplingClient:
         """Load an adapter artifact (a checkpoint from ``save_state``) into the inference service and return
-        a client generating with it; ``model_ref`` instead: the base model alone. See ``tg_tinker.sampling``."""
+        a client generating with it; ``model_ref`` instead: the base model alone. With ``enable_he_lora``
+        the base model (``base_model_ref``, a local path) runs here and the adapter under HE on the he
+        service, with ``key_bundle``'s keys. See ``tg_tinker.sampling`` and ``tg_tinker.two_plane``."""
         from .sampling import create_sampling_client
 
-        return create_sampling_client(self, artifact_id, model_ref, base_model_ref, backend, enable_he_lora)
+        return create_sampling_client(self, artifact_id, model_ref, base_model_ref, backend, enable_he_lora,
+                                      key_bundle)
 
     # -- artifacts (the vault) ------------------------------------------------------------------
     @property

@@ -12,7 +12,8 @@ the call, and the server stops generating.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from .results import Sample, SampleResult
 
 if TYPE_CHECKING:
     from .client import ServiceClient
+    from .two_plane import TwoPlaneGenerator
 
 _BACKENDS = {None: inference_pb2.BACKEND_UNSPECIFIED, "hf": inference_pb2.BACKEND_HF,
              "vllm": inference_pb2.BACKEND_VLLM}
@@ -50,30 +52,46 @@ class GenerationChunk:
 
 
 class TokenStream:
-    """Iterator over the :class:`GenerationChunk` of one generate call; cancel it to stop the server."""
+    """Iterator over the :class:`GenerationChunk` of one generate call; cancel it to stop the generation."""
 
-    def __init__(self, responses: Iterator[Any]) -> None:
-        self._responses = responses
+    def __init__(self, chunks: Iterator[GenerationChunk], cancel: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._cancel = cancel
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         return self
 
     def __next__(self) -> GenerationChunk:
-        msg = next(self._responses)
-        return GenerationChunk(msg.prompt_index, msg.sample_index, msg.text, list(msg.token_ids), list(msg.logprobs),
-                               _finish_name(msg.finish_reason) if msg.finish_reason else None)
+        return next(self._chunks)
 
     def cancel(self) -> None:
-        """Cancel the call: the server stops generating; iteration ends."""
-        close = getattr(self._responses, "close", None)
-        if close is not None:
-            close()
+        """Cancel the call: generation stops (on the server, or in the two-plane loop here); iteration ends."""
+        self._cancel()
 
     def __enter__(self) -> TokenStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.cancel()
+
+
+def _chunk(msg: Any) -> GenerationChunk:
+    return GenerationChunk(msg.prompt_index, msg.sample_index, msg.text, list(msg.token_ids), list(msg.logprobs),
+                           _finish_name(msg.finish_reason) if msg.finish_reason else None)
+
+
+def _remote_stream(responses: Iterator[Any]) -> TokenStream:
+    return TokenStream((_chunk(m) for m in responses), getattr(responses, "close", lambda: None))
+
+
+def _local_stream(chunks: Iterator[Any], cancelled: threading.Event) -> TokenStream:
+    def run() -> Iterator[GenerationChunk]:
+        for chunk in chunks:
+            if cancelled.is_set():
+                return
+            yield _chunk(chunk)
+
+    return TokenStream(run(), cancelled.set)
 
 
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: Sequence[str] | str | None,
@@ -95,8 +113,10 @@ class SamplingClient:
     """
 
     def __init__(self, service: ServiceClient, adapter: inference_pb2.Adapter | None = None, *,
-                 adapter_id: str = "", model_ref: str = "", backend: str | None = None) -> None:
+                 adapter_id: str = "", model_ref: str = "", backend: str | None = None,
+                 two_plane: TwoPlaneGenerator | None = None) -> None:
         self._service = service
+        self._two_plane = two_plane
         self.adapter = adapter
         self.adapter_id = adapter.adapter_id if adapter is not None else adapter_id
         self.model_ref = adapter.base_model_ref if adapter is not None else model_ref
@@ -125,9 +145,16 @@ class SamplingClient:
                timeout: float | None = None) -> TokenStream:
         """Generate, yielding increments as the server produces them (temperature 0: greedy)."""
         params = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, num_samples, return_logprobs)
+        if self._two_plane is not None:
+            if return_logprobs:
+                raise ValidationError("two-plane HE-LoRA generation returns no log-probabilities",
+                                      field="sampling.return_logprobs", code="INVALID_ARGUMENT")
+            cancelled = threading.Event()
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            return _local_stream(self._two_plane.stream(prompts, params, cancelled), cancelled)
         responses = self._service._transport.server_stream("inference", "Generate", self._request(prompts, params),
                                                            timeout=timeout)
-        return TokenStream(responses)
+        return _remote_stream(responses)
 
     def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_tokens: int = 128,
                **kwargs: Any) -> SampleResult:
@@ -146,8 +173,11 @@ class SamplingClient:
         return SampleResult(samples)
 
     def unload(self) -> None:
-        """Remove the adapter from the inference service (its memory is released)."""
-        if self.adapter_id:
+        """Remove the adapter from the inference service (its memory is released); two-plane: from the he
+        service, and the base model's hooks here."""
+        if self._two_plane is not None:
+            self._two_plane.close()
+        elif self.adapter_id:
             self._service._call("inference", "UnloadAdapter",
                                 inference_pb2.UnloadAdapterRequest(adapter_id=self.adapter_id))
 
@@ -159,18 +189,21 @@ class SamplingClient:
 
 
 def create_sampling_client(service: ServiceClient, artifact_id: str | None, model_ref: str | None,
-                           base_model_ref: str | None, backend: str | None, enable_he_lora: bool) -> SamplingClient:
+                           base_model_ref: str | None, backend: str | None, enable_he_lora: bool,
+                           key_bundle: Any = None) -> SamplingClient:
     """What ``ServiceClient.create_sampling_client`` does (kept here, beside the client it makes)."""
     if backend not in _BACKENDS:
         raise ValidationError(f"backend must be 'hf' or 'vllm', not {backend!r}", field="backend",
                               code="INVALID_ARGUMENT")
     if enable_he_lora:
-        # Two-plane HE-LoRA generation (base model here, LoRA deltas under CKKS in the he service) is built on
-        # tg_tinker.he, issue #7; until then it is refused, never replaced by plaintext generation.
-        from .errors import ServerError
+        # Two-plane HE-LoRA: the base model runs in this process, the adapter's deltas under CKKS on the he service.
+        if not artifact_id:
+            raise ValidationError("enable_he_lora needs artifact_id (the adapter)", field="artifact_id",
+                                  code="INVALID_ARGUMENT")
+        from .two_plane import TwoPlaneGenerator
 
-        raise ServerError("enable_he_lora=True needs the HE-LoRA client (tg_tinker.he, issue #7), which this SDK "
-                          "does not have yet", code="NOT_IMPLEMENTED")
+        generator = TwoPlaneGenerator(service, artifact_id, key_bundle, base_model_ref or "")
+        return SamplingClient(service, model_ref=base_model_ref or "", two_plane=generator)
     if artifact_id and model_ref:
         raise ValidationError("give artifact_id (an adapter) or model_ref (the base model alone), not both",
                               field="model_ref", code="INVALID_ARGUMENT")

@@ -1,0 +1,178 @@
+"""Two-plane HE-LoRA generation: the base model runs here, each LoRA delta under CKKS on the he service.
+
+The plaintext plane is this process: it loads the base model (transformers, from a local
+path) and generates. At every LoRA layer of the adapter a forward hook encrypts the layer's
+input under the tenant's public key, has the he service compute the delta (alpha / r) B A x on
+the ciphertexts (``tg_tinker.he``), decrypts it with the tenant's secret key, which never
+leaves this process, and adds it to the base layer's output. The he service sees neither
+the activations nor the deltas; this process never holds the adapter's weights.
+
+Sequences end with the same rules as every other plane (``tg_tinker.decoding``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from tensafe.api.common.v1 import common_pb2
+
+from .decoding import Chunk, SequenceStream
+from .errors import ValidationError
+
+_END = object()
+
+
+class _Halt(Exception):
+    pass
+
+
+def _check(sp: common_pb2.SamplingParams) -> None:
+    """The inference service's limits, for the plane that runs here."""
+    bad = None
+    if sp.max_tokens <= 0:
+        bad = ("sampling.max_tokens", "must be > 0")
+    elif sp.HasField("temperature") and not sp.temperature >= 0:
+        bad = ("sampling.temperature", "must be >= 0 (0 is greedy)")
+    elif sp.HasField("top_p") and not 0 < sp.top_p <= 1:
+        bad = ("sampling.top_p", "must be in (0, 1]")
+    elif sp.top_k < 0 or not 0 <= sp.num_samples <= 64:
+        bad = ("sampling.top_k" if sp.top_k < 0 else "sampling.num_samples", "out of range")
+    if bad:
+        raise ValidationError(f"{bad[0]}: {bad[1]}", field=bad[0], code="INVALID_ARGUMENT")
+
+
+class TwoPlaneGenerator:
+    """Generation with ``artifact_id``'s adapter computed under HE; made by
+    ``service.create_sampling_client(artifact_id, enable_he_lora=True, key_bundle=..., base_model_ref=PATH)``."""
+
+    def __init__(self, service: Any, artifact_id: str, key_bundle: Any, base_model_path: str) -> None:
+        try:
+            import torch  # noqa: F401
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from .he import AdapterEncryptionConfig, EncryptedLoRARuntime, create_private_inference_mode
+        except ImportError as exc:
+            raise ValidationError(f"two-plane HE-LoRA generation runs the base model here: it needs torch, "
+                                  f"transformers and the `he` extra ({exc})", field="enable_he_lora",
+                                  code="FAILED_PRECONDITION") from None
+        if key_bundle is None:
+            raise ValidationError("enable_he_lora needs key_bundle (tg_tinker.he.HEKeyManager(...)"
+                                  ".generate_key_bundle())", field="key_bundle", code="INVALID_ARGUMENT")
+        if not base_model_path:
+            raise ValidationError("enable_he_lora runs the base model in this process: give base_model_ref, the "
+                                  "local path of the base model", field="base_model_ref", code="INVALID_ARGUMENT")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(base_model_path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(base_model_path, local_files_only=True,
+                                                              dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"cannot load the base model from {base_model_path}: {exc}",
+                                  field="base_model_ref", code="INVALID_ARGUMENT") from None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.eval()
+        self.model.requires_grad_(False)
+        # Every LoRA layer of the adapter runs encrypted: this process has no plaintext adapter weights.
+        inference = create_private_inference_mode(key_bundle, client=service, adapter=artifact_id)
+        self.runtime = EncryptedLoRARuntime(inference, AdapterEncryptionConfig(
+            rank=inference.layers[0].rank, encrypted_layers=[ly.name for ly in inference.layers]))
+        self.he = inference.he
+        self.he_adapter_id = inference.adapter.adapter_id
+        self.lock = threading.Lock()
+        self._hooks = []
+        for layer in inference.layers:
+            try:
+                module = self.model.get_submodule(layer.name)
+            except AttributeError:
+                raise ValidationError(f"the base model at {base_model_path} has no module {layer.name} of the adapter",
+                                      field="base_model_ref", code="INVALID_ARGUMENT") from None
+            self._hooks.append(module.register_forward_hook(self._hook(layer.name)))
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def add_delta(module, inputs, output):  # noqa: ANN001, ANN202
+            return output + self.runtime.forward(inputs[0], layer=name).to(output.dtype)
+
+        return add_delta
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.runtime.layers
+
+    def stream(self, prompts: list[str] | list[list[int]], params: common_pb2.SamplingParams,
+               cancelled: threading.Event) -> Iterator[Chunk]:
+        """Increments of each prompt's samples, one sequence after another."""
+        _check(params)
+        out: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, args=(prompts, params, cancelled, out), daemon=True,
+                         name="two-plane").start()
+        while True:
+            item = out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self, prompts: list, params: common_pb2.SamplingParams, cancelled: threading.Event,
+             out: queue.Queue) -> None:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        tok = self.tokenizer
+        temperature = params.temperature if params.HasField("temperature") else 1.0
+        kwargs: dict[str, Any] = dict(max_new_tokens=params.max_tokens, do_sample=temperature > 0,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=params.top_p if params.HasField("top_p") else 1.0,
+                          top_k=params.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+
+        class Sink(BaseStreamer):
+            def __init__(self, seq: SequenceStream) -> None:
+                self.seq, self.prompt_seen = seq, False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                if cancelled.is_set():
+                    raise _Halt
+                chunk = self.seq.push(int(value.reshape(-1)[0]))
+                if chunk is not None:
+                    out.put(chunk)
+                if self.seq.stopped:
+                    raise _Halt
+
+            def end(self) -> None:
+                pass
+
+        try:
+            with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
+                if params.HasField("seed"):
+                    torch.manual_seed(params.seed)
+                for index, prompt in enumerate(prompts):
+                    ids = tok(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+                    for sample_index in range(max(1, params.num_samples)):
+                        seq = SequenceStream(tok, index, sample_index, [s for s in params.stop if s], False)
+                        x = torch.tensor([ids], dtype=torch.long)
+                        try:
+                            self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=Sink(seq),
+                                                **kwargs)
+                        except _Halt:
+                            pass
+                        if cancelled.is_set():
+                            return
+                        out.put(seq.finish())
+        except BaseException as exc:  # noqa: BLE001 - raised to the reader
+            out.put(exc)
+        finally:
+            out.put(_END)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self.he.unload_adapter(self.he_adapter_id)

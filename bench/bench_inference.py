@@ -11,7 +11,13 @@ Printed: generated tokens per second (service over anchor, target >= 0.9) and fi
 latency (time to the first streamed token of the first prompt, against in-process generate
 with max_new_tokens=1).
 
-    python bench/bench_inference.py [--models tiny smollm2] [--tokens 64] [--rounds 3]
+Then two-plane HE-LoRA generation (``enable_he_lora=True``): the base model in this process,
+every LoRA layer (q_proj and v_proj of each block) under CKKS on the he service. Printed:
+seconds per generated token after the first, beside the plaintext service's figure for the
+same prompt, and the published anchor of 1.61 s per token (an 8-rank HE LoRA on a 6B model,
+arXiv 2501.01672; another model and machine, so a reference, not a ratio).
+
+    python bench/bench_inference.py [--models tiny smollm2] [--tokens 64] [--rounds 3] [--he-tokens 6]
 """
 
 from __future__ import annotations
@@ -127,7 +133,43 @@ def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:  # n
     return generated / elapsed, first, [outputs[i] for i in range(len(PROMPTS))]
 
 
-def bench(name: str, model_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
+def per_token(stream) -> tuple[float, float, list[int]]:  # noqa: ANN001
+    """(seconds to the first token, seconds per token after it, token ids) of one streamed sequence."""
+    start = time.perf_counter()
+    stamps, ids = [], []
+    for chunk in stream:
+        if chunk.token_ids:
+            stamps.append(time.perf_counter())
+            ids += chunk.token_ids
+    first = stamps[0] - start
+    return first, (stamps[-1] - stamps[0]) / max(1, len(ids) - 1), ids
+
+
+def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int) -> None:  # noqa: ANN001
+    from tg_tinker.he import HEKeyManager
+
+    bundle = HEKeyManager(tenant_id="bench").generate_key_bundle(key_id="bench-two-plane")
+    he_sc = client.create_sampling_client(artifact_id=artifact, enable_he_lora=True, key_bundle=bundle,
+                                          base_model_ref=str(model_dir))
+    try:
+        p_first, p_tok, p_ids = per_token(sc.stream(PROMPTS[:1], max_tokens=tokens, temperature=0))
+        h_first, h_tok, h_ids = per_token(he_sc.stream(PROMPTS[:1], max_tokens=tokens, temperature=0))
+        stats = he_sc._two_plane.runtime.inference.last_stats
+    finally:
+        he_sc.unload()
+    same = sum(1 for _ in zip(p_ids, h_ids, strict=False)) if p_ids == h_ids else \
+        next(i for i, (a, b) in enumerate(zip(p_ids, h_ids, strict=False)) if a != b)
+    print(f"  two-plane HE-LoRA, {len(he_sc._two_plane.layers)} encrypted layers (q_proj/v_proj), "
+          f"{len(h_ids)} tokens, greedy:")
+    print(f"    plaintext service      {p_tok:8.3f} s/token   first token {p_first:7.2f} s")
+    print(f"    two-plane HE-LoRA      {h_tok:8.3f} s/token   first token {h_first:7.2f} s   "
+          f"({h_tok / p_tok:.0f}x plaintext; published anchor 1.61 s/token, 6B model, r=8)")
+    print(f"    per layer and token: {stats.rpcs} RPCs, {stats.counts['plaintext_multiplies']} plaintext "
+          f"multiplies, {stats.counts['rotations']} rotations, {stats.request_bytes / 1024:.0f} KiB up, "
+          f"{stats.response_bytes / 1024:.0f} KiB down; greedy tokens equal to plaintext: {same} of {len(p_ids)}")
+
+
+def bench(name: str, model_dir: Path, tokens: int, rounds: int, tmp: Path, he_tokens: int) -> None:
     server = Server(model_dir.parent, tmp / name)
     try:
         with server.client() as client:
@@ -153,6 +195,9 @@ def bench(name: str, model_dir: Path, tokens: int, rounds: int, tmp: Path) -> No
         print(f"  in-process generate       {a:9.1f} tokens/s   first token {af * 1000:8.1f} ms")
         print(f"  SDK+gRPC+inference stream {s:9.1f} tokens/s   first token {sf * 1000:8.1f} ms")
         print(f"  ratio                     {s / a:9.3f} (target >= 0.9)      first token {sf / af:6.2f}x")
+        if he_tokens:
+            with server.client() as client:
+                two_plane(client, client.create_sampling_client(artifact_id=artifact), artifact, model_dir, he_tokens)
     finally:
         server.stop()
 
@@ -162,6 +207,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--he-tokens", type=int, default=6, help="tokens for two-plane HE-LoRA (0: skip it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -169,7 +215,7 @@ def main() -> int:
             if name == "tiny":
                 from tiny_model import build_tiny_model
 
-                bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.tokens, args.rounds, tmp)
+                bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.tokens, args.rounds, tmp, args.he_tokens)
                 continue
             from tensafe.trainer.models import prepare_smollm2
 
@@ -178,7 +224,7 @@ def main() -> int:
             except RuntimeError as exc:
                 print(f"smollm2: skipped ({exc})")
                 continue
-            bench("smollm2", model_dir, args.tokens, args.rounds, tmp)
+            bench("smollm2", model_dir, args.tokens, args.rounds, tmp, args.he_tokens)
     return 0
 
 

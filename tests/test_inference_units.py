@@ -97,10 +97,10 @@ def test_vllm_engine_without_vllm_names_the_extra(tmp_path) -> None:  # noqa: AN
         engine.engine  # noqa: B018
 
 
-def test_two_plane_he_lora_is_refused_until_it_exists() -> None:
+def test_vllm_engine_refuses_two_plane_he_lora() -> None:
     from tensafe.inference.vllm_backend import TenSafeVLLMConfig
 
-    with pytest.raises(NotImplementedYet, match="issue #7"):
+    with pytest.raises(NotImplementedYet, match="enable_he_lora=True"):
         TenSafeVLLMConfig(model="m", enable_he_lora=True, he_lora_adapter_path="/a.tssp")
     with pytest.raises(InvalidArgument, match="gpu_memory_utilization"):
         TenSafeVLLMConfig(model="m", gpu_memory_utilization=1.5)

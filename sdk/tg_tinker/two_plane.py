@@ -23,6 +23,8 @@ from .decoding import Chunk, SequenceStream
 from .errors import ValidationError
 
 _END = object()
+# Prompts up to this many tokens go through the he service token by token (see _hook).
+PER_TOKEN_UP_TO = 16
 
 
 class _Halt(Exception):
@@ -93,7 +95,16 @@ class TwoPlaneGenerator:
 
     def _hook(self, name: str):  # noqa: ANN202
         def add_delta(module, inputs, output):  # noqa: ANN001, ANN202
-            return output + self.runtime.forward(inputs[0], layer=name).to(output.dtype)
+            x = inputs[0]
+            if x.dim() == 3 and x.shape[0] == 1 and 1 < x.shape[1] <= PER_TOKEN_UP_TO:
+                # A short prompt: one-token (replicated) packing per token, two small rounds each, costs less
+                # than column packing, which encrypts one ciphertext per input dimension whatever the length.
+                import torch
+
+                delta = torch.cat([self.runtime.forward(x[:, t:t + 1], layer=name) for t in range(x.shape[1])], 1)
+            else:
+                delta = self.runtime.forward(x, layer=name)
+            return output + delta.to(output.dtype)
 
         return add_delta
 

@@ -61,8 +61,8 @@ class TenSafeVLLMConfig:
 
     ``model`` is a local model directory (safetensors). ``max_loras`` adapters can be served at
     once, each of rank at most ``max_lora_rank``. ``enable_he_lora`` asks for two-plane
-    HE-LoRA generation (base model here, LoRA deltas under CKKS in the he service); it needs
-    the HE client of issue #7 and is refused until that exists.
+    HE-LoRA generation (base model here, LoRA deltas under CKKS in the he service): that runs in
+    the SDK (``tg_tinker.two_plane``), not in vLLM, so it is refused here.
     """
 
     model: str
@@ -90,8 +90,9 @@ class TenSafeVLLMConfig:
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise InvalidArgument("max_loras", "max_loras and max_lora_rank must be >= 1")
         if self.enable_he_lora:
-            raise NotImplementedYet("two-plane HE-LoRA generation (enable_he_lora) needs the HE-LoRA client of "
-                                    "issue #7, which this version does not have; nothing is generated without it")
+            raise NotImplementedYet("two-plane HE-LoRA generation runs in the SDK, where the tenant's secret key is: "
+                                    "service.create_sampling_client(artifact_id, enable_he_lora=True, key_bundle=..., "
+                                    "base_model_ref=PATH); vLLM's kernels cannot call the he service per layer")
 
     def engine_args(self) -> Any:
         """vLLM's ``AsyncEngineArgs`` for this config."""

@@ -46,40 +46,23 @@ def batch_for(vocab: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------ through the service
 
 
-def service_steps(client, model_ref: str, ids: list[list[int]], steps: int, dp: bool) -> list[float]:  # noqa: ANN001
-    from tg_tinker import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
+def dp_config():  # noqa: ANN201
+    from tg_tinker import DPConfig
 
-    cfg = TrainingConfig(model_ref=model_ref, lora_config=LoRAConfig(rank=16, alpha=32, dropout=0.0,
-                                                                     target_modules=TARGETS),
-                         optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=len(ids), seed=0,
-                         dp_config=DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0,
-                                            target_epsilon=8.0, target_delta=1e-6,
-                                            dataset_size=1_000_000) if dp else None)
-    batch = {"input_ids": ids, "attention_mask": [[1] * len(ids[0])] * len(ids), "labels": ids}
-    with client.create_training_client(cfg) as tc:
-        for _ in range(2):
-            tc.forward_backward(batch)
-            tc.optim_step().result()
-        ends = []
-        start = time.perf_counter()
-        queued = [(tc.forward_backward(batch), tc.optim_step()) for _ in range(steps)]
-        for _, opt in queued:
-            result = opt.result()
-            ends.append(time.perf_counter())
-        assert (result.dp_metrics is not None) == dp
-    return [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)][1:]
+    return DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8.0, target_delta=1e-6,
+                    dataset_size=1_000_000)
 
 
 def through_service(name: str, model_dir: Path, ids: list[list[int]], steps: int, tmp: Path) -> float:
-    from bench_trainer import Server
+    from bench_trainer import Server, service_steps
 
     server = Server(model_dir.parent, tmp / f"{name}-service")
     try:
         plain, private = [], []
         with server.client() as client:
             for _ in range(2):
-                plain += service_steps(client, model_dir.name, ids, steps, dp=False)
-                private += service_steps(client, model_dir.name, ids, steps, dp=True)
+                plain += service_steps(client, model_dir.name, ids, steps)
+                private += service_steps(client, model_dir.name, ids, steps, dp_config())
     finally:
         server.stop()
     p, d = statistics.median(plain), statistics.median(private)

@@ -93,12 +93,14 @@ class Server:
         self.proc.wait(60)
 
 
-def service_steps(client, model_ref: str, ids: list[list[int]], steps: int) -> list[float]:  # noqa: ANN001
+def service_steps(client, model_ref: str, ids: list[list[int]], steps: int, dp_config=None) -> list[float]:  # noqa: ANN001
+    """Steady-state step times of one session (a DP session with ``dp_config``), futures queued."""
     from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
 
     cfg = TrainingConfig(model_ref=model_ref, lora_config=LoRAConfig(rank=16, alpha=32, dropout=0.0,
                                                                      target_modules=TARGETS),
-                         optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=len(ids), seed=0)
+                         optimizer=OptimizerConfig(learning_rate=1e-4), batch_size=len(ids), seed=0,
+                         dp_config=dp_config)
     batch = {"input_ids": ids, "attention_mask": [[1] * len(ids[0])] * len(ids), "labels": ids}
     with client.create_training_client(cfg) as tc:
         for _ in range(2):
@@ -108,8 +110,10 @@ def service_steps(client, model_ref: str, ids: list[list[int]], steps: int) -> l
         start = time.perf_counter()
         queued = [(tc.forward_backward(batch), tc.optim_step()) for _ in range(steps)]
         for _, opt in queued:
-            opt.result()
+            result = opt.result()
             ends.append(time.perf_counter())
+        if (result.dp_metrics is not None) != (dp_config is not None):
+            raise RuntimeError("the session's DP setting is not the one asked for")
     # Steady-state step time: spacing between consecutive completions of the queued steps.
     return [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)][1:]
 

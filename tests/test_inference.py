@@ -73,6 +73,21 @@ def test_greedy_output_equals_the_training_sessions_sample(sc, trained) -> None:
     assert by_ids.token_ids == trained[0]["ids"].samples[0].token_ids
 
 
+def test_generation_with_an_adapter_is_in_the_ledger(trainer_stack, service, sc) -> None:  # noqa: ANN001
+    import time
+
+    sc.sample(PROMPTS[:1], max_tokens=2, temperature=0)
+    vkey = trainer_stack.cli("ledger", "vkey").stdout.strip()
+    deadline = time.monotonic() + 20
+    while True:  # entries travel through the audit outbox
+        found = [e for e in service.get_audit_logs(service="inference", vkey=vkey)
+                 if e.action == "inference.Generate" and e.resource_id == sc.adapter_id]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found and found[-1].outcome == "success"
+
+
 def test_streaming_sends_increments_that_add_up_to_the_sample(sc, trained) -> None:
     chunks = list(sc.stream(PROMPTS, max_tokens=24, temperature=0))
     for index, expected in enumerate(trained[0]["greedy"].samples):

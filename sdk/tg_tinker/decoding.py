@@ -26,12 +26,19 @@ def cut_at_stop(text: str, stops: list[str]) -> str | None:
 
 
 def ids_within(tokenizer, ids: list[int], text: str) -> list[int]:  # noqa: ANN001
-    """The longest prefix of ``ids`` whose decoding fits inside ``text`` (the trainer's rule)."""
+    """The longest prefix of ``ids`` whose decoding is a prefix of ``text`` (the trainer's rule).
+
+    A prefix ending inside a multi-byte character decodes with a replacement character and does
+    not match, but a longer one that completes the character does: every prefix is tried, until
+    the decoding is longer than ``text``.
+    """
     keep = 0
     for n in range(1, len(ids) + 1):
-        if not text.startswith(tokenizer.decode(ids[:n], skip_special_tokens=True)):
+        piece = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if text.startswith(piece):
+            keep = n
+        elif len(piece) > len(text):
             break
-        keep = n
     return ids[:keep]
 
 

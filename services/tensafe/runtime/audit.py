@@ -42,7 +42,8 @@ _DENIED_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DEN
                  grpc.StatusCode.RESOURCE_EXHAUSTED}
 _DENIED_REASONS = {"DP_BUDGET_EXCEEDED", "RATE_LIMITED", "TENANT_MISMATCH"}
 # Reads that touch secrets or plaintext are audited like changes.
-AUDITED_READS = {"vault.GetArtifact", "vault.PullArtifact", "vault.UnwrapDataKey"}
+# Reads that touch a tenant's data or keys: each is audited like a state-changing call.
+AUDITED_READS = {"vault.GetArtifact", "vault.PullArtifact", "vault.UnwrapDataKey", "inference.Generate"}
 _ID_FIELDS = ("artifact_id", "session_id", "budget_id", "adapter_id", "context_id", "future_id", "key_id")
 
 

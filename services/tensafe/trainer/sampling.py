@@ -6,24 +6,10 @@ import torch
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
+from tg_tinker.decoding import cut_at_stop, ids_within
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> str | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None
-
-
-def _ids_within(tokenizer, ids: list[int], text: str) -> list[int]:  # noqa: ANN001
-    """The longest prefix of ``ids`` whose decoding fits inside ``text``."""
-    keep = 0
-    for n in range(1, len(ids) + 1):
-        if not text.startswith(tokenizer.decode(ids[:n], skip_special_tokens=True)):
-            break
-        keep = n
-    return ids[:keep]
 
 
 def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # noqa: ANN001
@@ -60,10 +46,10 @@ def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # no
                 end = generated.index(tokenizer.eos_token_id) + 1
                 generated, logprobs, finish = generated[:end], logprobs[:end], STOP
             completion = tokenizer.decode(generated, skip_special_tokens=True)
-            cut = _cut_at_stop(completion, stops) if stops else None
+            cut = cut_at_stop(completion, stops) if stops else None
             if cut is not None:
                 completion, finish = cut, STOP
-                generated = _ids_within(tokenizer, generated, cut)
+                generated = ids_within(tokenizer, generated, cut)
                 logprobs = logprobs[: len(generated)]
             result.samples.append(trainer_pb2.SampledSequence(
                 prompt_index=index, sample_index=sample_index, prompt=text, completion=completion,

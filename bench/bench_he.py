@@ -156,8 +156,9 @@ def main() -> int:
                     c, s = out.stats.counts, out.stats
                     total = t3 - t0
                     print(f"column  d={d:5d}, {args.tokens} tokens: {total / args.tokens * 1e3:.2f} ms per token per "
-                          f"layer (target <= 3 ms at d=576): encrypt {t1 - t0:.1f} s, service round trips "
-                          f"{t2 - t1:.1f} s ({s.rpcs} RPCs; service compute {s.server_ms['compute_ms'] / 1e3:.1f} s, "
+                          f"layer (target <= 3 ms at d=576): encrypt_input {t1 - t0:.1f} s, process {t2 - t1:.1f} s "
+                          f"(encrypting in the background while chunks upload; {s.rpcs} RPCs; service compute "
+                          f"{s.server_ms['compute_ms'] / 1e3:.1f} s, "
                           f"(de)serialise {(s.server_ms['deserialize_ms'] + s.server_ms['serialize_ms']) / 1e3:.1f} s),"
                           f" decrypt {t3 - t2:.1f} s; requests {s.request_bytes / 1e6:.0f} MB, responses "
                           f"{s.response_bytes / 1e6:.0f} MB; scalar mults {c['plaintext_multiplies']}, depth "

@@ -15,7 +15,9 @@ No ciphertext is ever rotated, and the service never holds a secret key.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from .params import HESchemeParams
 from .remote import HEAdapterInfo, HeClient, HELayerInfo
 
 # Bytes of ciphertexts per AppendInput call: well under the 64 MiB message limit.
-_CHUNK_BYTES = 24 << 20
+_CHUNK_BYTES = 8 << 20
 _COUNT_FIELDS = ("plaintext_multiplies", "additions", "rotations", "rescales")
 _TIMING_FIELDS = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")
 
@@ -55,6 +57,53 @@ class CallStats:
         self.response_bytes += response.ByteSize()
 
 
+class ColumnCiphertexts(Sequence):
+    """The serialised column ciphertexts of one token group, encrypted in order by a background thread.
+
+    Reading ciphertext j waits until it is ready, so :meth:`PrivateInference.process` sends the first
+    chunks while later columns are still being encrypted: this machine encrypts while the he service
+    folds what it has received (on a 2-core machine about a third of the column path's time).
+    """
+
+    def __init__(self, bundle: HEKeyBundle, columns: np.ndarray) -> None:
+        self._items: list[bytes] = []
+        self._error: BaseException | None = None
+        self._ready = threading.Condition()
+        self._total = int(columns.shape[0])
+        self._thread = threading.Thread(target=self._encrypt, args=(bundle, columns), daemon=True,
+                                        name="he-encrypt")
+        self._thread.start()
+
+    def _encrypt(self, bundle: HEKeyBundle, columns: np.ndarray) -> None:
+        try:
+            for column in columns:
+                data = bundle.encrypt(column).serialize()
+                with self._ready:
+                    self._items.append(data)
+                    self._ready.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            with self._ready:
+                self._error = exc
+                self._ready.notify_all()
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._total))]
+        if index < 0:
+            index += self._total
+        if not 0 <= index < self._total:
+            raise IndexError(index)
+        with self._ready:
+            while len(self._items) <= index and self._error is None:
+                self._ready.wait()
+            if len(self._items) <= index:
+                raise self._error  # type: ignore[misc]
+            return self._items[index]
+
+
 @dataclass
 class EncryptedInput:
     """Ciphertexts of hidden states, ready for :meth:`PrivateInference.process`. ``groups`` holds, per
@@ -63,7 +112,7 @@ class EncryptedInput:
 
     packing: str
     shape: tuple[int, ...]
-    groups: list[tuple[int, list[bytes]]]
+    groups: list[tuple[int, Sequence[bytes]]]
 
     @property
     def size_bytes(self) -> int:
@@ -144,7 +193,7 @@ class PrivateInference:
         groups = []
         for start in range(0, tokens, slots):
             part = x[start:start + slots]
-            groups.append((part.shape[0], [self.bundle.encrypt(part[:, j]).serialize() for j in range(d)]))
+            groups.append((part.shape[0], ColumnCiphertexts(self.bundle, np.ascontiguousarray(part.T))))
         return EncryptedInput("column", shape, groups)
 
     def decrypt_output(self, output: EncryptedOutput) -> dict[str, np.ndarray]:
@@ -219,7 +268,7 @@ class PrivateInference:
         stats.add(final.counts, final.timings, second, final)
         return {d.layer: (list(d.ciphertexts), d.block_size) for d in final.deltas}
 
-    def _column(self, layers: list[HELayerInfo], tokens: int, cts: list[bytes], stats: CallStats
+    def _column(self, layers: list[HELayerInfo], tokens: int, cts: Sequence[bytes], stats: CallStats
                 ) -> dict[str, list[bytes]]:
         from tensafe.api.he.v1 import he_pb2
 
@@ -227,7 +276,8 @@ class PrivateInference:
         computation_id, offset = "", 0
         while offset < len(cts):
             chunk, size = [], 0
-            for ct in cts[offset:]:
+            while offset + len(chunk) < len(cts):  # one at a time: later ones may still be encrypting
+                ct = cts[offset + len(chunk)]
                 if chunk and size + len(ct) > _CHUNK_BYTES:
                     break
                 chunk.append(ct)

@@ -1,1 +1,5 @@
-"""The inference service. Its RPCs are filled in by issue #8 (inference)."""
+"""The inference service: tenants' adapters from the vault on shared base models, streamed generation.
+
+servicer.py (gRPC in/out) -> service.py (adapters, tenancy, requests) -> backend.py (one interface) with
+hf_backend.py (transformers, default) and vllm_backend.py (vLLM, its own environment). See docs/inference.md.
+"""

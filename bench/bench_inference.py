@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,33 +36,10 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 TARGETS = ["q_proj", "v_proj"]
 PROMPTS = ["Once upon a time", "The clinic opens at", "Please bring your insurance card", "The train to the city"]
-
-
-class Server:
-    def __init__(self, model_root: Path, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_root), TENSAFE_METRICS_PORT="0",
-                   TENSAFE_LOG_LEVEL="WARNING", TENSAFE_ACCESS_LOG="false")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(tmp / "data"),
-                                      "--port", str(self.port)], env=env, stdout=subprocess.PIPE, text=True)
-        for line in self.proc.stdout:
-            if line.startswith("ts-"):
-                self.api_key = line.strip()
-                break
-
-    def client(self):  # noqa: ANN201
-        from tg_tinker import ServiceClient
-
-        return ServiceClient(api_key=self.api_key, base_url=f"127.0.0.1:{self.port}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
 
 
 def trained_adapter(client, model_ref: str) -> str:  # noqa: ANN001
@@ -170,6 +144,8 @@ def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int) -> None: 
 
 
 def bench(name: str, model_dir: Path, tokens: int, rounds: int, tmp: Path, he_tokens: int) -> None:
+    from bench_trainer import Server
+
     server = Server(model_dir.parent, tmp / name)
     try:
         with server.client() as client:

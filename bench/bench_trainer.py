@@ -67,6 +67,8 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
+    """`tensafe up` on a free port with TENSAFE_MODEL_DIR set; the benches' common server."""
+
     def __init__(self, model_root: Path, tmp: Path) -> None:
         import socket
 
@@ -74,7 +76,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_root), TENSAFE_METRICS_PORT="0",
-                   TENSAFE_LOG_LEVEL="WARNING")
+                   TENSAFE_LOG_LEVEL="WARNING", TENSAFE_ACCESS_LOG="false")
         self.data = tmp / "data"
         self.proc = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(self.data),
                                       "--port", str(self.port)], env=env, stdout=subprocess.PIPE, text=True)

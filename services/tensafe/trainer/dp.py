@@ -142,8 +142,7 @@ class PerSampleClipper:
 
     def _accumulate(self, rows: int) -> None:
         samples = self._grad_samples
-        missing = [p for p in self.params if p not in samples]
-        if len(missing) == len(self.params):
+        if not samples:
             raise InvalidArgument("batch", "no LoRA layer took part in this forward pass")
         sq = torch.zeros(rows, dtype=torch.float64)
         for gs in samples.values():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import sqlite3
 import tarfile
+import time
 
 import grpc
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import tenseal as ts
 import torch
 
-from tg_tinker import LoRAConfig, NotFoundError, OptimizerConfig, TrainingConfig, ValidationError
+from tg_tinker import ConflictError, LoRAConfig, NotFoundError, OptimizerConfig, TrainingConfig, ValidationError
 from tg_tinker.he import (
     AdapterEncryptionConfig,
     HEKeyManager,
@@ -139,6 +140,20 @@ def test_private_inference_mode_and_several_layers_per_call(service, checkpoints
     for module, delta in deltas.items():
         assert rel_err(delta, peft_delta(peft_model["attn"], module, torch.tensor(x, dtype=torch.float32))) < 1e-4
     assert out.stats.counts["rotations"] == 0 and out.stats.request_bytes > enc.size_bytes * 0.99
+    # One token: two layers, each 1 output per round at d = 64, each output re-randomised by a fresh
+    # public-key encryption of its masks; the he service prepared them in its workers after the load.
+    x1 = x[0]
+    deadline = time.monotonic() + 60
+    while True:
+        out = inference.process(inference.encrypt_input(x1))
+        counts = out.stats.counts
+        assert counts["encryptions"] + counts["prepared_encryptions"] == 4 and counts["rotations"] == 0
+        if counts["prepared_encryptions"] == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counts["prepared_encryptions"] == 4, counts
+    for module, delta in inference.decrypt_output(out).items():
+        assert rel_err(delta, peft_delta(peft_model["attn"], module, torch.tensor(x1, dtype=torch.float32))) < 1e-4
 
 
 def test_no_secret_key_reaches_the_service_or_its_database(service, trainer_stack, recorder, bundle,  # noqa: ANN001
@@ -207,6 +222,30 @@ def test_another_tenants_context_adapter_and_computation_are_not_found(service, 
     assert service.he.get_adapter(inference.adapter.adapter_id).layers[0].name == "model.layers.0.self_attn.q_proj"
 
 
+def test_round_two_runs_once_per_computation(service, checkpoints, bundle) -> None:  # noqa: ANN001
+    """Round 2's masks are fixed by round 1: a second round 2 on another input would let the key holder
+    subtract them (and the re-randomisation) away, so the he service refuses it."""
+    from tensafe.api.he.v1 import he_pb2
+
+    inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["attn"],
+                                              layers=["layers.0.self_attn.q_proj"])
+    layer = inference.adapter.layer("layers.0.self_attn.q_proj")
+    first = service.he.compute_delta(he_pb2.ComputeDeltaRequest(
+        adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED, num_tokens=1,
+        ciphertexts=inference.encrypt_input(np.ones(64)).groups[0][1]))
+    slots = bundle.slot_count
+
+    def round_two(u: np.ndarray):  # noqa: ANN202
+        req = he_pb2.ComputeDeltaRequest(packing=he_pb2.PACKING_REPLICATED, computation_id=first.computation_id)
+        req.layer_inputs.add(layer=layer.name, ciphertexts=[bundle.encrypt_token(np.tile(u, slots // layer.rank))])
+        return service.he.compute_delta(req)
+
+    assert len(round_two(np.zeros(layer.rank)).deltas) == 1
+    with pytest.raises(ConflictError) as err:
+        round_two(np.ones(layer.rank))
+    assert "already run" in str(err.value)
+
+
 def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noqa: ANN001
     from tensafe.api.he.v1 import he_pb2
 
@@ -218,7 +257,7 @@ def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noq
         (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, num_tokens=1), "packing"),
         (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
                                     num_tokens=1, ciphertexts=[bundle.encrypt(np.ones(64)).serialize()]),
-         "ciphertexts[0]"),  # not tiled: the wrong number of slots
+         "ciphertexts[0]"),  # a TenSEAL vector, not the SEAL ciphertext one token is sent as
         (he_pb2.ComputeDeltaRequest(adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED,
                                     layers=["k_proj"], num_tokens=1, ciphertexts=[b""]), "layers"),
     ]

@@ -10,7 +10,8 @@ import pytest
 import tenseal as ts
 
 from tensafe.he import compute
-from tensafe.he.compute import Counts, LoraLayer
+from tensafe.he.compute import Counts, LoraLayer, Timer, TokenEngine
+from tensafe.he.masks import MaskPool
 from tensafe.he.service import check_params, inspect_context
 from tensafe.runtime.errors import InvalidArgument
 from tg_tinker import IntegrityError, ValidationError
@@ -22,10 +23,10 @@ def bundle():  # noqa: ANN201
     return HEKeyManager("tenant-a").generate_key_bundle(key_id="k1")
 
 
-def _server_contexts(bundle):  # noqa: ANN001, ANN202
+def _column_context(bundle):  # noqa: ANN001, ANN202
     column = ts.context_from(bundle.public_context())
     column.auto_rescale = False
-    return column, ts.context_from(bundle.public_context())
+    return column
 
 
 def _layer(rng: np.random.Generator, d: int, r: int, d_out: int) -> LoraLayer:
@@ -61,6 +62,9 @@ def test_secure_parameters_pass_and_shallow_ones_are_refused() -> None:
     with pytest.raises(ValidationError) as err:  # secure, but 2 multiplications at scale 2^40 do not fit
         HESchemeParams(coeff_mod_bit_sizes=(60, 40, 60))
     assert err.value.field == "params.coeff_mod_bit_sizes" and "3 x scale_bits" in str(err.value)
+    with pytest.raises(ValidationError) as err:  # deep enough, but one token's rescale would overflow the first prime
+        HESchemeParams(coeff_mod_bit_sizes=(50, 50, 50, 50))
+    assert err.value.field == "params.coeff_mod_bit_sizes" and "single-token" in str(err.value)
     with pytest.raises(ValidationError) as err:
         HESchemeParams(poly_modulus_degree=3000)
     assert err.value.code == "INSECURE_PARAMETERS"
@@ -84,7 +88,7 @@ def test_the_service_inspects_the_context_itself(bundle) -> None:  # noqa: ANN00
         inspect_context(galois.serialize(save_galois_keys=True), params)
     # The claimed parameters must be the context's own: a claim cannot smuggle a weaker context through.
     with pytest.raises(InvalidArgument) as err:
-        inspect_context(bundle.public_context(), HESchemeParams(coeff_mod_bit_sizes=(50, 40, 40, 40, 40)))
+        inspect_context(bundle.public_context(), HESchemeParams(coeff_mod_bit_sizes=(60, 40, 40, 40, 30)))
     assert err.value.field == "params.coeff_mod_bit_sizes"
     with pytest.raises(InvalidArgument) as err:
         inspect_context(b"junk", params)
@@ -129,7 +133,7 @@ def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle,
     rng = np.random.default_rng(d + r)
     layer = _layer(rng, d, r, d_out)
     x = rng.normal(0, 1, (tokens, d))
-    column, _ = _server_contexts(bundle)
+    column = _column_context(bundle)
     cts = [ts.ckks_vector_from(column, bundle.encrypt(x[:, j]).serialize()) for j in range(d)]
     proj, counts = compute.ColumnProjection(layer), Counts()
     proj.fold(cts[:d // 3], 0, counts)
@@ -141,18 +145,32 @@ def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle,
     assert counts.plaintext_multiplies == d * r + d_out * r
 
 
+def _engine(bundle) -> TokenEngine:  # noqa: ANN001
+    return TokenEngine(ts.context_from(bundle.public_context()), bundle.params.global_scale)
+
+
+def _fresh_masks(engine: TokenEngine):  # noqa: ANN202
+    def make(block: int, kind: str, count: int, counts: Counts | None = None) -> list:
+        if counts is not None:
+            counts.encryptions += count
+        return [engine.masks(block, kind) for _ in range(count)]
+    return make
+
+
 def _token(bundle, layer: LoraLayer, x: np.ndarray):  # noqa: ANN001, ANN202
     """Both rounds of one token as the SDK runs them; returns (round 1 slots, round 2 slots, delta, counts)."""
-    _, ctx = _server_contexts(bundle)
+    engine = _engine(bundle)
     slots, d, r = bundle.slot_count, layer.in_features, layer.rank
+    per = slots // d
     counts = Counts()
-    ct = ts.ckks_vector_from(ctx, bundle.encrypt(np.tile(x, slots // d)).serialize())
-    first, blinding = compute.project_token(ctx, layer, ct, slots, counts)
-    slots1 = np.concatenate([bundle.decrypt(c.serialize()) for c in first])
-    sums = np.concatenate([np.reshape(bundle.decrypt(c.serialize()), (-1, d)).sum(1) for c in first])[:r]
-    ct2 = ts.ckks_vector_from(ctx, bundle.encrypt(np.tile(sums, slots // r)).serialize())
-    second = compute.expand_token(ctx, blinding, ct2, slots, counts)
-    slots2 = np.concatenate([bundle.decrypt(c.serialize()) for c in second])
+    ct = engine.load_input(bundle.encrypt_token(np.tile(x, per)), "x")
+    blinding = compute.prepare_token(engine, layer, _fresh_masks(engine), counts)
+    first = compute.project_token(engine, blinding, ct, counts)
+    slots1 = np.concatenate([bundle.decrypt_token(c) for c in compute.serialize_seal(first, Timer())])
+    sums = np.concatenate([np.reshape(v[: per * d], (-1, d)).sum(1) for v in slots1.reshape(len(first), -1)])[:r]
+    ct2 = engine.load_input(bundle.encrypt_token(np.tile(sums, slots // r)), "u")
+    second = compute.expand_token(engine, blinding, ct2, counts)
+    slots2 = np.concatenate([bundle.decrypt_token(c) for c in compute.serialize_seal(second, Timer())])
     delta = slots2.reshape(-1, r).sum(1)[: layer.out_features]
     return slots1, slots2, sums, blinding, delta, counts
 
@@ -203,7 +221,164 @@ def test_block_masks_sum_exactly_and_are_fresh() -> None:
 
 def test_a_token_wider_than_the_slots_is_refused(bundle) -> None:  # noqa: ANN001
     layer = _layer(np.random.default_rng(0), 8192, 4, 8)
-    _, ctx = _server_contexts(bundle)
+    engine = _engine(bundle)
     with pytest.raises(InvalidArgument) as err:
-        compute.project_token(ctx, layer, bundle.encrypt([0.0]), bundle.slot_count, Counts())
+        compute.prepare_token(engine, layer, _fresh_masks(engine), Counts())
     assert "poly_modulus_degree" in str(err.value)
+
+
+def _second_component(ct) -> np.ndarray:  # noqa: ANN001
+    """c1 of a SEAL ciphertext (NTT form, every prime of its level)."""
+    arr = ct.dyn_array()
+    n = arr.size() // 2
+    return np.array([arr.at(i) for i in range(n, 2 * n)], dtype=np.uint64)
+
+
+def test_single_token_outputs_are_rerandomised(bundle) -> None:  # noqa: ANN001
+    """Without a fresh encryption in each output, its second component would be rescale(c1 * w): the key
+    holder, who made c1, could divide the weights out of it. With one, two outputs of the same input,
+    weights and level share no component with that product or with each other."""
+    from tenseal import sealapi
+
+    engine = _engine(bundle)
+    ct = engine.load_input(bundle.encrypt_token(np.random.default_rng(1).normal(0, 1, 4096)), "x")
+    rows = np.random.default_rng(2).normal(0, 1, (7, 576))
+    bare = sealapi.Ciphertext()
+    engine.evaluator.multiply_plain(ct, engine.plaintext(rows.ravel(), engine.weight_scale), bare)
+    engine.evaluator.rescale_to_next_inplace(bare)
+    plains = compute._encoded_rows(engine, rows, 576, lambda: None)
+    outs = [compute._masked_products(engine, ct, plains, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]],
+                                     Counts())[0] for _ in range(2)]
+    c1_bare, c1_a, c1_b = (_second_component(c) for c in (bare, *outs))
+    assert outs[0].parms_id() == engine.output_level and outs[0].scale == engine.scale
+    assert np.mean(c1_a == c1_bare) < 0.01 and np.mean(c1_a == c1_b) < 0.01
+    # ... and an all-zero weight block (an untrained B) still returns a fresh encryption, of the masks.
+    zeros = compute._encoded_rows(engine, np.zeros((7, 576)), 576, lambda: None)
+    assert zeros == [None]
+    zero = compute._masked_products(engine, ct, zeros, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]], Counts())[0]
+    values = bundle.decrypt_token(compute.serialize_seal([zero], Timer())[0])
+    assert np.allclose(values[:4032].reshape(7, 576).sum(1), 0, atol=1e-6) and values.std() > 1000
+
+
+def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> None:  # noqa: ANN001
+    from tenseal import sealapi
+
+    from tg_tinker.he.seal import to_bytes
+
+    engine = _engine(bundle)
+    top = sealapi.Ciphertext()
+    plain = sealapi.Plaintext()
+    engine.encoder.encode([1.0] * 8, bundle.params.global_scale, plain)  # the top level, not the token level
+    engine.encryptor.encrypt(plain, top)
+    for data in (bundle.encrypt([1.0]).serialize(), b"junk", to_bytes(top)):
+        with pytest.raises(InvalidArgument) as err:
+            engine.load_input(data, "ciphertexts[0]")
+        assert err.value.field == "ciphertexts[0]"
+    other = HEKeyManager("tenant-a").generate_key_bundle(params=HESchemeParams(poly_modulus_degree=16384,
+                                                                            coeff_mod_bit_sizes=(60, 40, 40, 60)))
+    with pytest.raises(InvalidArgument):  # another N: not a ciphertext of this context
+        engine.load_input(other.encrypt_token([1.0]), "ciphertexts[0]")
+
+
+def test_the_mask_pool_prepares_masks_in_a_worker_and_each_is_used_once(bundle) -> None:  # noqa: ANN001
+    import hashlib
+    import time
+
+    engine = _engine(bundle)
+    public = bundle.public_context()
+    args = (hashlib.sha256(public).digest(), public, bundle.params.global_scale)
+    key = ("tenant-a", "k1", args[0])
+    pool = MaskPool(workers=1)
+    try:
+        pool.expect(key, args, 100, compute.BLIND, 3, 1 << 17)
+        deadline = time.monotonic() + 60
+        while pool.ready(key, 100, compute.BLIND) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.ready(key, 100, compute.BLIND) == 6
+        got = pool.take(key, engine, args, 100, compute.BLIND, 8)  # 6 ready, 2 made here
+        assert (pool.taken_ready, pool.made_inline) == (6, 2)
+        values = [bundle.decrypt_token(compute.serialize_seal([ct], Timer())[0]) for ct, _ in got]
+        for v, (_, sums) in zip(values, got, strict=True):
+            assert np.allclose(v[:4000].reshape(40, 100).sum(1), sums, atol=1e-6)
+            assert np.abs(sums).max() > 100  # rho: Gaussian of sigma 2^14
+        firsts = {round(float(v[0]), 3) for v in values}
+        assert len(firsts) == 8  # every mask is fresh: none is handed out twice
+        pool.forget("tenant-a", "k1")
+        assert pool.ready(key, 100, compute.BLIND) == 0
+        workers = list(pool._workers)
+        assert len(workers) == 1
+    finally:
+        pool.close()
+    assert all(w.proc.poll() is not None for w in workers)  # closing the pool ends its workers
+
+
+def test_without_workers_masks_are_made_in_the_request(bundle) -> None:  # noqa: ANN001
+    engine = _engine(bundle)
+    pool = MaskPool(workers=0)
+    public = bundle.public_context()
+    args = (b"d", public, bundle.params.global_scale)
+    got = pool.take(("t", "k", b"d"), engine, args, 64, compute.ZERO, 2)
+    assert len(got) == 2 and pool.made_inline == 2 and not np.any(got[0][1])
+
+
+def test_blindings_are_prepared_between_requests_and_used_once(bundle) -> None:  # noqa: ANN001
+    import hashlib
+    import time
+
+    from tensafe.he.prepare import Activity, Preparer
+
+    engine = _engine(bundle)
+    public = bundle.public_context()
+    args = (hashlib.sha256(public).digest(), public, bundle.params.global_scale)
+    key = ("tenant-a", "k1", args[0])
+    layer = _layer(np.random.default_rng(9), 64, 8, 32)
+    pool, activity = MaskPool(workers=1), Activity()
+    preparer = Preparer(pool, activity)
+    try:
+        pool.expect(key, args, 64, compute.BLIND, 1, 1 << 17)
+        pool.expect(key, args, 8, compute.ZERO, 1, 1 << 17)
+        with activity.request():  # nothing is prepared while a request runs
+            preparer.want("hea_1", key, engine, args, layer)
+            time.sleep(1.0)
+            assert preparer.ready("hea_1", "m") == 0
+        deadline = time.monotonic() + 60
+        while preparer.ready("hea_1", "m") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert preparer.ready("hea_1", "m") == 2
+        a, b = preparer.take("hea_1", "m"), preparer.take("hea_1", "m")
+        assert a.prepared_ahead and b.prepared_ahead and not np.allclose(a.Q, b.Q)
+        assert not np.allclose(a.rho, b.rho) and preparer.ready("hea_1", "m") == 0
+        # A prepared blinding computes the same delta as one made in the request.
+        x = np.random.default_rng(3).normal(0, 1, 64)
+        counts = Counts()
+        ct = engine.load_input(bundle.encrypt_token(np.tile(x, 64)), "x")
+        first = compute.serialize_seal(compute.project_token(engine, a, ct, counts), Timer())
+        sums = bundle.decrypt_token(first[0])[:4096].reshape(64, 64).sum(1)[:8]
+        ct2 = engine.load_input(bundle.encrypt_token(np.tile(sums, 512)), "u")
+        second = compute.serialize_seal(compute.expand_token(engine, a, ct2, counts), Timer())
+        delta = bundle.decrypt_token(second[0]).reshape(-1, 8).sum(1)[:32]
+        assert _rel(delta, layer.scaling * layer.B @ layer.A @ x) < 1e-4
+        preparer.forget(lambda adapter, _key: adapter == "hea_1")
+        assert preparer.ready("hea_1", "m") == 0 and preparer.take("hea_1", "m") is None
+    finally:
+        preparer.close()
+        pool.close()
+
+
+def test_activity_waits_for_a_token_between_its_rounds() -> None:
+    import threading
+    import time
+
+    from tensafe.he.prepare import Activity
+
+    activity = Activity()
+    activity.between_rounds("hec_1")
+    done = threading.Event()
+    threading.Thread(target=lambda: (activity.wait_idle(), done.set()), daemon=True).start()
+    assert not done.wait(0.2)
+    activity.round_two("hec_1")
+    assert done.wait(2)
+    activity.between_rounds("hec_2")  # a second round that never comes stops blocking after ROUND_GAP_S
+    t0 = time.monotonic()
+    activity.wait_idle()
+    assert time.monotonic() - t0 < 2

@@ -30,7 +30,8 @@ from .remote import HEAdapterInfo, HeClient, HELayerInfo
 
 # Bytes of ciphertexts per AppendInput call: well under the 64 MiB message limit.
 _CHUNK_BYTES = 8 << 20
-_COUNT_FIELDS = ("plaintext_multiplies", "additions", "rotations", "rescales")
+_COUNT_FIELDS = ("plaintext_multiplies", "additions", "rotations", "rescales", "encryptions",
+                 "prepared_encryptions")
 _TIMING_FIELDS = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")
 
 
@@ -186,7 +187,7 @@ class PrivateInference:
                                       "a larger poly_modulus_degree", field="hidden_states",
                                       code="INVALID_ARGUMENT")
             tiled = np.tile(x[0], slots // d)
-            return EncryptedInput("replicated", shape, [(1, [self.bundle.encrypt(tiled).serialize()])])
+            return EncryptedInput("replicated", shape, [(1, [self.bundle.encrypt_token(tiled)])])
         if packing != "column":
             raise ValidationError("packing must be 'auto', 'replicated' or 'column'", field="packing",
                                   code="INVALID_ARGUMENT")
@@ -214,7 +215,7 @@ class PrivateInference:
         return result
 
     def _decrypt_blocks(self, data: bytes, block: int) -> np.ndarray:
-        values = np.asarray(self.bundle.decrypt(data), dtype=np.float64)
+        values = self.bundle.decrypt_token(data)
         per = len(values) // block
         return values[: per * block].reshape(per, block).sum(axis=1)
 
@@ -263,7 +264,7 @@ class PrivateInference:
             layer = self.adapter.layer(delta.layer)
             sums = np.concatenate([self._decrypt_blocks(c, delta.block_size) for c in delta.ciphertexts])[:layer.rank]
             tiled = np.tile(sums, slots // layer.rank)
-            second.layer_inputs.add(layer=delta.layer, ciphertexts=[self.bundle.encrypt(tiled).serialize()])
+            second.layer_inputs.add(layer=delta.layer, ciphertexts=[self.bundle.encrypt_token(tiled)])
         final = self.he.compute_delta(second)
         stats.add(final.counts, final.timings, second, final)
         return {d.layer: (list(d.ciphertexts), d.block_size) for d in final.deltas}

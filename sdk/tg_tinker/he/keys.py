@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import IntegrityError, ValidationError
 from .params import HEScheme, HESchemeParams
 
@@ -39,6 +41,7 @@ class HEKeyBundle:
     params: HESchemeParams
     context: Any = field(repr=False)
     created_at: float = field(default_factory=time.time)
+    _codec: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> Any:
         raise TypeError("an HEKeyBundle holds a secret key and is not pickled; use bundle.save(path, passphrase=...)")
@@ -66,6 +69,27 @@ class HEKeyBundle:
             raise IntegrityError("the service returned bytes that are not a ciphertext under this key",
                                  code="INTEGRITY_ERROR") from None
         return vector.decrypt()
+
+    def encrypt_token(self, values: Any) -> bytes:
+        """One token's slots for the single-token path: SEAL bytes of a symmetric (seeded) encryption
+        under the secret key, at the level with two data primes (see :mod:`tg_tinker.he.seal`)."""
+        return self._token_codec().encrypt(np.asarray(values, dtype=np.float64))
+
+    def decrypt_token(self, data: bytes) -> Any:
+        """Decrypt a single-token output of the he service (SEAL bytes) to a float64 array of slots."""
+        try:
+            return self._token_codec().decrypt(data)
+        except ValueError:
+            raise IntegrityError("the service returned bytes that are not a ciphertext under this key",
+                                 code="INTEGRITY_ERROR") from None
+
+    def _token_codec(self) -> Any:
+        if self._codec is None:
+            _tenseal()
+            from .seal import TokenCodec
+
+            self._codec = TokenCodec(self.context, self.params.global_scale)
+        return self._codec
 
     def save(self, path: str | os.PathLike, *, passphrase: str | None = None, key: bytes | None = None) -> Path:
         """Write the bundle (secret key included) to ``path``, encrypted with AES-256-GCM under a key

@@ -108,6 +108,14 @@ def check_params(p: HESchemeParams) -> None:
             f"the data primes {list(sizes[:-1])} hold {data_bits} bits; the LoRA delta multiplies twice without "
             f"rescaling and needs {MULTIPLICATIONS + 1} x scale_bits + {VALUE_BITS} = {need}",
             field="params.coeff_mod_bit_sizes", code="INVALID_ARGUMENT")
+    # One token: encrypted at the level of the first two data primes, multiplied by weights encoded at
+    # the second prime's scale and rescaled by it, so values at scale 2^scale_bits remain in the first.
+    if sizes[0] < p.scale_bits + VALUE_BITS + 1 or sizes[1] < p.scale_bits:
+        raise ValidationError(
+            f"the single-token path rescales once, by the second prime, into the first: the first prime needs "
+            f"scale_bits + {VALUE_BITS + 1} = {p.scale_bits + VALUE_BITS + 1} bits and the second at least "
+            f"scale_bits = {p.scale_bits}; got {list(sizes[:2])}", field="params.coeff_mod_bit_sizes",
+            code="INVALID_ARGUMENT")
 
 
 def scale_bits_of(global_scale: float) -> int:

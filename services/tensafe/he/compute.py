@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,12 +43,16 @@ class Counts:
     rotations: int = 0
     multiplicative_depth: int = 0
     rescales: int = 0
+    encryptions: int = 0            # public-key encryptions made in the call (masks not prepared ahead)
+    prepared_encryptions: int = 0   # mask encryptions taken ready-made
 
     def add(self, other: Counts) -> None:
         self.plaintext_multiplies += other.plaintext_multiplies
         self.additions += other.additions
         self.rotations += other.rotations
         self.rescales += other.rescales
+        self.encryptions += other.encryptions
+        self.prepared_encryptions += other.prepared_encryptions
         self.multiplicative_depth = max(self.multiplicative_depth, other.multiplicative_depth)
 
 
@@ -177,13 +182,74 @@ def column_outputs(ctx: ts.Context, proj: ColumnProjection, start: int, stop: in
 
 
 # -- replicated packing ----------------------------------------------------------------------------------
-@dataclass
-class TokenBlinding:
-    """Per layer and computation: the rotation Q and blinding rho of round 1, needed by round 2."""
+# One token runs on SEAL directly (tenseal.sealapi): the key holder encrypts x symmetrically at the level
+# with two data primes; each output is one plaintext multiplication, one rescale (to the last level) and
+# the addition of a fresh public-key encryption of its masks, which re-randomises the whole ciphertext:
+# without it the output's second component would be the key holder's own one times the weights.
+BLIND = "blind"   # masks whose block sums are fresh Gaussians (round 1: they are rho)
+ZERO = "zero"     # masks whose block sums are zero (round 2)
 
-    Q: np.ndarray
-    rho: np.ndarray
-    layer: LoraLayer = field(repr=False)
+
+class TokenEngine:
+    """SEAL objects of one tenant's public context for the single-token path."""
+
+    def __init__(self, ctx: ts.Context, scale: float) -> None:
+        from tenseal import sealapi
+
+        from tg_tinker.he.seal import levels
+
+        self.seal_context = ctx.seal_context().data
+        self.scale = scale
+        self.encoder = sealapi.CKKSEncoder(self.seal_context)
+        self.evaluator = sealapi.Evaluator(self.seal_context)
+        self.encryptor = sealapi.Encryptor(self.seal_context, ctx.public_key().data)
+        self.input_level, self.output_level = levels(self.seal_context)
+        self.slots = self.encoder.slot_count()
+        self.weight_scale = self._rescale_prime()
+
+    def _rescale_prime(self) -> float:
+        """The prime a rescale at the input level divides by. Weights are encoded at this scale, so a
+        product rescales back to exactly 2^scale_bits and the masks can be prepared ahead at that scale."""
+        from tenseal import sealapi
+
+        plain, ct = sealapi.Plaintext(), sealapi.Ciphertext()
+        self.encoder.encode(1.0, self.input_level, self.scale, plain)
+        self.encryptor.encrypt(plain, ct)
+        self.evaluator.multiply_plain_inplace(ct, plain)
+        self.evaluator.rescale_to_next_inplace(ct)
+        return float(round(self.scale * self.scale / ct.scale))
+
+    def plaintext(self, values: np.ndarray, scale: float) -> object:
+        from tenseal import sealapi
+
+        plain = sealapi.Plaintext()
+        self.encoder.encode(values.tolist(), self.input_level, scale, plain)
+        return plain
+
+    def masks(self, block: int, kind: str) -> tuple[object, np.ndarray]:
+        """A fresh public-key encryption, at the output level, of masks over every slot whose blocks of
+        ``block`` slots sum to fresh Gaussians (BLIND) or to zero (ZERO); and those sums."""
+        from tenseal import sealapi
+
+        per = self.slots // block
+        sums = secure_normal(per, BLIND_STD) if kind == BLIND else np.zeros(per)
+        plain, ct = sealapi.Plaintext(), sealapi.Ciphertext()
+        self.encoder.encode(block_masks(self.slots, block, per, sums).tolist(), self.output_level, self.scale, plain)
+        self.encryptor.encrypt(plain, ct)
+        return ct, sums
+
+    def load_input(self, data: bytes, field_name: str) -> object:
+        from tg_tinker.he.seal import load_ciphertext
+
+        try:
+            ct = load_ciphertext(self.seal_context, data)
+        except ValueError:
+            raise InvalidArgument(field_name, "is not a SEAL ciphertext under this adapter's context (one token is "
+                                              "encrypted with the SDK's encrypt_token)") from None
+        if ct.size() != 2 or ct.parms_id() != self.input_level or ct.scale != self.scale or not ct.is_ntt_form():
+            raise InvalidArgument(field_name, "must be a fresh encryption at the level with two data primes and "
+                                              "scale 2^scale_bits (the SDK's encrypt_token)")
+        return ct
 
 
 def blocks_per_ciphertext(block: int, slots: int, field_name: str) -> int:
@@ -193,51 +259,112 @@ def blocks_per_ciphertext(block: int, slots: int, field_name: str) -> int:
     return slots // block
 
 
-def _masked_products(ctx: ts.Context, ct: ts.CKKSVector, rows: np.ndarray, block: int, slots: int,
-                     sums: np.ndarray, counts: Counts) -> list[ts.CKKSVector]:
-    """For each ciphertext of blocks: ct * [rows of the blocks] + masks whose block sums are ``sums``."""
-    per = slots // block
-    width = ct.size()  # the input is tiled exactly `per` times: TenSEAL multiplies vectors of one size
-    outs = []
+def ciphertexts_needed(rows: int, block: int, slots: int) -> int:
+    """Output ciphertexts for ``rows`` rows of ``block`` products each."""
+    return -(-rows // (slots // block))
+
+
+# (block, kind, count, counts) -> count fresh encrypted masks with their block sums; counts the encryptions.
+MaskSource = Callable[[int, str, int, "Counts"], list[tuple[object, np.ndarray]]]
+
+
+@dataclass
+class TokenBlinding:
+    """Everything of one single-token computation on one layer that does not depend on x: the rotation
+    Q, the blinding rho (the block sums of round 1's masks), and for each round the encoded weight rows
+    of every output ciphertext (None where they are all zero) and its encrypted masks. Fresh for each
+    computation; the he service prepares them between requests, and round 2 needs round 1's."""
+
+    layer: LoraLayer = field(repr=False)
+    Q: np.ndarray = field(repr=False)
+    rho: np.ndarray = field(repr=False)
+    first: list = field(repr=False)
+    first_masks: list = field(repr=False)
+    second: list = field(repr=False)
+    second_masks: list = field(repr=False)
+    unblind: object = field(repr=False)
+    prepared_ahead: bool = False     # by the he service between requests (its masks counted when used)
+
+    @property
+    def nbytes(self) -> int:
+        """About what it holds in memory (plaintexts at two primes, masks at one; 8 bytes a coefficient)."""
+        n = 2 * self.first_masks[0].poly_modulus_degree() * 8 if self.first_masks else 0
+        return n * (len(self.first) + len(self.second) + 1 + len(self.first_masks) + len(self.second_masks))
+
+
+def _encoded_rows(engine: TokenEngine, rows: np.ndarray, block: int, pause: Callable[[], None]) -> list:
+    per = engine.slots // block
+    out = []
     for start in range(0, rows.shape[0], per):
         chunk = rows[start:start + per]
-        plain = np.zeros(width)
-        plain[: chunk.size] = chunk.ravel()
-        masks = block_masks(width, block, chunk.shape[0], sums[start:start + per])
-        if np.any(np.abs(plain) >= _ZERO):
-            out = ct.mul(plain.tolist())  # rescales: masks are then added at the input's scale
-            out.add_(masks.tolist())
-            counts.plaintext_multiplies += 1
-            counts.additions += 1
-            counts.rescales += 1
-        else:  # all-zero weights (e.g. an untrained B): the products are zero, the masks alone remain
-            out = _encrypt_constant(ctx, masks)
+        values = np.zeros(per * block)
+        values[: chunk.size] = chunk.ravel()
+        pause()
+        plain = engine.plaintext(values, engine.weight_scale)
+        out.append(None if plain.is_zero() else plain)
+    return out
+
+
+def prepare_token(engine: TokenEngine, layer: LoraLayer, take_masks: MaskSource, counts: Counts,
+                  pause: Callable[[], None] = lambda: None) -> TokenBlinding:
+    """A fresh blinding for one token on ``layer``; ``pause`` is called between the encodings."""
+    d, r = layer.in_features, layer.rank
+    blocks_per_ciphertext(d, engine.slots, "ciphertexts")
+    per_r = blocks_per_ciphertext(r, engine.slots, "layer_inputs")
+    first_masks = take_masks(d, BLIND, ciphertexts_needed(r, d, engine.slots), counts)
+    second_masks = take_masks(r, ZERO, ciphertexts_needed(layer.out_features, r, engine.slots), counts)
+    rho = np.concatenate([sums for _, sums in first_masks])[:r]
+    Q = random_orthogonal(r)
+    first = _encoded_rows(engine, Q @ layer.A, d, pause)
+    second = _encoded_rows(engine, layer.scaling * (layer.B @ Q.T), r, pause)
+    pause()
+    unblind = engine.plaintext(np.tile(-rho, per_r), engine.scale)
+    return TokenBlinding(layer, Q, rho, first, [m for m, _ in first_masks], second, [m for m, _ in second_masks],
+                         unblind)
+
+
+def _masked_products(engine: TokenEngine, ct: object, plains: list, masks: list, counts: Counts) -> list[object]:
+    """For each output ciphertext: rescale(ct * plaintext) + Enc_pk(masks); the masks alone where the
+    weights are all zero (e.g. an untrained B), still a fresh encryption."""
+    from tenseal import sealapi
+
+    outs = []
+    for plain, mask_ct in zip(plains, masks, strict=True):
+        if plain is None:
+            outs.append(mask_ct)
+            continue
+        out = sealapi.Ciphertext()
+        engine.evaluator.multiply_plain(ct, plain, out)
+        engine.evaluator.rescale_to_next_inplace(out)
+        engine.evaluator.add_inplace(out, mask_ct)
+        counts.plaintext_multiplies += 1
+        counts.rescales += 1
+        counts.additions += 1
         outs.append(out)
     counts.multiplicative_depth = max(counts.multiplicative_depth, 1)
     return outs
 
 
-def project_token(ctx: ts.Context, layer: LoraLayer, ct: ts.CKKSVector, slots: int,
-                  counts: Counts) -> tuple[list[ts.CKKSVector], TokenBlinding]:
+def project_token(engine: TokenEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
     """Round 1: masked products whose block sums (block = d_in) are Q A x + rho."""
-    blocks_per_ciphertext(layer.in_features, slots, "ciphertexts")
-    Q = random_orthogonal(layer.rank)
-    rho = secure_normal(layer.rank, BLIND_STD)
-    outs = _masked_products(ctx, ct, Q @ layer.A, layer.in_features, slots, rho, counts)
-    return outs, TokenBlinding(Q=Q, rho=rho, layer=layer)
+    return _masked_products(engine, ct, blinding.first, blinding.first_masks, counts)
 
 
-def expand_token(ctx: ts.Context, blinding: TokenBlinding, ct: ts.CKKSVector, slots: int,
-                 counts: Counts) -> list[ts.CKKSVector]:
-    """Round 2: masked products whose block sums (block = r) are s B Q^T (u' - rho) = the delta."""
-    layer = blinding.layer
-    per = blocks_per_ciphertext(layer.rank, slots, "layer_inputs")
-    # rho comes off before the multiplication: TenSEAL's rescale leaves a relative error of about 1e-6
-    # in products, which on the large u' would swamp the delta.
-    unblinded = ct.add(np.tile(-blinding.rho, per).tolist())
+def expand_token(engine: TokenEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
+    """Round 2: masked products whose block sums (block = r) are s B Q^T (u' - rho) = the delta. ``ct``
+    is this call's own input: rho comes off it in place, before the multiplication."""
+    engine.evaluator.add_plain_inplace(ct, blinding.unblind)
     counts.additions += 1
-    rows = layer.scaling * (layer.B @ blinding.Q.T)
-    return _masked_products(ctx, unblinded, rows, layer.rank, slots, np.zeros(rows.shape[0]), counts)
+    return _masked_products(engine, ct, blinding.second, blinding.second_masks, counts)
+
+
+def serialize_seal(cts: list[object], timer: Timer) -> list[bytes]:
+    from tg_tinker.he.seal import to_bytes
+
+    t0 = time.perf_counter()
+    out = [to_bytes(c) for c in cts]
+    timer.serialize += time.perf_counter() - t0
+    return out
 
 
 def serialize(vectors: list[ts.CKKSVector], timer: Timer) -> list[bytes]:

@@ -28,7 +28,9 @@ from tg_tinker.he.params import SECURITY_TABLE, HEScheme, HESchemeParams
 
 from . import adapters as adapter_files
 from . import compute
-from .compute import ColumnProjection, Counts, LoraLayer, Timer, TokenBlinding
+from .compute import ColumnProjection, Counts, LoraLayer, Timer, TokenBlinding, TokenEngine
+from .masks import MaskPool
+from .prepare import Activity, Preparer
 from .store import AdapterRecord, ContextRecord, HeStore
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -46,7 +48,16 @@ ArtifactReader = Callable[[str], dict[str, bytes]]
 class LoadedContext:
     record: ContextRecord
     column: ts.Context        # auto_rescale off: depth-2 scalar products, rescaled by nobody
-    replicated: ts.Context    # auto_rescale on: masks are added after one rescale
+    token: TokenEngine        # SEAL objects for one token (replicated packing)
+
+    @property
+    def pool_key(self) -> tuple:
+        return (self.record.tenant_id, self.record.key_id, self.record.sha256)
+
+    @property
+    def engine_args(self) -> tuple[bytes, bytes, float]:
+        """What a mask worker needs: the context's digest, its public bytes, the scale."""
+        return (self.record.sha256, self.record.public_context, self.scale)
 
     @property
     def slots(self) -> int:
@@ -67,6 +78,7 @@ class Computation:
     num_tokens: int
     expires: float
     in_features: int
+    key_id: str = ""
     received: int = 0
     ciphertext_bytes: int = 0
     projections: dict[str, ColumnProjection] = field(default_factory=dict)
@@ -166,7 +178,7 @@ def inspect_context(data: bytes, params: HESchemeParams) -> ts.Context:
 
 class HeService:
     def __init__(self, store: HeStore, read_artifact: Callable[[str], dict[str, bytes]],
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, mask_workers: int | None = None) -> None:
         self.store = store
         self.read_artifact = read_artifact          # artifact id -> files, as the calling tenant
         self.response_budget = int(max_message_bytes * _RESPONSE_SHARE)
@@ -174,6 +186,13 @@ class HeService:
         self._contexts: dict[tuple[str, str], LoadedContext] = {}
         self._weights: dict[str, dict[str, LoraLayer]] = {}
         self._pending: OrderedDict[str, Computation] = OrderedDict()
+        self.masks = MaskPool(mask_workers)
+        self.activity = Activity()
+        self.preparer = Preparer(self.masks, self.activity)
+
+    def close(self) -> None:
+        self.preparer.close()
+        self.masks.close()
 
     # -- contexts ---------------------------------------------------------------------------------------
     def register_context(self, tenant: str, key_id: str, data: bytes, params: HESchemeParams) -> ContextRecord:
@@ -218,6 +237,8 @@ class HeService:
             self._contexts.pop((tenant, key_id), None)
             for adapter_id in doomed:
                 self._weights.pop(adapter_id, None)
+        self.masks.forget(tenant, key_id)
+        self.preparer.forget(lambda _adapter, pool_key: pool_key[:2] == (tenant, key_id))
 
     def _loaded_context(self, tenant: str, key_id: str) -> LoadedContext:
         with self._lock:
@@ -227,8 +248,8 @@ class HeService:
         record = self.get_context(tenant, key_id)
         column = ts.context_from(record.public_context)
         column.auto_rescale = False
-        replicated = ts.context_from(record.public_context)
-        loaded = LoadedContext(record, column, replicated)
+        loaded = LoadedContext(record, column, TokenEngine(ts.context_from(record.public_context),
+                                                           float(2 ** record.scale_bits)))
         with self._lock:
             return self._contexts.setdefault((tenant, key_id), loaded)
 
@@ -247,7 +268,24 @@ class HeService:
         self.store.insert_adapter(record)
         with self._lock:
             self._weights[record.adapter_id] = {n: weights[n] for n in chosen}
+        self._prepare(record.adapter_id, self._loaded_context(tenant, key_id), [weights[n] for n in chosen])
         return record, self._weights[record.adapter_id]
+
+    def _prepare(self, adapter_id: str, loaded: LoadedContext, layers: list[LoraLayer]) -> None:
+        """Have the masks and blindings of single-token calls on ``layers`` prepared between requests."""
+        slots, item = loaded.slots, 2 * loaded.record.poly_modulus_degree * 8
+        for ly in layers:
+            if ly.in_features > slots or ly.rank > slots:
+                continue
+            self.masks.expect(loaded.pool_key, loaded.engine_args, ly.in_features, compute.BLIND,
+                              compute.ciphertexts_needed(ly.rank, ly.in_features, slots), item)
+            self.masks.expect(loaded.pool_key, loaded.engine_args, ly.rank, compute.ZERO,
+                              compute.ciphertexts_needed(ly.out_features, ly.rank, slots), item)
+            self.preparer.want(adapter_id, loaded.pool_key, loaded.token, loaded.engine_args, ly)
+
+    def _mask_source(self, loaded: LoadedContext) -> compute.MaskSource:
+        return lambda block, kind, count, counts: self.masks.take(loaded.pool_key, loaded.token, loaded.engine_args,
+                                                                  block, kind, count, counts)
 
     def get_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
         record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
@@ -265,6 +303,7 @@ class HeService:
             self._weights.pop(adapter_id, None)
             for cid in [c for c, comp in self._pending.items() if comp.adapter_id == adapter_id]:
                 del self._pending[cid]
+        self.preparer.forget(lambda adapter, _pool_key: adapter == adapter_id)
 
     def weights(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, dict[str, LoraLayer], float]:
         """The adapter's layers; after a restart they are read from the vault again, as the caller."""
@@ -416,9 +455,10 @@ class HeService:
             return self._column_outputs(tenant, comp, layers, output_offset, output_count)
         if packing != "replicated":
             raise InvalidArgument("packing", "must be PACKING_COLUMN or PACKING_REPLICATED")
-        if computation_id:
-            return self._expand(tenant, computation_id, layers, layer_inputs)
-        return self._project(tenant, adapter_id, layers, data, num_tokens)
+        with self.activity.request():
+            if computation_id:
+                return self._expand(tenant, computation_id, layers, layer_inputs)
+            return self._project(tenant, adapter_id, layers, data, num_tokens)
 
     def _project(self, tenant: str, adapter_id: str, layers: list[str], data: list[bytes],
                  num_tokens: int) -> ComputeResult:
@@ -431,25 +471,31 @@ class HeService:
         chosen = self._choose(record, layers, "layers")
         d = self._same_input([weights[n] for n in chosen], "layers")
         loaded = self._loaded_context(tenant, record.key_id)
-        per = compute.blocks_per_ciphertext(d, loaded.slots, "ciphertexts")
+        compute.blocks_per_ciphertext(d, loaded.slots, "ciphertexts")
         timer = Timer()
-        (ct,) = compute.deserialize(loaded.replicated, data, "ciphertexts", timer)
-        if ct.size() != per * d:
-            raise InvalidArgument("ciphertexts[0]", f"holds {ct.size()} slots; expected x tiled {per} times "
-                                                    f"({per * d} slots)")
+        t0 = time.perf_counter()
+        ct = loaded.token.load_input(data[0], "ciphertexts[0]")
+        timer.deserialize += time.perf_counter() - t0
         comp = Computation(computation_id="hec_" + secrets.token_hex(12), tenant_id=tenant, adapter_id=adapter_id,
-                           layers=chosen, packing="replicated", num_tokens=1, in_features=d,
+                           layers=chosen, packing="replicated", num_tokens=1, in_features=d, key_id=record.key_id,
                            expires=time.monotonic() + COMPUTATION_TTL_S)
         total, deltas = Counts(), []
         for name in chosen:
             counts = Counts()
             t0 = time.perf_counter()
-            outs, blinding = compute.project_token(loaded.replicated, weights[name], ct, loaded.slots, counts)
+            blinding = self.preparer.take(adapter_id, name)
+            if blinding is not None:
+                counts.prepared_encryptions += len(blinding.first_masks)
+            else:
+                blinding = compute.prepare_token(loaded.token, weights[name], self._mask_source(loaded), counts)
+            outs = compute.project_token(loaded.token, blinding, ct, counts)
             timer.compute += time.perf_counter() - t0
             comp.blindings[name] = blinding
-            deltas.append(DeltaResult(name, compute.serialize(outs, timer), counts, block_size=d, round=1))
+            deltas.append(DeltaResult(name, compute.serialize_seal(outs, timer), counts, block_size=d, round=1))
             total.add(counts)
         self._open(comp)
+        self.activity.between_rounds(comp.computation_id)
+        self._prepare(adapter_id, loaded, [weights[n] for n in chosen])
         return ComputeResult(deltas, total, self._timings(timer, t_start, load), comp.computation_id)
 
     def _expand(self, tenant: str, computation_id: str, layers: list[str],
@@ -458,32 +504,43 @@ class HeService:
         comp = self._pending_for(tenant, computation_id)
         if comp.packing != "replicated":
             raise InvalidArgument("computation_id", "is a column-packed computation")
-        record = self.get_adapter(tenant, comp.adapter_id)
-        loaded = self._loaded_context(tenant, record.key_id)
+        loaded = self._loaded_context(tenant, comp.key_id)
         if not layer_inputs:
             raise InvalidArgument("layer_inputs", "round 2 needs the blinded projections of each layer")
-        timer, total, deltas = Timer(), Counts(), []
+        wanted = {n for w in layers for n in comp.layers
+                  if n == adapter_files.module_name(w) or n.endswith("." + adapter_files.module_name(w))}
+        timer, total, deltas, inputs = Timer(), Counts(), [], []
         for i, (want, data) in enumerate(layer_inputs):
             name = adapter_files.module_name(want)
             hits = [n for n in comp.layers if n == name or n.endswith("." + name)]
             if len(hits) != 1:
                 raise InvalidArgument(f"layer_inputs[{i}].layer", f"{want!r} is not one layer of this computation")
-            if layers and hits[0] not in self._choose(record, layers, "layers"):
+            if layers and hits[0] not in wanted:
                 continue
-            blinding = comp.blindings[hits[0]]
             if len(data) != 1:
                 raise InvalidArgument(f"layer_inputs[{i}].ciphertexts", "takes one ciphertext")
-            (ct,) = compute.deserialize(loaded.replicated, data, f"layer_inputs[{i}].ciphertexts", timer)
-            r = blinding.layer.rank
-            per = compute.blocks_per_ciphertext(r, loaded.slots, f"layer_inputs[{i}]")
-            if ct.size() != per * r:
-                raise InvalidArgument(f"layer_inputs[{i}].ciphertexts[0]", f"holds {ct.size()} slots; expected the "
-                                                                           f"{r} projections tiled {per} times")
-            counts = Counts()
             t0 = time.perf_counter()
-            outs = compute.expand_token(loaded.replicated, blinding, ct, loaded.slots, counts)
+            inputs.append((hits[0], loaded.token.load_input(data[0], f"layer_inputs[{i}].ciphertexts[0]")))
+            timer.deserialize += time.perf_counter() - t0
+        # Round 2 runs once per computation and layer: its masks are fixed by round 1, so a second run on
+        # another input would let the key holder subtract them away.
+        with comp.lock:
+            done = [name for name, _ in inputs if name not in comp.blindings]
+            if done:
+                raise FailedPrecondition(f"round 2 of computation {comp.computation_id} has already run for "
+                                         f"{done[0]}; run the token again from round 1")
+            blindings = [comp.blindings.pop(name) for name, _ in inputs]
+            if not comp.blindings:
+                self.activity.round_two(comp.computation_id)
+        for (name, ct), blinding in zip(inputs, blindings, strict=True):
+            counts = Counts()
+            if blinding.prepared_ahead:
+                counts.prepared_encryptions += len(blinding.second_masks)
+            t0 = time.perf_counter()
+            outs = compute.expand_token(loaded.token, blinding, ct, counts)
             timer.compute += time.perf_counter() - t0
-            deltas.append(DeltaResult(hits[0], compute.serialize(outs, timer), counts, block_size=r, round=2))
+            deltas.append(DeltaResult(name, compute.serialize_seal(outs, timer), counts,
+                                      block_size=blinding.layer.rank, round=2))
             total.add(counts)
         return ComputeResult(deltas, total, self._timings(timer, t_start, 0.0), comp.computation_id)
 

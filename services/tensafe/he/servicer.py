@@ -28,7 +28,8 @@ def context_proto(r: ContextRecord) -> he_pb2.HeContext:
 def counts_proto(c: Counts) -> he_pb2.OperationCounts:
     return he_pb2.OperationCounts(plaintext_multiplies=c.plaintext_multiplies, additions=c.additions,
                                   rotations=c.rotations, multiplicative_depth=c.multiplicative_depth,
-                                  rescales=c.rescales)
+                                  rescales=c.rescales, encryptions=c.encryptions,
+                                  prepared_encryptions=c.prepared_encryptions)
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
@@ -135,4 +136,6 @@ def create(env: ServiceEnvironment) -> HeServicer:
         _, data = vault.get(context.current(), artifact_id)
         return checkpoint.read(data)
 
-    return HeServicer(HeService(HeStore(env.db), read_artifact, env.config.max_message_mb << 20))
+    service = HeService(HeStore(env.db), read_artifact, env.config.max_message_mb << 20)
+    env.closers.append(service.close)
+    return HeServicer(service)

@@ -95,18 +95,22 @@ class HeAdapter(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., key_id: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class OperationCounts(_message.Message):
-    __slots__ = ("plaintext_multiplies", "additions", "rotations", "multiplicative_depth", "rescales")
+    __slots__ = ("plaintext_multiplies", "additions", "rotations", "multiplicative_depth", "rescales", "encryptions", "prepared_encryptions")
     PLAINTEXT_MULTIPLIES_FIELD_NUMBER: _ClassVar[int]
     ADDITIONS_FIELD_NUMBER: _ClassVar[int]
     ROTATIONS_FIELD_NUMBER: _ClassVar[int]
     MULTIPLICATIVE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RESCALES_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_ENCRYPTIONS_FIELD_NUMBER: _ClassVar[int]
     plaintext_multiplies: int
     additions: int
     rotations: int
     multiplicative_depth: int
     rescales: int
-    def __init__(self, plaintext_multiplies: _Optional[int] = ..., additions: _Optional[int] = ..., rotations: _Optional[int] = ..., multiplicative_depth: _Optional[int] = ..., rescales: _Optional[int] = ...) -> None: ...
+    encryptions: int
+    prepared_encryptions: int
+    def __init__(self, plaintext_multiplies: _Optional[int] = ..., additions: _Optional[int] = ..., rotations: _Optional[int] = ..., multiplicative_depth: _Optional[int] = ..., rescales: _Optional[int] = ..., encryptions: _Optional[int] = ..., prepared_encryptions: _Optional[int] = ...) -> None: ...
 
 class ComputeTimings(_message.Message):
     __slots__ = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")

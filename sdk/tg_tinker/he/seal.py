@@ -1,0 +1,104 @@
+"""The single-token path at the level of Microsoft SEAL (``tenseal.sealapi``), for the SDK and the he service.
+
+TenSEAL's ``CKKSVector`` API re-encodes every plaintext operand, encrypts only with the public key at
+the top level and serialises through protobuf with compression; for one token that overhead is most
+of the cost. Here the key holder encrypts ``x`` *symmetrically* (its own secret key; the ciphertext
+travels in SEAL's seeded form, half the size) directly at the level with two data primes, the he
+service multiplies, rescales once and returns ciphertexts at the last level (one prime), and both sides
+exchange SEAL's own serialisation. Same keys and parameters as the column path's TenSEAL context.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+
+# SEAL's Python binding saves and loads through file paths only: a private directory, in memory where
+# the system has one. Ciphertexts only ever pass through it, never a key.
+_DIR: str | None = None
+_DIR_LOCK = threading.Lock()
+
+
+def _scratch() -> str:
+    global _DIR
+    with _DIR_LOCK:
+        if _DIR is None or not os.path.isdir(_DIR):
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            _DIR = tempfile.mkdtemp(prefix="tensafe-he-", dir=base)
+            atexit.register(shutil.rmtree, _DIR, True)
+        return os.path.join(_DIR, f"{os.getpid()}-{threading.get_ident()}.bin")
+
+
+def to_bytes(obj: Any) -> bytes:
+    """SEAL's serialisation of a Ciphertext (or a seeded SerializableCiphertext)."""
+    path = _scratch()
+    obj.save(path)
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def load_ciphertext(seal_context: Any, data: bytes) -> Any:
+    """A SEAL Ciphertext from its bytes; SEAL checks it is valid for ``seal_context`` (ValueError if not)."""
+    from tenseal import sealapi
+
+    path = _scratch()
+    with open(path, "wb") as fh:
+        fh.write(data)
+    ct = sealapi.Ciphertext(seal_context)
+    try:
+        ct.load(seal_context, path)
+    except Exception as exc:  # noqa: BLE001 - SEAL raises plain exceptions for any malformed input
+        raise ValueError(f"not a SEAL ciphertext for this context ({exc})") from None
+    return ct
+
+
+def levels(seal_context: Any) -> tuple[Any, Any]:
+    """(input level, output level): the parms ids with two data primes and with one. The key holder
+    encrypts at the first, the he service's one rescale lands on the second."""
+    data = seal_context.first_context_data()
+    while data.chain_index() > 1:
+        data = data.next_context_data()
+    if data.chain_index() != 1:
+        raise ValueError("the single-token path needs at least two data primes")
+    return data.parms_id(), seal_context.last_parms_id()
+
+
+class TokenCodec:
+    """The key holder's side: encrypt one token's slots (symmetric, seeded) and decrypt the service's
+    outputs. Built from a TenSEAL context holding the secret key; lives with the key bundle."""
+
+    def __init__(self, context: Any, scale: float) -> None:
+        from tenseal import sealapi
+
+        self.seal_context = context.seal_context().data
+        self.scale = scale
+        self.encoder = sealapi.CKKSEncoder(self.seal_context)
+        secret = context.secret_key().data
+        self.encryptor = sealapi.Encryptor(self.seal_context, secret)
+        self.decryptor = sealapi.Decryptor(self.seal_context, secret)
+        self.input_level, self.output_level = levels(self.seal_context)
+        self.slots = self.encoder.slot_count()
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        from tenseal import sealapi
+
+        plain = sealapi.Plaintext()
+        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), self.input_level, self.scale, plain)
+        return to_bytes(self.encryptor.encrypt_symmetric(plain))
+
+    def decrypt(self, data: bytes) -> np.ndarray:
+        from tenseal import sealapi
+
+        ct = load_ciphertext(self.seal_context, data)
+        plain = sealapi.Plaintext()
+        self.decryptor.decrypt(ct, plain)
+        return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
+
+
+__all__ = ["TokenCodec", "levels", "load_ciphertext", "to_bytes"]

@@ -1,0 +1,181 @@
+"""Single-token blindings prepared between requests.
+
+A single-token computation on a layer needs, besides x, a fresh rotation Q, the encoded rows of Q A and
+of s B Q^T, the encoded -rho and one encrypted mask per output ciphertext (compute.TokenBlinding).
+None of it depends on the request, so one thread of the he service prepares them while no request
+runs (it pauses between encodings when one arrives), from masks its workers encrypted
+(masks.MaskPool). A request takes a ready blinding for its layer, or prepares one itself.
+
+Each blinding is used by one computation and dropped; they live only in this process's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from . import compute
+from .compute import Counts, LoraLayer, TokenBlinding, TokenEngine
+from .masks import MaskPool
+
+log = logging.getLogger(__name__)
+
+READY_PER_LAYER = 2
+MAX_BYTES = 256 << 20
+# How long the he service waits for a single token's second round before preparing again.
+ROUND_GAP_S = 0.5
+
+
+class Activity:
+    """When single-token work is under way: a request running, or a token between its two rounds (the
+    key holder decrypting and re-encrypting). The preparing thread shares the GIL with requests, so it
+    waits for neither."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._between: dict[str, float] = {}    # computation id -> until when its round 2 is awaited
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def between_rounds(self, computation_id: str) -> None:
+        with self._cond:
+            self._between[computation_id] = time.monotonic() + ROUND_GAP_S
+
+    def round_two(self, computation_id: str) -> None:
+        with self._cond:
+            self._between.pop(computation_id, None)
+            self._cond.notify_all()
+
+    def wait_idle(self) -> None:
+        """Return when no request runs and no token waits for its second round."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for cid in [c for c, until in self._between.items() if until <= now]:
+                    del self._between[cid]
+                if not self._active and not self._between:
+                    return
+                self._cond.wait(timeout=min(self._between.values(), default=now + 0.1) - now + 1e-3)
+
+
+@dataclass
+class _Entry:
+    pool_key: tuple
+    engine: TokenEngine
+    engine_args: tuple[bytes, bytes, float]
+    layer: LoraLayer
+    ready: deque[TokenBlinding] = field(default_factory=deque)
+
+
+class Preparer:
+    def __init__(self, masks: MaskPool, activity: Activity) -> None:
+        self.masks = masks
+        self.activity = activity
+        self._entries: dict[tuple[str, str], _Entry] = {}   # (adapter id, layer) -> its ready blindings
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.bytes = 0
+
+    def want(self, adapter_id: str, pool_key: tuple, engine: TokenEngine, engine_args: tuple[bytes, bytes, float],
+             layer: LoraLayer) -> None:
+        """Keep blindings of ``layer`` ready (up to READY_PER_LAYER, within MAX_BYTES in all)."""
+        with self._cond:
+            if self._closed:
+                return
+            if (adapter_id, layer.name) not in self._entries:
+                self._entries[(adapter_id, layer.name)] = _Entry(pool_key, engine, engine_args, layer)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="he-prepare")
+                self._thread.start()
+            self._cond.notify_all()
+
+    def take(self, adapter_id: str, layer: str) -> TokenBlinding | None:
+        with self._cond:
+            entry = self._entries.get((adapter_id, layer))
+            if entry is None or not entry.ready:
+                return None
+            blinding = entry.ready.popleft()
+            self.bytes -= blinding.nbytes
+            self._cond.notify_all()
+            return blinding
+
+    def ready(self, adapter_id: str, layer: str) -> int:
+        with self._cond:
+            entry = self._entries.get((adapter_id, layer))
+            return len(entry.ready) if entry else 0
+
+    def forget(self, match: Callable[[str, tuple], bool]) -> None:
+        """Drop the entries (adapter id, pool key) that ``match``: an unloaded adapter, a deleted context."""
+        with self._cond:
+            for key in [k for k, e in self._entries.items() if match(k[0], e.pool_key)]:
+                entry = self._entries.pop(key)
+                self.bytes -= sum(b.nbytes for b in entry.ready)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._entries.clear()
+            self._cond.notify_all()
+
+    # -- the thread --------------------------------------------------------------------------------------
+    def _next(self) -> _Entry | None:
+        """The entry with the fewest ready blindings whose masks are ready, or None."""
+        best = None
+        for entry in self._entries.values():
+            if len(entry.ready) >= READY_PER_LAYER or self.bytes >= MAX_BYTES:
+                continue
+            if best is None or len(entry.ready) < len(best.ready):
+                layer, slots = entry.layer, entry.engine.slots
+                first = compute.ciphertexts_needed(layer.rank, layer.in_features, slots)
+                second = compute.ciphertexts_needed(layer.out_features, layer.rank, slots)
+                if (self.masks.ready(entry.pool_key, layer.in_features, compute.BLIND) >= first
+                        and self.masks.ready(entry.pool_key, layer.rank, compute.ZERO) >= second):
+                    best = entry
+        return best
+
+    def _source(self, entry: _Entry) -> compute.MaskSource:
+        return lambda block, kind, count, counts: self.masks.take(entry.pool_key, entry.engine, entry.engine_args,
+                                                                  block, kind, count, counts)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                entry = self._next()
+                if entry is None:
+                    self._cond.wait(timeout=0.02)  # masks arrive from the workers without a notification
+                    continue
+            try:
+                self.activity.wait_idle()
+                blinding = compute.prepare_token(entry.engine, entry.layer, self._source(entry), Counts(),
+                                                 pause=self.activity.wait_idle)
+            except Exception:  # noqa: BLE001 - a request prepares its own blinding instead
+                log.exception("he: preparing a single-token blinding for %s failed", entry.layer.name)
+                with self._cond:
+                    self._entries = {k: e for k, e in self._entries.items() if e is not entry}
+                continue
+            blinding.prepared_ahead = True
+            with self._cond:
+                if any(e is entry for e in self._entries.values()):
+                    entry.ready.append(blinding)
+                    self.bytes += blinding.nbytes
+
+
+__all__ = ["Activity", "Preparer", "READY_PER_LAYER"]

@@ -157,8 +157,10 @@ class HeServiceServicer:
     def ComputeDelta(self, request, context):
         """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
         first round of a single token (PACKING_REPLICATED), its second round, or
-        output ciphertexts of a staged column computation. A pure function of the
-        request and of pending state (safe to retry; responses are not cached).
+        output ciphertexts of a staged column computation. Column outputs are a
+        pure function of the request and pending state (safe to retry). A single
+        token's round 2 runs once per computation and layer (its masks are fixed
+        by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

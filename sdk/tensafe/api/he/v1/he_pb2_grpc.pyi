@@ -62,8 +62,10 @@ class HeServiceStub:
     ComputeDelta: _grpc.UnaryUnaryMultiCallable[_he_pb2.ComputeDeltaRequest, _he_pb2.ComputeDeltaResponse]
     """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
     first round of a single token (PACKING_REPLICATED), its second round, or
-    output ciphertexts of a staged column computation. A pure function of the
-    request and of pending state (safe to retry; responses are not cached).
+    output ciphertexts of a staged column computation. Column outputs are a
+    pure function of the request and pending state (safe to retry). A single
+    token's round 2 runs once per computation and layer (its masks are fixed
+    by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
     """
 
 @_typing.type_check_only
@@ -95,8 +97,10 @@ class HeServiceAsyncStub(HeServiceStub):
     ComputeDelta: _aio.UnaryUnaryMultiCallable[_he_pb2.ComputeDeltaRequest, _he_pb2.ComputeDeltaResponse]  # type: ignore[assignment]
     """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
     first round of a single token (PACKING_REPLICATED), its second round, or
-    output ciphertexts of a staged column computation. A pure function of the
-    request and of pending state (safe to retry; responses are not cached).
+    output ciphertexts of a staged column computation. Column outputs are a
+    pure function of the request and pending state (safe to retry). A single
+    token's round 2 runs once per computation and layer (its masks are fixed
+    by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
     """
 
 class HeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,8 +189,10 @@ class HeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_he_pb2.ComputeDeltaResponse, _abc.Awaitable[_he_pb2.ComputeDeltaResponse]]:
         """delta = (alpha / r) * B * A * x on encrypted x, without rotations: the
         first round of a single token (PACKING_REPLICATED), its second round, or
-        output ciphertexts of a staged column computation. A pure function of the
-        request and of pending state (safe to retry; responses are not cached).
+        output ciphertexts of a staged column computation. Column outputs are a
+        pure function of the request and pending state (safe to retry). A single
+        token's round 2 runs once per computation and layer (its masks are fixed
+        by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
         """
 
 def add_HeServiceServicer_to_server(servicer: HeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

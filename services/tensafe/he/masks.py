@@ -13,9 +13,9 @@ the he service's memory; a worker holds public contexts only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 import queue
 import struct
 import subprocess
@@ -38,7 +38,7 @@ MAX_POOL_BYTES = 64 << 20
 
 # -- the worker process -------------------------------------------------------------------------------------
 # A plain child process (python -m tensafe.he.masks) reading tasks from stdin and writing results to
-# stdout as length-prefixed pickles: unlike multiprocessing's spawn it never re-imports the parent's
+# stdout as length-prefixed frames: unlike multiprocessing's spawn it never re-imports the parent's
 # __main__, so an embedding script needs no main guard.
 _ENGINES: dict[bytes, TokenEngine] = {}
 
@@ -61,29 +61,55 @@ def _worker_masks(digest: bytes, public_context: bytes, scale: float, block: int
     return out
 
 
-def _read_frame(stream: IO[bytes]) -> object | None:
-    head = stream.read(8)
-    if len(head) < 8:
+# A frame: a JSON header, then the byte strings it counts, each length-prefixed (plain data, no objects).
+def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def _read_frame(stream: IO[bytes]) -> tuple[dict, list[bytes]] | None:
+    head = _read_exact(stream, 8)
+    if head is None:
         return None
-    (size,) = struct.unpack("<Q", head)
-    return pickle.loads(stream.read(size))
+    header = json.loads(_read_exact(stream, struct.unpack("<Q", head)[0]) or b"null")
+    blobs = []
+    for _ in range(int(header["blobs"])):
+        size = _read_exact(stream, 8)
+        blob = _read_exact(stream, struct.unpack("<Q", size)[0]) if size else None
+        if blob is None:
+            return None
+        blobs.append(blob)
+    return header, blobs
 
 
-def _write_frame(stream: IO[bytes], obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
+def _write_frame(stream: IO[bytes], header: dict, blobs: list[bytes]) -> None:
+    head = json.dumps({**header, "blobs": len(blobs)}).encode()
+    parts = [struct.pack("<Q", len(head)), head]
+    for blob in blobs:
+        parts += [struct.pack("<Q", len(blob)), blob]
+    stream.write(b"".join(parts))
     stream.flush()
+
+
+def _task_frame(task: tuple) -> tuple[dict, list[bytes]]:
+    digest, public_context, scale, block, kind, count = task
+    return {"scale": scale, "block": block, "kind": kind, "count": count}, [digest, public_context]
 
 
 def _serve() -> None:
     """The worker's loop: one task in, one result (or the error's text) out, until stdin closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the result stream
-    while (task := _read_frame(stdin)) is not None:
+    while (frame := _read_frame(stdin)) is not None:
+        header, (digest, public_context) = frame
         try:
-            _write_frame(stdout, ("ok", _worker_masks(*task)))
+            masks = _worker_masks(digest, public_context, float(header["scale"]), int(header["block"]),
+                                  str(header["kind"]), int(header["count"]))
         except Exception as exc:  # noqa: BLE001 - reported to the service, which then makes masks itself
-            _write_frame(stdout, ("error", f"{type(exc).__name__}: {exc}"))
+            _write_frame(stdout, {"status": "error", "message": f"{type(exc).__name__}: {exc}"}, [])
+            continue
+        blobs = [part for data, sums in masks for part in (data, np.asarray(sums, dtype="<f8").tobytes())]
+        _write_frame(stdout, {"status": "ok"}, blobs)
 
 
 class _Worker:
@@ -113,7 +139,7 @@ class _Worker:
         stream = self.proc.stdin
         try:
             while (task := self._tasks.get()) is not None:
-                _write_frame(stream, task)  # type: ignore[arg-type]
+                _write_frame(stream, *_task_frame(task))  # type: ignore[arg-type]
         except (OSError, ValueError):
             pass  # the worker is gone: the reader reports it
         finally:
@@ -132,9 +158,13 @@ class _Worker:
                 while self._callbacks:
                     self._on_result(self._callbacks.popleft(), None, "the mask worker exited")
                 return
-            status, value = frame  # type: ignore[misc]
+            header, blobs = frame
             callback = self._callbacks.popleft()
-            self._on_result(callback, value if status == "ok" else None, None if status == "ok" else str(value))
+            if header.get("status") == "ok":
+                masks = [(blobs[i], np.frombuffer(blobs[i + 1], dtype="<f8").copy()) for i in range(0, len(blobs), 2)]
+                self._on_result(callback, masks, None)
+            else:
+                self._on_result(callback, None, str(header.get("message", "the mask worker failed")))
 
     def close(self) -> None:
         self._tasks.put(None)

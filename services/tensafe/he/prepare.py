@@ -134,12 +134,14 @@ class Preparer:
             self._cond.notify_all()
 
     # -- the thread --------------------------------------------------------------------------------------
-    def _next(self) -> _Entry | None:
-        """The entry with the fewest ready blindings whose masks are ready, or None."""
-        best = None
+    def _next(self) -> tuple[_Entry | None, bool]:
+        """The entry with the fewest ready blindings whose masks are ready (or None), and whether some
+        entry waits for masks."""
+        best, waiting = None, False
         for entry in self._entries.values():
             if len(entry.ready) >= READY_PER_LAYER or self.bytes >= MAX_BYTES:
                 continue
+            waiting = True
             if best is None or len(entry.ready) < len(best.ready):
                 layer, slots = entry.layer, entry.engine.slots
                 first = compute.ciphertexts_needed(layer.rank, layer.in_features, slots)
@@ -147,7 +149,7 @@ class Preparer:
                 if (self.masks.ready(entry.pool_key, layer.in_features, compute.BLIND) >= first
                         and self.masks.ready(entry.pool_key, layer.rank, compute.ZERO) >= second):
                     best = entry
-        return best
+        return best, waiting
 
     def _source(self, entry: _Entry) -> compute.MaskSource:
         return lambda block, kind, count, counts: self.masks.take(entry.pool_key, entry.engine, entry.engine_args,
@@ -158,9 +160,11 @@ class Preparer:
             with self._cond:
                 if self._closed:
                     return
-                entry = self._next()
+                entry, waiting = self._next()
                 if entry is None:
-                    self._cond.wait(timeout=0.02)  # masks arrive from the workers without a notification
+                    # Masks arrive from the workers without a notification: look again soon while some
+                    # layer waits for them; otherwise sleep until a take, a want or close.
+                    self._cond.wait(timeout=0.02 if waiting else None)
                     continue
             try:
                 self.activity.wait_idle()

@@ -29,6 +29,9 @@ READY_PER_LAYER = 2
 MAX_BYTES = 256 << 20
 # How long the he service waits for a single token's second round before preparing again.
 ROUND_GAP_S = 0.5
+# Quiet time after a request before preparing: tokens sent back to back (a few ms apart) then find
+# the preparing thread asleep instead of competing with the key holder for the cores.
+QUIET_S = 0.01
 
 
 class Activity:
@@ -40,6 +43,7 @@ class Activity:
         self._cond = threading.Condition()
         self._active = 0
         self._between: dict[str, float] = {}    # computation id -> until when its round 2 is awaited
+        self._last = float("-inf")              # when the last request ended
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
@@ -50,6 +54,7 @@ class Activity:
         finally:
             with self._cond:
                 self._active -= 1
+                self._last = time.monotonic()
                 self._cond.notify_all()
 
     def between_rounds(self, computation_id: str) -> None:
@@ -62,15 +67,18 @@ class Activity:
             self._cond.notify_all()
 
     def wait_idle(self) -> None:
-        """Return when no request runs and no token waits for its second round."""
+        """Return when no request runs, no token waits for its second round and the last request ended
+        QUIET_S ago."""
         with self._cond:
             while True:
                 now = time.monotonic()
                 for cid in [c for c, until in self._between.items() if until <= now]:
                     del self._between[cid]
-                if not self._active and not self._between:
+                quiet_at = self._last + QUIET_S
+                if not self._active and not self._between and now >= quiet_at:
                     return
-                self._cond.wait(timeout=min(self._between.values(), default=now + 0.1) - now + 1e-3)
+                until = min(self._between.values(), default=max(quiet_at, now + (0.1 if self._active else 0)))
+                self._cond.wait(timeout=max(until - now, 0) + 1e-3)
 
 
 @dataclass

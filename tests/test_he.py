@@ -265,6 +265,13 @@ def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noq
         with pytest.raises(ValidationError) as err:
             service.he.compute_delta(request)
         assert err.value.field == field, (field, err.value)
+    # Columns: a TenSEAL vector, or one token's encryption (the wrong level), is refused by position.
+    for bad in (bundle.encrypt(np.ones(4)).serialize(), bundle.encrypt_token(np.ones(4))):
+        with pytest.raises(ValidationError) as err:
+            service.he.append_input(he_pb2.AppendInputRequest(
+                adapter_id=inference.adapter.adapter_id, layers=["gate_proj"], num_tokens=4, offset=0,
+                ciphertexts=[bundle.encrypt_column(np.ones(4)), bad]))
+        assert err.value.field == "ciphertexts[1]", err.value
     with pytest.raises(ValidationError) as err:
         service.he.load_adapter(checkpoints["mlp"], bundle.key_id, ["q_proj"])
     assert err.value.field == "layers"

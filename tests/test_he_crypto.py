@@ -10,7 +10,7 @@ import pytest
 import tenseal as ts
 
 from tensafe.he import compute
-from tensafe.he.compute import Counts, LoraLayer, Timer, TokenEngine
+from tensafe.he.compute import Counts, LoraLayer, SealEngine, Timer
 from tensafe.he.masks import MaskPool
 from tensafe.he.service import check_params, inspect_context
 from tensafe.runtime.errors import InvalidArgument
@@ -21,12 +21,6 @@ from tg_tinker.he import HEKeyManager, HEScheme, HESchemeParams
 @pytest.fixture(scope="module")
 def bundle():  # noqa: ANN201
     return HEKeyManager("tenant-a").generate_key_bundle(key_id="k1")
-
-
-def _column_context(bundle):  # noqa: ANN001, ANN202
-    column = ts.context_from(bundle.public_context())
-    column.auto_rescale = False
-    return column
 
 
 def _layer(rng: np.random.Generator, d: int, r: int, d_out: int) -> LoraLayer:
@@ -133,23 +127,24 @@ def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle,
     rng = np.random.default_rng(d + r)
     layer = _layer(rng, d, r, d_out)
     x = rng.normal(0, 1, (tokens, d))
-    column = _column_context(bundle)
-    cts = [ts.ckks_vector_from(column, bundle.encrypt(x[:, j]).serialize()) for j in range(d)]
+    engine = _engine(bundle)
+    cts = [engine.load_input(bundle.encrypt_column(x[:, j]), f"ciphertexts[{j}]", column=True) for j in range(d)]
     proj, counts = compute.ColumnProjection(layer), Counts()
-    proj.fold(cts[:d // 3], 0, counts)
-    proj.fold(cts[d // 3:], d // 3, counts)
-    outs = compute.column_outputs(column, proj, 0, d_out, tokens, 2.0 ** 40, counts)
-    got = np.stack([bundle.decrypt(o.serialize())[:tokens] for o in outs], axis=1)
+    proj.fold(engine, cts[:d // 3], 0, counts)
+    proj.fold(engine, cts[d // 3:], d // 3, counts)
+    outs = compute.column_outputs(engine, proj, 0, d_out, counts)
+    assert all(o.parms_id() == engine.output_level for o in outs)  # rescaled twice: one prime to send back
+    got = np.stack([bundle.decrypt_token(o)[:tokens] for o in compute.serialize_seal(outs, Timer())], axis=1)
     assert _rel(got, layer.scaling * x @ layer.A.T @ layer.B.T) < 1e-4
-    assert counts.rotations == 0 and counts.multiplicative_depth == 2 and counts.rescales == 0
+    assert counts.rotations == 0 and counts.multiplicative_depth == 2 and counts.rescales == 2 * d_out
     assert counts.plaintext_multiplies == d * r + d_out * r
 
 
-def _engine(bundle) -> TokenEngine:  # noqa: ANN001
-    return TokenEngine(ts.context_from(bundle.public_context()), bundle.params.global_scale)
+def _engine(bundle) -> SealEngine:  # noqa: ANN001
+    return SealEngine(ts.context_from(bundle.public_context()), bundle.params.global_scale)
 
 
-def _fresh_masks(engine: TokenEngine):  # noqa: ANN202
+def _fresh_masks(engine: SealEngine):  # noqa: ANN202
     def make(block: int, kind: str, count: int, counts: Counts | None = None) -> list:
         if counts is not None:
             counts.encryptions += count

@@ -78,7 +78,7 @@ class ColumnCiphertexts(Sequence):
     def _encrypt(self, bundle: HEKeyBundle, columns: np.ndarray) -> None:
         try:
             for column in columns:
-                data = bundle.encrypt(column).serialize()
+                data = bundle.encrypt_column(column)
                 with self._ready:
                     self._items.append(data)
                     self._ready.notify_all()
@@ -209,7 +209,7 @@ class PrivateInference:
                     values = [v for c in cts for v in self._decrypt_blocks(c, block)]
                     parts.append(np.asarray(values[:d_out], dtype=np.float64)[None, :])
                 else:
-                    parts.append(np.stack([np.asarray(self.bundle.decrypt(c)[:tokens]) for c in cts], axis=1))
+                    parts.append(np.stack([self.bundle.decrypt_token(c)[:tokens] for c in cts], axis=1))
             delta = np.concatenate(parts, axis=0)
             result[name] = delta.reshape(*output.shape[:-1], d_out) if len(output.shape) > 1 else delta[0]
         return result

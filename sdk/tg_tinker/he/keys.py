@@ -75,8 +75,13 @@ class HEKeyBundle:
         under the secret key, at the level with two data primes (see :mod:`tg_tinker.he.seal`)."""
         return self._token_codec().encrypt(np.asarray(values, dtype=np.float64))
 
+    def encrypt_column(self, values: Any) -> bytes:
+        """One column (an input dimension across up to ``slot_count`` tokens) for the column path: SEAL
+        bytes of a symmetric (seeded) encryption under the secret key, at the top level."""
+        return self._token_codec().encrypt(np.asarray(values, dtype=np.float64), top=True)
+
     def decrypt_token(self, data: bytes) -> Any:
-        """Decrypt a single-token output of the he service (SEAL bytes) to a float64 array of slots."""
+        """Decrypt an output of the he service (SEAL bytes, either packing) to a float64 array of slots."""
         try:
             return self._token_codec().decrypt(data)
         except ValueError:

@@ -1,11 +1,13 @@
-"""The single-token path at the level of Microsoft SEAL (``tenseal.sealapi``), for the SDK and the he service.
+"""HE-LoRA at the level of Microsoft SEAL (``tenseal.sealapi``), for the SDK and the he service.
 
 TenSEAL's ``CKKSVector`` API re-encodes every plaintext operand, encrypts only with the public key at
 the top level and serialises through protobuf with compression; for one token that overhead is most
 of the cost. Here the key holder encrypts ``x`` *symmetrically* (its own secret key; the ciphertext
 travels in SEAL's seeded form, half the size) directly at the level with two data primes, the he
 service multiplies, rescales once and returns ciphertexts at the last level (one prime), and both sides
-exchange SEAL's own serialisation. Same keys and parameters as the column path's TenSEAL context.
+exchange SEAL's own serialisation. The column path works the same way, with columns encrypted at the
+top level (they are multiplied twice before the service rescales). Keys and parameters are those of
+the bundle's TenSEAL context.
 """
 
 from __future__ import annotations
@@ -83,13 +85,17 @@ class TokenCodec:
         self.encryptor = sealapi.Encryptor(self.seal_context, secret)
         self.decryptor = sealapi.Decryptor(self.seal_context, secret)
         self.input_level, self.output_level = levels(self.seal_context)
+        self.top_level = self.seal_context.first_parms_id()
         self.slots = self.encoder.slot_count()
 
-    def encrypt(self, values: np.ndarray) -> bytes:
+    def encrypt(self, values: np.ndarray, *, top: bool = False) -> bytes:
+        """SEAL bytes of a seeded symmetric encryption of ``values``: at the level with two data primes
+        (one token), or at the top level (``top``: a column, multiplied twice before any rescale)."""
         from tenseal import sealapi
 
         plain = sealapi.Plaintext()
-        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), self.input_level, self.scale, plain)
+        level = self.top_level if top else self.input_level
+        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), level, self.scale, plain)
         return to_bytes(self.encryptor.encrypt_symmetric(plain))
 
     def decrypt(self, data: bytes) -> np.ndarray:

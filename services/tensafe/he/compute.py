@@ -12,7 +12,7 @@ Replicated packing (one token), two rounds; the key holder sums blocks of slots 
            i = p * blocks + b, plus masks summing to zero over the block. Block sums: the delta.
 Q is a random orthogonal r x r matrix and rho a random vector, both fresh per computation; the
 masks are fresh Gaussians projected to the block-sum constraint, added as a fresh public-key encryption
-so that every output is re-randomised. One token runs on SEAL directly (TokenEngine, TokenBlinding);
+so that every output is re-randomised. One token runs on SEAL directly (SealEngine, TokenBlinding);
 everything but the products is prepared ahead (masks.py, prepare.py). See docs/he.md for what this hides.
 """
 
@@ -118,27 +118,20 @@ def block_masks(slots: int, block: int, blocks: int, block_sums: np.ndarray) -> 
     return m
 
 
-def _load(ctx: ts.Context, data: bytes, field_name: str) -> ts.CKKSVector:
-    try:
-        return ts.ckks_vector_from(ctx, data)
-    except Exception:  # noqa: BLE001 - TenSEAL raises plain exceptions for any malformed input
-        raise InvalidArgument(field_name, "is not a CKKS ciphertext under this adapter's context") from None
-
-
-def _encrypt_constant(ctx: ts.Context, values: np.ndarray, scale: float | None = None) -> ts.CKKSVector:
-    """A fresh encryption (public key) of known values, for an output whose plaintext factor is all zero."""
-    return ts.ckks_vector(ctx, values.tolist(), scale) if scale else ts.ckks_vector(ctx, values.tolist())
-
-
 # -- column packing ------------------------------------------------------------------------------------
+# On SEAL too: the key holder encrypts each column symmetrically (seeded) at the top level; the service
+# multiplies by scalars (encoded at scale 2^scale_bits) twice without rescaling, then rescales each
+# output twice, to the last level, where it is a third of the size and decrypts in one prime.
 class ColumnProjection:
     """The encrypted rank projections u_k = sum_j A[k, j] * ct_j of one layer, filled chunk by chunk."""
 
     def __init__(self, layer: LoraLayer) -> None:
         self.layer = layer
-        self.acc: list[ts.CKKSVector | None] = [None] * layer.rank
+        self.acc: list[object | None] = [None] * layer.rank
 
-    def fold(self, cts: list[ts.CKKSVector], offset: int, counts: Counts) -> None:
+    def fold(self, engine: SealEngine, cts: list[object], offset: int, counts: Counts) -> None:
+        from tenseal import sealapi
+
         A = self.layer.A
         for k in range(self.layer.rank):
             acc = self.acc[k]
@@ -146,20 +139,23 @@ class ColumnProjection:
                 a = float(A[k, j])
                 if abs(a) < _ZERO:
                     continue
-                term = ct.mul(a)
+                term = sealapi.Ciphertext()
+                engine.evaluator.multiply_plain(ct, engine.scalar(a), term)
                 counts.plaintext_multiplies += 1
                 if acc is None:
                     acc = term
                 else:
-                    acc.add_(term)
+                    engine.evaluator.add_inplace(acc, term)
                     counts.additions += 1
             self.acc[k] = acc
         counts.multiplicative_depth = max(counts.multiplicative_depth, 1)
 
 
-def column_outputs(ctx: ts.Context, proj: ColumnProjection, start: int, stop: int, num_tokens: int,
-                   scale: float, counts: Counts) -> list[ts.CKKSVector]:
-    """out_i = sum_k (s * B[i, k]) * u_k for i in [start, stop)."""
+def column_outputs(engine: SealEngine, proj: ColumnProjection, start: int, stop: int,
+                   counts: Counts) -> list[object]:
+    """out_i = sum_k (s * B[i, k]) * u_k for i in [start, stop), rescaled twice to the last level."""
+    from tenseal import sealapi
+
     layer = proj.layer
     weights = layer.scaling * layer.B
     outs = []
@@ -169,15 +165,20 @@ def column_outputs(ctx: ts.Context, proj: ColumnProjection, start: int, stop: in
             b = float(weights[i, k])
             if abs(b) < _ZERO or proj.acc[k] is None:
                 continue
-            term = proj.acc[k].mul(b)
+            term = sealapi.Ciphertext()
+            engine.evaluator.multiply_plain(proj.acc[k], engine.scalar(b), term)
             counts.plaintext_multiplies += 1
             if out is None:
                 out = term
             else:
-                out.add_(term)
+                engine.evaluator.add_inplace(out, term)
                 counts.additions += 1
         if out is None:  # this output is exactly zero (an untrained B row): a fresh encryption of zeros
-            out = _encrypt_constant(ctx, np.zeros(num_tokens), scale ** 3)
+            outs.append(engine.zeros())
+            continue
+        while out.parms_id() != engine.output_level:
+            engine.evaluator.rescale_to_next_inplace(out)
+            counts.rescales += 1
         outs.append(out)
     counts.multiplicative_depth = max(counts.multiplicative_depth, 2)
     return outs
@@ -192,8 +193,8 @@ BLIND = "blind"   # masks whose block sums are fresh Gaussians (round 1: they ar
 ZERO = "zero"     # masks whose block sums are zero (round 2)
 
 
-class TokenEngine:
-    """SEAL objects of one tenant's public context for the single-token path."""
+class SealEngine:
+    """SEAL objects of one tenant's public context, for both packings."""
 
     def __init__(self, ctx: ts.Context, scale: float) -> None:
         from tenseal import sealapi
@@ -206,6 +207,7 @@ class TokenEngine:
         self.evaluator = sealapi.Evaluator(self.seal_context)
         self.encryptor = sealapi.Encryptor(self.seal_context, ctx.public_key().data)
         self.input_level, self.output_level = levels(self.seal_context)
+        self.top_level = self.seal_context.first_parms_id()
         self.slots = self.encoder.slot_count()
         self.weight_scale = self._rescale_prime()
 
@@ -228,6 +230,23 @@ class TokenEngine:
         self.encoder.encode(values.tolist(), self.input_level, scale, plain)
         return plain
 
+    def scalar(self, value: float) -> object:
+        """A constant plaintext at the top level, scale 2^scale_bits (a column path factor)."""
+        from tenseal import sealapi
+
+        plain = sealapi.Plaintext()
+        self.encoder.encode(value, self.top_level, self.scale, plain)
+        return plain
+
+    def zeros(self) -> object:
+        """A fresh public-key encryption of zeros at the output level, scale 2^scale_bits."""
+        from tenseal import sealapi
+
+        plain, ct = sealapi.Plaintext(), sealapi.Ciphertext()
+        self.encoder.encode(0.0, self.output_level, self.scale, plain)
+        self.encryptor.encrypt(plain, ct)
+        return ct
+
     def masks(self, block: int, kind: str) -> tuple[object, np.ndarray]:
         """A fresh public-key encryption, at the output level, of masks over every slot whose blocks of
         ``block`` slots sum to fresh Gaussians (BLIND) or to zero (ZERO); and those sums."""
@@ -240,17 +259,22 @@ class TokenEngine:
         self.encryptor.encrypt(plain, ct)
         return ct, sums
 
-    def load_input(self, data: bytes, field_name: str) -> object:
+    def load_input(self, data: bytes, field_name: str, *, column: bool = False) -> object:
+        """A key holder's fresh ciphertext: one token's at the level with two data primes, a column's
+        (``column``) at the top level; scale 2^scale_bits. Anything else is INVALID_ARGUMENT."""
         from tg_tinker.he.seal import load_ciphertext
 
+        how = "encrypt_column" if column else "encrypt_token"
         try:
             ct = load_ciphertext(self.seal_context, data)
         except ValueError:
-            raise InvalidArgument(field_name, "is not a SEAL ciphertext under this adapter's context (one token is "
-                                              "encrypted with the SDK's encrypt_token)") from None
-        if ct.size() != 2 or ct.parms_id() != self.input_level or ct.scale != self.scale or not ct.is_ntt_form():
-            raise InvalidArgument(field_name, "must be a fresh encryption at the level with two data primes and "
-                                              "scale 2^scale_bits (the SDK's encrypt_token)")
+            raise InvalidArgument(field_name, f"is not a SEAL ciphertext under this adapter's context (the SDK "
+                                              f"encrypts with {how})") from None
+        level = self.top_level if column else self.input_level
+        if ct.size() != 2 or ct.parms_id() != level or ct.scale != self.scale or not ct.is_ntt_form():
+            where = "the top level" if column else "the level with two data primes"
+            raise InvalidArgument(field_name, f"must be a fresh encryption at {where} and scale 2^scale_bits (the "
+                                              f"SDK's {how})")
         return ct
 
 
@@ -294,7 +318,7 @@ class TokenBlinding:
         return n * (len(self.first) + len(self.second) + 1 + len(self.first_masks) + len(self.second_masks))
 
 
-def _encoded_rows(engine: TokenEngine, rows: np.ndarray, block: int, pause: Callable[[], None]) -> list:
+def _encoded_rows(engine: SealEngine, rows: np.ndarray, block: int, pause: Callable[[], None]) -> list:
     per = engine.slots // block
     out = []
     for start in range(0, rows.shape[0], per):
@@ -307,7 +331,7 @@ def _encoded_rows(engine: TokenEngine, rows: np.ndarray, block: int, pause: Call
     return out
 
 
-def prepare_token(engine: TokenEngine, layer: LoraLayer, take_masks: MaskSource, counts: Counts,
+def prepare_token(engine: SealEngine, layer: LoraLayer, take_masks: MaskSource, counts: Counts,
                   pause: Callable[[], None] = lambda: None) -> TokenBlinding:
     """A fresh blinding for one token on ``layer``; ``pause`` is called between the encodings."""
     d, r = layer.in_features, layer.rank
@@ -325,7 +349,7 @@ def prepare_token(engine: TokenEngine, layer: LoraLayer, take_masks: MaskSource,
                          unblind)
 
 
-def _masked_products(engine: TokenEngine, ct: object, plains: list, masks: list, counts: Counts) -> list[object]:
+def _masked_products(engine: SealEngine, ct: object, plains: list, masks: list, counts: Counts) -> list[object]:
     """For each output ciphertext: rescale(ct * plaintext) + Enc_pk(masks); the masks alone where the
     weights are all zero (e.g. an untrained B), still a fresh encryption."""
     from tenseal import sealapi
@@ -347,12 +371,12 @@ def _masked_products(engine: TokenEngine, ct: object, plains: list, masks: list,
     return outs
 
 
-def project_token(engine: TokenEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
+def project_token(engine: SealEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
     """Round 1: masked products whose block sums (block = d_in) are Q A x + rho."""
     return _masked_products(engine, ct, blinding.first, blinding.first_masks, counts)
 
 
-def expand_token(engine: TokenEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
+def expand_token(engine: SealEngine, blinding: TokenBlinding, ct: object, counts: Counts) -> list[object]:
     """Round 2: masked products whose block sums (block = r) are s B Q^T (u' - rho) = the delta. ``ct``
     is this call's own input: rho comes off it in place, before the multiplication."""
     engine.evaluator.add_plain_inplace(ct, blinding.unblind)
@@ -366,18 +390,4 @@ def serialize_seal(cts: list[object], timer: Timer) -> list[bytes]:
     t0 = time.perf_counter()
     out = [to_bytes(c) for c in cts]
     timer.serialize += time.perf_counter() - t0
-    return out
-
-
-def serialize(vectors: list[ts.CKKSVector], timer: Timer) -> list[bytes]:
-    t0 = time.perf_counter()
-    out = [v.serialize() for v in vectors]
-    timer.serialize += time.perf_counter() - t0
-    return out
-
-
-def deserialize(ctx: ts.Context, data: list[bytes], field_name: str, timer: Timer) -> list[ts.CKKSVector]:
-    t0 = time.perf_counter()
-    out = [_load(ctx, d, f"{field_name}[{i}]") for i, d in enumerate(data)]
-    timer.deserialize += time.perf_counter() - t0
     return out

@@ -28,7 +28,7 @@ from typing import IO
 
 import numpy as np
 
-from .compute import Counts, TokenEngine
+from .compute import Counts, SealEngine
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MAX_POOL_BYTES = 64 << 20
 # A plain child process (python -m tensafe.he.masks) reading tasks from stdin and writing results to
 # stdout as length-prefixed frames: unlike multiprocessing's spawn it never re-imports the parent's
 # __main__, so an embedding script needs no main guard.
-_ENGINES: dict[bytes, TokenEngine] = {}
+_ENGINES: dict[bytes, SealEngine] = {}
 
 
 def _worker_masks(digest: bytes, public_context: bytes, scale: float, block: int, kind: str,
@@ -53,7 +53,7 @@ def _worker_masks(digest: bytes, public_context: bytes, scale: float, block: int
     if engine is None:
         if len(_ENGINES) >= 8:
             _ENGINES.pop(next(iter(_ENGINES)))
-        engine = _ENGINES[digest] = TokenEngine(ts.context_from(public_context), scale)
+        engine = _ENGINES[digest] = SealEngine(ts.context_from(public_context), scale)
     out = []
     for _ in range(count):
         ct, sums = engine.masks(block, kind)
@@ -207,7 +207,7 @@ class MaskPool:
             q.target = min(limit, max(q.target, 2 * per_call))
         self._refill(key + (block, kind), engine_args, block, kind)
 
-    def take(self, key: tuple, engine: TokenEngine, engine_args: tuple[bytes, bytes, float], block: int,
+    def take(self, key: tuple, engine: SealEngine, engine_args: tuple[bytes, bytes, float], block: int,
              kind: str, count: int, counts: Counts | None = None) -> list[tuple[object, np.ndarray]]:
         """``count`` masks: ready ones first, the rest made here (both counted in ``counts``)."""
         from tg_tinker.he.seal import load_ciphertext

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import compute
-from .compute import Counts, LoraLayer, TokenBlinding, TokenEngine
+from .compute import Counts, LoraLayer, SealEngine, TokenBlinding
 from .masks import MaskPool
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Activity:
 @dataclass
 class _Entry:
     pool_key: tuple
-    engine: TokenEngine
+    engine: SealEngine
     engine_args: tuple[bytes, bytes, float]
     layer: LoraLayer
     ready: deque[TokenBlinding] = field(default_factory=deque)
@@ -100,7 +100,7 @@ class Preparer:
         self._thread: threading.Thread | None = None
         self.bytes = 0
 
-    def want(self, adapter_id: str, pool_key: tuple, engine: TokenEngine, engine_args: tuple[bytes, bytes, float],
+    def want(self, adapter_id: str, pool_key: tuple, engine: SealEngine, engine_args: tuple[bytes, bytes, float],
              layer: LoraLayer) -> None:
         """Keep blindings of ``layer`` ready (up to READY_PER_LAYER, within MAX_BYTES in all)."""
         with self._cond:

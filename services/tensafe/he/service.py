@@ -28,7 +28,7 @@ from tg_tinker.he.params import SECURITY_TABLE, HEScheme, HESchemeParams
 
 from . import adapters as adapter_files
 from . import compute
-from .compute import ColumnProjection, Counts, LoraLayer, Timer, TokenBlinding, TokenEngine
+from .compute import ColumnProjection, Counts, LoraLayer, SealEngine, Timer, TokenBlinding
 from .masks import MaskPool
 from .prepare import Activity, Preparer
 from .store import AdapterRecord, ContextRecord, HeStore
@@ -47,8 +47,7 @@ ArtifactReader = Callable[[str], dict[str, bytes]]
 @dataclass
 class LoadedContext:
     record: ContextRecord
-    column: ts.Context        # auto_rescale off: depth-2 scalar products, rescaled by nobody
-    token: TokenEngine        # SEAL objects for one token (replicated packing)
+    token: SealEngine         # SEAL objects of the public context, for both packings
 
     @property
     def pool_key(self) -> tuple:
@@ -246,10 +245,8 @@ class HeService:
         if loaded is not None:
             return loaded
         record = self.get_context(tenant, key_id)
-        column = ts.context_from(record.public_context)
-        column.auto_rescale = False
-        loaded = LoadedContext(record, column, TokenEngine(ts.context_from(record.public_context),
-                                                           float(2 ** record.scale_bits)))
+        loaded = LoadedContext(record, SealEngine(ts.context_from(record.public_context),
+                                                  float(2 ** record.scale_bits)))
         with self._lock:
             return self._contexts.setdefault((tenant, key_id), loaded)
 
@@ -395,15 +392,14 @@ class HeService:
             if offset + len(data) > comp.in_features:
                 raise InvalidArgument("ciphertexts", f"{offset + len(data)} input dimensions; the layers take "
                                                      f"{comp.in_features}")
-            fresh = data[comp.received - offset:]  # a retried chunk is folded once
-            cts = compute.deserialize(loaded.column, fresh, "ciphertexts", timer)
-            for i, ct in enumerate(cts):
-                if ct.size() != comp.num_tokens:
-                    raise InvalidArgument(f"ciphertexts[{i}]", f"holds {ct.size()} slots; expected num_tokens = "
-                                                               f"{comp.num_tokens}")
+            skip = comp.received - offset  # a retried chunk is folded once
+            fresh = data[skip:]
+            t0 = time.perf_counter()
+            cts = [loaded.token.load_input(b, f"ciphertexts[{skip + i}]", column=True) for i, b in enumerate(fresh)]
+            timer.deserialize += time.perf_counter() - t0
             t0 = time.perf_counter()
             for name in comp.layers:
-                comp.projections[name].fold(cts, comp.received, counts)
+                comp.projections[name].fold(loaded.token, cts, comp.received, counts)
             timer.compute += time.perf_counter() - t0
             comp.received += len(fresh)
             if fresh:
@@ -437,10 +433,9 @@ class HeService:
             counts = Counts()
             t0 = time.perf_counter()
             with comp.lock:
-                outs = compute.column_outputs(loaded.column, proj, min(output_offset, stop), stop, comp.num_tokens,
-                                              loaded.scale, counts)
+                outs = compute.column_outputs(loaded.token, proj, min(output_offset, stop), stop, counts)
             timer.compute += time.perf_counter() - t0
-            deltas.append(DeltaResult(name, compute.serialize(outs, timer), counts, output_offset=output_offset))
+            deltas.append(DeltaResult(name, compute.serialize_seal(outs, timer), counts, output_offset=output_offset))
             total.add(counts)
         return ComputeResult(deltas, total, self._timings(timer, t_start, 0.0), comp.computation_id)
 

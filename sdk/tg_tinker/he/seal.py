@@ -72,8 +72,9 @@ def levels(seal_context: Any) -> tuple[Any, Any]:
 
 
 class TokenCodec:
-    """The key holder's side: encrypt one token's slots (symmetric, seeded) and decrypt the service's
-    outputs. Built from a TenSEAL context holding the secret key; lives with the key bundle."""
+    """The key holder's side of both packings: encrypt a token's tiled slots or a column (symmetric,
+    seeded) and decrypt the service's outputs. Built from a TenSEAL context holding the secret key;
+    lives with the key bundle."""
 
     def __init__(self, context: Any, scale: float) -> None:
         from tenseal import sealapi

@@ -12,8 +12,8 @@ Replicated packing (one token), two rounds; the key holder sums blocks of slots 
            i = p * blocks + b, plus masks summing to zero over the block. Block sums: the delta.
 Q is a random orthogonal r x r matrix and rho a random vector, both fresh per computation; the
 masks are fresh Gaussians projected to the block-sum constraint, added as a fresh public-key encryption
-so that every output is re-randomised. One token runs on SEAL directly (SealEngine, TokenBlinding);
-everything but the products is prepared ahead (masks.py, prepare.py). See docs/he.md for what this hides.
+so that every output is re-randomised. Both packings run on SEAL directly (SealEngine); for one token
+everything but the products is prepared ahead (TokenBlinding, masks.py, prepare.py). See docs/he.md for what this hides.
 """
 
 from __future__ import annotations

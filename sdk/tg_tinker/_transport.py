@@ -37,6 +37,7 @@ _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "ALREADY_EXISTS": errors.ConflictError,
     "FAILED_PRECONDITION": errors.ConflictError,
     "RATE_LIMITED": errors.RateLimitedError,
+    "QUOTA_EXCEEDED": errors.QuotaExceededError,
     "DP_BUDGET_EXCEEDED": errors.DPBudgetExceededError,
     "INTEGRITY_ERROR": errors.IntegrityError,
     "TENANT_SHREDDED": errors.ConflictError,
@@ -225,7 +226,7 @@ class Transport:
                 return attempt()
             except grpc.RpcError as err:
                 error = translate_error(err)
-                if err.code() not in _RETRYABLE or n == retry.count:
+                if err.code() not in _RETRYABLE or n == retry.count or isinstance(error, errors.QuotaExceededError):
                     raise error from None
                 delay = backoff * random.uniform(0.5, 1.0)
                 if isinstance(error, errors.RateLimitedError):

@@ -60,6 +60,17 @@ class RateLimitedError(TGTinkerError):
         self.retry_after = retry_after
 
 
+class QuotaExceededError(TGTinkerError):
+    """A per-tenant quota or a per-call work cap is reached; ``quota`` names it (e.g.
+    ``TENSAFE_QUOTA_SESSIONS``). Not retried: free something (close a session, unload an
+    adapter) or make the request smaller."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.quota = self.details.get("quota")
+        self.limit = self.details.get("limit")
+
+
 class DPBudgetExceededError(TGTinkerError):
     """The next step would spend more privacy budget than ``target_epsilon`` allows."""
 

@@ -105,6 +105,23 @@ class RateLimited(TensafeError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(TensafeError):
+    """A per-tenant quota or a per-call work cap is reached; ``quota`` names its setting.
+
+    RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, metadata ``quota`` (e.g. ``TENSAFE_QUOTA_SESSIONS``),
+    ``limit`` and, when known, ``current``. Unlike RATE_LIMITED, waiting does not help: something
+    must be freed first (a session closed, an adapter unloaded) or the request made smaller.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, quota: str, message: str, *, limit: object = None, current: object = None,
+                 **metadata: object) -> None:
+        super().__init__(f"{quota}: {message}", quota=quota, limit=limit, current=current, **metadata)
+        self.quota = quota
+
+
 class DependencyUnavailable(TensafeError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DEPENDENCY_UNAVAILABLE"

@@ -39,6 +39,7 @@ _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "RATE_LIMITED": errors.RateLimitedError,
     "QUOTA_EXCEEDED": errors.QuotaExceededError,
     "DP_BUDGET_EXCEEDED": errors.DPBudgetExceededError,
+    "DP_BATCH_IMPLAUSIBLE": errors.ConflictError,
     "INTEGRITY_ERROR": errors.IntegrityError,
     "TENANT_SHREDDED": errors.ConflictError,
     "FUTURE_CANCELLED": errors.FutureCancelledError,

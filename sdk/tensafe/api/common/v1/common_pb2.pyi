@@ -44,6 +44,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_API_KEY_EXPIRED: _ClassVar[ErrorReason]
     ERROR_REASON_PERMISSION_DENIED: _ClassVar[ErrorReason]
     ERROR_REASON_QUOTA_EXCEEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_DP_BATCH_IMPLAUSIBLE: _ClassVar[ErrorReason]
 
 class AccountantType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -90,6 +91,7 @@ ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_API_KEY_EXPIRED: ErrorReason
 ERROR_REASON_PERMISSION_DENIED: ErrorReason
 ERROR_REASON_QUOTA_EXCEEDED: ErrorReason
+ERROR_REASON_DP_BATCH_IMPLAUSIBLE: ErrorReason
 ACCOUNTANT_TYPE_UNSPECIFIED: AccountantType
 ACCOUNTANT_TYPE_PLD: AccountantType
 ACCOUNTANT_TYPE_PRV: AccountantType
@@ -169,3 +171,31 @@ class SamplingParams(_message.Message):
     num_samples: int
     return_logprobs: bool
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., return_logprobs: _Optional[bool] = ...) -> None: ...
+
+class Lineage(_message.Message):
+    __slots__ = ("attested", "parent_artifact_id", "session_id", "budgets", "non_private_steps", "private_steps", "external_ancestry")
+    ATTESTED_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    NON_PRIVATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_ANCESTRY_FIELD_NUMBER: _ClassVar[int]
+    attested: bool
+    parent_artifact_id: str
+    session_id: str
+    budgets: _containers.RepeatedCompositeFieldContainer[LineageBudget]
+    non_private_steps: int
+    private_steps: int
+    external_ancestry: bool
+    def __init__(self, attested: _Optional[bool] = ..., parent_artifact_id: _Optional[str] = ..., session_id: _Optional[str] = ..., budgets: _Optional[_Iterable[_Union[LineageBudget, _Mapping]]] = ..., non_private_steps: _Optional[int] = ..., private_steps: _Optional[int] = ..., external_ancestry: _Optional[bool] = ...) -> None: ...
+
+class LineageBudget(_message.Message):
+    __slots__ = ("budget_id", "epsilon", "delta")
+    BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    budget_id: str
+    epsilon: float
+    delta: float
+    def __init__(self, budget_id: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...

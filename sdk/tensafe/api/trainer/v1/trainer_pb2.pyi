@@ -179,7 +179,7 @@ class Session(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., last_sequence: _Optional[int] = ..., budget_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model_ref", "step", "lora_config", "num_trainable_parameters", "num_parameters", "vocab_size", "max_sequence_length", "eos_token_id", "pad_token_id", "dp_enabled", "budget_id", "total_epsilon", "pending_ops", "tokens_processed", "metadata")
+    __slots__ = ("session_id", "model_ref", "step", "lora_config", "num_trainable_parameters", "num_parameters", "vocab_size", "max_sequence_length", "eos_token_id", "pad_token_id", "dp_enabled", "budget_id", "total_epsilon", "pending_ops", "tokens_processed", "metadata", "lineage", "spent_without_update")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REF_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,8 @@ class SessionInfo(_message.Message):
     PENDING_OPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    SPENT_WITHOUT_UPDATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model_ref: str
     step: int
@@ -212,7 +214,9 @@ class SessionInfo(_message.Message):
     pending_ops: int
     tokens_processed: int
     metadata: _struct_pb2.Struct
-    def __init__(self, session_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., step: _Optional[int] = ..., lora_config: _Optional[_Union[LoRAConfig, _Mapping]] = ..., num_trainable_parameters: _Optional[int] = ..., num_parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., dp_enabled: _Optional[bool] = ..., budget_id: _Optional[str] = ..., total_epsilon: _Optional[float] = ..., pending_ops: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    spent_without_update: int
+    def __init__(self, session_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., step: _Optional[int] = ..., lora_config: _Optional[_Union[LoRAConfig, _Mapping]] = ..., num_trainable_parameters: _Optional[int] = ..., num_parameters: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., dp_enabled: _Optional[bool] = ..., budget_id: _Optional[str] = ..., total_epsilon: _Optional[float] = ..., pending_ops: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ..., spent_without_update: _Optional[int] = ...) -> None: ...
 
 class FutureRef(_message.Message):
     __slots__ = ("session_id", "future_id", "sequence", "op")
@@ -348,7 +352,7 @@ class BackwardCustomResult(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class DPMetrics(_message.Message):
-    __slots__ = ("noise_applied", "noise_multiplier", "max_grad_norm", "step_epsilon", "total_epsilon", "delta", "target_epsilon", "remaining_epsilon", "sample_rate", "accounted_steps", "accountant_type", "budget_id")
+    __slots__ = ("noise_applied", "noise_multiplier", "max_grad_norm", "step_epsilon", "total_epsilon", "delta", "target_epsilon", "remaining_epsilon", "sample_rate", "accounted_steps", "accountant_type", "budget_id", "spent_without_update")
     NOISE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +365,7 @@ class DPMetrics(_message.Message):
     ACCOUNTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTANT_TYPE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPENT_WITHOUT_UPDATE_FIELD_NUMBER: _ClassVar[int]
     noise_applied: bool
     noise_multiplier: float
     max_grad_norm: float
@@ -373,7 +378,8 @@ class DPMetrics(_message.Message):
     accounted_steps: int
     accountant_type: _common_pb2.AccountantType
     budget_id: str
-    def __init__(self, noise_applied: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., step_epsilon: _Optional[float] = ..., total_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., sample_rate: _Optional[float] = ..., accounted_steps: _Optional[int] = ..., accountant_type: _Optional[_Union[_common_pb2.AccountantType, str]] = ..., budget_id: _Optional[str] = ...) -> None: ...
+    spent_without_update: int
+    def __init__(self, noise_applied: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., step_epsilon: _Optional[float] = ..., total_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., sample_rate: _Optional[float] = ..., accounted_steps: _Optional[int] = ..., accountant_type: _Optional[_Union[_common_pb2.AccountantType, str]] = ..., budget_id: _Optional[str] = ..., spent_without_update: _Optional[int] = ...) -> None: ...
 
 class OptimStepResult(_message.Message):
     __slots__ = ("step", "learning_rate", "grad_norm", "num_tokens", "dp_metrics", "metrics")
@@ -423,7 +429,7 @@ class SampleResult(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ...) -> None: ...
 
 class SaveStateResult(_message.Message):
-    __slots__ = ("artifact_id", "step", "encryption", "size_bytes", "sha256", "name", "metadata", "create_time")
+    __slots__ = ("artifact_id", "step", "encryption", "size_bytes", "sha256", "name", "metadata", "create_time", "lineage")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
@@ -432,6 +438,7 @@ class SaveStateResult(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     step: int
     encryption: _common_pb2.EncryptionInfo
@@ -440,19 +447,22 @@ class SaveStateResult(_message.Message):
     name: str
     metadata: _struct_pb2.Struct
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, artifact_id: _Optional[str] = ..., step: _Optional[int] = ..., encryption: _Optional[_Union[_common_pb2.EncryptionInfo, _Mapping]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    def __init__(self, artifact_id: _Optional[str] = ..., step: _Optional[int] = ..., encryption: _Optional[_Union[_common_pb2.EncryptionInfo, _Mapping]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ...) -> None: ...
 
 class LoadStateResult(_message.Message):
-    __slots__ = ("step", "artifact_id", "optimizer_restored", "metadata")
+    __slots__ = ("step", "artifact_id", "optimizer_restored", "metadata", "lineage")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_RESTORED_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     step: int
     artifact_id: str
     optimizer_restored: bool
     metadata: _struct_pb2.Struct
-    def __init__(self, step: _Optional[int] = ..., artifact_id: _Optional[str] = ..., optimizer_restored: _Optional[bool] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    def __init__(self, step: _Optional[int] = ..., artifact_id: _Optional[str] = ..., optimizer_restored: _Optional[bool] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config",)

@@ -44,7 +44,7 @@ KEK_STATE_RETIRED: KekState
 KEK_STATE_DESTROYED: KekState
 
 class Artifact(_message.Message):
-    __slots__ = ("artifact_id", "tenant_id", "kind", "name", "size_bytes", "plaintext_sha256", "create_time", "encryption", "metadata", "content_type", "session_id", "stored_size_bytes", "state")
+    __slots__ = ("artifact_id", "tenant_id", "kind", "name", "size_bytes", "plaintext_sha256", "create_time", "encryption", "metadata", "content_type", "session_id", "stored_size_bytes", "state", "lineage")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Artifact(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STORED_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     tenant_id: str
     kind: ArtifactKind
@@ -71,23 +72,28 @@ class Artifact(_message.Message):
     session_id: str
     stored_size_bytes: int
     state: ArtifactState
-    def __init__(self, artifact_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., plaintext_sha256: _Optional[bytes] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., encryption: _Optional[_Union[_common_pb2.EncryptionInfo, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_type: _Optional[str] = ..., session_id: _Optional[str] = ..., stored_size_bytes: _Optional[int] = ..., state: _Optional[_Union[ArtifactState, str]] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    def __init__(self, artifact_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., plaintext_sha256: _Optional[bytes] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., encryption: _Optional[_Union[_common_pb2.EncryptionInfo, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_type: _Optional[str] = ..., session_id: _Optional[str] = ..., stored_size_bytes: _Optional[int] = ..., state: _Optional[_Union[ArtifactState, str]] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ...) -> None: ...
 
 class PutArtifactHeader(_message.Message):
-    __slots__ = ("kind", "name", "metadata", "content_type", "session_id", "expected_sha256")
+    __slots__ = ("kind", "name", "metadata", "content_type", "session_id", "expected_sha256", "lineage", "lineage_mac")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_MAC_FIELD_NUMBER: _ClassVar[int]
     kind: ArtifactKind
     name: str
     metadata: _struct_pb2.Struct
     content_type: str
     session_id: str
     expected_sha256: bytes
-    def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_type: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_sha256: _Optional[bytes] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    lineage_mac: bytes
+    def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_type: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_sha256: _Optional[bytes] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ..., lineage_mac: _Optional[bytes] = ...) -> None: ...
 
 class PutArtifactRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from typing import Any
 from dotenv import dotenv_values
 
 SERVICE_NAMES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
+
+# One component of a model name (a name may have up to MODEL_NAME_PARTS of them, joined by "/").
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+MODEL_NAME_MAX = 128
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,12 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_DATA_DIR", "data_dir", Path, Path(".tensafe"), "Data directory: SQLite files, keys, artifact blobs."),
     Setting("TENSAFE_MODEL_DIR", "model_dir", str, "", "Where the trainer and inference services look up model names; empty means `models` in the data dir."),
+    Setting("TENSAFE_MODELS", "models", str, "", "Operator-registered base models outside the model dir: `name=/path` pairs, comma-separated. Tenants name models only by name (these, or directories in the model dir), never by path."),
+    Setting("TENSAFE_QUOTA_SESSIONS", "quota_sessions", int, 8, "Open training sessions per tenant (trainer); 0 turns the quota off."),
+    Setting("TENSAFE_QUOTA_PRIVATE_COPIES", "quota_private_copies", int, 2, "Open training sessions per tenant that hold their own copy of the base model (LoRA bias `all` or `lora_only`); 0 turns the quota off."),
+    Setting("TENSAFE_QUOTA_ADAPTERS", "quota_adapters", int, 8, "Adapters loaded at once per tenant (inference); 0 turns the quota off."),
+    Setting("TENSAFE_MAX_SAMPLE_TOKENS", "max_sample_tokens", int, 8192, "Largest Sample/Generate call: prompts x samples x max_tokens; 0 turns the cap off."),
+    Setting("TENSAFE_MAX_BATCH_TOKENS", "max_batch_tokens", int, 32768, "Largest batch of a forward, forward_backward or forward_custom call: rows x sequence length; 0 turns the cap off."),
     Setting("TENSAFE_INFERENCE_BACKEND", "inference_backend", str, "hf", "Backend of the inference service when a call names none: `hf` (transformers, CPU) or `vllm` (GPU; needs the `vllm` extra)."),
     Setting("TENSAFE_VLLM_GPU_MEMORY_UTILIZATION", "vllm_gpu_memory_utilization", float, 0.9, "vllm backend: share of GPU memory vLLM may take."),
     Setting("TENSAFE_VLLM_MAX_LORAS", "vllm_max_loras", int, 8, "vllm backend: adapters served at once per base model."),
@@ -95,6 +106,12 @@ def _parse(setting: Setting, raw: str) -> Any:
 class ServerConfig:
     data_dir: Path
     model_dir: str
+    models: str
+    quota_sessions: int
+    quota_private_copies: int
+    quota_adapters: int
+    max_sample_tokens: int
+    max_batch_tokens: int
     inference_backend: str
     vllm_gpu_memory_utilization: float
     vllm_max_loras: int
@@ -174,6 +191,14 @@ class ServerConfig:
             raise ConfigError(f"TENSAFE_INFERENCE_BACKEND={self.inference_backend!r}: use hf or vllm")
         if self.workers < 2:
             raise ConfigError("TENSAFE_WORKERS must be at least 2")
+        for env, value in (("TENSAFE_QUOTA_SESSIONS", self.quota_sessions),
+                           ("TENSAFE_QUOTA_PRIVATE_COPIES", self.quota_private_copies),
+                           ("TENSAFE_QUOTA_ADAPTERS", self.quota_adapters),
+                           ("TENSAFE_MAX_SAMPLE_TOKENS", self.max_sample_tokens),
+                           ("TENSAFE_MAX_BATCH_TOKENS", self.max_batch_tokens)):
+            if value < 0:
+                raise ConfigError(f"{env}={value} must be >= 0 (0 turns it off)")
+        self.registered_models()  # raises ConfigError naming TENSAFE_MODELS when malformed
 
     # -- derived values -------------------------------------------------
     def service_db_url(self, service: str) -> str:
@@ -183,6 +208,25 @@ class ServerConfig:
         if self.db_url:
             return self.db_url
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def registered_models(self) -> dict[str, Path]:
+        """TENSAFE_MODELS as {name: absolute path}; the names obey the model-name rules of the trainer."""
+        out: dict[str, Path] = {}
+        for item in filter(None, (part.strip() for part in self.models.split(","))):
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ConfigError(f"TENSAFE_MODELS: {item!r} is not name=/path")
+            if not MODEL_NAME.fullmatch(name) or len(name) > MODEL_NAME_MAX:
+                raise ConfigError(f"TENSAFE_MODELS: {name!r} is not a model name (letters, digits, '.', '_', '-', "
+                                  f"up to {MODEL_NAME_MAX} characters, not starting with '.' or '-')")
+            if name in out:
+                raise ConfigError(f"TENSAFE_MODELS: {name!r} is registered twice")
+            resolved = Path(path).expanduser()
+            if not resolved.is_absolute():
+                raise ConfigError(f"TENSAFE_MODELS: the path of {name!r} must be absolute")
+            out[name] = resolved
+        return out
 
     def identity_url(self) -> str:
         return self.identity_db_url or self.db_url or f"sqlite:///{(self.data_dir / 'identity.db').resolve()}"

@@ -48,6 +48,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_QUOTA_ADAPTERS", "quota_adapters", int, 8, "Adapters loaded at once per tenant (inference); 0 turns the quota off."),
     Setting("TENSAFE_MAX_SAMPLE_TOKENS", "max_sample_tokens", int, 8192, "Largest Sample/Generate call: prompts x samples x max_tokens; 0 turns the cap off."),
     Setting("TENSAFE_MAX_BATCH_TOKENS", "max_batch_tokens", int, 32768, "Largest batch of a forward, forward_backward or forward_custom call: rows x sequence length; 0 turns the cap off."),
+    Setting("TENSAFE_QUOTA_STORED_MB", "quota_stored_mb", int, 10240, "Encrypted artifact bytes stored per tenant in the vault, in MiB; a put past it is refused while it streams and leaves nothing stored. 0 turns the quota off."),
+    Setting("TENSAFE_QUOTA_ARTIFACTS", "quota_artifacts", int, 1000, "Artifacts stored per tenant in the vault; 0 turns the quota off."),
+    Setting("TENSAFE_QUOTA_HE_COMPUTATIONS", "quota_he_computations", int, 32, "Unfinished HE computations per tenant (he); finished ones give way to new ones. 0 turns the quota off."),
+    Setting("TENSAFE_QUOTA_CALIBRATIONS", "quota_calibrations", int, 2, "Distinct noise calibrations running at once per tenant (accountant); 0 turns the quota off."),
+    Setting("TENSAFE_HE_MAX_RANK", "he_max_rank", int, 64, "Largest LoRA rank of a layer the he service loads; 0 turns the cap off."),
+    Setting("TENSAFE_HE_MAX_DIM", "he_max_dim", int, 16384, "Largest input or output width of a layer the he service loads; 0 turns the cap off."),
+    Setting("TENSAFE_HE_MAX_LAYERS", "he_max_layers", int, 256, "Most layers of one adapter the he service loads; 0 turns the cap off."),
     Setting("TENSAFE_INFERENCE_BACKEND", "inference_backend", str, "hf", "Backend of the inference service when a call names none: `hf` (transformers, CPU) or `vllm` (GPU; needs the `vllm` extra)."),
     Setting("TENSAFE_VLLM_GPU_MEMORY_UTILIZATION", "vllm_gpu_memory_utilization", float, 0.9, "vllm backend: share of GPU memory vLLM may take."),
     Setting("TENSAFE_VLLM_MAX_LORAS", "vllm_max_loras", int, 8, "vllm backend: adapters served at once per base model."),
@@ -69,6 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_RATE_LIMIT_RPS", "rate_limit_rps", float, 100.0, "Requests per second allowed per tenant and service (token bucket refill); 0 turns limiting off."),
     Setting("TENSAFE_RATE_LIMIT_BURST", "rate_limit_burst", int, 200, "Token bucket size per tenant and service."),
     Setting("TENSAFE_MAX_MESSAGE_MB", "max_message_mb", int, 64, "Largest gRPC message accepted or sent, in MiB."),
+    Setting("TENSAFE_MAX_ARTIFACT_MB", "max_artifact_mb", int, 2048, "Largest artifact (checkpoint or adapter tar, decrypted) the trainer, he and inference services read, in MiB; members of the tar count towards it by their real size."),
     Setting("TENSAFE_WORKERS", "workers", int, 64, "Threads serving calls in one server; each open training client holds one for its result stream."),
     Setting("TENSAFE_GRACE_SECONDS", "grace_seconds", float, 30.0, "On SIGTERM/SIGINT, how long calls in flight may run before they are cancelled."),
     Setting("TENSAFE_KEEPALIVE_SECONDS", "keepalive_seconds", int, 30, "Server keepalive ping interval."),
@@ -112,6 +120,13 @@ class ServerConfig:
     quota_adapters: int
     max_sample_tokens: int
     max_batch_tokens: int
+    quota_stored_mb: int
+    quota_artifacts: int
+    quota_he_computations: int
+    quota_calibrations: int
+    he_max_rank: int
+    he_max_dim: int
+    he_max_layers: int
     inference_backend: str
     vllm_gpu_memory_utilization: float
     vllm_max_loras: int
@@ -133,6 +148,7 @@ class ServerConfig:
     rate_limit_rps: float
     rate_limit_burst: int
     max_message_mb: int
+    max_artifact_mb: int
     workers: int
     grace_seconds: float
     keepalive_seconds: int
@@ -189,13 +205,22 @@ class ServerConfig:
             raise ConfigError(f"TENSAFE_TRACE_EXPORTER={self.trace_exporter!r}: use none, console or otlp")
         if self.inference_backend not in ("hf", "vllm"):
             raise ConfigError(f"TENSAFE_INFERENCE_BACKEND={self.inference_backend!r}: use hf or vllm")
+        if self.max_artifact_mb < 1:
+            raise ConfigError(f"TENSAFE_MAX_ARTIFACT_MB={self.max_artifact_mb} must be at least 1")
         if self.workers < 2:
             raise ConfigError("TENSAFE_WORKERS must be at least 2")
         for env, value in (("TENSAFE_QUOTA_SESSIONS", self.quota_sessions),
                            ("TENSAFE_QUOTA_PRIVATE_COPIES", self.quota_private_copies),
                            ("TENSAFE_QUOTA_ADAPTERS", self.quota_adapters),
                            ("TENSAFE_MAX_SAMPLE_TOKENS", self.max_sample_tokens),
-                           ("TENSAFE_MAX_BATCH_TOKENS", self.max_batch_tokens)):
+                           ("TENSAFE_MAX_BATCH_TOKENS", self.max_batch_tokens),
+                           ("TENSAFE_QUOTA_STORED_MB", self.quota_stored_mb),
+                           ("TENSAFE_QUOTA_ARTIFACTS", self.quota_artifacts),
+                           ("TENSAFE_QUOTA_HE_COMPUTATIONS", self.quota_he_computations),
+                           ("TENSAFE_QUOTA_CALIBRATIONS", self.quota_calibrations),
+                           ("TENSAFE_HE_MAX_RANK", self.he_max_rank),
+                           ("TENSAFE_HE_MAX_DIM", self.he_max_dim),
+                           ("TENSAFE_HE_MAX_LAYERS", self.he_max_layers)):
             if value < 0:
                 raise ConfigError(f"{env}={value} must be >= 0 (0 turns it off)")
         self.registered_models()  # raises ConfigError naming TENSAFE_MODELS when malformed

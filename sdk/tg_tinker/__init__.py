@@ -13,6 +13,7 @@ from .configs import DPConfig, LoRAConfig, LossConfig, OptimizerConfig, Training
 from .errors import (
     AuthenticationError,
     ConflictError,
+    DeadlineTooShortError,
     DPBudgetExceededError,
     FutureCancelledError,
     FutureTimeoutError,
@@ -74,6 +75,7 @@ __all__ = [
     "ConflictError",
     "QuotaExceededError",
     "RateLimitedError",
+    "DeadlineTooShortError",
     "DPBudgetExceededError",
     "FutureTimeoutError",
     "FutureCancelledError",

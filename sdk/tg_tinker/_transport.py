@@ -44,6 +44,7 @@ _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "TENANT_SHREDDED": errors.ConflictError,
     "FUTURE_CANCELLED": errors.FutureCancelledError,
     "DEPENDENCY_UNAVAILABLE": errors.ServiceUnavailableError,
+    "DEADLINE_TOO_SHORT": errors.DeadlineTooShortError,
     "NOT_IMPLEMENTED": errors.ServerError,
     "INTERNAL": errors.ServerError,
 }

@@ -91,5 +91,18 @@ class ServiceUnavailableError(TGTinkerError):
     """The service could not be reached or timed out; safe calls were retried first."""
 
 
+class DeadlineTooShortError(ServiceUnavailableError):
+    """The call's timeout cannot fit the work it asks for (the server said so at once, or a service it
+    called ran out of the time left). ``hint`` says what to do (e.g. raise the timeout, or pass
+    ``noise_multiplier``); ``needed_s``, when known, is the server's estimate. Work already started goes
+    on: the same request again joins it or reads its result."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.hint = self.details.get("hint")
+        needed = self.details.get("needed_s")
+        self.needed_s = float(needed) if needed else None
+
+
 class ServerError(TGTinkerError):
     """The server failed, or does not implement the call."""

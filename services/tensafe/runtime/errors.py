@@ -122,6 +122,23 @@ class QuotaExceeded(TensafeError):
         self.quota = quota
 
 
+class DeadlineTooShort(TensafeError):
+    """The call's deadline cannot fit its work, or ran out while a peer worked for it.
+
+    DEADLINE_EXCEEDED, reason DEADLINE_TOO_SHORT, metadata ``hint`` (what to do) and, when known,
+    ``needed_s`` and ``remaining_s``. Work already started goes on (an identical retry joins it).
+    """
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_TOO_SHORT"
+
+    def __init__(self, message: str, *, hint: str, needed_s: float | None = None,
+                 remaining_s: float | None = None, **metadata: object) -> None:
+        super().__init__(f"{message}; {hint}", hint=hint,
+                         needed_s=None if needed_s is None else f"{needed_s:.1f}",
+                         remaining_s=None if remaining_s is None else f"{remaining_s:.1f}", **metadata)
+
+
 class DependencyUnavailable(TensafeError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DEPENDENCY_UNAVAILABLE"

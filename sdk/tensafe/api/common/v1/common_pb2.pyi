@@ -45,6 +45,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_PERMISSION_DENIED: _ClassVar[ErrorReason]
     ERROR_REASON_QUOTA_EXCEEDED: _ClassVar[ErrorReason]
     ERROR_REASON_DP_BATCH_IMPLAUSIBLE: _ClassVar[ErrorReason]
+    ERROR_REASON_DEADLINE_TOO_SHORT: _ClassVar[ErrorReason]
 
 class AccountantType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -92,6 +93,7 @@ ERROR_REASON_API_KEY_EXPIRED: ErrorReason
 ERROR_REASON_PERMISSION_DENIED: ErrorReason
 ERROR_REASON_QUOTA_EXCEEDED: ErrorReason
 ERROR_REASON_DP_BATCH_IMPLAUSIBLE: ErrorReason
+ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason
 ACCOUNTANT_TYPE_UNSPECIFIED: AccountantType
 ACCOUNTANT_TYPE_PLD: AccountantType
 ACCOUNTANT_TYPE_PRV: AccountantType

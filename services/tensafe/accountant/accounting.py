@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -220,8 +221,13 @@ def _swallow(name: str, state: State, delta: float) -> None:
         logging.getLogger("tensafe.accountant").debug("epsilon prefetch failed", exc_info=True)
 
 
-def calibrate_noise(name: str, target_epsilon: float, delta: float, sample_rate: float, steps: int
-                    ) -> tuple[float, float]:
+# Called after each epsilon evaluation of a calibration with its phase ("rdp", "coarse" or "exact")
+# and its seconds, so that the caller can estimate how long the calibration will take.
+Progress = Callable[[str, float], None]
+
+
+def calibrate_noise(name: str, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    progress: Progress | None = None) -> tuple[float, float]:
     """The smallest noise multiplier (within :data:`CALIBRATION_RTOL`, and at least
     :data:`MIN_NOISE_MULTIPLIER`) whose ``steps`` steps at ``sample_rate`` spend at most
     ``target_epsilon`` at ``delta``, with that epsilon, computed exactly as recorded steps will be.
@@ -233,14 +239,28 @@ def calibrate_noise(name: str, target_epsilon: float, delta: float, sample_rate:
     ValueError when even the largest multiplier is not enough.
     """
     if name != "pld":
-        noise = _calibrate(_epsilon_of(name, delta, sample_rate, steps), target_epsilon, 1.0, growth=2.0, band=0.5)
-    else:
-        start, _ = calibrate_noise("rdp", target_epsilon, delta, sample_rate, steps)
-        coarse = _epsilon_of(name, delta, sample_rate, steps, PLD_COARSE_DISCRETIZATION)
-        near = _calibrate(coarse, target_epsilon, start, growth=1.25, band=0.25)
-        noise = _calibrate(_epsilon_of(name, delta, sample_rate, steps), target_epsilon, near,
-                           growth=1 + CALIBRATION_RTOL, band=2 * CALIBRATION_RTOL)
+        noise = _calibrate(_timed(_epsilon_of(name, delta, sample_rate, steps), "rdp", progress), target_epsilon,
+                           1.0, growth=2.0, band=0.5)
+        return noise, create(name, [(noise, sample_rate, steps)]).epsilon(delta)
+    start, _ = calibrate_noise("rdp", target_epsilon, delta, sample_rate, steps, progress)
+    coarse = _epsilon_of(name, delta, sample_rate, steps, PLD_COARSE_DISCRETIZATION)
+    near = _calibrate(_timed(coarse, "coarse", progress), target_epsilon, start, growth=1.25, band=0.25)
+    noise = _calibrate(_timed(_epsilon_of(name, delta, sample_rate, steps), "exact", progress), target_epsilon,
+                       near, growth=1 + CALIBRATION_RTOL, band=2 * CALIBRATION_RTOL)
     return noise, create(name, [(noise, sample_rate, steps)]).epsilon(delta)
+
+
+def _timed(eps: Callable[[float], float], phase: str, progress: Progress | None) -> Callable[[float], float]:
+    if progress is None:
+        return eps
+
+    def timed(noise: float) -> float:
+        t0 = time.perf_counter()
+        value = eps(noise)
+        progress(phase, time.perf_counter() - t0)
+        return value
+
+    return timed
 
 
 def _epsilon_of(name: str, delta: float, sample_rate: float, steps: int,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tensafe.runtime.errors import AlreadyExists, DPBudgetExceeded, FailedPrecondition, InvalidArgument, NotFound
 
 from . import accounting
+from .calibration import Calibrations
 from .store import ACTIVE, CLOSED, EXHAUSTED, AccountantStore, BudgetRecord, StepRecord
 
 MAX_ID = 256
@@ -218,18 +219,18 @@ class Budgets:
         return EpsilonReport(acct.epsilon(delta), float(delta), acct.num_steps, budget.accountant)
 
 
-def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: float, num_steps: int,
-                    accountant: str) -> tuple[float, float]:
-    """The smallest noise multiplier keeping ``num_steps`` steps within the target, and its epsilon."""
+def calibrate_noise(calibrations: Calibrations, tenant_id: str, target_epsilon: float, target_delta: float,
+                    sample_rate: float, num_steps: int, accountant: str, time_remaining: float | None
+                    ) -> tuple[float, float]:
+    """The smallest noise multiplier keeping ``num_steps`` steps within the target, and its epsilon:
+    computed once per tenant and parameters, waited for at most ``time_remaining`` (see calibration.py)."""
     _check_epsilon("target_epsilon", target_epsilon)
     _check_delta("target_delta", target_delta)
     _check_rate("sample_rate", sample_rate)
     _check_steps("num_steps", num_steps)
     check_accountant("accountant_type", accountant)
-    try:
-        return accounting.calibrate_noise(accountant, target_epsilon, target_delta, sample_rate, num_steps)
-    except ValueError as exc:
-        raise InvalidArgument("target_epsilon", str(exc)) from None
+    return calibrations.calibrate(tenant_id, accountant, target_epsilon, target_delta, sample_rate, num_steps,
+                                  time_remaining)
 
 
 def remaining(budget: BudgetRecord) -> float:

@@ -9,6 +9,7 @@ from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
 
+from .calibration import Calibrations
 from .service import Budgets, calibrate_noise, remaining
 from .store import ACTIVE, CLOSED, EXHAUSTED, AccountantStore, BudgetRecord, StepRecord
 
@@ -55,8 +56,9 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
 
 
 class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
-    def __init__(self, budgets: Budgets) -> None:
+    def __init__(self, budgets: Budgets, calibrations: Calibrations) -> None:
         self.budgets = budgets
+        self.calibrations = calibrations
 
     def CreateBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
         record = self.budgets.create(context.current_tenant(), request.session_id, request.target_epsilon,
@@ -97,8 +99,9 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
                                                  accountant_type=_TYPES[report.accountant])
 
     def CalibrateNoise(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        noise, epsilon = calibrate_noise(request.target_epsilon, request.target_delta, request.sample_rate,
-                                         request.num_steps, accountant_name(request.accountant_type))
+        noise, epsilon = calibrate_noise(self.calibrations, context.current_tenant(), request.target_epsilon,
+                                         request.target_delta, request.sample_rate, request.num_steps,
+                                         accountant_name(request.accountant_type), context.time_remaining())
         return accountant_pb2.CalibrateNoiseResponse(noise_multiplier=noise, epsilon=epsilon)
 
     def CloseBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
@@ -107,4 +110,4 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
 
 
 def create(env: ServiceEnvironment) -> AccountantServicer:
-    return AccountantServicer(Budgets(AccountantStore(env.db)))
+    return AccountantServicer(Budgets(AccountantStore(env.db)), Calibrations(env.config.quota_calibrations))

@@ -1,8 +1,14 @@
-"""The caller of the call being served, visible to service logic without passing it around."""
+"""The caller of the call being served, visible to service logic without passing it around.
+
+Its deadline too: :func:`time_remaining` is what is left of the incoming call's deadline in the thread
+serving it (``None`` when the caller set none, and in worker threads, which serve no waiting caller);
+``runtime.peers.call_timeout`` gives that, less a margin, to the calls made to other services.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass
 
 from .errors import Unauthenticated
@@ -34,9 +40,21 @@ def current_tenant() -> str:
     return current().principal.tenant_id
 
 
-def bind(ctx: CallContext) -> contextvars.Token:
-    return _current.set(ctx)
+# time.monotonic() by which the call being served must be answered; None: no deadline.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("tensafe_deadline", default=None)
 
 
-def unbind(token: contextvars.Token) -> None:
-    _current.reset(token)
+def bind(ctx: CallContext, deadline: float | None = None) -> tuple[contextvars.Token, contextvars.Token]:
+    return _current.set(ctx), _deadline.set(deadline)
+
+
+def unbind(token: tuple[contextvars.Token, contextvars.Token]) -> None:
+    ctx_token, deadline_token = token
+    _deadline.reset(deadline_token)
+    _current.reset(ctx_token)
+
+
+def time_remaining() -> float | None:
+    """Seconds left of the current call's deadline (>= 0), or None when there is none."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -44,12 +44,13 @@ from .errors import (
 from .idempotency import TRANSIENT_CODES, IdempotencyStore, StoredOutcome, request_digest
 from .identity import KeyVerifier
 from .ratelimit import TokenBucketLimiter
-from .telemetry import ERRORS, LATENCY, REQUESTS
+from .telemetry import DEADLINES, ERRORS, LATENCY, REQUESTS
 
 log = logging.getLogger("tensafe.access")
 
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 NO_SIDE_EFFECTS = descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+NO_DEADLINE_S = 1e9
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,15 @@ class Call:
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
     return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _deadline(call: Call) -> float | None:
+    """The incoming call's deadline on the monotonic clock (None: the caller set none), observed per method."""
+    remaining = call.context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_S:  # grpc reports "none" as ~2**63 s
+        return None
+    DEADLINES.labels(call.info.service, call.info.name).observe(remaining)
+    return time.monotonic() + remaining
 
 
 # -- stages ---------------------------------------------------------------------------
@@ -268,7 +278,7 @@ class CallPipeline(grpc.ServerInterceptor):
     def _admit(self, call: Call):  # noqa: ANN202
         ctx = self.auth.admit(call)
         self.rate_limit.admit(call)
-        return call_context.bind(ctx)
+        return call_context.bind(ctx, _deadline(call))
 
     def _unary(self, info: MethodInfo, behavior, request, context):  # noqa: ANN001, ANN202
         call = self._begin(info, context)

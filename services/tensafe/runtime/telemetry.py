@@ -22,6 +22,10 @@ LATENCY = Histogram("tensafe_grpc_latency_seconds", "Call latency from first byt
                     ["service", "method"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 
+DEADLINES = Histogram("tensafe_grpc_deadline_seconds", "Time left of the caller's deadline when a call is admitted "
+                      "(calls without a deadline are not counted)", ["service", "method"],
+                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+
 _configured = False
 
 

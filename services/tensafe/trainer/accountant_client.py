@@ -2,6 +2,11 @@
 
 Recording a step is idempotent by step id on the accountant, so a call that failed in transit
 is retried with the same id: the step is counted once whichever attempt got through.
+
+Deadlines (``runtime.peers.call_timeout``): a call made while serving one (CreateSession opening the
+budget and calibrating the noise) gets what is left of that call's deadline, so the accountant knows
+how long the tenant waits; a call from a worker (RecordStep during an optim_step) gets its budget:
+:data:`RPC_BUDGET_S`, and :data:`CALIBRATE_BUDGET_S` for a calibration with no deadline above it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import grpc
 from tensafe.api.accountant.v1 import accountant_pb2, accountant_pb2_grpc
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import TensafeError
-from tensafe.runtime.peers import PeerChannels, metadata_for, peer_error
+from tensafe.runtime.peers import PeerChannels, call_timeout, metadata_for, peer_error
 
 RECORD_ATTEMPTS = 4
-TIMEOUT = 30.0
+RPC_BUDGET_S = 30.0
+CALIBRATE_BUDGET_S = 600.0
 
 
 class AccountantClient:
@@ -26,9 +32,11 @@ class AccountantClient:
     def _stub(self) -> accountant_pb2_grpc.AccountantServiceStub:
         return accountant_pb2_grpc.AccountantServiceStub(self.peers.channel("accountant"))
 
-    def _call(self, caller: CallContext, method: str, request, what: str):  # noqa: ANN001, ANN202
+    def _call(self, caller: CallContext, method: str, request, what: str,  # noqa: ANN001, ANN202
+              budget_s: float = RPC_BUDGET_S):
+        timeout = call_timeout(budget_s, "accountant", what)
         try:
-            return getattr(self._stub(), method)(request, timeout=TIMEOUT, metadata=metadata_for(caller))
+            return getattr(self._stub(), method)(request, timeout=timeout, metadata=metadata_for(caller))
         except grpc.RpcError as err:
             raise peer_error(err, "accountant", what) from None
 
@@ -48,7 +56,7 @@ class AccountantClient:
         req = accountant_pb2.CalibrateNoiseRequest(target_epsilon=target_epsilon, target_delta=target_delta,
                                                    sample_rate=sample_rate, num_steps=num_steps,
                                                    accountant_type=accountant_type)
-        return self._call(caller, "CalibrateNoise", req, "calibrating the noise multiplier")
+        return self._call(caller, "CalibrateNoise", req, "calibrating the noise multiplier", CALIBRATE_BUDGET_S)
 
     def record_step(self, caller: CallContext, budget_id: str, step_id: str, noise_multiplier: float,
                     sample_rate: float) -> accountant_pb2.RecordStepResponse:
@@ -58,7 +66,8 @@ class AccountantClient:
         delay = 0.2
         for attempt in range(RECORD_ATTEMPTS):
             try:
-                return self._stub().RecordStep(req, timeout=TIMEOUT, metadata=metadata_for(caller))
+                timeout = call_timeout(RPC_BUDGET_S, "accountant", f"recording DP step {step_id}")
+                return self._stub().RecordStep(req, timeout=timeout, metadata=metadata_for(caller))
             except grpc.RpcError as err:
                 transient = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
                 if not transient or attempt == RECORD_ATTEMPTS - 1:

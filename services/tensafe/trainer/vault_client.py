@@ -1,4 +1,11 @@
-"""The trainer's calls to the vault, always made as the tenant who asked (their own API key)."""
+"""The trainer's calls to the vault, always made as the tenant who asked (their own API key).
+
+Deadlines (``runtime.peers.call_timeout``): in a thread serving a call (the he and inference services
+loading an adapter), what is left of that call's deadline; otherwise (the trainer's workers saving
+and loading checkpoints) a budget proportional to the transfer: :data:`TRANSFER_BASE_S` plus the
+bytes at :data:`TRANSFER_MIN_BYTES_PER_S`, of the checkpoint for a put, of the largest artifact the
+client reads (``max_artifact_bytes``) for a get.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ from google.protobuf import struct_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import TensafeError
-from tensafe.runtime.peers import PeerChannels, metadata_for, peer_error
+from tensafe.runtime.peers import PeerChannels, call_timeout, metadata_for, peer_error, stream_budget
 
 CHUNK = 1 << 20
+TRANSFER_BASE_S = 30.0
+TRANSFER_MIN_BYTES_PER_S = 8 << 20
+TRANSFER_GET_MAX_BYTES = 2048 << 20
 
 
 def _reraise(err: grpc.RpcError, what: str) -> TensafeError:
@@ -42,7 +52,9 @@ class VaultClient:
                 yield vault_pb2.PutArtifactRequest(chunk=data[i:i + CHUNK])
 
         try:
-            return self._stub().PutArtifact(requests(), timeout=300,
+            timeout = call_timeout(stream_budget(len(data), TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S), "vault",
+                                   "storing the checkpoint")
+            return self._stub().PutArtifact(requests(), timeout=timeout,
                                             metadata=metadata_for(caller, uuid.uuid4().hex)).artifact
         except grpc.RpcError as err:
             raise _reraise(err, "storing the checkpoint") from None
@@ -50,8 +62,10 @@ class VaultClient:
     def get(self, caller: CallContext, artifact_id: str) -> tuple[vault_pb2.Artifact, bytes]:
         artifact, out = None, bytearray()
         try:
-            for msg in self._stub().GetArtifact(vault_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=300,
-                                                metadata=metadata_for(caller)):
+            timeout = call_timeout(stream_budget(TRANSFER_GET_MAX_BYTES, TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S),
+                                   "vault", "reading the checkpoint")
+            for msg in self._stub().GetArtifact(vault_pb2.GetArtifactRequest(artifact_id=artifact_id),
+                                                timeout=timeout, metadata=metadata_for(caller)):
                 if msg.WhichOneof("part") == "artifact":
                     artifact = msg.artifact
                 else:

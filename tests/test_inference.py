@@ -207,10 +207,10 @@ def test_vllm_backend_without_vllm_says_how_to_install_it(sc, trained) -> None:
 
 
 def test_cancelling_a_stream_stops_generation(sc) -> None:
-    # About 200k tokens: minutes of work. Were it not stopped, the call after it (same base model, one job at a
-    # time) could not finish within its deadline.
-    prompts = [PROMPTS[0]] * 16
-    stream = sc.stream(prompts, max_tokens=200, temperature=1.0, num_samples=64)
+    # 8,000 tokens, just within TENSAFE_MAX_SAMPLE_TOKENS (8192): a minute or more of work. Were it not stopped,
+    # the call after it (same base model, one job at a time) could not finish within its deadline.
+    prompts = [PROMPTS[0]] * 2
+    stream = sc.stream(prompts, max_tokens=200, temperature=1.0, num_samples=20)
     first = next(stream)
     assert first.prompt_index == 0 and first.finish_reason is None
     stream.cancel()

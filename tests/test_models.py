@@ -27,62 +27,67 @@ def test_build_tiny_model_is_fast_and_complete(tmp_path: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
 
 
-def test_resolve_by_absolute_path(tiny_dir: Path) -> None:
-    loc = resolve_model_ref(str(tiny_dir), model_dir=None)
-    assert loc == ModelLocation(path=tiny_dir.resolve(), gguf_file=None, cache_key=str(tiny_dir.resolve()))
-
-
 def test_resolve_by_name_under_model_dir(tiny_dir: Path) -> None:
-    by_name = resolve_model_ref("tiny-llama", model_dir=tiny_dir.parent)
-    by_path = resolve_model_ref(str(tiny_dir), model_dir=tiny_dir.parent)
-    assert by_name.path == tiny_dir.resolve()
-    assert by_name.gguf_file is None
-    assert by_name.cache_key == by_path.cache_key  # one shared base model whichever way it is named
+    loc = resolve_model_ref("tiny-llama", model_dir=tiny_dir.parent)
+    assert loc == ModelLocation(path=tiny_dir.resolve(), gguf_file=None, cache_key=str(tiny_dir.resolve()))
+    assert loc.name == "tiny-llama"
 
 
-def test_relative_path_without_model_dir(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tiny_dir.parent)
-    assert resolve_model_ref("./tiny-llama", model_dir=None).path == tiny_dir.resolve()
+def test_registered_name_wins_and_is_found_outside_the_model_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    loc = resolve_model_ref("llama", model_dir=tmp_path, registered={"llama": tiny_dir})
+    assert loc.path == tiny_dir.resolve() and loc.name == "llama"
+    # Same files under two names: one shared base model.
+    assert loc.cache_key == resolve_model_ref("tiny-llama", model_dir=tiny_dir.parent).cache_key
 
 
-def test_missing_name_is_not_found(tmp_path: Path) -> None:
-    with pytest.raises(NotFound) as err:
-        resolve_model_ref("no-such-model", model_dir=tmp_path)
-    assert err.value.reason == "RESOURCE_NOT_FOUND"
-    assert err.value.metadata == {"resource_type": "model", "resource_id": "no-such-model"}
-
-
-def test_missing_absolute_path_is_not_found(tmp_path: Path) -> None:
-    with pytest.raises(NotFound):
-        resolve_model_ref(str(tmp_path / "absent"), model_dir=None)
-
-
-@pytest.mark.parametrize("ref", ["../tiny-llama", "sub/../../tiny-llama", ".."])
-def test_name_may_not_escape_model_dir(tiny_dir: Path, ref: str) -> None:
-    inner = tiny_dir.parent / "inner"
-    inner.mkdir(exist_ok=True)
+@pytest.mark.parametrize("ref", [
+    "/etc", "/tmp/tiny-llama", "~", "~/models", "../tiny-llama", "sub/../../tiny-llama", "..", ".", "./tiny-llama",
+    ".hidden", "-x", "a//b", "a/", "tiny\\llama", "tiny llama", " tiny-llama", "tiny-llama\n", "tiny\x00", "ü",
+    "a/b/c/d/e", "x" * 129, "/".join(["x" * 64] * 4) + "y",
+])
+def test_a_ref_that_is_not_a_name_is_invalid_whatever_exists(tiny_dir: Path, ref: str) -> None:
+    """Paths are refused from the text alone: the answer cannot depend on the filesystem."""
     with pytest.raises(InvalidArgument) as err:
-        resolve_model_ref(ref, model_dir=inner)
+        resolve_model_ref(ref, model_dir=tiny_dir.parent)
     assert err.value.field == "config.model_ref"
-
-
-@pytest.mark.parametrize("ref", ["", "   "])
-def test_empty_ref_is_invalid(ref: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as err:
-        resolve_model_ref(ref, model_dir=tmp_path)
+        resolve_model_ref(ref, model_dir=tiny_dir.parent, field_name="base_model_ref")
+    assert err.value.field == "base_model_ref"
+
+
+def test_absolute_path_to_a_real_model_is_refused(tiny_dir: Path) -> None:
+    with pytest.raises(InvalidArgument):
+        resolve_model_ref(str(tiny_dir), model_dir=tiny_dir.parent)
+
+
+def test_empty_ref_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        resolve_model_ref("", model_dir=tmp_path)
     assert err.value.field == "config.model_ref"
     assert err.value.metadata["field"] == "config.model_ref"
 
 
-def test_directory_that_is_not_a_model(tmp_path: Path) -> None:
+def test_every_name_that_is_not_a_model_answers_the_same_not_found(tmp_path: Path) -> None:
+    """No oracle: a file, a directory, a non-model, a model-looking file and nothing at all look alike."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("hello")
-    for name in ("empty", "noweights", "notes.txt"):
-        with pytest.raises(InvalidArgument) as err:
+    (tmp_path / "master.key").write_bytes(b"k" * 32)
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(b"GGUF")
+    (two / "b.gguf").write_bytes(b"GGUF")
+    answers = set()
+    for name in ("empty", "noweights", "notes.txt", "master.key", "noweights/config.json", "two", "absent",
+                 "absent/deeper"):
+        with pytest.raises(NotFound) as err:
             resolve_model_ref(name, model_dir=tmp_path)
-        assert err.value.field == "config.model_ref"
+        assert err.value.metadata == {"resource_type": "model", "resource_id": name}
+        answers.add((err.value.code, err.value.reason, err.value.message.replace(repr(name), "<name>")))
+    assert answers == {(NotFound.code, "RESOURCE_NOT_FOUND", "model <name> not found")}
+    with pytest.raises(NotFound):
+        resolve_model_ref("tiny", model_dir=None)  # no model dir, not registered
 
 
 def test_gguf_resolution(tmp_path: Path) -> None:
@@ -94,23 +99,19 @@ def test_gguf_resolution(tmp_path: Path) -> None:
     assert loc.path == one.resolve()
     assert loc.gguf_file == "model.Q4_1.gguf"
     assert loc.cache_key == str(one.resolve() / "model.Q4_1.gguf")
-    # The file itself, by name or by path, is the same model.
+    # The file itself, by its name inside the model's directory, is the same model.
     assert resolve_model_ref("one/model.Q4_1.gguf", model_dir=tmp_path) == loc
-    assert resolve_model_ref(str(one / "model.Q4_1.gguf"), model_dir=None) == loc
 
     two = tmp_path / "two"
     two.mkdir()
     (two / "a.gguf").write_bytes(b"GGUF")
     (two / "b.gguf").write_bytes(b"GGUF")
-    with pytest.raises(InvalidArgument) as err:
-        resolve_model_ref("two", model_dir=tmp_path)
-    assert "a.gguf" in err.value.message and "b.gguf" in err.value.message
-    # Naming one of them picks it.
+    # Naming one of them picks it (the directory alone is ambiguous: NOT_FOUND, above).
     assert resolve_model_ref("two/b.gguf", model_dir=tmp_path).gguf_file == "b.gguf"
 
 
 def test_load_base_model(tiny_dir: Path) -> None:
-    model, tokenizer = load_base_model(resolve_model_ref(str(tiny_dir), None))
+    model, tokenizer = load_base_model(resolve_model_ref("tiny-llama", tiny_dir.parent))
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
     assert model.dtype == torch.float32
@@ -131,7 +132,7 @@ def test_load_sets_pad_token_when_missing(tmp_path: Path) -> None:
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.pop("pad_token", None)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    _, tokenizer = load_base_model(resolve_model_ref(str(d), None))
+    _, tokenizer = load_base_model(resolve_model_ref(d.name, d.parent))
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
 
 
@@ -141,9 +142,10 @@ def test_load_failure_is_invalid_argument(tmp_path: Path) -> None:
     (d / "config.json").write_text('{"model_type": "llama"}')
     (d / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InvalidArgument) as err:
-        load_base_model(resolve_model_ref(str(d), None))
+        load_base_model(resolve_model_ref(d.name, d.parent))
     assert err.value.field == "config.model_ref"
-    assert "cannot load model from" in err.value.message
+    assert "cannot load model 'broken'" in err.value.message
+    assert str(tmp_path) not in err.value.message  # no server path in what the tenant sees
 
 
 def test_prepare_smollm2_missing_wheel_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from tg_tinker import LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig
 from tg_tinker.he import HEKeyManager, HEScheme, HESchemeParams, create_private_inference_mode
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", default="smollm2-135m-instruct", help="a path or a name in the server's model dir")
+parser.add_argument("--model", default="smollm2-135m-instruct", help="a model name on the server")
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--rank", type=int, default=16)
 parser.add_argument("--key-file", default="he-key.bundle")

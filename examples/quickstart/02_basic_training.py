@@ -8,7 +8,7 @@ import argparse
 from tg_tinker import LoRAConfig, OptimizerConfig, ServiceClient, TrainingConfig
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", default="smollm2-135m-instruct", help="a path or a name in the server's model dir")
+parser.add_argument("--model", default="smollm2-135m-instruct", help="a model name on the server")
 parser.add_argument("--steps", type=int, default=5)
 args = parser.parse_args()
 

@@ -16,7 +16,7 @@ from tg_tinker import DPBudgetExceededError, DPConfig, LoRAConfig, OptimizerConf
 from tg_tinker.data import PoissonSampler
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", default="smollm2-135m-instruct", help="a path or a name in the server's model dir")
+parser.add_argument("--model", default="smollm2-135m-instruct", help="a model name on the server")
 parser.add_argument("--steps", type=int, default=40, help="most steps to try; the budget may end the run first")
 parser.add_argument("--target-epsilon", type=float, default=3.0)
 parser.add_argument("--noise-multiplier", type=float, default=0.8)

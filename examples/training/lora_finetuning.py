@@ -89,7 +89,7 @@ def report(bar, pending, losses):  # noqa: ANN001, ANN201
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model_ref (path or name on the server)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model_ref: a model name on the server")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: .tensafe/models/<model>)")
     parser.add_argument("--data", default=str(HERE / "data" / "clinic_faq.jsonl"))
     parser.add_argument("--heldout", default=str(HERE / "data" / "clinic_faq_heldout.jsonl"))

@@ -186,8 +186,9 @@ class DPConfig:
 
 @dataclass
 class TrainingConfig:
-    """A training session: the base model (``model_ref``: a local path or a name in the server's
-    model directory), the adapter, the optimizer and the batch shape."""
+    """A training session: the base model (``model_ref``: a name the server knows, a directory of its
+    ``TENSAFE_MODEL_DIR`` or one the operator registered in ``TENSAFE_MODELS``; never a path), the
+    adapter, the optimizer and the batch shape."""
 
     model_ref: str
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
@@ -202,7 +203,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_ref, str) or not self.model_ref.strip():
-            _fail("model_ref", "must name a model: a local path or a name in the server's model directory")
+            _fail("model_ref", "must name a model of the server (a name in its model directory, not a path)")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             _fail("batch_size", "must be a positive integer")
         if not isinstance(self.gradient_accumulation_steps, int) or self.gradient_accumulation_steps < 1:

@@ -25,6 +25,13 @@ _TO_NUMPY = {
     common_pb2.DTYPE_BOOL: np.dtype("?"),
 }
 _BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in _TO_NUMPY.items()}
+# Bounds of a decoded shape: dimensions, the size of any one dimension, and the product of the
+# dimensions counting a 0 as 1 (numpy refuses to make even an empty array whose other dimensions
+# overflow). The element count is computed exactly (Python integers, no int64 wrap-around) and
+# must match the bytes sent.
+MAX_DIMS = 16
+MAX_DIM = 2**31 - 1
+MAX_EXTENT = 2**40
 
 
 def as_numpy(value: Any, field: str = "tensor") -> np.ndarray:
@@ -67,11 +74,24 @@ def from_proto(tensor: common_pb2.Tensor, field: str = "tensor") -> np.ndarray:
         raise ValidationError(f"{field}.dtype: unsupported or unset dtype {tensor.dtype}", field=f"{field}.dtype",
                               code="INVALID_ARGUMENT")
     np_dtype = _TO_NUMPY[tensor.dtype]
+    if len(tensor.shape) > MAX_DIMS:
+        raise ValidationError(f"{field}.shape: {len(tensor.shape)} dimensions, at most {MAX_DIMS} are accepted",
+                              field=f"{field}.shape", code="INVALID_ARGUMENT")
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
-        raise ValidationError(f"{field}.shape: negative dimension in {shape}", field=f"{field}.shape",
+        raise ValidationError(f"{field}.shape: negative dimension in {list(shape)}", field=f"{field}.shape",
                               code="INVALID_ARGUMENT")
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if any(d > MAX_DIM for d in shape):
+        raise ValidationError(f"{field}.shape: a dimension exceeds {MAX_DIM}", field=f"{field}.shape",
+                              code="INVALID_ARGUMENT")
+    count, extent = 1, 1
+    for d in shape:  # exact: no int64 wrap-around that could make a huge shape look like the bytes sent
+        count *= d
+        extent *= max(d, 1)
+    if extent > MAX_EXTENT:
+        raise ValidationError(f"{field}.shape: the dimensions {list(shape)} multiply to more than {MAX_EXTENT}",
+                              field=f"{field}.shape", code="INVALID_ARGUMENT")
+    expected = count * np_dtype.itemsize
     if len(tensor.data) != expected:
         raise ValidationError(
             f"{field}.data: {len(tensor.data)} bytes, but shape {list(shape)} of {np_dtype.name} needs {expected}",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import tenseal as ts
 
-from tensafe.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tensafe.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tg_tinker.errors import ValidationError
 from tg_tinker.he.params import SECURITY_TABLE, HEScheme, HESchemeParams
 
@@ -36,12 +36,21 @@ from .store import AdapterRecord, ContextRecord, HeStore
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_CONTEXT_BYTES = 32 << 20
 COMPUTATION_TTL_S = 600.0
-MAX_PENDING_PER_TENANT = 32
 # Response budget as a share of the largest message: headroom for the envelope and the counts.
 _RESPONSE_SHARE = 0.75
 
 # (tenant, artifact id) -> checkpoint files, fetched as the calling tenant.
 ArtifactReader = Callable[[str], dict[str, bytes]]
+
+
+@dataclass(frozen=True)
+class HeLimits:
+    """Per-tenant quota and per-call work caps (0: off); the settings named in each error."""
+
+    computations: int = 32     # TENSAFE_QUOTA_HE_COMPUTATIONS: unfinished computations per tenant
+    max_rank: int = 64         # TENSAFE_HE_MAX_RANK
+    max_dim: int = 16384       # TENSAFE_HE_MAX_DIM: in_features and out_features of a layer
+    max_layers: int = 256      # TENSAFE_HE_MAX_LAYERS: layers of one adapter
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Computation:
     key_id: str = ""
     received: int = 0
     ciphertext_bytes: int = 0
+    read_to: dict[str, int] = field(default_factory=dict)   # column: output ciphertexts read, per layer
     projections: dict[str, ColumnProjection] = field(default_factory=dict)
     blindings: dict[str, TokenBlinding] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,6 +97,15 @@ class Computation:
     @property
     def complete(self) -> bool:
         return self.packing == "replicated" or self.received == self.in_features
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to come: a token whose round 2 ran, a column computation whose outputs were all read
+        (once at least). Finished computations give way to new ones under the tenant's quota."""
+        if self.packing == "replicated":
+            return not self.blindings
+        return self.complete and all(self.read_to.get(n, 0) >= p.layer.out_features
+                                     for n, p in self.projections.items())
 
 
 @dataclass
@@ -177,8 +196,9 @@ def inspect_context(data: bytes, params: HESchemeParams) -> ts.Context:
 
 class HeService:
     def __init__(self, store: HeStore, read_artifact: Callable[[str], dict[str, bytes]],
-                 max_message_bytes: int, mask_workers: int | None = None) -> None:
+                 max_message_bytes: int, mask_workers: int | None = None, limits: HeLimits | None = None) -> None:
         self.store = store
+        self.limits = limits or HeLimits()
         self.read_artifact = read_artifact          # artifact id -> files, as the calling tenant
         self.response_budget = int(max_message_bytes * _RESPONSE_SHARE)
         self._lock = threading.Lock()
@@ -260,6 +280,7 @@ class HeService:
         self.get_context(tenant, key_id)
         weights = adapter_files.parse(self.read_artifact(artifact_id))
         chosen = adapter_files.select(weights, list(layers), "layers")
+        self._check_work(chosen, weights)
         record = AdapterRecord(adapter_id="hea_" + secrets.token_hex(12), tenant_id=tenant, artifact_id=artifact_id,
                                key_id=key_id, layers=tuple(chosen), created_at=time.time())
         self.store.insert_adapter(record)
@@ -267,6 +288,24 @@ class HeService:
             self._weights[record.adapter_id] = {n: weights[n] for n in chosen}
         self._prepare(record.adapter_id, self._loaded_context(tenant, key_id), [weights[n] for n in chosen])
         return record, self._weights[record.adapter_id]
+
+    def _check_work(self, chosen: list[str], weights: dict[str, LoraLayer]) -> None:
+        """The per-call work caps, checked on the adapter's shapes before anything is prepared for it."""
+        lim = self.limits
+        if lim.max_layers and len(chosen) > lim.max_layers:
+            raise QuotaExceeded("TENSAFE_HE_MAX_LAYERS", f"{len(chosen)} layers asked for; the he service loads at "
+                                f"most {lim.max_layers} of one adapter (name fewer in `layers`)",
+                                limit=lim.max_layers, current=len(chosen))
+        for name in chosen:
+            ly = weights[name]
+            if lim.max_rank and ly.rank > lim.max_rank:
+                raise QuotaExceeded("TENSAFE_HE_MAX_RANK", f"layer {name!r} has rank {ly.rank}; the he service "
+                                    f"takes at most {lim.max_rank}", limit=lim.max_rank, current=ly.rank)
+            width = max(ly.in_features, ly.out_features)
+            if lim.max_dim and width > lim.max_dim:
+                raise QuotaExceeded("TENSAFE_HE_MAX_DIM", f"layer {name!r} is {ly.in_features} -> {ly.out_features} "
+                                    f"wide; the he service takes at most {lim.max_dim}", limit=lim.max_dim,
+                                    current=width)
 
     def _prepare(self, adapter_id: str, loaded: LoadedContext, layers: list[LoraLayer]) -> None:
         """Have the masks and blindings of single-token calls on ``layers`` prepared between requests."""
@@ -324,14 +363,34 @@ class HeService:
         return [layers[n] for n in record.layers]
 
     # -- pending computations -------------------------------------------------------------------------------
-    def _open(self, comp: Computation) -> None:
+    def _room(self, tenant: str) -> str | None:
+        """Under the lock: make room for one more computation of ``tenant`` (expired ones go, then the
+        oldest finished one if the quota is reached); the id to drop, or QuotaExceeded when none can go."""
         now = time.monotonic()
+        for cid in [c for c, p in self._pending.items() if p.expires < now]:
+            del self._pending[cid]
+        limit = self.limits.computations
+        mine = [p for p in self._pending.values() if p.tenant_id == tenant]
+        if not limit or len(mine) < limit:
+            return None
+        finished = [p.computation_id for p in mine if p.finished]
+        if not finished:
+            raise QuotaExceeded("TENSAFE_QUOTA_HE_COMPUTATIONS", f"the tenant has {len(mine)} unfinished HE "
+                                "computations, the most allowed: finish them (read a column computation's outputs, "
+                                f"run a token's round 2) or let them expire ({COMPUTATION_TTL_S:.0f} s after "
+                                "their last use)", limit=limit, current=len(mine))
+        return finished[0]
+
+    def _check_room(self, tenant: str) -> None:
+        """Refuse a new computation before any work is done for it when the tenant's quota is full."""
         with self._lock:
-            for cid in [c for c, p in self._pending.items() if p.expires < now]:
-                del self._pending[cid]
-            mine = [c for c, p in self._pending.items() if p.tenant_id == comp.tenant_id]
-            if len(mine) >= MAX_PENDING_PER_TENANT:
-                del self._pending[mine[0]]  # the oldest of this tenant's computations gives way
+            self._room(tenant)
+
+    def _open(self, comp: Computation) -> None:
+        with self._lock:
+            drop = self._room(comp.tenant_id)
+            if drop is not None:
+                del self._pending[drop]  # the oldest of this tenant's finished computations gives way
             self._pending[comp.computation_id] = comp
 
     def _pending_for(self, tenant: str, computation_id: str) -> Computation:
@@ -368,6 +427,7 @@ class HeService:
         t_start = time.perf_counter()
         load = 0.0
         if not computation_id:
+            self._check_room(tenant)
             record, weights, load = self.weights(tenant, adapter_id)
             chosen = self._choose(record, layers, "layers")
             d = self._same_input([weights[n] for n in chosen], "layers")
@@ -434,6 +494,7 @@ class HeService:
             t0 = time.perf_counter()
             with comp.lock:
                 outs = compute.column_outputs(loaded.token, proj, min(output_offset, stop), stop, counts)
+                comp.read_to[name] = max(comp.read_to.get(name, 0), stop)
             timer.compute += time.perf_counter() - t0
             deltas.append(DeltaResult(name, compute.serialize_seal(outs, timer), counts, output_offset=output_offset))
             total.add(counts)
@@ -462,6 +523,7 @@ class HeService:
             raise InvalidArgument("num_tokens", "PACKING_REPLICATED takes one token; use PACKING_COLUMN for more")
         if len(data) != 1:
             raise InvalidArgument("ciphertexts", f"PACKING_REPLICATED takes one ciphertext of x, got {len(data)}")
+        self._check_room(tenant)
         record, weights, load = self.weights(tenant, adapter_id)
         chosen = self._choose(record, layers, "layers")
         d = self._same_input([weights[n] for n in chosen], "layers")
@@ -544,4 +606,4 @@ class HeService:
         return {**timer.ms(), "total_ms": (time.perf_counter() - started) * 1e3, "load_ms": load * 1e3}
 
 
-__all__ = ["HeService", "ComputeResult", "DeltaResult", "check_params", "inspect_context"]
+__all__ = ["HeService", "HeLimits", "ComputeResult", "DeltaResult", "check_params", "inspect_context"]

@@ -9,7 +9,7 @@ from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .compute import Counts
-from .service import ComputeResult, HeService, check_params
+from .service import ComputeResult, HeLimits, HeService, check_params
 from .store import AdapterRecord, ContextRecord, HeStore
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -136,6 +136,9 @@ def create(env: ServiceEnvironment) -> HeServicer:
         _, data = vault.get(context.current(), artifact_id)
         return checkpoint.read(data)
 
-    service = HeService(HeStore(env.db), read_artifact, env.config.max_message_mb << 20)
+    cfg = env.config
+    limits = HeLimits(computations=cfg.quota_he_computations, max_rank=cfg.he_max_rank, max_dim=cfg.he_max_dim,
+                      max_layers=cfg.he_max_layers)
+    service = HeService(HeStore(env.db), read_artifact, cfg.max_message_mb << 20, limits=limits)
     env.closers.append(service.close)
     return HeServicer(service)

@@ -11,24 +11,32 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from tensafe.api.inference.v1 import inference_pb2
 from tensafe.runtime.context import CallContext
-from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.trainer.models import ModelLocation, resolve_model_ref
+from tensafe.trainer.sampling import check_sample_work
 from tensafe.trainer.vault_client import VaultClient
 
 from .adapter import BACKEND_NAME, LoadedAdapter, read_adapter
 from .backend import Backend, ChunkQueue, ServedBase
 from .generation import Chunk, validate
 
+ADAPTERS_QUOTA = "TENSAFE_QUOTA_ADAPTERS"
+
 
 class Inference:
     def __init__(self, model_dir: Path | None, vault: VaultClient | None, default_backend: str,
-                 backends: dict[str, Callable[[], Backend]]) -> None:
+                 backends: dict[str, Callable[[], Backend]], *, models: Mapping[str, Path] | None = None,
+                 quota_adapters: int = 8, max_sample_tokens: int = 8192) -> None:
         self.model_dir = model_dir
+        self.models = dict(models or {})  # operator-registered names (TENSAFE_MODELS)
+        self.quota_adapters = quota_adapters  # loaded adapters per tenant; 0: no quota
+        self.max_sample_tokens = max_sample_tokens  # prompts x samples x max_tokens per Generate; 0: no cap
+        self._adapter_loads: dict[str, int] = {}  # tenant -> LoadAdapter calls in progress (quota places)
         self.vault = vault
         self.default_backend = default_backend
         self._backend_factories = backends
@@ -49,10 +57,9 @@ class Inference:
             return self._backends[name]
 
     def _location(self, model_ref: str, field: str) -> ModelLocation:
-        try:
-            return resolve_model_ref(model_ref, self.model_dir)
-        except InvalidArgument as exc:
-            raise InvalidArgument(field, exc.message.split(": ", 1)[-1]) from None
+        """A model name (never a path: see tensafe.trainer.models), or InvalidArgument naming ``field``
+        / the same NotFound for every name that is not a model."""
+        return resolve_model_ref(model_ref, self.model_dir, self.models, field_name=field)
 
     def _base(self, backend: Backend, location: ModelLocation) -> tuple[tuple[str, str], ServedBase]:
         key = (backend.name, location.cache_key)
@@ -84,6 +91,26 @@ class Inference:
                     return adapter
         if self.vault is None:
             raise FailedPrecondition("this inference service has no vault configured: set TENSAFE_VAULT_ENDPOINT")
+        self._take_adapter_place(tenant)
+        try:
+            return self._load_adapter(caller, req, tenant, backend)
+        finally:
+            with self._lock:
+                self._adapter_loads[tenant] -= 1
+                if not self._adapter_loads[tenant]:
+                    del self._adapter_loads[tenant]
+
+    def _take_adapter_place(self, tenant: str) -> None:
+        """A place in the tenant's TENSAFE_QUOTA_ADAPTERS (loaded adapters plus loads in progress)."""
+        with self._lock:
+            used = sum(1 for a in self._adapters.values() if a.tenant_id == tenant) + self._adapter_loads.get(tenant, 0)
+            if self.quota_adapters and used >= self.quota_adapters:
+                raise QuotaExceeded(ADAPTERS_QUOTA, f"the tenant has {used} adapters loaded, the most allowed; "
+                                                    "unload one first", limit=self.quota_adapters, current=used)
+            self._adapter_loads[tenant] = self._adapter_loads.get(tenant, 0) + 1
+
+    def _load_adapter(self, caller: CallContext, req: inference_pb2.LoadAdapterRequest, tenant: str,
+                      backend: Backend) -> LoadedAdapter:
         _, data = self.vault.get(caller, req.artifact_id)
         files = read_adapter(data)
         del data
@@ -132,6 +159,7 @@ class Inference:
                 raise InvalidArgument("adapter_id", "give adapter_id, or model_ref to use the base model alone")
             _, base = self._base(self._backend(req.backend), self._location(req.model_ref, "model_ref"))
             name = None
+        check_sample_work(len(req.prompts) or len(req.prompt_token_ids), req.sampling, self.max_sample_tokens)
         job = validate(base.tokenizer, list(req.prompts), [list(p.token_ids) for p in req.prompt_token_ids],
                        req.sampling, base.vocab_size, base.max_length)
         out = ChunkQueue(cancelled)

@@ -3,15 +3,25 @@
 The frozen base weights are loaded once per model; each session adds its own LoRA
 adapter (a PEFT adapter named after the session) and has its own optimizer, so N
 sessions cost about base + N x adapter. Ops of all sessions on one base run on one
-worker thread in submission order: the active adapter, the RNG state and the
-train/eval mode are switched per op, so sessions never see each other's state.
+worker thread: the active adapter, the RNG state and the train/eval mode are switched
+per op, so sessions never see each other's state.
+
+Scheduling is fair between tenants, then between one tenant's sessions (start-time fair
+queueing on worker seconds): the worker always serves the tenant that has used the least
+worker time among those with work waiting, then that tenant's least-served session; a
+tenant (or session) that was idle starts level with the others, so idle time is not banked.
+Each session's own ops run strictly in submission order. A ``Sample`` runs one sequence per
+slice: between two slices the worker may serve other sessions, so one tenant's long sample
+delays another tenant's small op by at most one sequence, and its RNG state is kept with the
+session so the output is the same however it was interleaved.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,13 +30,81 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from tensafe.runtime.errors import InvalidArgument, TensafeError
 
-from .futures import Op
+from .futures import CANCELLED, PENDING, RUNNING, Op, OpCancelled
 from .models import ModelLocation, load_base_model
 
 if TYPE_CHECKING:
     from .session import TrainingSession
 
 log = logging.getLogger("tensafe.trainer")
+
+
+class FairQueue:
+    """Per-session FIFOs, served fairly by tenant, then by session, on worker seconds used.
+
+    Not thread-safe by itself: SharedBase guards it with its condition.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[str, collections.deque[tuple[TrainingSession, Op]]] = {}
+        self.tenant_served: dict[str, float] = {}
+        self.session_served: dict[str, float] = {}
+        self.clock = 0.0  # the served time of the tenant picked last: where an idle tenant restarts
+
+    def _active(self, tenant: str | None = None) -> list[str]:
+        return [sid for sid, q in self.queues.items() if q and (tenant is None or q[0][0].tenant_id == tenant)]
+
+    def push(self, session: TrainingSession, op: Op) -> None:
+        tenant, sid = session.tenant_id, session.session_id
+        if not self._active(tenant):  # the tenant was idle: it restarts level, without banked credit
+            self.tenant_served[tenant] = max(self.tenant_served.get(tenant, 0.0), self.clock)
+        if not self.queues.get(sid):
+            level = [self.session_served[s] for s in self._active(tenant)]
+            self.session_served[sid] = max(self.session_served.get(sid, 0.0), min(level, default=0.0))
+        self.queues.setdefault(sid, collections.deque()).append((session, op))
+
+    def _drop_cancelled(self) -> None:
+        for q in self.queues.values():
+            while q and q[0][1].state not in (PENDING, RUNNING):
+                q.popleft()  # cancelled while queued: never runs
+
+    def peek(self) -> tuple[TrainingSession, Op] | None:
+        """The next op to run (left at the head of its session's queue until it is done)."""
+        self._drop_cancelled()
+        active = self._active()
+        if not active:
+            return None
+
+        def waited(sid: str) -> float:
+            return self.queues[sid][0][1].submit_time
+
+        tenants: dict[str, list[str]] = {}
+        for sid in active:
+            tenants.setdefault(self.queues[sid][0][0].tenant_id, []).append(sid)
+        tenant = min(tenants, key=lambda t: (self.tenant_served.get(t, 0.0), min(map(waited, tenants[t]))))
+        sid = min(tenants[tenant], key=lambda s: (self.session_served.get(s, 0.0), waited(s)))
+        self.clock = self.tenant_served.get(tenant, 0.0)
+        return self.queues[sid][0]
+
+    def charge(self, session: TrainingSession, seconds: float, done: bool) -> None:
+        tenant, sid = session.tenant_id, session.session_id
+        self.tenant_served[tenant] = self.tenant_served.get(tenant, 0.0) + seconds
+        self.session_served[sid] = self.session_served.get(sid, 0.0) + seconds
+        q = self.queues.get(sid)
+        if done and q:
+            q.popleft()
+
+    def forget(self, session: TrainingSession) -> None:
+        """A session left the base: drop its bookkeeping (and its tenant's, if that has nothing queued)."""
+        sid, tenant = session.session_id, session.tenant_id
+        if not self.queues.get(sid):
+            self.queues.pop(sid, None)
+            self.session_served.pop(sid, None)
+        if not self._active(tenant) and not any(q and q[0][0].tenant_id == tenant for q in self.queues.values()):
+            self.tenant_served.pop(tenant, None)
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self.queues.values())
 
 
 class SharedBase:
@@ -37,12 +115,12 @@ class SharedBase:
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.num_base_parameters = sum(p.numel() for p in self.model.parameters())
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # held while an op (slice) runs, and while adapters change
         self.sessions: dict[str, TrainingSession] = {}
-        self._queue: queue.Queue[tuple[TrainingSession, Op] | None] = queue.Queue()
+        self._cond = threading.Condition()  # guards the queue and the worker handle
+        self._fair = FairQueue()
         self._on_empty = on_empty
-        self._worker = threading.Thread(target=self._work, name=f"trainer-{location.path.name}", daemon=True)
-        self._worker.start()
+        self._worker: threading.Thread | None = None
 
     # -- adapters ---------------------------------------------------------------------
     def attach(self, session: TrainingSession, lora: LoraConfig, seed: int) -> None:
@@ -62,6 +140,11 @@ class SharedBase:
             finally:
                 torch.set_rng_state(saved_rng)
             self.sessions[session.session_id] = session
+        with self._cond:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name=f"trainer-{self.location.path.name}",
+                                                daemon=True)
+                self._worker.start()
 
     def adapter_parameters(self, session_id: str) -> list[torch.nn.Parameter]:
         marker = f".{session_id}."
@@ -73,36 +156,70 @@ class SharedBase:
 
     def detach(self, session_id: str) -> None:
         with self.lock:
-            self.sessions.pop(session_id, None)
+            session = self.sessions.pop(session_id, None)
             if self.peft is not None and session_id in self.peft.peft_config:
                 self.peft.delete_adapter(session_id)
             empty = not self.sessions
+        with self._cond:
+            if session is not None:
+                self._fair.forget(session)
+            self._cond.notify_all()  # an idle worker with no session left exits
         if empty:
-            self._queue.put(None)
             self._on_empty(self)
 
     # -- the worker ---------------------------------------------------------------------
     def submit(self, session: TrainingSession, op: Op) -> None:
-        self._queue.put((session, op))
+        with self._cond:
+            self._fair.push(session, op)
+            self._cond.notify_all()
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        with self._cond:
+            return self._fair.pending()
+
+    def _next(self) -> tuple[TrainingSession, Op] | None:
+        """Wait for the next op to run; None when no session is left and nothing is queued."""
+        with self._cond:
+            while True:
+                item = self._fair.peek()
+                if item is not None:
+                    return item
+                if not self.sessions:
+                    self._worker = None
+                    return None
+                self._cond.wait(1.0)
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._next()
             if item is None:
                 return
             session, op = item
-            if not session.book.start(op):
-                continue  # cancelled while queued
+            if op.state == PENDING and not session.book.start(op):
+                with self._cond:
+                    self._fair.charge(session, 0.0, done=True)  # cancelled while queued
+                continue
+            started = time.monotonic()
+            done = True
             try:
+                if op.cancel_requested:
+                    raise OpCancelled(f"operation {op.future_id} was cancelled while running")
                 with self.lock:
-                    field, result = session.run_op(op)
-                session.book.finish(op, result_field=field, result=result)
+                    out = session.run_op(op)
+                if out is None:
+                    done = False  # a slice of a longer op (a Sample): more to do, maybe after others
+                else:
+                    field, result = out
+                    session.book.finish(op, result_field=field, result=result)
+            except OpCancelled as exc:
+                session.book.finish(op, error=session.error_detail(exc), state=CANCELLED)
             except TensafeError as exc:
                 session.book.finish(op, error=session.error_detail(exc))
             except Exception as exc:  # noqa: BLE001 - an op failure must not kill the worker
                 log.exception("op %s of session %s failed", op.future_id, session.session_id)
                 session.book.finish(op, error=session.error_detail(
                     TensafeError(f"operation failed: {type(exc).__name__}", reason="INTERNAL")))
+            with self._cond:
+                self._fair.charge(session, time.monotonic() - started, done=done or op.state != RUNNING)
+                if session.session_id not in self.sessions:
+                    self._fair.forget(session)  # closed while its last op ran

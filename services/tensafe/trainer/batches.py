@@ -6,6 +6,7 @@ nothing about the session changes when a batch is refused.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,9 @@ from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.errors import ValidationError
 from tg_tinker.tensors import from_proto
+
+MAX_EXTRA = 16
+EXTRA_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass
@@ -102,7 +106,11 @@ def prepare_batch(batch: trainer_pb2.Batch, *, vocab_size: int, max_length: int,
         out.advantages = float_matrix(batch.advantages, f"{p}.advantages", shape)
     if batch.HasField("old_logprobs"):
         out.old_logprobs = float_matrix(batch.old_logprobs, f"{p}.old_logprobs", shape)
+    if len(batch.extra) > MAX_EXTRA:
+        raise InvalidArgument(f"{p}.extra", f"{len(batch.extra)} tensors, at most {MAX_EXTRA} are accepted")
     for name, tensor in batch.extra.items():
+        if not EXTRA_NAME.fullmatch(name):
+            raise InvalidArgument(f"{p}.extra", "names are 1-64 letters, digits, '_', '.' or '-'")
         arr = _decode(tensor, f"{p}.extra.{name}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise InvalidArgument(f"{p}.extra.{name}", "contains NaN or infinity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # Finished futures kept per session for late watchers; older ones are dropped.
 KEEP_FINISHED = 1000
+# How long CancelFuture waits for a running op it stopped to end, so the answer says CANCELLED.
+CANCEL_WAIT_S = 2.0
+
+
+class OpCancelled(TensafeError):
+    """Raised inside a running op whose cancellation was asked for (checked between tokens)."""
+
+    reason = "FUTURE_CANCELLED"
 
 
 def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
@@ -39,7 +48,14 @@ class Op:
     future_id: str
     sequence: int
     op_type: int
-    run: Callable[[], tuple[str, Any]] | None  # returns (FutureEvent oneof field, result message)
+    # Returns (FutureEvent oneof field, result message), or a generator that yields between slices
+    # of work (a Sample, between sequences) and returns that pair: the worker may run other
+    # sessions' ops between two slices.
+    run: Callable[[], Any] | None
+    # Set for ops that can stop while running (Sample): CancelFuture sets it, the op checks it
+    # between tokens, and the op then ends CANCELLED whatever it had computed.
+    cancel_event: threading.Event | None = None
+    stepper: Any = None  # the generator of a sliced op, once started
     submit_time: float = field(default_factory=time.time)
     state: int = PENDING
     start_time: float | None = None
@@ -47,6 +63,24 @@ class Op:
     result_field: str | None = None
     result: Any = None
     error: common_pb2.ErrorDetail | None = None
+
+    def advance(self) -> tuple[str, Any] | None:
+        """Run the op's next slice: its (field, result) when it is done, None when more slices remain."""
+        if self.stepper is None:
+            out = self.run()
+            if not isinstance(out, types.GeneratorType):
+                return out
+            self.stepper = out
+        try:
+            next(self.stepper)
+        except StopIteration as stop:
+            self.stepper = None
+            return stop.value
+        return None
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_event is not None and self.cancel_event.is_set()
 
     def ref(self) -> trainer_pb2.FutureRef:
         return trainer_pb2.FutureRef(session_id=self.session_id, future_id=self.future_id,
@@ -74,17 +108,18 @@ class FutureBook:
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())
         self._ops: dict[str, Op] = {}
         self._finished: list[Op] = []  # in completion order
         self._dropped = 0  # finished ops dropped from the front of _finished
         self.last_sequence = 0
         self.closed = False
 
-    def create(self, op_type: int, run: Callable[[], tuple[str, Any]]) -> Op:
+    def create(self, op_type: int, run: Callable[[], Any], cancel_event: threading.Event | None = None) -> Op:
         with self._cond:
             self.last_sequence += 1
-            op = Op(self.session_id, "fut_" + uuid.uuid4().hex[:16], self.last_sequence, op_type, run)
+            op = Op(self.session_id, "fut_" + uuid.uuid4().hex[:16], self.last_sequence, op_type, run,
+                    cancel_event=cancel_event)
             self._ops[op.future_id] = op
             return op
 
@@ -111,10 +146,17 @@ class FutureBook:
     def finish(self, op: Op, *, result_field: str | None = None, result: Any = None,
                error: common_pb2.ErrorDetail | None = None, state: int | None = None) -> None:
         with self._cond:
+            if op.state in TERMINAL:
+                return
+            if op.cancel_requested and state != CANCELLED:
+                # CancelFuture answered cancelled=true: whatever the op computed is dropped.
+                stopped = TensafeError(f"operation {op.future_id} was cancelled while running",
+                                       reason="FUTURE_CANCELLED")
+                state, result_field, result, error = CANCELLED, None, None, error_detail(stopped)
             op.state = state if state is not None else (FAILED if error is not None else SUCCEEDED)
             op.end_time = time.time()
             op.result_field, op.result, op.error = result_field, result, error
-            op.run = None
+            op.run = op.stepper = None
             self._finished.append(op)
             if len(self._finished) > KEEP_FINISHED:
                 old = self._finished.pop(0)
@@ -122,14 +164,34 @@ class FutureBook:
                 self._ops.pop(old.future_id, None)
             self._cond.notify_all()
 
-    def cancel(self, future_id: str) -> tuple[bool, Op | None]:
+    def cancel(self, future_id: str, wait: float = CANCEL_WAIT_S) -> tuple[bool, Op | None]:
+        """Cancel a pending op, or stop a running cancellable one (a Sample, between tokens).
+
+        True means the op ends CANCELLED: at once for a pending op; for a running one as soon as it
+        sees the request (waited for up to ``wait`` seconds, so the returned op usually says so).
+        """
         with self._cond:
             op = self._ops.get(future_id)
-            if op is None or op.state != PENDING:
+            if op is None:
+                return False, None
+            if op.state == RUNNING and op.cancel_event is not None:
+                op.cancel_event.set()
+                self._cond.wait_for(lambda: op.state in TERMINAL, timeout=wait)
+                return True, op
+            if op.state != PENDING:
                 return False, op
-        cancelled = TensafeError(f"operation {future_id} was cancelled before it ran", reason="FUTURE_CANCELLED")
-        self.finish(op, error=error_detail(cancelled), state=CANCELLED)
-        return True, op
+            # Under the lock (re-entrant), so the worker cannot start it between the check and this.
+            cancelled = TensafeError(f"operation {future_id} was cancelled before it ran",
+                                     reason="FUTURE_CANCELLED")
+            self.finish(op, error=error_detail(cancelled), state=CANCELLED)
+            return True, op
+
+    def stop_running(self) -> None:
+        """Ask every running cancellable op of the session to stop (the session is closing)."""
+        with self._cond:
+            for op in self._ops.values():
+                if op.state == RUNNING and op.cancel_event is not None:
+                    op.cancel_event.set()
 
     def close(self) -> None:
         with self._cond:

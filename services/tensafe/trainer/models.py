@@ -1,8 +1,14 @@
-"""Base models for the trainer: where a ``model_ref`` points, and loading it once, frozen.
+"""Base models for the trainer and inference: what a ``model_ref`` names, and loading it once, frozen.
 
-A ``model_ref`` is either a local path (absolute, or relative to the working directory when
-no model directory is configured) or a name resolved under the model directory
-(``TENSAFE_MODEL_DIR``). It may point at
+Tenants name base models, never paths: a ``model_ref`` is a name registered by the operator
+(``TENSAFE_MODELS``: ``name=/path`` pairs) or a directory name under the model directory
+(``TENSAFE_MODEL_DIR``), optionally followed by ``/file.gguf`` (or a sub-directory) inside it.
+A name is up to 4 parts joined by ``/``, each of letters, digits, ``.``, ``_`` and ``-``, not
+starting with ``.`` or ``-`` (so no ``..``, no leading ``/``, no ``~``, no NUL), at most 256
+characters in all; anything else is INVALID_ARGUMENT, decided from the text alone. A well-formed
+name that is not a loadable model is NOT_FOUND with the same message whether something exists
+there (a file, an empty directory, a non-model) or not: the answer says nothing about the
+server's filesystem. The reason is logged for the operator. The model itself may be
 
 * a directory with ``config.json`` and safetensors weights (what ``save_pretrained`` writes),
 * a directory holding exactly one ``.gguf`` file (plus, optionally, tokenizer files), or
@@ -24,12 +30,14 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from tensafe.runtime.config import MODEL_NAME, MODEL_NAME_MAX
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -62,64 +70,79 @@ class ModelLocation:
     path: Path
     gguf_file: str | None
     cache_key: str
+    name: str = field(default="", compare=False)  # the model_ref that named it: what error messages show
 
 
-def _classify(path: Path, model_ref: str) -> ModelLocation:
+# A model_ref: up to MAX_PARTS names joined by "/"; each part as TENSAFE_MODELS names (runtime.config).
+MAX_REF_LENGTH = 256
+MAX_PARTS = 4
+
+
+class _NotAModel(Exception):
+    """Why an existing path is not a model: logged for the operator, never shown to the tenant."""
+
+
+def _classify(path: Path) -> ModelLocation:
     """Turn an existing filesystem path into a ModelLocation, or say why it is not a model."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise InvalidArgument(FIELD, f"{model_ref!r} is a file but not a .gguf model")
+            raise _NotAModel("a file but not a .gguf model")
         real = path.resolve()
         return ModelLocation(path=real.parent, gguf_file=real.name, cache_key=str(real))
     if not path.is_dir():
-        raise InvalidArgument(FIELD, f"{model_ref!r} is neither a directory nor a .gguf file")
+        raise _NotAModel("neither a directory nor a .gguf file")
     real = path.resolve()
     if (real / "config.json").is_file():
         if any(real.glob("*.safetensors")) or (real / "model.safetensors.index.json").is_file():
             return ModelLocation(path=real, gguf_file=None, cache_key=str(real))
-        raise InvalidArgument(FIELD, f"{model_ref!r} has config.json but no *.safetensors weights")
+        raise _NotAModel("config.json but no *.safetensors weights")
     ggufs = sorted(p.name for p in real.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
     if len(ggufs) == 1:
         return ModelLocation(path=real, gguf_file=ggufs[0], cache_key=str(real / ggufs[0]))
     if len(ggufs) > 1:
-        raise InvalidArgument(FIELD, f"{model_ref!r} holds several .gguf files ({', '.join(ggufs)}); name one of them")
-    raise InvalidArgument(
-        FIELD, f"{model_ref!r} is not a model directory (needs config.json + *.safetensors, or one .gguf file)"
-    )
+        raise _NotAModel(f"several .gguf files ({', '.join(ggufs)}): tenants must name one, as name/file.gguf")
+    raise _NotAModel("not a model directory (needs config.json + *.safetensors, or one .gguf file)")
 
 
-def resolve_model_ref(model_ref: str, model_dir: str | Path | None) -> ModelLocation:
-    """Resolve ``model_ref`` to a local model; never touches the network.
+def check_model_name(model_ref: str, field_name: str = FIELD) -> list[str]:
+    """The parts of a well-formed model name, or InvalidArgument naming ``field_name`` (text only, no I/O)."""
+    if not model_ref:
+        raise InvalidArgument(field_name, "must name a model of the server (TENSAFE_MODEL_DIR or TENSAFE_MODELS)")
+    if len(model_ref) > MAX_REF_LENGTH:
+        raise InvalidArgument(field_name, f"is longer than {MAX_REF_LENGTH} characters")
+    parts = model_ref.split("/")
+    if len(parts) > MAX_PARTS or not all(MODEL_NAME.fullmatch(p) and len(p) <= MODEL_NAME_MAX for p in parts):
+        raise InvalidArgument(field_name, "is not a model name: up to 4 parts joined by '/', each of letters, "
+                                          "digits, '.', '_' and '-', not starting with '.' or '-' (paths are not "
+                                          "accepted: name a model of the server's model directory)")
+    return parts
 
-    Absolute paths (``~`` expanded) are used as they are. Any other ref is a name under
-    ``model_dir`` and may not leave it (no ``..``); without a model directory it is a path
-    relative to the working directory. Raises InvalidArgument (field ``config.model_ref``)
-    for an empty ref, an escaping name or something that is not a model, and
-    NotFound("model", ref) when nothing exists there.
+
+def resolve_model_ref(model_ref: str, model_dir: str | Path | None,
+                      registered: Mapping[str, Path] | None = None, field_name: str = FIELD) -> ModelLocation:
+    """Resolve the model name ``model_ref``; never touches the network.
+
+    Looked up in ``registered`` (name -> path, the operator's TENSAFE_MODELS; the first part of the
+    name), then as a directory under ``model_dir``. Raises InvalidArgument (``field_name``) for a
+    ref that is not a well-formed name, and NotFound("model", ref) for any name that is not a
+    loadable model, whatever exists at that place.
     """
-    ref = (model_ref or "").strip()
-    if not ref:
-        raise InvalidArgument(FIELD, "must name a model: a local path or a name in TENSAFE_MODEL_DIR")
-    if "\x00" in ref:
-        raise InvalidArgument(FIELD, "contains a NUL character")
-    expanded = Path(ref).expanduser()
-    if expanded.is_absolute():
-        candidate = expanded
-        searched = [candidate]
+    parts = check_model_name(model_ref, field_name)
+    if registered and parts[0] in registered:
+        candidate = Path(registered[parts[0]]).joinpath(*parts[1:])
     elif model_dir is not None:
-        rel = Path(ref)
-        if ".." in rel.parts:
-            raise InvalidArgument(FIELD, f"model name {ref!r} may not leave the model directory")
-        base = Path(model_dir).expanduser().resolve()
-        candidate = base / rel
-        searched = [candidate]
+        candidate = Path(model_dir).expanduser().resolve().joinpath(*parts)
     else:
-        candidate = expanded.resolve()
-        searched = [candidate]
-    if not candidate.exists():
-        log.info("model %r not found; looked at: %s", ref, ", ".join(str(p) for p in searched))
-        raise NotFound("model", ref)
-    return _classify(candidate, ref)
+        log.info("model %r not found: not registered, and no model directory", model_ref)
+        raise NotFound("model", model_ref)
+    try:
+        if not candidate.exists():
+            raise _NotAModel("nothing there")
+        loc = _classify(candidate)
+    except (_NotAModel, OSError) as exc:
+        log.info("model %r not found: %s is %s", model_ref, candidate, exc)
+        raise NotFound("model", model_ref) from None
+    return ModelLocation(loc.path, loc.gguf_file, loc.cache_key, name=model_ref)
 
 
 def _short(exc: BaseException) -> str:
@@ -134,7 +157,8 @@ def load_base_model(
     """Load model and tokenizer from ``loc``, offline; the model is in eval mode with every weight frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    where = loc.path / loc.gguf_file if loc.gguf_file else loc.path
+    path = loc.path / loc.gguf_file if loc.gguf_file else loc.path
+    where = repr(loc.name) if loc.name else str(path)  # tenants see the name they gave, not server paths
     gguf_kw = {"gguf_file": loc.gguf_file} if loc.gguf_file else {}
     # A GGUF directory may carry its own tokenizer files; prefer them to the GGUF's embedded vocabulary.
     tok_kw = {} if loc.gguf_file and any((loc.path / f).is_file() for f in _TOKENIZER_FILES) else gguf_kw
@@ -145,9 +169,12 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(str(loc.path), local_files_only=True, **tok_kw)
         model = AutoModelForCausalLM.from_pretrained(str(loc.path), local_files_only=True, dtype=dtype, **model_kw)
     except ImportError as exc:
-        raise FailedPrecondition(f"cannot load model from {where}: {_short(exc)} (pip install --no-deps gguf)") from exc
+        log.warning("cannot load model %s from %s: %s", where, path, exc)
+        raise FailedPrecondition(f"cannot load model {where}: {_short(exc)} (pip install --no-deps gguf)") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InvalidArgument(FIELD, f"cannot load model from {where}: {_short(exc)}") from exc
+        log.warning("cannot load model %s from %s: %s", where, path, exc)
+        raise InvalidArgument(FIELD, f"cannot load model {where}: the files there are not a usable model "
+                                     f"(see the server log)") from exc
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and loc.gguf_file:
         # Dequantized above: what is left of the GGUF quantizer is bookkeeping that blocks save_pretrained.

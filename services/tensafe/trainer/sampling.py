@@ -1,19 +1,69 @@
-"""Generation from a session's current weights (transformers ``generate``)."""
+"""Generation from a session's current weights (transformers ``generate``).
+
+:func:`generate_steps` yields between sequences, so the base's worker can serve other
+sessions between two of them, and stops between tokens once its cancel event is set.
+:func:`check_sample_work` is the per-call cap on generated tokens, shared with inference.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.decoding import cut_at_stop, ids_within
+
+from .futures import OpCancelled
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
 
 
+MAX_SAMPLE_TOKENS_SETTING = "TENSAFE_MAX_SAMPLE_TOKENS"
+
+
+def check_sample_work(num_prompts: int, sampling: common_pb2.SamplingParams, limit: int) -> None:
+    """Refuse a call whose prompts x samples x max_tokens exceeds ``limit`` (0: no limit), naming the field."""
+    work = num_prompts * max(1, sampling.num_samples) * sampling.max_tokens
+    if limit and work > limit:
+        raise InvalidArgument("sampling.max_tokens",
+                              f"{num_prompts} prompt(s) x {max(1, sampling.num_samples)} sample(s) x max_tokens "
+                              f"{sampling.max_tokens} = {work} tokens exceeds the per-call limit of {limit} "
+                              f"({MAX_SAMPLE_TOKENS_SETTING}); split the call", quota=MAX_SAMPLE_TOKENS_SETTING,
+                              limit=limit)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends ``generate`` at the next token once the op's cancel event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:  # noqa: ANN003
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # noqa: ANN001
              sampling: common_pb2.SamplingParams) -> trainer_pb2.SampleResult:
+    """All sequences at once (no slicing, no cancellation)."""
+    steps = generate_steps(model, tokenizer, prompts, texts, sampling)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],  # noqa: ANN001
+                   sampling: common_pb2.SamplingParams,
+                   cancel: threading.Event | None = None) -> Iterator[None]:
+    """Yields between two sequences; returns the SampleResult. Raises OpCancelled (between tokens)
+    once ``cancel`` is set."""
     temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
     greedy = temperature == 0.0
     kwargs: dict = dict(max_new_tokens=sampling.max_tokens, do_sample=not greedy,
@@ -27,15 +77,23 @@ def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # no
     stops = [s for s in sampling.stop if s]
     if stops:
         kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
     if sampling.HasField("seed"):
         torch.manual_seed(sampling.seed)
-    model.eval()
     result = trainer_pb2.SampleResult()
+    first = True
     for index, (ids, text) in enumerate(zip(prompts, texts, strict=True)):
         input_ids = torch.tensor([ids], dtype=torch.long)
         for sample_index in range(max(1, sampling.num_samples)):
+            if not first:
+                yield  # other sessions' ops may run here; the RNG state stays with this session
+            first = False
+            _check_cancel(cancel, len(result.samples))
+            model.eval()
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            _check_cancel(cancel, len(result.samples))
             generated = out.sequences[0, input_ids.shape[1]:].tolist()
             logprobs = []
             if sampling.return_logprobs:
@@ -55,3 +113,8 @@ def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # no
                 prompt_index=index, sample_index=sample_index, prompt=text, completion=completion,
                 token_ids=generated, logprobs=logprobs, finish_reason=finish))
     return result
+
+
+def _check_cancel(cancel: threading.Event | None, finished: int) -> None:
+    if cancel is not None and cancel.is_set():
+        raise OpCancelled(f"the sample was cancelled while running, after {finished} finished sequence(s)")

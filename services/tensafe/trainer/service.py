@@ -7,7 +7,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import context as call_context
-from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tg_tinker.configs import from_struct
 
 from . import checkpoint
@@ -29,6 +30,7 @@ from .dp import PerSampleClipper, lora_layers
 from .futures import Op
 from .losses import Loss, resolve_loss
 from .models import resolve_model_ref
+from .sampling import check_sample_work
 from .session import DPState, SessionSettings, TrainingSession
 from .vault_client import VaultClient
 
@@ -155,20 +157,38 @@ def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: Lo
                    target_epsilon=dp.target_epsilon, target_delta=dp.target_delta)
 
 
+@dataclass(frozen=True)
+class TrainerLimits:
+    """Per-tenant quotas and per-call work caps (0: off); the settings are named in each error."""
+
+    sessions: int = 8          # TENSAFE_QUOTA_SESSIONS: open sessions per tenant
+    private_copies: int = 2    # TENSAFE_QUOTA_PRIVATE_COPIES: open sessions with their own base copy
+    sample_tokens: int = 8192  # TENSAFE_MAX_SAMPLE_TOKENS: prompts x samples x max_tokens per Sample
+    batch_tokens: int = 32768  # TENSAFE_MAX_BATCH_TOKENS: rows x length per Forward/ForwardBackward/Custom
+
+
+BATCH_TOKENS_SETTING = "TENSAFE_MAX_BATCH_TOKENS"
+
+
 class Trainer:
     def __init__(self, model_dir: Path | None, vault: VaultClient | None = None,
-                 accountant: AccountantClient | None = None) -> None:
+                 accountant: AccountantClient | None = None, *, models: Mapping[str, Path] | None = None,
+                 limits: TrainerLimits | None = None) -> None:
         self.model_dir = model_dir
+        self.models = dict(models or {})
+        self.limits = limits or TrainerLimits()
         self.vault = vault
         self.accountant = accountant
         self._lock = threading.Lock()
         self._bases: dict[str, SharedBase] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._sessions: dict[str, TrainingSession] = {}
+        self._private: set[str] = set()  # open sessions holding their own copy of the base
+        self._reserved: dict[str, list[int]] = {}  # tenant -> [sessions, private copies] being created
 
     # -- sessions -------------------------------------------------------------------------
     def _base_for(self, model_ref: str, private_key: str | None) -> SharedBase:
-        location = resolve_model_ref(model_ref, self.model_dir)
+        location = resolve_model_ref(model_ref, self.model_dir, self.models)
         key = location.cache_key if private_key is None else f"{location.cache_key}#{private_key}"
         with self._lock:
             if key in self._bases:
@@ -189,13 +209,49 @@ class Trainer:
             if self._bases.get(key) is base and not base.sessions:
                 del self._bases[key]
 
+    def _reserve(self, tenant: str, private: bool) -> None:
+        """Take a place in the tenant's session quotas (and, for a private copy, that quota too)."""
+        with self._lock:
+            reserved = self._reserved.setdefault(tenant, [0, 0])
+            mine = [s for s in self._sessions.values() if s.tenant_id == tenant and not s.closed]
+            open_now = len(mine) + reserved[0]
+            if self.limits.sessions and open_now >= self.limits.sessions:
+                raise QuotaExceeded("TENSAFE_QUOTA_SESSIONS", f"the tenant has {open_now} open training sessions, "
+                                    f"the most allowed; close one first", limit=self.limits.sessions,
+                                    current=open_now)
+            copies = sum(1 for s in mine if s.session_id in self._private) + reserved[1]
+            if private and self.limits.private_copies and copies >= self.limits.private_copies:
+                raise QuotaExceeded("TENSAFE_QUOTA_PRIVATE_COPIES",
+                                    f"the tenant has {copies} open sessions with their own copy of the base model "
+                                    "(LoRA bias other than 'none'), the most allowed; close one, or train with "
+                                    "bias 'none' (shared base)", limit=self.limits.private_copies, current=copies)
+            reserved[0] += 1
+            reserved[1] += int(private)
+
+    def _release(self, tenant: str, private: bool) -> None:
+        with self._lock:
+            reserved = self._reserved[tenant]
+            reserved[0] -= 1
+            reserved[1] -= int(private)
+            if reserved == [0, 0]:
+                del self._reserved[tenant]
+
     def create_session(self, tenant: str, config: trainer_pb2.TrainingConfig) -> TrainingSession:
         settings, peft_config = validate_config(config)
         if settings.dp is not None and self.accountant is None:
             raise FailedPrecondition("this trainer has no accountant configured: set TENSAFE_ACCOUNTANT_ENDPOINT")
+        private = peft_config.bias != "none"
+        self._reserve(tenant, private)
+        try:
+            return self._create_session(tenant, config, settings, peft_config, private)
+        finally:
+            self._release(tenant, private)
+
+    def _create_session(self, tenant: str, config: trainer_pb2.TrainingConfig, settings: SessionSettings,
+                        peft_config: LoraConfig, private: bool) -> TrainingSession:
         session_id = "ses_" + uuid.uuid4().hex[:16]
         # Training base biases would change weights other sessions share: such a session gets its own copy.
-        base = self._base_for(config.model_ref, session_id if peft_config.bias != "none" else None)
+        base = self._base_for(config.model_ref, session_id if private else None)
         limit = base.max_length
         if settings.max_length > limit:
             raise InvalidArgument("config.max_sequence_length", f"exceeds the model's limit of {limit} tokens")
@@ -221,6 +277,8 @@ class Trainer:
                 raise
         with self._lock:
             self._sessions[session_id] = session
+            if private:
+                self._private.add(session_id)
         return session
 
     def _open_budget(self, session: TrainingSession) -> None:
@@ -264,6 +322,7 @@ class Trainer:
             return session
         for future_id in session.book.pending_ids():  # queued ops die with the session
             session.book.cancel(future_id)
+        session.book.stop_running()  # a running Sample stops at its next token
         with session.base.lock:
             session.close_time = time.time()
             session.optimizer = None
@@ -272,6 +331,8 @@ class Trainer:
                 session.dp.clipper.close()
             session.base.detach(session_id)
         session.book.close()
+        with self._lock:
+            self._private.discard(session_id)  # its quota places are free again
         return session
 
     def shutdown(self) -> None:
@@ -280,8 +341,9 @@ class Trainer:
                 self.close(session.tenant_id, session.session_id)
 
     # -- ops: validated here, at submission, then queued ------------------------------------
-    def _submit(self, session: TrainingSession, op_type: int, run) -> Op:  # noqa: ANN001
-        op = session.book.create(op_type, run)
+    def _submit(self, session: TrainingSession, op_type: int, run,  # noqa: ANN001
+                cancel: threading.Event | None = None) -> Op:
+        op = session.book.create(op_type, run, cancel_event=cancel)
         session.base.submit(session, op)
         return op
 
@@ -296,10 +358,21 @@ class Trainer:
         if session.dp is not None and not loss.per_example:
             raise InvalidArgument("loss.name", f"loss '{loss.name}' compares rows with each other, so a row's "
                                                "gradient is not its own; DP sessions need a per-example loss")
+        self._check_batch_work(batch)
         prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
                                  ignore_index=int(loss.kwargs.get("ignore_index", -100)))
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
         return prepared
+
+    def _check_batch_work(self, batch: trainer_pb2.Batch) -> None:
+        """rows x length within TENSAFE_MAX_BATCH_TOKENS, from the declared shape, before decoding."""
+        limit = self.limits.batch_tokens
+        shape = list(batch.input_ids.shape) if batch.HasField("input_ids") else []
+        if limit and len(shape) == 2 and shape[0] >= 0 and shape[1] >= 0 and shape[0] * shape[1] > limit:
+            raise InvalidArgument("batch.input_ids", f"{shape[0]} rows x {shape[1]} tokens = {shape[0] * shape[1]} "
+                                                     f"exceeds the per-call limit of {limit} "
+                                                     f"({BATCH_TOKENS_SETTING}); split the batch",
+                                  quota=BATCH_TOKENS_SETTING, limit=limit)
 
     def forward_backward(self, tenant: str, req: trainer_pb2.ForwardBackwardRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)
@@ -366,6 +439,7 @@ class Trainer:
             raise InvalidArgument("sampling.top_k", "must be >= 0 (0 disables it)")
         if sp.num_samples < 0 or sp.num_samples > 64:
             raise InvalidArgument("sampling.num_samples", "must be between 1 and 64")
+        check_sample_work(len(req.prompts) or len(req.prompt_token_ids), sp, self.limits.sample_tokens)
         tok = s.base.tokenizer
         if req.prompts:
             texts = list(req.prompts)
@@ -383,7 +457,8 @@ class Trainer:
             if len(ids) + sp.max_tokens > s.settings.max_length:
                 raise InvalidArgument("sampling.max_tokens", f"prompt {i} ({len(ids)} tokens) plus max_tokens "
                                                              f"exceeds the limit of {s.settings.max_length}")
-        return self._submit(s, trainer_pb2.OP_TYPE_SAMPLE, lambda: s.sample(prompts, texts, sp))
+        cancel = threading.Event()  # CancelFuture stops it between tokens, even once it runs
+        return self._submit(s, trainer_pb2.OP_TYPE_SAMPLE, lambda: s.sample(prompts, texts, sp, cancel), cancel)
 
     def save_state(self, tenant: str, req: trainer_pb2.SaveStateRequest) -> Op:
         s = self.get(tenant, req.session_id, active=True)

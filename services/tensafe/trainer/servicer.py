@@ -11,7 +11,7 @@ from tensafe.runtime import context
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .accountant_client import AccountantClient
-from .service import Trainer
+from .service import Trainer, TrainerLimits
 from .vault_client import VaultClient
 
 
@@ -87,6 +87,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
-    trainer = Trainer(model_dir, VaultClient(env.peers), AccountantClient(env.peers))
+    cfg = env.config
+    limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,
+                           sample_tokens=cfg.max_sample_tokens, batch_tokens=cfg.max_batch_tokens)
+    trainer = Trainer(model_dir, VaultClient(env.peers), AccountantClient(env.peers),
+                      models=cfg.registered_models(), limits=limits)
     env.closers.append(trainer.shutdown)
     return TrainerServicer(trainer)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ from .batches import PreparedBatch
 from .dp import PerSampleClipper, SecureGaussian
 from .futures import FutureBook, Op, error_detail
 from .losses import Loss, LossInputs, LossOutput, token_logprobs
-from .sampling import generate
+from .sampling import generate_steps
 
 
 @dataclass
@@ -134,14 +136,15 @@ class TrainingSession:
         return error_detail(err)
 
     # -- running an op (called on the base's worker, under its lock) --------------------
-    def run_op(self, op: Op) -> tuple[str, Any]:
+    def run_op(self, op: Op) -> tuple[str, Any] | None:
+        """Run the op, or its next slice (a Sample runs one sequence per slice): None while unfinished."""
         if self.closed:
             raise FailedPrecondition(f"session {self.session_id} is closed")
         model = self.base.activate(self.session_id)
         saved = torch.get_rng_state()
         torch.set_rng_state(self.rng_state)
         try:
-            return op.run()
+            return op.advance()
         finally:
             self.rng_state = torch.get_rng_state()
             torch.set_rng_state(saved)
@@ -312,10 +315,12 @@ class TrainingSession:
     def _reset_accumulation(self) -> None:
         self.micro_steps = self.optim_calls = self.tokens_since_update = 0
 
-    def sample(self, prompts: list[list[int]], texts: list[str],
-               sampling: common_pb2.SamplingParams) -> tuple[str, Any]:
+    def sample(self, prompts: list[list[int]], texts: list[str], sampling: common_pb2.SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[None]:
+        """A generator: one sequence per slice (see SharedBase), returning ("sample", SampleResult)."""
         self._drop_custom()
-        return "sample", generate(self.base.peft, self.base.tokenizer, prompts, texts, sampling)
+        result = yield from generate_steps(self.base.peft, self.base.tokenizer, prompts, texts, sampling, cancel)
+        return "sample", result
 
     def info(self) -> tuple[str, Any]:
         cfg = self.settings.config

@@ -18,6 +18,7 @@ from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, TAG_SIZE, 
 
 from .blobs import BlobStore
 from .keys import KEY_BYTES, KeyUnwrapError, MasterKey, aead_unwrap, aead_wrap, dek_aad, kek_aad
+from .quotas import StorageLimits, StorageQuotas
 from .store import AVAILABLE, DESTROYED, SHREDDED, ArtifactRecord, VaultStore, artifacts, keks, tenants
 
 ALGORITHM = "AES-256-GCM"
@@ -46,12 +47,13 @@ class KekInfo:
 
 class Vault:
     def __init__(self, store: VaultStore, blobs: BlobStore, master: MasterKey,
-                 segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, limits: StorageLimits | None = None) -> None:
         self.store = store
         self.blobs = blobs
         self.master = master
         self.segment_size = segment_size
         self._tenant_lock = threading.Lock()  # serialises KEK creation and rotation
+        self.quotas = StorageQuotas(limits or StorageLimits(0, 0), store.usage)
 
     # -- keys ----------------------------------------------------------------------------------
     def _active_kek(self, tenant_id: str) -> tuple[int, bytes]:
@@ -109,6 +111,7 @@ class Vault:
             raise InvalidArgument("header.metadata", f"must be under {MAX_METADATA_BYTES} bytes")
         if header.expected_sha256 and len(header.expected_sha256) != 32:
             raise InvalidArgument("header.expected_sha256", "must be 32 bytes")
+        upload = self.quotas.begin(tenant_id)  # TENSAFE_QUOTA_ARTIFACTS: refused before any byte is read
         artifact_id = "art_" + secrets.token_hex(12)
         kek_version, kek = self._active_kek(tenant_id)
         dek = os.urandom(KEY_BYTES)
@@ -118,6 +121,7 @@ class Vault:
         try:
             out.write(writer.header)
             for chunk in chunks:
+                upload.add(len(chunk))  # TENSAFE_QUOTA_STORED_MB: stops the upload as soon as it passes
                 for segment in writer.update(chunk):
                     out.write(segment)
             out.write(writer.finalize())
@@ -127,6 +131,7 @@ class Vault:
             out.commit()
         except BaseException:
             out.abort()
+            upload.end()
             raise
         record = ArtifactRecord(
             artifact_id=artifact_id, tenant_id=tenant_id, kind=header.kind, name=header.name,
@@ -136,7 +141,8 @@ class Vault:
             kek_version=kek_version, wrapped_dek=aead_wrap(kek, dek, dek_aad(tenant_id, artifact_id, kek_version)),
             blob_key=blob_key, state=AVAILABLE, created_at=time.time())
         try:
-            self.store.insert_artifact(record)  # committed last: the artifact exists from here on
+            # Committed last, if the quotas still allow it: the artifact exists from here on.
+            upload.commit(record.stored_size, lambda: self.store.insert_artifact(record))
         except BaseException:
             self.blobs.delete(blob_key)
             raise

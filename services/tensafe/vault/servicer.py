@@ -15,6 +15,7 @@ from tensafe.runtime.registry import ServiceEnvironment
 
 from .blobs import LocalBlobStore
 from .keys import load_master_key
+from .quotas import StorageLimits
 from .service import ALGORITHM, ArtifactHeader, KekInfo, Vault
 from .store import SHREDDED, ArtifactRecord, VaultStore
 
@@ -125,4 +126,5 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
 def create(env: ServiceEnvironment) -> VaultServicer:
     cfg = env.config
     blob_root = Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs"
-    return VaultServicer(Vault(VaultStore(env.db), LocalBlobStore(blob_root), load_master_key(cfg)))
+    return VaultServicer(Vault(VaultStore(env.db), LocalBlobStore(blob_root), load_master_key(cfg),
+                               limits=StorageLimits.from_config(cfg.quota_stored_mb, cfg.quota_artifacts)))

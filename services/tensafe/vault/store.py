@@ -137,6 +137,13 @@ class VaultStore:
         with self.engine.connect() as conn:
             return [ArtifactRecord.from_row(r) for r in conn.execute(query)]
 
+    def usage(self, tenant_id: str) -> tuple[int, int]:
+        """The tenant's stored bytes (containers as stored) and artifact count, shredded ones included."""
+        with self.engine.connect() as conn:
+            stored, count = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(artifacts.c.stored_size), 0),
+                                                   sa.func.count()).where(artifacts.c.tenant_id == tenant_id)).one()
+        return int(stored), int(count)
+
     def delete_artifact(self, tenant_id: str, artifact_id: str) -> bool:
         with self.engine.begin() as conn:
             res = conn.execute(artifacts.delete().where(sa.and_(

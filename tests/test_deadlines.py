@@ -125,3 +125,21 @@ def test_the_callers_deadline_crosses_the_trainer_to_accountant_hop(deadline_sta
     # derived from the caller's deadline (not a constant of the trainer's, which was 30 s).
     assert 110 < trainer_left <= 120, trainer_left
     assert trainer_left - 30 < acct_left < trainer_left, (trainer_left, acct_left)
+
+
+def test_vault_transfers_get_the_callers_deadline_or_a_budget_for_their_size(deadline_stack: Stack) -> None:
+    lora = LoRAConfig(rank=2, alpha=4, dropout=0.0, target_modules=["q_proj"])
+    with deadline_stack.client(timeout=77.0, retry_count=0) as client:
+        with client.create_training_client(TrainingConfig(model_ref="tiny", batch_size=2, lora_config=lora)) as tc:
+            put_sum, put_n = deadline_seen(deadline_stack, "vault", "PutArtifact")
+            saved = tc.save_state(include_optimizer=False)
+            put_sum2, put_n2 = deadline_seen(deadline_stack, "vault", "PutArtifact")
+        get_sum, get_n = deadline_seen(deadline_stack, "vault", "GetArtifact")
+        client.create_sampling_client(saved.artifact_id)   # the inference service reads it from the vault
+        get_sum2, get_n2 = deadline_seen(deadline_stack, "vault", "GetArtifact")
+    assert put_n2 - put_n == 1 and get_n2 - get_n == 1
+    # The trainer's worker stores the checkpoint after SaveState has answered: no caller waits on that call,
+    # so the vault gets the budget for its size (30 s + size at 8 MiB/s; a small checkpoint: ~30 s).
+    assert 25 < put_sum2 - put_sum <= 30 + saved.size_bytes / (8 << 20) + 0.1, put_sum2 - put_sum
+    # LoadAdapter reads the adapter while its caller waits: the vault gets what is left of the caller's 77 s.
+    assert 70 < get_sum2 - get_sum < 77, get_sum2 - get_sum

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
 import numpy as np
 
+from tensafe.runtime.adapter_config import check_adapter_weights, lookup, parse_adapter_config, safetensors_header
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .compute import LoraLayer
@@ -21,28 +21,22 @@ def module_name(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
-def _lookup(pattern: dict, name: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern: a key matches the module name or a suffix of it."""
-    for key, value in (pattern or {}).items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
-            return float(value)
-    return default
-
-
 def parse(files: dict[str, bytes]) -> dict[str, LoraLayer]:
-    """The LoRA layers of a checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    """The LoRA layers of a checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``). The config
+    passes the services' allow-list (``tensafe.runtime.adapter_config``; ``adapter_config.<field>`` names
+    what is refused) and the weights file is checked from its header before torch reads it."""
     import torch
     from safetensors.torch import load as st_load
 
+    for required in ("adapter_config.json", "adapter_model.safetensors"):
+        if required not in files:
+            raise InvalidArgument("artifact_id", f"the artifact holds no readable PEFT adapter (no {required})")
+    config = parse_adapter_config(files["adapter_config.json"])
+    check_adapter_weights(safetensors_header(files["adapter_model.safetensors"]), config)
     try:
-        config = json.loads(files["adapter_config.json"])
         tensors = st_load(files["adapter_model.safetensors"])
-    except (KeyError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors; the header was checked above
         raise InvalidArgument("artifact_id", f"the artifact holds no readable PEFT adapter ({exc})") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise FailedPrecondition(f"the adapter is {config.get('peft_type')}, not LoRA")
-    if config.get("use_dora"):
-        raise FailedPrecondition("DoRA adapters are not supported: their output is not a linear LoRA delta")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -58,8 +52,9 @@ def parse(files: dict[str, bytes]) -> dict[str, LoraLayer]:
             raise FailedPrecondition(f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
                                      "the factors of a linear layer's LoRA (convolution or embedding adapter?)")
         r = A.shape[0]
-        rank = _lookup(config.get("rank_pattern"), name, float(config.get("r", r)))
-        alpha = _lookup(config.get("alpha_pattern"), name, float(config.get("lora_alpha", rank)))
+        # rank_pattern / alpha_pattern keys are module names, matched exactly or as a suffix (never as regexes).
+        rank = float(lookup(config.get("rank_pattern"), name, config["r"]))
+        alpha = float(lookup(config.get("alpha_pattern"), name, config["lora_alpha"]))
         if int(rank) != r:
             raise FailedPrecondition(f"module {name}: the config says rank {int(rank)}, the weights have {r}")
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r

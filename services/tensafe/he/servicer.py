@@ -130,11 +130,11 @@ def create(env: ServiceEnvironment) -> HeServicer:
     from tensafe.trainer import checkpoint
     from tensafe.trainer.vault_client import VaultClient
 
-    vault = VaultClient(env.peers)
+    vault = VaultClient(env.peers, env.config.max_artifact_mb << 20)
 
     def read_artifact(artifact_id: str) -> dict[str, bytes]:
         _, data = vault.get(context.current(), artifact_id)
-        return checkpoint.read(data)
+        return checkpoint.read(data, vault.max_artifact_bytes)
 
     cfg = env.config
     limits = HeLimits(computations=cfg.quota_he_computations, max_rank=cfg.he_max_rank, max_dim=cfg.he_max_dim,

@@ -9,24 +9,23 @@ The bytes come decrypted from the vault over gRPC and are never written to disk 
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from tensafe.api.inference.v1 import inference_pb2
+from tensafe.runtime.adapter_config import check_adapter_weights, parse_adapter_config, safetensors_header
 from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES, read_tar
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-_MAX_MEMBER = 1 << 34
 
 
 @dataclass(frozen=True)
 class AdapterFiles:
-    """A PEFT LoRA adapter held in memory: its config and its safetensors bytes."""
+    """A PEFT LoRA adapter held in memory: its validated config (``tensafe.runtime.adapter_config``: a plain
+    dict of allow-listed fields) and its safetensors bytes."""
 
     config: dict[str, Any]
     weights: bytes
@@ -41,39 +40,24 @@ class AdapterFiles:
 
     @property
     def target_modules(self) -> list[str]:
-        modules = self.config.get("target_modules") or []
-        return sorted([modules] if isinstance(modules, str) else modules)
+        return list(self.config["target_modules"])
 
     @property
     def base_model_ref(self) -> str:
         return str(self.config.get("base_model_name_or_path") or "")
 
 
-def read_adapter(data: bytes) -> AdapterFiles:
-    """The adapter inside an artifact's plaintext, or InvalidArgument(artifact_id) saying why it is not one."""
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar.getmembers():
-                if not member.isfile() or "/" in member.name or member.size > _MAX_MEMBER:
-                    raise InvalidArgument("artifact_id", f"not an adapter artifact (unexpected entry {member.name!r})")
-                if member.name in (CONFIG, WEIGHTS):
-                    files[member.name] = tar.extractfile(member).read()
-    except tarfile.TarError:
-        raise InvalidArgument("artifact_id", "the artifact is not a tar holding a PEFT adapter") from None
+def read_adapter(data: bytes, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> AdapterFiles:
+    """The adapter inside an artifact's plaintext, or InvalidArgument saying why it is not one: the tar is
+    read by the services' strict reader, the config passes the shared allow-list (``adapter_config.<field>``
+    names what is refused) and the weights file holds LoRA factors of the targeted modules only."""
+    files = read_tar(data, field="artifact_id", max_bytes=max_bytes, wanted=(CONFIG, WEIGHTS))
     for required in (CONFIG, WEIGHTS):
         if required not in files:
             raise InvalidArgument("artifact_id", f"the artifact has no {required}")
-    try:
-        config = json.loads(files[CONFIG])
-    except ValueError:
-        raise InvalidArgument("artifact_id", f"{CONFIG} is not JSON") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise InvalidArgument("artifact_id", f"{CONFIG} does not describe a LoRA adapter")
-    adapter = AdapterFiles(config, files[WEIGHTS])
-    if adapter.rank <= 0 or not adapter.target_modules:
-        raise InvalidArgument("artifact_id", f"{CONFIG} has no rank or no target modules")
-    return adapter
+    config = parse_adapter_config(files[CONFIG])
+    check_adapter_weights(safetensors_header(files[WEIGHTS]), config)
+    return AdapterFiles(config, files[WEIGHTS])
 
 
 @dataclass

@@ -17,10 +17,11 @@ import logging
 import threading
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as st_load
 from transformers.generation.streamers import BaseStreamer
 
+from tensafe.runtime.adapter_config import lora_kwargs
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.trainer.models import ModelLocation, load_base_model
 
@@ -61,31 +62,35 @@ class HFBase(ServedBase):
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: AdapterFiles) -> None:
-        fields = {k: v for k, v in adapter.config.items() if k not in ("base_model_name_or_path", "revision")}
+        """Add a tenant's adapter to the shared base. Its config was checked against the allow-list
+        (``tensafe.runtime.adapter_config``): the LoraConfig is built from that plain dict, never from the
+        file, so no option that rewrites or restructures the base reaches PEFT; and only tensors that are
+        exactly this adapter's own (same key, same shape) are loaded, so the base weights are never written."""
         try:
-            config = PeftConfig.from_peft_type(**fields)
+            config = LoraConfig(**lora_kwargs(adapter.config), inference_mode=True)
             weights = st_load(adapter.weights)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument("artifact_id", f"unreadable adapter: {str(exc).splitlines()[0]}") from None
-        config.inference_mode = True
         with self.lock, torch.random.fork_rng(devices=[]):  # PEFT initialises the new layers from the RNG
             try:
                 if self.peft is None:
                     self.peft = get_peft_model(self.model, config, adapter_name=name)
                 else:
                     self.peft.add_adapter(name, config)
-                result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as exc:
                 self._drop(name)
                 raise InvalidArgument("artifact_id", f"the adapter does not fit this base model: "
                                                      f"{str(exc).splitlines()[0]}") from None
-            marker = f".{name}."
-            missing = [k for k in result.missing_keys if marker in k and "lora_" in k]
-            unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-            if missing or unexpected:
+            expected = get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=False)
+            unexpected = [k for k in weights if k not in expected]
+            missing = [k for k in expected if k not in weights]
+            misfit = [k for k in weights if k in expected and tuple(weights[k].shape) != tuple(expected[k].shape)]
+            if missing or unexpected or misfit:
                 self._drop(name)
                 raise InvalidArgument("artifact_id", f"the adapter's weights do not fit this base model "
-                                                     f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+                                                     f"(missing {missing[:2]}, unexpected {unexpected[:2]}, "
+                                                     f"wrong shape {misfit[:2]})")
+            set_peft_model_state_dict(self.peft, weights, adapter_name=name)
             self.peft.eval()
 
     def _drop(self, name: str) -> None:

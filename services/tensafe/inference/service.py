@@ -112,7 +112,7 @@ class Inference:
     def _load_adapter(self, caller: CallContext, req: inference_pb2.LoadAdapterRequest, tenant: str,
                       backend: Backend) -> LoadedAdapter:
         _, data = self.vault.get(caller, req.artifact_id)
-        files = read_adapter(data)
+        files = read_adapter(data, self.vault.max_artifact_bytes)
         del data
         model_ref = req.base_model_ref or files.base_model_ref
         if not model_ref:

@@ -71,7 +71,8 @@ def _backends(env: ServiceEnvironment) -> dict[str, Callable[[], Backend]]:
 
 def create(env: ServiceEnvironment) -> InferenceServicer:
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
-    inference = Inference(model_dir, VaultClient(env.peers), env.config.inference_backend, _backends(env),
+    vault = VaultClient(env.peers, env.config.max_artifact_mb << 20)
+    inference = Inference(model_dir, vault, env.config.inference_backend, _backends(env),
                           models=env.config.registered_models(), quota_adapters=env.config.quota_adapters,
                           max_sample_tokens=env.config.max_sample_tokens)
     env.closers.append(inference.shutdown)

@@ -79,14 +79,14 @@ MAX_TENSORS = 1 << 14
 MAX_HEADER_BYTES = 16 << 20
 MAX_INFO_CHARS = 512
 
-MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 TASK_TYPES = (None, "CAUSAL_LM")
 INIT_WEIGHTS = (True, False, "gaussian")
 BIASES = ("none", "all", "lora_only")
 _PREFIX = "base_model.model."
-_FACTOR = re.compile(r"^(?P<module>[A-Za-z0-9_.]+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                     r"lora_embedding_B)$")
+_FACTOR = re.compile(r"(?P<module>[A-Za-z0-9_.]+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                     r"lora_embedding_B)")
 _DTYPES = {"F64", "F32", "F16", "BF16"}
 
 # Field -> the values accepted (PEFT's harmless defaults); compared with == after JSON decoding.
@@ -126,7 +126,7 @@ def _shown(value: Any) -> str:
 
 def check_module_name(name: Any, field: str) -> str:
     """A module name as PEFT matches it in a list (exact or ``.``-suffix), or InvalidArgument(field)."""
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not MODULE_NAME.match(name):
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not MODULE_NAME.fullmatch(name):
         raise InvalidArgument(field, f"{_shown(name)} is not a module name: segments of letters, digits and '_' "
                                      f"joined by '.', at most {MAX_NAME} characters (names are matched exactly, "
                                      "never as regular expressions)")
@@ -249,7 +249,7 @@ def validate_adapter_config(config: Any, *, field: str = "adapter_config", allow
                 out[name] = None
                 continue
             if not isinstance(items, list) or len(items) > 16 \
-                    or not all(isinstance(i, str) and _IDENTIFIER.match(i) for i in items):
+                    or not all(isinstance(i, str) and _IDENTIFIER.fullmatch(i) for i in items):
                 raise _fail(field, name, "must be null, or names of letters, digits and '_' (at most 16)")
             out[name] = list(items) or None
         elif name == "rank_pattern":
@@ -338,6 +338,8 @@ def safetensors_header(data: bytes, *, field: str = "adapter_model") -> dict[str
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, info in header.items():
         shown = _shown(name)
+        if len(name) > 2 * MAX_NAME:
+            raise InvalidArgument(field, f"tensor {shown}: the name is longer than {2 * MAX_NAME} characters")
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
             raise InvalidArgument(field, f"tensor {shown}: not a floating-point tensor ({sorted(_DTYPES)})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -364,10 +366,10 @@ def check_adapter_weights(header: dict[str, tuple[str, tuple[int, ...]]], valida
     for name, (_, shape) in header.items():
         key = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
         if allow_base_bias and validated.get("bias", "none") != "none" and key.endswith(".bias") \
-                and MODULE_NAME.match(key) and "lora_" not in key:
+                and MODULE_NAME.fullmatch(key) and "lora_" not in key:
             continue
-        match = _FACTOR.match(key)
-        if not match or not MODULE_NAME.match(match["module"]) or ".base_layer" in "." + key:
+        match = _FACTOR.fullmatch(key)
+        if not match or not MODULE_NAME.fullmatch(match["module"]) or ".base_layer" in "." + key:
             raise InvalidArgument(field, f"tensor {_shown(name)} is not a LoRA factor (lora_A/lora_B of a module): "
                                          "an adapter may hold its own weights only, never base-model weights")
         module, which = match["module"], "A" if match["which"].startswith(("lora_A", "lora_embedding_A")) else "B"

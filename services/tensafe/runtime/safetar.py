@@ -28,10 +28,11 @@ from collections.abc import Collection
 from .errors import InvalidArgument
 
 BLOCK = 512
+DEFAULT_MAX_ARTIFACT_BYTES = 2048 << 20   # TENSAFE_MAX_ARTIFACT_MB's default
 DEFAULT_MAX_MEMBERS = 32
 MAX_NAME = 255
 MAX_PAX_BYTES = 64 << 10
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 _REGULAR = (b"0", b"\0")
 _TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
                b"5": "directory", b"6": "FIFO", b"7": "contiguous file", b"S": "GNU sparse file",
@@ -62,7 +63,7 @@ def _checksum_ok(header: bytes, field: str) -> bool:
 
 
 def _check_name(name: str, field: str) -> str:
-    if len(name) > MAX_NAME or not _NAME.match(name) or name in (".", ".."):
+    if len(name) > MAX_NAME or not _NAME.fullmatch(name) or name in (".", ".."):
         shown = name[:64] + ("..." if len(name) > 64 else "")
         raise InvalidArgument(field, f"the tar holds an entry named {shown!r}: only flat names of letters, digits, "
                                      "'.', '_' and '-' are accepted (no folders, no paths)")
@@ -105,7 +106,8 @@ def _pax_records(body: bytes, field: str) -> dict[str, str]:
     return records
 
 
-def read_tar(data: bytes, *, field: str = "artifact_id", max_bytes: int, max_members: int = DEFAULT_MAX_MEMBERS,
+def read_tar(data: bytes, *, field: str = "artifact_id", max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+             max_members: int = DEFAULT_MAX_MEMBERS,
              wanted: Collection[str] | None = None) -> dict[str, bytes]:
     """The regular files of the tar ``data`` by name (only those in ``wanted`` when given; the others are
     still checked), or ``InvalidArgument(field)`` saying why the tar is refused.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import Stack, start_stack
@@ -287,7 +287,7 @@ DTYPES = list(common_pb2.Dtype.values()) + [99]
 @st.composite
 def tensors(draw: st.DrawFn) -> common_pb2.Tensor:
     dims = st.one_of(st.integers(-3, 6), st.integers(-2**63, 2**63 - 1),
-                     st.sampled_from([2**31, 2**32, 2**33, 2**62, 2**63 - 1, -2**63]))
+                     st.sampled_from([0, 2**30, 2**31 - 1, 2**31, 2**32, 2**33, 2**62, 2**63 - 1, -2**63]))
     shape = draw(st.lists(dims, max_size=20))
     dtype = draw(st.sampled_from(DTYPES))
     if draw(st.booleans()):  # bytes that fit a small shape exactly (or an overflowing product's wrap)
@@ -298,8 +298,14 @@ def tensors(draw: st.DrawFn) -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=dtype, shape=shape, data=data)
 
 
+WRAPS = common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[2**32, 2**32])  # 2**64 elements: 0 in int64
+EMPTY_BUT_HUGE = common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[0, 2**30, 2**30])
+
+
 @FUZZ
 @given(tensors())
+@example(WRAPS)
+@example(EMPTY_BUT_HUGE)
 def test_the_tensor_decoder_only_raises_validation_errors(tensor: common_pb2.Tensor) -> None:
     try:
         arr = from_proto(tensor, "t")
@@ -311,6 +317,9 @@ def test_the_tensor_decoder_only_raises_validation_errors(tensor: common_pb2.Ten
 
 @FUZZ
 @given(tensors(), st.sampled_from(["input_ids", "attention_mask", "labels", "advantages", "extra"]))
+@example(WRAPS, "attention_mask")
+@example(WRAPS, "extra")
+@example(EMPTY_BUT_HUGE, "labels")
 def test_prepare_batch_only_raises_invalid_argument(tensor: common_pb2.Tensor, where: str) -> None:
     batch = trainer_pb2.Batch()
     batch.input_ids.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[1, 4],

@@ -28,6 +28,7 @@ from .errors import (
     ValidationError,
 )
 from .futures import FutureHandle
+from .lineage import Lineage, LineageBudget
 from .results import (
     CustomLossResult,
     ForwardBackwardResult,
@@ -65,6 +66,8 @@ __all__ = [
     "SaveStateResult",
     "LoadStateResult",
     "ArtifactInfo",
+    "Lineage",
+    "LineageBudget",
     "EncryptionInfo",
     "TenantKeyInfo",
     "TGTinkerError",

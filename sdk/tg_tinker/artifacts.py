@@ -13,6 +13,7 @@ from tensafe.api.vault.v1 import vault_pb2
 
 from .configs import from_struct, to_struct
 from .errors import IntegrityError, ValidationError
+from .lineage import Lineage
 
 if TYPE_CHECKING:
     from ._transport import Transport
@@ -49,6 +50,8 @@ class ArtifactInfo:
     content_type: str
     state: str              # "available" or "shredded"
     create_time: float
+    # How it was made, as the services recorded it; attested=False for an artifact a tenant uploaded.
+    lineage: Lineage = Lineage(attested=False)
 
     @classmethod
     def from_proto(cls, m: vault_pb2.Artifact) -> ArtifactInfo:
@@ -56,7 +59,7 @@ class ArtifactInfo:
                    m.name, m.size_bytes, m.stored_size_bytes, m.plaintext_sha256.hex(),
                    EncryptionInfo.from_proto(m.encryption), from_struct(m.metadata), m.session_id,
                    m.content_type, vault_pb2.ArtifactState.Name(m.state).removeprefix("ARTIFACT_STATE_").lower(),
-                   m.create_time.ToNanoseconds() / 1e9)
+                   m.create_time.ToNanoseconds() / 1e9, Lineage.from_proto(m.lineage))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 
 from .configs import from_struct
+from .lineage import Lineage
 from .tensors import from_proto
 
 
@@ -48,6 +49,7 @@ class DPMetrics:
     sample_rate: float
     accounted_steps: int
     budget_id: str
+    spent_without_update: int = 0  # steps recorded (budget spent) whose update could not be applied
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class OptimStepResult:
         if msg.HasField("dp_metrics"):
             d = msg.dp_metrics
             dp = DPMetrics(d.noise_applied, d.noise_multiplier, d.max_grad_norm, d.total_epsilon, d.delta,
-                           d.target_epsilon, d.remaining_epsilon, d.sample_rate, d.accounted_steps, d.budget_id)
+                           d.target_epsilon, d.remaining_epsilon, d.sample_rate, d.accounted_steps, d.budget_id,
+                           d.spent_without_update)
         return cls(msg.step, msg.learning_rate, msg.grad_norm, msg.num_tokens, dict(msg.metrics), dp)
 
 
@@ -122,13 +125,18 @@ class SessionInfo:
     dp_enabled: bool = False
     budget_id: str = ""      # the accountant budget of a DP session
     total_epsilon: float = 0.0  # spent so far (DP sessions), at the budget's target delta
+    # Where the weights came from (loaded artifacts' ancestry and this session's own steps). A DP session's
+    # epsilon covers its weights only when lineage.dp_covered (no non-private steps, no unattested upload).
+    lineage: Lineage | None = None
+    spent_without_update: int = 0  # DP steps recorded (budget spent) whose update could not be applied
 
     @classmethod
     def from_proto(cls, m: trainer_pb2.SessionInfo) -> SessionInfo:
         return cls(m.session_id, m.model_ref, m.step, m.num_trainable_parameters, m.num_parameters, m.vocab_size,
                    m.max_sequence_length, m.eos_token_id if m.HasField("eos_token_id") else None,
                    m.pad_token_id if m.HasField("pad_token_id") else None, m.pending_ops, m.tokens_processed,
-                   from_struct(m.metadata), m.dp_enabled, m.budget_id, m.total_epsilon)
+                   from_struct(m.metadata), m.dp_enabled, m.budget_id, m.total_epsilon,
+                   Lineage.from_proto(m.lineage) if m.HasField("lineage") else None, m.spent_without_update)
 
 
 @dataclass(frozen=True)
@@ -142,13 +150,15 @@ class SaveStateResult:
     sha256: str
     encryption: Any
     metadata: dict[str, Any]
+    lineage: Lineage | None = None  # as the vault recorded it
 
     @classmethod
     def from_proto(cls, m: trainer_pb2.SaveStateResult) -> SaveStateResult:
         from .artifacts import EncryptionInfo
 
         return cls(m.artifact_id, m.step, m.name, m.size_bytes, m.sha256.hex(),
-                   EncryptionInfo.from_proto(m.encryption), from_struct(m.metadata))
+                   EncryptionInfo.from_proto(m.encryption), from_struct(m.metadata),
+                   Lineage.from_proto(m.lineage) if m.HasField("lineage") else None)
 
 
 @dataclass(frozen=True)
@@ -157,10 +167,12 @@ class LoadStateResult:
     artifact_id: str
     optimizer_restored: bool
     metadata: dict[str, Any]
+    lineage: Lineage | None = None  # the session's, after the load
 
     @classmethod
     def from_proto(cls, m: trainer_pb2.LoadStateResult) -> LoadStateResult:
-        return cls(m.step, m.artifact_id, m.optimizer_restored, from_struct(m.metadata))
+        return cls(m.step, m.artifact_id, m.optimizer_restored, from_struct(m.metadata),
+                   Lineage.from_proto(m.lineage) if m.HasField("lineage") else None)
 
 
 RESULT_TYPES = {

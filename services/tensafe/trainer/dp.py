@@ -17,10 +17,14 @@ Per-sample gradients are materialised rather than computed by ghost clipping: fo
 rank r over d inputs and a sequence of T tokens, a row's gradient costs T·r·d multiply-adds and r·d
 floats, while its ghost norm costs T²·(d + r) and a second backward pass; materialising is the
 cheaper of the two whenever T > r·d/(d + r) ≈ r, i.e. for every sequence longer than the rank.
+
+The accounting assumes Poisson sampling at rate q; :func:`poisson_batch_limit` is the largest
+logical batch that assumption makes plausible (a larger one is refused before it is accounted).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,58 @@ from tensafe.runtime.errors import InvalidArgument
 from .losses import Loss, LossInputs, LossOutput
 
 CLIP_EPS = 1e-6  # added to a row's norm before dividing, as Opacus does
+# A DP logical batch is refused when a Poisson batch at the declared rate would reach its size with
+# probability below this (a Chernoff bound on the Binomial / Poisson tail).
+IMPLAUSIBLE_BATCH_TAIL = 1e-9
+
+
+def _kl_bernoulli(a: float, q: float) -> float:
+    """KL(Bernoulli(a) || Bernoulli(q)) in nats, for 0 < q < 1 and 0 <= a <= 1."""
+    out = a * math.log(a / q) if a > 0 else 0.0
+    if a < 1:
+        out += (1 - a) * math.log((1 - a) / (1 - q))
+    return out
+
+
+def poisson_batch_limit(sample_rate: float, dataset_size: int | None, expected_batch_size: int,
+                        tail: float = IMPLAUSIBLE_BATCH_TAIL) -> int:
+    """The largest logical batch (rows) that Poisson sampling at ``sample_rate`` makes plausible.
+
+    With the dataset size N known, a batch's size is Binomial(N, q), and for k > Nq the Chernoff
+    bound P[X >= k] <= exp(-N · KL(k/N || q)) holds; the limit is the largest k whose bound is still
+    >= ``tail``, so every refused size k has P[X >= k] < ``tail`` (the bound is an upper bound: the
+    exact tail there is smaller still). Without N (``sample_rate`` alone) the size is taken as
+    Poisson with mean m = ``expected_batch_size`` (the limit of Binomial(N, m/N) as N grows, whose
+    tail is the heavier): P[X >= k] <= exp(-m) (e·m/k)^k. A batch larger than N is always refused.
+    """
+    t = math.log(1.0 / tail)
+    if dataset_size:
+        n, q = int(dataset_size), float(sample_rate)
+        if q >= 1.0:
+            return n
+
+        def exponent(k: int) -> float:
+            return n * _kl_bernoulli(k / n, q)
+
+        lo, hi = max(0, math.ceil(n * q)), n
+    else:
+        m = float(expected_batch_size)
+
+        def exponent(k: int) -> float:
+            return k * math.log(k / m) - k + m
+
+        lo, hi = math.ceil(m), max(math.ceil(m), 1) * 64 + 64
+        while exponent(hi) <= t:
+            hi *= 2
+    if exponent(hi) <= t:
+        return hi
+    while lo < hi:  # the exponent grows with k above the mean: the largest k with exponent(k) <= t
+        mid = (lo + hi + 1) // 2
+        if exponent(mid) <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class SecureGaussian:
@@ -74,13 +130,27 @@ class PerSampleClipper:
     Hooks are put on the given ``nn.Linear`` modules only; they record nothing unless
     :meth:`per_sample_backward` is running, so ``forward``, ``sample`` and other sessions' ops on
     the same shared base model are unaffected.
+
+    The clipped parameters are known by identity: every parameter of the given modules (the
+    session's own LoRA factors), whatever their ``requires_grad`` is when the clipper is built. PEFT
+    freezes the adapters that are not active (``add_adapter`` / ``set_adapter``), so a session's
+    factors are frozen while another session's op runs; a snapshot taken by ``requires_grad`` would
+    miss them. ``expected`` (the session's adapter parameters) must be exactly that set: a trainable
+    parameter outside the clipped layers would escape per-sample clipping.
     """
 
-    def __init__(self, modules: Sequence[nn.Linear], max_grad_norm: float) -> None:
+    def __init__(self, modules: Sequence[nn.Linear], max_grad_norm: float,
+                 expected: Sequence[nn.Parameter] | None = None) -> None:
         if not modules:
             raise InvalidArgument("config.lora_config.target_modules", "DP needs at least one LoRA layer")
         self.modules = list(modules)
-        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.params = [p for m in self.modules for p in m.parameters()]
+        if not self.params:
+            raise InvalidArgument("config.lora_config.target_modules", "DP needs at least one LoRA parameter")
+        if expected is not None and {id(p) for p in expected} != {id(p) for p in self.params}:
+            raise InvalidArgument("config.lora_config.target_modules",
+                                  "DP-SGD clips the LoRA factors of linear layers only; this adapter trains "
+                                  "other parameters too")
         self.max_grad_norm = float(max_grad_norm)
         self.summed: dict[nn.Parameter, torch.Tensor] = {}
         self.rows = 0  # rows (samples) clipped into ``summed`` since the last reset

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,16 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import context as call_context
-from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
+from tensafe.runtime import lineage as lineage_mac
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tg_tinker.configs import from_struct
 
 from . import checkpoint
 from .accountant_client import AccountantClient
+from .audit_trail import SUCCESS, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
-from .dp import PerSampleClipper, lora_layers
+from .dp import PerSampleClipper, lora_layers, poisson_batch_limit
 from .futures import Op
 from .losses import Loss, resolve_loss
 from .models import resolve_model_ref
@@ -59,12 +61,8 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
         raise InvalidArgument("config.lora_config.alpha", "must be > 0")
     if not 0 <= lora.dropout < 1:
         raise InvalidArgument("config.lora_config.dropout", "must be in [0, 1)")
-    if not lora.target_modules:
+    if not lora.target_modules or any(not m.strip() for m in lora.target_modules):
         raise InvalidArgument("config.lora_config.target_modules", "must list at least one module name")
-    # Names matched exactly or as a suffix (PEFT's rule for a list): bounded, no regex characters.
-    target_modules = check_module_names(list(lora.target_modules), "config.lora_config.target_modules", min_count=1)
-    if lora.rank > MAX_RANK:
-        raise InvalidArgument("config.lora_config.rank", f"must be at most {MAX_RANK}")
     opt = config.optimizer
     name = (opt.name or "adamw").lower()
     if name not in OPTIMIZERS:
@@ -96,7 +94,7 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
                                momentum=momentum, accumulation=max(1, config.gradient_accumulation_steps),
                                seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=target_modules, bias=_BIAS[lora.bias])
+                             target_modules=list(lora.target_modules), bias=_BIAS[lora.bias])
     if config.dp_config.enabled:
         settings.dp = validate_dp(config, default_loss, peft_config)
     return settings, peft_config
@@ -156,10 +154,12 @@ def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: Lo
         raise InvalidArgument("config.loss.name", f"loss '{default_loss.name}' compares rows with each other, so a "
                                                   "row's gradient is not its own; DP sessions need a per-example "
                                                   "loss")
+    dataset_size = dp.dataset_size if dp.HasField("dataset_size") else None
     return DPState(noise_multiplier=dp.noise_multiplier if dp.HasField("noise_multiplier") else 0.0,
                    max_grad_norm=dp.max_grad_norm, sample_rate=rate, expected_batch_size=expected,
                    accountant_type=dp.accountant_type or common_pb2.ACCOUNTANT_TYPE_PLD,
-                   target_epsilon=dp.target_epsilon, target_delta=dp.target_delta)
+                   target_epsilon=dp.target_epsilon, target_delta=dp.target_delta, dataset_size=dataset_size,
+                   batch_limit=poisson_batch_limit(rate, dataset_size, expected))
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,10 @@ class Trainer:
         self.limits = limits or TrainerLimits()
         self.vault = vault
         self.accountant = accountant
+        # Set by the servicer: the ledger entries ops write when they run, and the services' key that
+        # authenticates a saved checkpoint's lineage to the vault (see tensafe.runtime.lineage).
+        self.audit = OpAudit(None)
+        self.service_key: Callable[[], str] = lambda: ""
         self._lock = threading.Lock()
         self._bases: dict[str, SharedBase] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -261,13 +265,15 @@ class Trainer:
         if settings.max_length > limit:
             raise InvalidArgument("config.max_sequence_length", f"exceeds the model's limit of {limit} tokens")
         settings.max_length = settings.max_length or limit
-        session = TrainingSession(session_id, tenant, settings, base, dp=settings.dp, accountant=self.accountant)
+        session = TrainingSession(session_id, tenant, settings, base, dp=settings.dp, accountant=self.accountant,
+                                  audit=self.audit)
         with base.lock:
             base.attach(session, peft_config, settings.seed)
             try:
                 if session.dp is not None:
                     session.dp.clipper = PerSampleClipper(lora_layers(base.peft, session_id),
-                                                          session.dp.max_grad_norm)
+                                                          session.dp.max_grad_norm,
+                                                          base.adapter_parameters(session_id))
                 session.init_optimizer()
             except Exception:
                 base.detach(session_id)
@@ -474,16 +480,25 @@ class Trainer:
         caller = call_context.current()  # the vault is called as this caller, later, from the worker
         metadata = struct_kwargs(req.metadata) if req.HasField("metadata") else {}
         vault = self.vault
+        try:
+            lineage_key = lineage_mac.derive_key(self.service_key())
+        except lineage_mac.LineageKeyMissing as exc:
+            raise FailedPrecondition(f"{exc}; the trainer does not save checkpoints without their lineage") from None
 
         def run() -> tuple[str, Any]:
-            data = checkpoint.build(s, req.include_optimizer, metadata)
+            lineage = s.lineage.proto(s.session_id, s.dp)
+            data = checkpoint.build(s, req.include_optimizer, metadata, lineage)
+            tag = lineage_mac.mac(lineage_key, s.tenant_id, hashlib.sha256(data).digest(), lineage)
             artifact = vault.put(caller, data, kind=vault_pb2.ARTIFACT_KIND_CHECKPOINT,
                                  name=req.name or f"{s.session_id}-step{s.step}", metadata=metadata,
-                                 session_id=s.session_id, content_type=checkpoint.CONTENT_TYPE)
+                                 session_id=s.session_id, content_type=checkpoint.CONTENT_TYPE,
+                                 lineage=lineage, lineage_mac=tag)
+            self.audit.record(caller, s.tenant_id, "trainer.SaveState", SUCCESS, artifact.artifact_id,
+                              {"session_id": s.session_id, **lineage_mac.summary(artifact.lineage)})
             return "save_state", trainer_pb2.SaveStateResult(
                 artifact_id=artifact.artifact_id, step=s.step, encryption=artifact.encryption,
                 size_bytes=artifact.size_bytes, sha256=artifact.plaintext_sha256, name=artifact.name,
-                metadata=artifact.metadata, create_time=artifact.create_time)
+                metadata=artifact.metadata, create_time=artifact.create_time, lineage=artifact.lineage)
 
         return self._submit(s, trainer_pb2.OP_TYPE_SAVE_STATE, run)
 
@@ -498,10 +513,12 @@ class Trainer:
 
         def run() -> tuple[str, Any]:
             artifact, data = vault.get(caller, req.artifact_id)
-            record, optimizer_restored = checkpoint.restore(s, checkpoint.read(data))
+            # The lineage is the vault's record of the artifact, never what its own files claim.
+            record, optimizer_restored = checkpoint.restore(s, checkpoint.read(data), artifact.lineage,
+                                                            req.artifact_id)
             return "load_state", trainer_pb2.LoadStateResult(
                 step=s.step, artifact_id=req.artifact_id, optimizer_restored=optimizer_restored,
-                metadata=artifact.metadata)
+                metadata=artifact.metadata, lineage=s.lineage.proto(s.session_id, s.dp))
 
         return self._submit(s, trainer_pb2.OP_TYPE_LOAD_STATE, run)
 

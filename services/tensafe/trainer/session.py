@@ -20,10 +20,12 @@ from tensafe.runtime.errors import DependencyUnavailable, FailedPrecondition, In
 from tg_tinker.tensors import to_proto
 
 from .accountant_client import AccountantClient
+from .audit_trail import DENIED, FAILED, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch
 from .dp import PerSampleClipper, SecureGaussian
 from .futures import FutureBook, Op, error_detail
+from .lineage import SessionLineage
 from .losses import Loss, LossInputs, LossOutput, token_logprobs
 from .sampling import generate_steps
 
@@ -58,11 +60,14 @@ class DPState:
     target_epsilon: float
     target_delta: float
     budget_id: str = ""
+    dataset_size: int | None = None
+    batch_limit: int = 0           # the largest logical batch Poisson sampling at sample_rate makes plausible
     clipper: PerSampleClipper | None = None
     noise: SecureGaussian = field(default_factory=SecureGaussian)
     updates: int = 0               # DP updates attempted; names the accountant step ids, never restored
     total_epsilon: float = 0.0
     accounted_steps: int = 0
+    spent_without_update: int = 0  # steps recorded by the accountant whose update could not be applied
 
     def metrics(self, budget: Any = None, applied: bool = False) -> trainer_pb2.DPMetrics:
         if budget is not None:
@@ -71,7 +76,8 @@ class DPState:
             noise_applied=applied, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             total_epsilon=self.total_epsilon, delta=self.target_delta, target_epsilon=self.target_epsilon,
             remaining_epsilon=max(0.0, self.target_epsilon - self.total_epsilon), sample_rate=self.sample_rate,
-            accounted_steps=self.accounted_steps, accountant_type=self.accountant_type, budget_id=self.budget_id)
+            accounted_steps=self.accounted_steps, accountant_type=self.accountant_type, budget_id=self.budget_id,
+            spent_without_update=self.spent_without_update)
 
 
 @dataclass
@@ -99,6 +105,9 @@ class TrainingSession:
     custom: CustomForward | None = None
     dp: DPState | None = None
     accountant: AccountantClient | None = None
+    audit: OpAudit = field(default_factory=lambda: OpAudit(None))
+    lineage: SessionLineage = field(default_factory=SessionLineage)
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # the session's adapter parameters
     book: FutureBook = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -107,7 +116,7 @@ class TrainingSession:
     # -- lifecycle --------------------------------------------------------------------
     def init_optimizer(self) -> None:
         s = self.settings
-        params = self.base.adapter_parameters(self.session_id)
+        params = self.params = self.base.adapter_parameters(self.session_id)
         if s.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=s.learning_rate, momentum=s.momentum,
                                              weight_decay=s.weight_decay)
@@ -141,6 +150,8 @@ class TrainingSession:
         if self.closed:
             raise FailedPrecondition(f"session {self.session_id} is closed")
         model = self.base.activate(self.session_id)
+        for p in self.params:  # PEFT freezes inactive adapters; this session's own are trainable in its op
+            p.requires_grad_(True)
         saved = torch.get_rng_state()
         torch.set_rng_state(self.rng_state)
         try:
@@ -262,16 +273,21 @@ class TrainingSession:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.lineage.own_non_private_steps += 1
         tokens = self.tokens_since_update
         self._reset_accumulation()
         return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
                                                          num_tokens=tokens, metrics={"applied": 1.0})
 
     def _dp_optim_step(self, caller: CallContext | None) -> tuple[str, Any]:
-        """Record the step with the accountant, THEN noise and apply it; a refused step changes nothing.
+        """Check the batch, noise the update, record the step with the accountant, THEN apply it.
 
-        An optimizer step with no forward_backward before it is allowed here: under Poisson sampling a
-        batch may be empty, and that step is still noised and accounted.
+        Everything that can fail runs before the record (the batch-size check, drawing the noise,
+        the noised mean), so that after it only the apply is left, and that is atomic: if it fails,
+        weights and optimizer state are put back and the step is reported as spent without update
+        (the budget stays spent: see docs/privacy.md). A step refused before or by the accountant
+        changes nothing. An optimizer step with no forward_backward before it is allowed: under
+        Poisson sampling a batch may be empty, and that step is still noised and accounted.
         """
         dp, clipper = self.dp, self.dp.clipper
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -280,6 +296,22 @@ class TrainingSession:
             return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr,
                                                              num_tokens=self.tokens_since_update,
                                                              metrics={"applied": 0.0}, dp_metrics=dp.metrics())
+        if clipper.rows > dp.batch_limit:
+            rows = clipper.rows
+            self._drop_logical_batch()
+            self.audit.record(caller, self.tenant_id, "trainer.OptimStep", DENIED, self.session_id, {
+                "code": "FAILED_PRECONDITION", "reason": "DP_BATCH_IMPLAUSIBLE", "rows": rows,
+                "limit": dp.batch_limit, "sample_rate": dp.sample_rate, "dataset_size": dp.dataset_size or ""})
+            raise FailedPrecondition(
+                f"this DP logical batch has {rows} rows, but Poisson sampling at rate {dp.sample_rate:.6g}"
+                + (f" from {dp.dataset_size} examples" if dp.dataset_size else "")
+                + f" gives more than {dp.batch_limit} rows with probability below 1e-9: the privacy accounting "
+                "would not hold for it. Nothing was recorded, no weight changed, the batch was dropped; sample "
+                "batches with tg_tinker.data.PoissonSampler", reason="DP_BATCH_IMPLAUSIBLE", rows=rows,
+                limit=dp.batch_limit, sample_rate=dp.sample_rate, dataset_size=dp.dataset_size or "")
+        # The update, computed (and its noise drawn) before the record, released only after it.
+        grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
+        grad_norm = _norm(list(grads.values()))
         dp.updates += 1
         step_id = f"{self.session_id}:u{dp.updates}"
         try:
@@ -292,25 +324,58 @@ class TrainingSession:
             self.optim_calls -= 1
             raise
         except TensafeError:
-            clipper.reset()  # refused (budget exceeded or closed): the weights stay as they were
-            self.optimizer.zero_grad(set_to_none=True)
-            self._reset_accumulation()
+            self._drop_logical_batch()  # refused (budget exceeded or closed): the weights stay as they were
             raise
         # Recorded: from here on the step counts against the budget whether or not it is applied.
-        grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
-        for p, g in grads.items():
-            p.grad = g
-        grad_norm = _norm(list(grads.values()))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self._apply_atomically(grads)
+        except Exception as exc:  # noqa: BLE001 - reported, never hidden
+            dp.spent_without_update += 1
+            dp.metrics(recorded.budget)
+            self._drop_logical_batch()
+            self.audit.record(caller, self.tenant_id, "trainer.OptimStep", FAILED, self.session_id, {
+                "code": "INTERNAL", "reason": "INTERNAL", "dp_step": "spent_without_update", "step_id": step_id,
+                "budget_id": dp.budget_id, "spent_without_update": dp.spent_without_update,
+                "error": type(exc).__name__})
+            raise TensafeError(
+                f"DP step {step_id} was recorded with the accountant (its privacy cost is spent) but applying it "
+                f"failed ({type(exc).__name__}); no weight changed. The session reports it as spent without "
+                "update", reason="INTERNAL", step_id=step_id, budget_id=dp.budget_id,
+                spent_without_update=dp.spent_without_update) from exc
         clipper.reset()
         self.step += 1
+        self.lineage.own_private_steps += 1
         tokens = self.tokens_since_update
         self._reset_accumulation()
         return "optim_step", trainer_pb2.OptimStepResult(
             step=self.step, learning_rate=lr, grad_norm=grad_norm, num_tokens=tokens,
             metrics={"applied": 1.0, "duplicate_record": float(recorded.duplicate)},
             dp_metrics=dp.metrics(recorded.budget, applied=True))
+
+    def _drop_logical_batch(self) -> None:
+        self.dp.clipper.reset()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_accumulation()
+
+    def _apply_atomically(self, grads: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        """optimizer.step() with these gradients; on any failure weights and optimizer state are put back."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                       for p, st in self.optimizer.state.items()}
+        try:
+            for p, g in grads.items():
+                p.grad = g
+            self.optimizer.step()
+        except BaseException:
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params, strict=True):
+                    p.copy_(saved)
+            self.optimizer.state.clear()
+            self.optimizer.state.update(saved_state)
+            raise
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _reset_accumulation(self) -> None:
         self.micro_steps = self.optim_calls = self.tokens_since_update = 0
@@ -333,7 +398,9 @@ class TrainingSession:
             pending_ops=self.book.pending_count() - 1, tokens_processed=self.tokens_processed,
             metadata=cfg.metadata if cfg.HasField("metadata") else struct_pb2.Struct(),
             dp_enabled=self.dp is not None, budget_id=self.dp.budget_id if self.dp else "",
-            total_epsilon=self.dp.total_epsilon if self.dp else 0.0)
+            total_epsilon=self.dp.total_epsilon if self.dp else 0.0,
+            lineage=self.lineage.proto(self.session_id, self.dp),
+            spent_without_update=self.dp.spent_without_update if self.dp else 0)
         if tok.eos_token_id is not None:
             msg.eos_token_id = int(tok.eos_token_id)
         if tok.pad_token_id is not None:

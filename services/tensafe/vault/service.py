@@ -6,13 +6,15 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from tensafe.runtime.errors import IntegrityFailure, InvalidArgument, NotFound, TenantShredded
+from tensafe.api.common.v1 import common_pb2
+from tensafe.runtime import lineage as lineage_mac
+from tensafe.runtime.errors import IntegrityFailure, InvalidArgument, NotFound, PermissionDenied, TenantShredded
 from tg_tinker import errors as sdk_errors
 from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, TAG_SIZE, ContainerReader, ContainerWriter
 
@@ -34,6 +36,9 @@ class ArtifactHeader:
     content_type: str = "application/octet-stream"
     session_id: str = ""
     expected_sha256: bytes = b""
+    # Set by the trainer only, with its MAC (see tensafe.runtime.lineage); None for a tenant's upload.
+    lineage: common_pb2.Lineage | None = None
+    lineage_mac: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,10 @@ class KekInfo:
 
 class Vault:
     def __init__(self, store: VaultStore, blobs: BlobStore, master: MasterKey,
-                 segment_size: int = DEFAULT_SEGMENT_SIZE, limits: StorageLimits | None = None) -> None:
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, service_key: Callable[[], str] | None = None,
+                 limits: StorageLimits | None = None) -> None:
         self.store = store
+        self._service_key = service_key or (lambda: "")
         self.blobs = blobs
         self.master = master
         self.segment_size = segment_size
@@ -111,6 +118,10 @@ class Vault:
             raise InvalidArgument("header.metadata", f"must be under {MAX_METADATA_BYTES} bytes")
         if header.expected_sha256 and len(header.expected_sha256) != 32:
             raise InvalidArgument("header.expected_sha256", "must be 32 bytes")
+        if header.lineage is not None:
+            lineage_mac.check_bounds(header.lineage, "header.lineage")
+        elif header.lineage_mac:
+            raise InvalidArgument("header.lineage_mac", "is only meaningful with a lineage")
         upload = self.quotas.begin(tenant_id)  # TENSAFE_QUOTA_ARTIFACTS: refused before any byte is read
         artifact_id = "art_" + secrets.token_hex(12)
         kek_version, kek = self._active_kek(tenant_id)
@@ -128,6 +139,7 @@ class Vault:
             if header.expected_sha256 and header.expected_sha256 != writer.plaintext_sha256:
                 raise IntegrityFailure(f"artifact {artifact_id}: the received bytes do not match expected_sha256",
                                        artifact_id=artifact_id)
+            lineage_json = self._attested_lineage(tenant_id, header, writer.plaintext_sha256)
             out.commit()
         except BaseException:
             out.abort()
@@ -139,7 +151,7 @@ class Vault:
             metadata=header.metadata, size_bytes=writer.plaintext_size, plaintext_sha256=writer.plaintext_sha256,
             stored_size=writer.stored_size, format_version=FORMAT_VERSION, segment_size=self.segment_size,
             kek_version=kek_version, wrapped_dek=aead_wrap(kek, dek, dek_aad(tenant_id, artifact_id, kek_version)),
-            blob_key=blob_key, state=AVAILABLE, created_at=time.time())
+            blob_key=blob_key, state=AVAILABLE, created_at=time.time(), lineage_json=lineage_json)
         try:
             # Committed last, if the quotas still allow it: the artifact exists from here on.
             upload.commit(record.stored_size, lambda: self.store.insert_artifact(record))
@@ -147,6 +159,24 @@ class Vault:
             self.blobs.delete(blob_key)
             raise
         return record
+
+    def _attested_lineage(self, tenant_id: str, header: ArtifactHeader, plaintext_sha256: bytes) -> str | None:
+        """The lineage to store: only one whose MAC (under the services' key) verifies over these bytes."""
+        if header.lineage is None:
+            return None
+        try:
+            key = lineage_mac.derive_key(self._service_key())
+        except lineage_mac.LineageKeyMissing:
+            key = None
+        if key is None or not lineage_mac.verify(key, tenant_id, plaintext_sha256, header.lineage,
+                                                 header.lineage_mac):
+            raise PermissionDenied("an artifact's lineage is written by the TenSafe trainer only (its MAC under the "
+                                   "services' key did not verify); put the artifact without a lineage",
+                                   reason="PERMISSION_DENIED", field="header.lineage")
+        stored = common_pb2.Lineage()
+        stored.CopyFrom(header.lineage)
+        stored.attested = True
+        return lineage_mac.to_json(stored)
 
     def describe(self, tenant_id: str, artifact_id: str) -> ArtifactRecord:
         record = self.store.get_artifact(tenant_id, artifact_id) if artifact_id else None

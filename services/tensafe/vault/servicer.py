@@ -9,6 +9,7 @@ from google.protobuf import json_format, struct_pb2
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime import context
+from tensafe.runtime import lineage as lineage_codec
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
 from tensafe.runtime.registry import ServiceEnvironment
@@ -39,7 +40,8 @@ def artifact_proto(record: ArtifactRecord, key_id: str = "") -> vault_pb2.Artifa
         create_time=timestamp(record.created_at),
         encryption=encryption_info(record, key_id), metadata=meta, content_type=record.content_type,
         session_id=record.session_id, stored_size_bytes=record.stored_size,
-        state=vault_pb2.ARTIFACT_STATE_SHREDDED if record.state == SHREDDED else vault_pb2.ARTIFACT_STATE_AVAILABLE)
+        state=vault_pb2.ARTIFACT_STATE_SHREDDED if record.state == SHREDDED else vault_pb2.ARTIFACT_STATE_AVAILABLE,
+        lineage=lineage_codec.from_json(record.lineage_json))
 
 
 def key_info_proto(info: KekInfo) -> vault_pb2.TenantKeyInfo:
@@ -64,7 +66,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         h = first.header
         header = ArtifactHeader(kind=h.kind or vault_pb2.ARTIFACT_KIND_OTHER, name=h.name,
                                 metadata=json_format.MessageToDict(h.metadata), content_type=h.content_type,
-                                session_id=h.session_id, expected_sha256=h.expected_sha256)
+                                session_id=h.session_id, expected_sha256=h.expected_sha256,
+                                lineage=h.lineage if h.HasField("lineage") else None, lineage_mac=h.lineage_mac)
 
         def chunks():  # noqa: ANN202
             for msg in request_iterator:
@@ -127,4 +130,5 @@ def create(env: ServiceEnvironment) -> VaultServicer:
     cfg = env.config
     blob_root = Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs"
     return VaultServicer(Vault(VaultStore(env.db), LocalBlobStore(blob_root), load_master_key(cfg),
+                               service_key=cfg.service_key,
                                limits=StorageLimits.from_config(cfg.quota_stored_mb, cfg.quota_artifacts)))

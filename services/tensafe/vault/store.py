@@ -46,6 +46,9 @@ artifacts = sa.Table(
     sa.Column("blob_key", sa.String(128), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # The lineage the trainer wrote (JSON of tensafe.api.common.v1.Lineage, MAC-verified at put); NULL for an
+    # artifact a tenant uploaded. Only the vault writes this column.
+    sa.Column("lineage_json", sa.Text, nullable=True),
 )
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
@@ -71,6 +74,7 @@ class ArtifactRecord:
     blob_key: str
     state: str
     created_at: float
+    lineage_json: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ArtifactRecord:

@@ -1,0 +1,42 @@
+"""Ledger entries for what an op does when it runs, after its RPC has answered with a future.
+
+The request pipeline writes one entry per call when the call ends; for the trainer's ops that is
+when the future is created, before the op runs. What only the run knows (a DP step refused or
+spent without its update, the lineage of a saved checkpoint) is written here, into the same
+durable outbox the pipeline uses (delivered to the ledger by the service's own deliverer), with
+the call's tenant, key and request id, so that the entry sits beside the call's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy.engine import Engine
+
+from tensafe.runtime.audit import DENIED, FAILED, SUCCESS, build_entry, outbox
+from tensafe.runtime.context import CallContext
+
+log = logging.getLogger("tensafe.trainer")
+
+__all__ = ["DENIED", "FAILED", "SUCCESS", "OpAudit"]
+
+
+class OpAudit:
+    def __init__(self, engine: Engine | None) -> None:
+        self.engine = engine
+
+    def record(self, caller: CallContext | None, tenant_id: str, action: str, outcome: int, resource: str,
+               details: dict[str, str]) -> None:
+        if self.engine is None:
+            return
+        entry = build_entry(service="trainer", action=action, tenant_id=tenant_id,
+                            key_id=caller.principal.key_id if caller else "", outcome=outcome,
+                            request_id=caller.request_id if caller else "", resource=resource,
+                            details={"phase": "run", **{k: str(v)[:512] for k, v in details.items()}})
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(outbox.insert().values(entry_id=entry.entry_id, payload=entry.SerializeToString(),
+                                                    created_at=time.time()))
+        except Exception:  # noqa: BLE001 - as the pipeline: never fail the op because of the audit trail
+            log.exception("could not record the audit entry of %s (%s)", action, resource)

@@ -70,7 +70,13 @@ class ServiceClient:
 
     # -- training ---------------------------------------------------------------------------
     def create_training_client(self, config: TrainingConfig) -> TrainingClient:
-        """Start a training session (loads the base model on first use) and return its client."""
+        """Start a training session (loads the base model on first use) and return its client.
+
+        The call's timeout (``timeout``, ``TS_TIMEOUT``: 300 s by default) travels to the services: a DP
+        session without ``noise_multiplier`` waits within it for its noise calibration. One that cannot
+        fit raises :class:`DeadlineTooShortError` at once, with the estimate and what to do (raise the
+        timeout or give ``noise_multiplier``); the calibration goes on, and the same call again joins it
+        or gets its result at once."""
         from tensafe.api.trainer.v1 import trainer_pb2
 
         from .configs import TrainingConfig

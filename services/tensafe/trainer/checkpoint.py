@@ -28,7 +28,9 @@ from safetensors.torch import save as st_save
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import lineage as lineage_codec
+from tensafe.runtime.adapter_config import check_adapter_weights, parse_adapter_config, safetensors_header
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
+from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES, read_tar
 
 CHECKPOINT_FORMAT = 1
 CONTENT_TYPE = "application/x-tar"
@@ -63,7 +65,9 @@ def build(session: Any, include_optimizer: bool, metadata: dict[str, Any],
         peft.peft_config[sid].save_pretrained(tmp)
         adapter_config = json.loads((Path(tmp) / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = session.settings.config.model_ref
-    weights = {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(peft, adapter_name=sid).items()}
+    # Adapter weights only: never a base layer (PEFT adds the base embedding when embed_tokens is targeted).
+    weights = {k: v.detach().contiguous().clone()
+               for k, v in get_peft_model_state_dict(peft, adapter_name=sid, save_embedding_layers=False).items()}
     record = {
         "format": CHECKPOINT_FORMAT, "session_id": sid, "step": session.step,
         "micro_steps": session.micro_steps, "optim_calls": session.optim_calls,
@@ -93,20 +97,56 @@ def build(session: Any, include_optimizer: bool, metadata: dict[str, Any],
     return buf.getvalue()
 
 
-def read(data: bytes) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar.getmembers():
-                if not member.isfile() or "/" in member.name or member.size > 1 << 34:
-                    raise InvalidArgument("artifact_id", f"not a TenSafe checkpoint (unexpected entry {member.name!r})")
-                files[member.name] = tar.extractfile(member).read()
-    except tarfile.TarError:
-        raise InvalidArgument("artifact_id", "the artifact is not a TenSafe checkpoint") from None
-    for required in ("adapter_config.json", "adapter_model.safetensors", "session.json", "rng.safetensors"):
+MEMBERS = ("adapter_config.json", "adapter_model.safetensors", "session.json", "rng.safetensors",
+           "optimizer.safetensors", "optimizer.json")
+_REQUIRED = MEMBERS[:4]
+MAX_JSON_BYTES = 16 << 20  # session.json, optimizer.json (adapter_config.json has its own, smaller bound)
+
+
+def read(data: bytes, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> dict[str, bytes]:
+    """A checkpoint's files, read by the services' one strict tar reader (regular files only, sizes checked
+    against the data and ``max_bytes`` before anything is copied); InvalidArgument(artifact_id) otherwise."""
+    files = read_tar(data, field="artifact_id", max_bytes=max_bytes, max_members=16, wanted=MEMBERS)
+    for required in _REQUIRED:
         if required not in files:
             raise InvalidArgument("artifact_id", f"the checkpoint has no {required}")
+    for name in ("session.json", "optimizer.json"):
+        if len(files.get(name, b"")) > MAX_JSON_BYTES:
+            raise InvalidArgument("artifact_id", f"the checkpoint's {name} is larger than {MAX_JSON_BYTES} bytes")
     return files
+
+
+def check_adapter(session: Any, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """The checkpoint's adapter weights, once its config passed the shared allow-list
+    (``tensafe.runtime.adapter_config``), matches the session's LoRA, and every tensor is exactly one of the
+    session adapter's own (same key, same shape): the base model (shared with other sessions) and other
+    sessions' adapters are never written by a load."""
+    mine = session.settings.config.lora_config
+    own_bias = session.base.peft.peft_config[session.session_id].bias
+    saved = parse_adapter_config(files["adapter_config.json"], allow_base_bias=own_bias != "none")
+    if saved["r"] != mine.rank or saved["target_modules"] != sorted(mine.target_modules) \
+            or saved["bias"] != own_bias or saved.get("rank_pattern") or saved.get("alpha_pattern"):
+        raise FailedPrecondition(
+            f"checkpoint adapter (rank {saved['r']}, modules {saved['target_modules']}, bias {saved['bias']}) does "
+            f"not match this session (rank {mine.rank}, modules {list(mine.target_modules)}, bias {own_bias}): "
+            "create the session with the same lora_config")
+    header = safetensors_header(files["adapter_model.safetensors"])
+    check_adapter_weights(header, saved, allow_base_bias=own_bias != "none")
+    expected = get_peft_model_state_dict(session.base.peft, adapter_name=session.session_id,
+                                         save_embedding_layers=False)
+    for key, (_, shape) in header.items():
+        if key not in expected:
+            raise InvalidArgument("adapter_model", f"tensor {key[:120]!r} is not a weight of this session's adapter")
+        if tuple(expected[key].shape) != shape:
+            raise FailedPrecondition(f"checkpoint weights do not fit this adapter: {key} has shape {list(shape)}, "
+                                     f"the session's {list(expected[key].shape)}")
+    missing = [k for k in expected if k not in header]
+    if missing:
+        raise FailedPrecondition(f"checkpoint weights do not fit this adapter: missing {missing[:3]}")
+    try:
+        return st_load(files["adapter_model.safetensors"])
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors; the header was checked above
+        raise InvalidArgument("adapter_model", f"unreadable safetensors ({str(exc).splitlines()[0][:200]})") from None
 
 
 def restore(session: Any, files: dict[str, bytes], lineage: common_pb2.Lineage | None = None,
@@ -128,14 +168,7 @@ def restore(session: Any, files: dict[str, bytes], lineage: common_pb2.Lineage |
             f"{saved_dp['spent_epsilon']:.4g} spent when saved): loading it does not give spent budget back. "
             f"Continue that budget: create the session with dp_config.budget_id={saved_dp['budget_id']!r} and "
             f"noise_multiplier={saved_dp['noise_multiplier']!r}", budget_id=saved_dp["budget_id"])
-    saved = json.loads(files["adapter_config.json"])
-    mine = session.settings.config.lora_config
-    if saved.get("r") != mine.rank or sorted(saved.get("target_modules") or []) != sorted(mine.target_modules):
-        raise FailedPrecondition(
-            f"checkpoint adapter (rank {saved.get('r')}, modules {saved.get('target_modules')}) does not match this "
-            f"session (rank {mine.rank}, modules {list(mine.target_modules)}): create the session with the same "
-            "lora_config")
-    weights = st_load(files["adapter_model.safetensors"])
+    weights = check_adapter(session, files)
     # Past every check: from here the weights change, so the lineage is merged first (conservative).
     session.lineage.absorb(vault_lineage, artifact_id)
     result = set_peft_model_state_dict(session.base.peft, weights, adapter_name=session.session_id)

@@ -21,6 +21,7 @@ from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
+from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tg_tinker.configs import from_struct
 
@@ -61,8 +62,12 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
         raise InvalidArgument("config.lora_config.alpha", "must be > 0")
     if not 0 <= lora.dropout < 1:
         raise InvalidArgument("config.lora_config.dropout", "must be in [0, 1)")
-    if not lora.target_modules or any(not m.strip() for m in lora.target_modules):
+    if not lora.target_modules:
         raise InvalidArgument("config.lora_config.target_modules", "must list at least one module name")
+    # Names matched exactly or as a suffix (PEFT's rule for a list): bounded, no regex characters.
+    target_modules = check_module_names(list(lora.target_modules), "config.lora_config.target_modules", min_count=1)
+    if lora.rank > MAX_RANK:
+        raise InvalidArgument("config.lora_config.rank", f"must be at most {MAX_RANK}")
     opt = config.optimizer
     name = (opt.name or "adamw").lower()
     if name not in OPTIMIZERS:
@@ -94,7 +99,7 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
                                momentum=momentum, accumulation=max(1, config.gradient_accumulation_steps),
                                seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), bias=_BIAS[lora.bias])
+                             target_modules=target_modules, bias=_BIAS[lora.bias])
     if config.dp_config.enabled:
         settings.dp = validate_dp(config, default_loss, peft_config)
     return settings, peft_config

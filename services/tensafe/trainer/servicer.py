@@ -91,7 +91,7 @@ def create(env: ServiceEnvironment) -> TrainerServicer:
     cfg = env.config
     limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,
                            sample_tokens=cfg.max_sample_tokens, batch_tokens=cfg.max_batch_tokens)
-    trainer = Trainer(model_dir, VaultClient(env.peers), AccountantClient(env.peers),
+    trainer = Trainer(model_dir, VaultClient(env.peers, cfg.max_artifact_mb << 20), AccountantClient(env.peers),
                       models=cfg.registered_models(), limits=limits)
     trainer.audit = OpAudit(env.db)  # entries that ops write when they run, delivered with the service's own
     trainer.service_key = env.config.service_key  # authenticates saved checkpoints' lineage to the vault

@@ -19,13 +19,13 @@ from google.protobuf import struct_pb2
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime.context import CallContext
-from tensafe.runtime.errors import TensafeError
+from tensafe.runtime.errors import InvalidArgument, TensafeError
 from tensafe.runtime.peers import PeerChannels, call_timeout, metadata_for, peer_error, stream_budget
+from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES
 
 CHUNK = 1 << 20
 TRANSFER_BASE_S = 30.0
 TRANSFER_MIN_BYTES_PER_S = 8 << 20
-TRANSFER_GET_MAX_BYTES = 2048 << 20
 
 
 def _reraise(err: grpc.RpcError, what: str) -> TensafeError:
@@ -34,8 +34,9 @@ def _reraise(err: grpc.RpcError, what: str) -> TensafeError:
 
 
 class VaultClient:
-    def __init__(self, peers: PeerChannels) -> None:
+    def __init__(self, peers: PeerChannels, max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
         self.peers = peers
+        self.max_artifact_bytes = max_artifact_bytes  # TENSAFE_MAX_ARTIFACT_MB: larger artifacts are not read
 
     def _stub(self) -> vault_pb2_grpc.VaultServiceStub:
         return vault_pb2_grpc.VaultServiceStub(self.peers.channel("vault"))
@@ -63,16 +64,29 @@ class VaultClient:
             raise _reraise(err, "storing the checkpoint") from None
 
     def get(self, caller: CallContext, artifact_id: str) -> tuple[vault_pb2.Artifact, bytes]:
-        artifact, out = None, bytearray()
+        """The artifact's description and plaintext; InvalidArgument(artifact_id) when it is larger than
+        ``max_artifact_bytes`` (checked on the declared size first, then on the bytes as they arrive)."""
+        artifact, out, limit = None, bytearray(), self.max_artifact_bytes
+        call = None
         try:
-            timeout = call_timeout(stream_budget(TRANSFER_GET_MAX_BYTES, TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S),
-                                   "vault", "reading the checkpoint")
-            for msg in self._stub().GetArtifact(vault_pb2.GetArtifactRequest(artifact_id=artifact_id),
-                                                timeout=timeout, metadata=metadata_for(caller)):
+            timeout = call_timeout(stream_budget(limit, TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S), "vault",
+                                   "reading the checkpoint")
+            call = self._stub().GetArtifact(vault_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=timeout,
+                                            metadata=metadata_for(caller))
+            for msg in call:
                 if msg.WhichOneof("part") == "artifact":
                     artifact = msg.artifact
+                    if artifact.size_bytes > limit:
+                        raise InvalidArgument("artifact_id", f"the artifact is {artifact.size_bytes} bytes, more "
+                                                             f"than the limit of {limit} (TENSAFE_MAX_ARTIFACT_MB)")
                 else:
                     out += msg.chunk
+                    if len(out) > limit:
+                        raise InvalidArgument("artifact_id", f"the artifact is more than the limit of {limit} "
+                                                             "bytes (TENSAFE_MAX_ARTIFACT_MB)")
         except grpc.RpcError as err:
             raise _reraise(err, "reading the checkpoint") from None
+        except InvalidArgument:
+            call.cancel()
+            raise
         return artifact, bytes(out)

@@ -208,6 +208,61 @@ def test_closing_a_session_stops_its_running_sample(trainer: Trainer) -> None:
     assert wait(op, timeout=10).state == CANCELLED
 
 
+# -- inference: jobs on one base take turns by sequence -----------------------------------------------
+@pytest.fixture(scope="module")
+def hf_base(tiny_model: Path):  # noqa: ANN201
+    from tensafe.inference.hf_backend import HFBackend
+    from tensafe.trainer.models import resolve_model_ref
+
+    base = HFBackend().open(resolve_model_ref("tiny", tiny_model.parent))
+    yield base
+    base.close()
+
+
+def _generate(base, prompts: int, max_tokens: int, seed: int | None = None):  # noqa: ANN001, ANN202
+    """Start a job; returns (thread collecting its chunks, list of (monotonic time, chunk))."""
+    from tensafe.inference.backend import ChunkQueue
+    from tensafe.inference.generation import validate
+
+    sp = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0)
+    if seed is not None:
+        sp.seed = seed
+    job = validate(base.tokenizer, [], [IDS] * prompts, sp, base.vocab_size, base.max_length)
+    out = ChunkQueue(threading.Event())
+    got: list[tuple[float, object]] = []
+    reader = threading.Thread(target=lambda: got.extend((time.monotonic(), c) for c in out), daemon=True)
+    base.start(None, job, out)
+    reader.start()
+    return reader, got
+
+
+def _tokens(got) -> dict:  # noqa: ANN001
+    seqs: dict = {}
+    for _, c in got:
+        seqs.setdefault((c.prompt_index, c.sample_index), []).extend(c.token_ids)
+    return seqs
+
+
+def test_an_inference_job_does_not_hold_the_base_for_its_whole_length(hf_base) -> None:  # noqa: ANN001
+    """Attack: one Generate with many sequences held the base's lock until its last one."""
+    big, big_got = _generate(hf_base, prompts=12, max_tokens=8, seed=5)
+    deadline = time.monotonic() + 60
+    while not big_got:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    small, small_got = _generate(hf_base, prompts=1, max_tokens=4)
+    small.join(60)
+    assert small_got and small_got[-1][1].finish_reason
+    done_before = sum(1 for t, c in list(big_got) if c.finish_reason and t <= small_got[-1][0])
+    assert done_before <= 3, f"{done_before} of the big job's 12 sequences finished before the small job"
+    big.join(120)
+    assert sum(1 for _, c in big_got if c.finish_reason) == 12
+    # Seeded: the same tokens as the same job run alone, however it was interleaved.
+    alone, alone_got = _generate(hf_base, prompts=12, max_tokens=8, seed=5)
+    alone.join(120)
+    assert _tokens(alone_got) == _tokens(big_got)
+
+
 # -- caps and quotas, in process ------------------------------------------------------------------------
 def test_work_caps_are_refused_at_submission_naming_the_field(tiny_model: Path) -> None:
     t = Trainer(tiny_model.parent, limits=TrainerLimits(sample_tokens=100, batch_tokens=64))

@@ -6,12 +6,18 @@ output here is the training session's greedy output, token for token. A streamer
 each token as it is chosen; a forward hook on the output layer keeps the raw logits of that
 step, from which the token's log-probability is taken exactly as the trainer takes it.
 
-Jobs on one base run one at a time (a lock): the active adapter and the seeded RNG are
-state of the model and the process. A job waiting for the lock gives up when cancelled.
+Jobs on one base take turns one sequence at a time: the base's lock is granted in request
+order (first come, first served) and a job takes it for one sequence, so a job with many
+prompts or samples does not hold the base for its whole length: another tenant's short call
+waits for at most one sequence. The active adapter, the logits hook and the seeded RNG are
+set for each sequence under the lock (a seeded job carries its RNG state from one sequence to
+the next, so its output does not depend on the interleaving). A job waiting for the lock
+gives up when cancelled.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -51,6 +57,43 @@ class _TokenSink(BaseStreamer):
         pass
 
 
+class _FairLock:
+    """A lock granted in the order it was asked for, so a job that releases it and asks again
+    queues behind the jobs already waiting. Usable with ``with``; ``acquire`` gives up when
+    ``cancelled`` is set."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()
+        self._held = False
+
+    def acquire(self, cancelled: threading.Event | None = None, poll: float = 0.05) -> bool:
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            while self._held or self._waiting[0] is not ticket:
+                if cancelled is not None and cancelled.is_set():
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(poll)
+            self._waiting.popleft()
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def __enter__(self) -> _FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class HFBase(ServedBase):
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
@@ -58,7 +101,7 @@ class HFBase(ServedBase):
         self.peft: PeftModel | None = None
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
-        self.lock = threading.Lock()
+        self.lock = _FairLock()
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: AdapterFiles) -> None:
@@ -118,14 +161,7 @@ class HFBase(ServedBase):
 
     def _run(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
         try:
-            while not self.lock.acquire(timeout=0.05):
-                if out.cancelled.is_set():
-                    out.close()
-                    return
-            try:
-                self._generate(adapter, job, out)
-            finally:
-                self.lock.release()
+            self._generate(adapter, job, out)  # takes the lock for one sequence at a time
             out.close()
         except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it
             if not isinstance(exc, InvalidArgument):
@@ -153,44 +189,60 @@ class HFBase(ServedBase):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k or None)
+        rng: torch.Tensor | None = None  # a seeded job's RNG state between two of its sequences
+        for index, ids in enumerate(job.prompts):
+            for sample_index in range(job.num_samples):
+                if out.cancelled.is_set() or not self.lock.acquire(out.cancelled):
+                    return
+                try:
+                    seq, rng = self._sequence(adapter, job, out, ids, (index, sample_index), kwargs, rng)
+                finally:
+                    self.lock.release()
+                if out.cancelled.is_set():
+                    return
+                out.put(seq.finish())
+
+    def _sequence(self, adapter: str | None, job: GenerationJob, out: ChunkQueue, ids: list[int],
+                  where: tuple[int, int], kwargs: dict,
+                  rng: torch.Tensor | None) -> tuple[SequenceStream, torch.Tensor | None]:
+        """One sequence, under the lock: the adapter, the RNG and the logits hook are set for it alone.
+        Returns its stream and, for a seeded job, the RNG state to continue from."""
         want_logprobs = job.sampling.return_logprobs
+        seeded = job.sampling.HasField("seed")
         with contextlib.ExitStack() as stack:
             model = self._model(adapter, stack)
             model.eval()
             stack.enter_context(torch.no_grad())
-            if job.sampling.HasField("seed"):
+            if seeded:
                 stack.enter_context(torch.random.fork_rng(devices=[]))
-                torch.manual_seed(job.sampling.seed)  # once per request, as the trainer's sample does
+                if rng is None:
+                    torch.manual_seed(job.sampling.seed)  # once per request, as the trainer's sample does
+                else:
+                    torch.set_rng_state(rng)
             last_logits: list[torch.Tensor] = []
             if want_logprobs:
                 head = model.get_output_embeddings()
                 hook = head.register_forward_hook(lambda m, i, o: last_logits.__setitem__(slice(None), [o[:, -1]]))
                 stack.callback(hook.remove)
-            for index, ids in enumerate(job.prompts):
-                for sample_index in range(job.num_samples):
-                    if out.cancelled.is_set():
-                        return
-                    seq = SequenceStream(tok, index, sample_index, job.stops, want_logprobs)
+            seq = SequenceStream(self.tokenizer, where[0], where[1], job.stops, want_logprobs)
 
-                    def on_token(token: int, seq: SequenceStream = seq) -> None:
-                        if out.cancelled.is_set():
-                            raise _Halt
-                        lp = float(torch.log_softmax(last_logits[0][0].float(), -1)[token]) if want_logprobs else 0.0
-                        chunk = seq.push(token, lp)
-                        if chunk is not None:
-                            out.put(chunk)
-                        if seq.stopped:
-                            raise _Halt
+            def on_token(token: int) -> None:
+                if out.cancelled.is_set():
+                    raise _Halt
+                lp = float(torch.log_softmax(last_logits[0][0].float(), -1)[token]) if want_logprobs else 0.0
+                chunk = seq.push(token, lp)
+                if chunk is not None:
+                    out.put(chunk)
+                if seq.stopped:
+                    raise _Halt
 
-                    input_ids = torch.tensor([ids], dtype=torch.long)
-                    try:
-                        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       streamer=_TokenSink(on_token), **kwargs)
-                    except _Halt:
-                        pass
-                    if out.cancelled.is_set():
-                        return
-                    out.put(seq.finish())
+            input_ids = torch.tensor([ids], dtype=torch.long)
+            try:
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               streamer=_TokenSink(on_token), **kwargs)
+            except _Halt:
+                pass
+            return seq, (torch.get_rng_state() if seeded else None)
 
 
 class HFBackend(Backend):

@@ -117,7 +117,14 @@ class Inference:
         model_ref = req.base_model_ref or files.base_model_ref
         if not model_ref:
             raise InvalidArgument("base_model_ref", "the adapter names no base model: give base_model_ref")
-        location = self._location(model_ref, "base_model_ref")
+        try:
+            location = self._location(model_ref, "base_model_ref")
+        except InvalidArgument as exc:
+            if req.base_model_ref:
+                raise
+            raise InvalidArgument("base_model_ref", "the adapter's base_model_name_or_path "
+                                                    f"({exc.message.split(': ', 1)[-1]}): give base_model_ref, the "
+                                                    "name of its base model on this server") from None
         key, base = self._base(backend, location)
         adapter_id = "adp_" + uuid.uuid4().hex[:16]
         base.add_adapter(adapter_id, files)

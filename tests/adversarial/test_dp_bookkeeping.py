@@ -173,12 +173,18 @@ def test_a_step_that_fails_after_its_record_is_spent_without_update(tiny_model, 
     op(lambda: s.forward_backward(batch, loss, False))
     before = [p.detach().clone() for p in s.params]
     real_step = s.optimizer.step
-    s.optimizer.step = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+
+    def fails_half_way() -> None:  # the update lands, then the device fails: it must be rolled back
+        real_step()
+        raise RuntimeError("device lost")
+
+    s.optimizer.step = fails_half_way
     with pytest.raises(TensafeError) as info:
         op(lambda: s.optim_step(caller))
     s.optimizer.step = real_step
     assert info.value.metadata["spent_without_update"] == "1" and len(accountant.steps) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, s.params, strict=True))  # nothing applied
+    assert not s.optimizer.state  # the optimizer state is put back too (SGD without momentum: none)
     assert s.step == 0 and s.dp.clipper.rows == 0  # the logical batch is gone with the failed step
     info_msg = op(s.info)[1]
     assert info_msg.spent_without_update == 1 and info_msg.lineage.private_steps == 0

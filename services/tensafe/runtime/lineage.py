@@ -92,6 +92,7 @@ def summary(lineage: common_pb2.Lineage) -> dict[str, str]:
         "lineage_attested": str(lineage.attested).lower(),
         "parent_artifact_id": lineage.parent_artifact_id,
         "budgets": ",".join(f"{b.budget_id}:{b.epsilon:.6g}" for b in lineage.budgets),
+        "budget_count": str(len(lineage.budgets)),
         "non_private_steps": str(lineage.non_private_steps),
         "private_steps": str(lineage.private_steps),
         "external_ancestry": str(lineage.external_ancestry).lower(),

@@ -33,7 +33,7 @@ class OpAudit:
         entry = build_entry(service="trainer", action=action, tenant_id=tenant_id,
                             key_id=caller.principal.key_id if caller else "", outcome=outcome,
                             request_id=caller.request_id if caller else "", resource=resource,
-                            details={"phase": "run", **{k: str(v)[:512] for k, v in details.items()}})
+                            details={"phase": "run", **{k: str(v) for k, v in details.items()}})  # bounded there
         try:
             with self.engine.begin() as conn:
                 conn.execute(outbox.insert().values(entry_id=entry.entry_id, payload=entry.SerializeToString(),

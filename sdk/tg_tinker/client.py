@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._transport import _GRPC_NAMES, Transport
 from .config import SERVICES, ClientConfig
-from .errors import ConflictError, ValidationError
+from .errors import ConflictError, TGTinkerError, ValidationError
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactInfo, Artifacts
@@ -86,7 +86,13 @@ class ServiceClient:
             raise ValidationError("config must be a tg_tinker.TrainingConfig", field="config",
                                   code="INVALID_ARGUMENT")
         resp = self._call("trainer", "CreateSession", trainer_pb2.CreateSessionRequest(config=config.to_proto()))
-        return TrainingClient(self, resp.session)
+        try:
+            return TrainingClient(self, resp.session)
+        except TGTinkerError:
+            # Its result stream was refused (e.g. QuotaExceededError, TENSAFE_QUOTA_STREAMS_PER_TENANT): the
+            # session would be unusable, so it is closed rather than left holding a session place.
+            self._call("trainer", "CloseSession", trainer_pb2.CloseSessionRequest(session_id=resp.session.session_id))
+            raise
 
     def get_training_client(self, session_id: str) -> TrainingClient:
         """Reattach to an open session of your tenant."""

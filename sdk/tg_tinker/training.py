@@ -65,7 +65,11 @@ def _loss_proto(loss: str | LossConfig | None, kwargs: dict[str, Any]) -> traine
 
 
 class _FutureRouter:
-    """Reads the session's WatchFutures stream on a thread and completes the matching handles."""
+    """Reads the session's WatchFutures stream on a thread and completes the matching handles.
+
+    The stream holds one of the tenant's stream places on the server (``TENSAFE_QUOTA_STREAMS_PER_TENANT``)
+    until the client is closed. When the server refuses it, or it ends for good, :attr:`error` holds
+    why, every waiting handle fails with it, and so does every handle registered later."""
 
     def __init__(self, client: TrainingClient, after_sequence: int) -> None:
         self._client = client
@@ -75,16 +79,28 @@ class _FutureRouter:
         self._after = after_sequence
         self._call: Any = None
         self._stopped = False
+        self.error: TGTinkerError | None = None
+        self._established = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tg-futures-{client.session_id}", daemon=True)
         self._thread.start()
+
+    def wait_established(self, timeout: float) -> None:
+        """Wait until the server has admitted the stream; raise its refusal (e.g. QuotaExceededError)."""
+        if not self._established.wait(timeout):
+            raise ServiceUnavailableError(f"the result stream of session {self._client.session_id} was not "
+                                          f"admitted within {timeout:g} s", code="DEADLINE_EXCEEDED")
+        if self.error is not None:
+            raise self.error
 
     def register(self, ref: trainer_pb2.FutureRef, handle: FutureHandle) -> None:
         with self._lock:
             early = self._early.pop(ref.future_id, None)
-            if early is None:
+            if early is None and self.error is None:
                 self._handles[ref.future_id] = (ref.sequence, handle)
         if early is not None:
             self._client._complete(handle, early)
+        elif self.error is not None:
+            handle._set_exception(self.error)
 
     def _run(self) -> None:
         transport = self._client._service._transport
@@ -97,6 +113,10 @@ class _FutureRouter:
                 self._call = transport.stub("trainer").WatchFutures(
                     trainer_pb2.WatchFuturesRequest(session_id=self._client.session_id, after_sequence=after),
                     metadata=transport.metadata())
+                # The server sends its headers (with x-request-id) as soon as it admits the stream; a refused
+                # stream gets none (its status comes alone), and iterating it raises the refusal.
+                if any(k == "x-request-id" for k, _ in self._call.initial_metadata() or ()):
+                    self._established.set()
                 for resp in self._call:
                     backoff = 0.2
                     self._dispatch(resp.event)
@@ -116,6 +136,8 @@ class _FutureRouter:
             except Exception as exc:  # noqa: BLE001 - never leave callers waiting forever
                 self._fail_all(TGTinkerError(f"future stream failed: {exc}", code="CLIENT_ERROR"))
                 return
+            finally:
+                self._established.set()
         self._fail_all(ServiceUnavailableError("the training client was closed", code="CLIENT_CLOSED"))
 
     def _dispatch(self, event: trainer_pb2.FutureEvent) -> None:
@@ -129,6 +151,8 @@ class _FutureRouter:
 
     def _fail_all(self, error: TGTinkerError) -> None:
         with self._lock:
+            if self.error is None:
+                self.error = error
             handles = [h for _, h in self._handles.values()]
             self._handles.clear()
         for handle in handles:
@@ -152,6 +176,11 @@ class TrainingClient:
         self.config = session.config
         self._step = session.step
         self._router = _FutureRouter(self, session.last_sequence)
+        try:
+            self._router.wait_established(service.config.timeout)
+        except TGTinkerError:
+            self._router.stop()
+            raise
 
     def __repr__(self) -> str:
         return f"TrainingClient({self.session_id!r}, model_ref={self.config.model_ref!r}, step={self._step})"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,9 +85,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if not config.signing_key_path().exists():
         print(f"error: no key issuer in {config.data_dir}: run `tensafe init` or `tensafe up` first", file=sys.stderr)
         return 2
+    try:
+        expires_in = parse_duration(args.expires_in) if args.expires_in else None
+    except ValueError as exc:
+        print(f"error: --expires-in: {exc}", file=sys.stderr)
+        return 2
     issuer = KeyIssuer.load_or_create(config.signing_key_path(), config.public_key_path())
-    record, api_key = _registry(config).create_key(issuer, args.tenant, args.description or "")
-    print(f"created key {record.key_id} for tenant {record.tenant_id}; it is shown once, store it safely:")
+    record, api_key = _registry(config).create_key(issuer, args.tenant, args.description or "", expires_in)
+    until = f", expires {_when(record.expires_at)} UTC" if record.expires_at else ""
+    print(f"created key {record.key_id} for tenant {record.tenant_id}{until}; it is shown once, store it safely:")
     print(api_key)
     return 0
 
@@ -96,13 +104,29 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90`` (seconds), ``30m``, ``1h``, ``7d`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*([smhd]?)\s*", text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a duration: use a positive number of seconds, or 30m, 1h, 7d")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     records = _registry(_config(args)).list(args.tenant)
-    print(f"{'KEY ID':22} {'TENANT':20} {'CREATED (UTC)':20} {'REVOKED (UTC)':20} DESCRIPTION")
+    now = time.time()
+    print(f"{'KEY ID':22} {'TENANT':20} {'CREATED (UTC)':20} {'EXPIRES (UTC)':30} {'REVOKED (UTC)':20} DESCRIPTION")
     for r in records:
-        def when(ts: float | None) -> str:
-            return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-        print(f"{r.key_id:22} {r.tenant_id:20} {when(r.created_at):20} {when(r.revoked_at):20} {r.description}")
+        expires = _when(r.expires_at) + (" (expired)" if r.expires_at and r.expires_at <= now else "")
+        print(f"{r.key_id:22} {r.tenant_id:20} {_when(r.created_at):20} {expires:30} {_when(r.revoked_at):20} "
+              f"{r.description}")
     return 0
 
 
@@ -159,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = with_data_dir(keys.add_parser("create", help="create an API key for a tenant (printed last)"))
     create.add_argument("--tenant", required=True)
     create.add_argument("--description", default="")
+    create.add_argument("--expires-in", metavar="DURATION",
+                        help="refuse the key after this long: seconds, or 30m, 1h, 7d (default: never)")
     create.set_defaults(func=cmd_keys_create)
     revoke = with_data_dir(keys.add_parser("revoke", help="revoke an API key by its id"))
     revoke.add_argument("key_id")

@@ -19,7 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tensafe.api.ledger.v1 import ledger_pb2
+from tensafe.runtime.audit import entry_problem
 from tensafe.runtime.errors import InvalidArgument, NotFound
+from tensafe.runtime.ids import bounded
 from tg_tinker.transparency import (
     CompactRange,
     NoteSigner,
@@ -107,11 +109,12 @@ class MerkleLog:
 
     # -- appends -------------------------------------------------------------------------------
     def append(self, entries: list[ledger_pb2.AuditEntry], timeout: float = 60) -> tuple[list[Appended], int]:
+        if len(entries) > MAX_BATCH:
+            raise InvalidArgument("entries", f"at most {MAX_BATCH} entries per call")
         for i, e in enumerate(entries):
-            if not e.entry_id or len(e.entry_id) > 64:
-                raise InvalidArgument(f"entries[{i}].entry_id", "is required (at most 64 characters)")
-            if not e.action or not e.service:
-                raise InvalidArgument(f"entries[{i}]", "service and action are required")
+            problem = entry_problem(e)  # the bounds every entry keeps (runtime.audit.LIMITS)
+            if problem is not None:
+                raise InvalidArgument(f"entries[{i}].{problem[0]}", problem[1], entry_id=bounded(e.entry_id, 64))
         if not entries:
             return [], self.size()
         done: Future = Future()

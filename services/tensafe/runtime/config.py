@@ -77,7 +77,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_RATE_LIMIT_BURST", "rate_limit_burst", int, 200, "Token bucket size per tenant and service."),
     Setting("TENSAFE_MAX_MESSAGE_MB", "max_message_mb", int, 64, "Largest gRPC message accepted or sent, in MiB."),
     Setting("TENSAFE_MAX_ARTIFACT_MB", "max_artifact_mb", int, 2048, "Largest artifact (checkpoint or adapter tar, decrypted) the trainer, he and inference services read, in MiB; members of the tar count towards it by their real size."),
-    Setting("TENSAFE_WORKERS", "workers", int, 64, "Threads serving calls in one server; each open training client holds one for its result stream."),
+    Setting("TENSAFE_WORKERS", "workers", int, 64, "Threads serving tenants' unary calls in one server (streams and calls between services have their own, below)."),
+    Setting("TENSAFE_MAX_STREAMS", "max_streams", int, 64, "Streaming calls (a training client's result stream, Generate, artifact uploads and downloads) open at once in one server, all tenants together; each has its own thread, apart from TENSAFE_WORKERS. Past it: RESOURCE_EXHAUSTED naming this setting."),
+    Setting("TENSAFE_QUOTA_STREAMS_PER_TENANT", "quota_streams_per_tenant", int, 16, "Streaming calls one tenant may have open at once in one server (each TrainingClient holds one while open). Past it: RESOURCE_EXHAUSTED naming this setting."),
+    Setting("TENSAFE_INTERNAL_WORKERS", "internal_workers", int, 16, "Threads reserved for calls between TenSafe's own services (trainer to vault and accountant, audit delivery), so that tenants' calls and streams cannot starve them."),
+    Setting("TENSAFE_IDEMPOTENCY_LEASE_SECONDS", "idempotency_lease_seconds", float, 30.0, "A process heartbeats its running idempotent calls; when another process (a replica) stops for this long, its running calls' keys are released so that retries run. A restart on the same address releases its previous run's keys at once."),
     Setting("TENSAFE_GRACE_SECONDS", "grace_seconds", float, 30.0, "On SIGTERM/SIGINT, how long calls in flight may run before they are cancelled."),
     Setting("TENSAFE_KEEPALIVE_SECONDS", "keepalive_seconds", int, 30, "Server keepalive ping interval."),
     Setting("TENSAFE_TLS_CERT_FILE", "tls_cert_file", str, "", "Server certificate (PEM); with the key file it turns TLS on."),
@@ -150,6 +154,10 @@ class ServerConfig:
     max_message_mb: int
     max_artifact_mb: int
     workers: int
+    max_streams: int
+    quota_streams_per_tenant: int
+    internal_workers: int
+    idempotency_lease_seconds: float
     grace_seconds: float
     keepalive_seconds: int
     tls_cert_file: str
@@ -209,6 +217,13 @@ class ServerConfig:
             raise ConfigError(f"TENSAFE_MAX_ARTIFACT_MB={self.max_artifact_mb} must be at least 1")
         if self.workers < 2:
             raise ConfigError("TENSAFE_WORKERS must be at least 2")
+        for env, value in (("TENSAFE_MAX_STREAMS", self.max_streams),
+                           ("TENSAFE_QUOTA_STREAMS_PER_TENANT", self.quota_streams_per_tenant),
+                           ("TENSAFE_INTERNAL_WORKERS", self.internal_workers)):
+            if value < 1:
+                raise ConfigError(f"{env}={value} must be at least 1")
+        if self.idempotency_lease_seconds < 1:
+            raise ConfigError("TENSAFE_IDEMPOTENCY_LEASE_SECONDS must be at least 1")
         for env, value in (("TENSAFE_QUOTA_SESSIONS", self.quota_sessions),
                            ("TENSAFE_QUOTA_PRIVATE_COPIES", self.quota_private_copies),
                            ("TENSAFE_QUOTA_ADAPTERS", self.quota_adapters),

@@ -5,7 +5,10 @@
 3. errors        -- domain errors become ``google.rpc.Status`` + ``ErrorInfo`` (the only place)
 4. authentication and tenant context -- the API key is verified locally; ``x-tenant-id``, if sent,
    must match the key's tenant; the caller is bound for the logic (``runtime.context``)
-5. rate limit    -- a token bucket per tenant
+5. rate limit    -- a token bucket per tenant; then what ``runtime.capacity`` decided before the call
+   ran: a stream past its quota is refused here, an internal call's service marker is verified
+5b. ids          -- every ``*_id`` / ``*_ids`` field of the request is an id (``runtime.ids``), else
+   INVALID_ARGUMENT naming it (audited, even on a read)
 6. idempotency   -- a state-changing unary call with ``x-idempotency-key`` is applied once
 7. audit         -- when the call ends, one ledger entry for every state-changing call, sensitive read
    and refused request, written to the service's durable outbox (``runtime.audit``)
@@ -32,17 +35,21 @@ from grpc_status import rpc_status
 
 from . import context as call_context
 from .audit import AUDITED_READS, AuditOutbox, audit_digest, build_entry, outcome_for, resource_id
+from .bootstrap import SYSTEM_TENANT
 from .errors import (
+    InvalidArgument,
     NotImplementedYet,
     PermissionDenied,
     RateLimited,
     TensafeError,
+    Unauthenticated,
     internal_status,
     reason_metadata,
     to_rpc_status,
 )
 from .idempotency import TRANSIENT_CODES, IdempotencyStore, StoredOutcome, request_digest
 from .identity import KeyVerifier
+from .ids import EXEMPT_METHODS, check_request_ids, checked_stream
 from .ratelimit import TokenBucketLimiter
 from .telemetry import DEADLINES, ERRORS, LATENCY, REQUESTS
 
@@ -87,6 +94,8 @@ class Call:
     tenant: str = "-"
     key_id: str = ""
     error_reason: str = ""
+    admission: Any = None        # runtime.capacity.Admission, when the capacity router saw the call
+    edge_refused: bool = False   # refused by the pipeline's own checks (audited even on a read)
 
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
@@ -158,6 +167,35 @@ class Authentication:
         call.key_id = principal.key_id
         return call_context.CallContext(principal, call.request_id, api_key, call.info.path)
 
+    def verify_service_marker(self, marker: str) -> None:
+        """An internal call's ``x-tensafe-service`` must be a valid key of the services themselves."""
+        if self.verifier.verify(marker).tenant_id != SYSTEM_TENANT:
+            raise Unauthenticated("x-tensafe-service is not the services' key", reason="API_KEY_INVALID")
+
+
+class IdFormats:
+    """Refuses a request whose ``*_id`` / ``*_ids`` fields are not ids, before any logic runs."""
+
+    def check(self, call: Call, request: Any) -> Any:
+        if call.info.path in EXEMPT_METHODS:
+            return request
+        if not hasattr(request, "DESCRIPTOR"):  # a client stream: each message is checked as it is read
+            return self._stream(call, request)
+        try:
+            check_request_ids(request)
+        except InvalidArgument:
+            call.edge_refused = True
+            raise
+        return request
+
+    @staticmethod
+    def _stream(call: Call, requests: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from checked_stream(requests)
+        except InvalidArgument:
+            call.edge_refused = True
+            raise
+
 
 class RateLimit:
     def __init__(self, limiter: TokenBucketLimiter) -> None:
@@ -219,7 +257,7 @@ class Auditing:
         action = f"{call.info.service}.{call.info.name}"
         if outbox is None or call.info.service == "ledger":
             return
-        if call.info.read_only and action not in AUDITED_READS:
+        if call.info.read_only and action not in AUDITED_READS and not call.edge_refused:
             return
         code = call.context.code() or grpc.StatusCode.OK
         try:
@@ -243,6 +281,7 @@ class CallPipeline(grpc.ServerInterceptor):
         self.errors = ErrorTranslation()
         self.auth = Authentication(verifier)
         self.rate_limit = RateLimit(limiter)
+        self.ids = IdFormats()
         self.idempotency = Idempotency(idempotency_stores)
         self.auditing = Auditing(audit_outboxes if audit_outboxes is not None else {})
 
@@ -252,40 +291,46 @@ class CallPipeline(grpc.ServerInterceptor):
         if handler is None or path.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         info = method_info(path)
+        admission = getattr(handler_call_details, "admission", None)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._unary, info, handler.unary_unary),
+                functools.partial(self._unary, info, handler.unary_unary, admission),
                 handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._unary, info, handler.stream_unary),
+                functools.partial(self._unary, info, handler.stream_unary, admission),
                 handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                functools.partial(self._streaming, info, handler.unary_stream),
+                functools.partial(self._streaming, info, handler.unary_stream, admission),
                 handler.request_deserializer, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            functools.partial(self._streaming, info, handler.stream_stream),
+            functools.partial(self._streaming, info, handler.stream_stream, admission),
             handler.request_deserializer, handler.response_serializer)
 
-    def _begin(self, info: MethodInfo, context: grpc.ServicerContext) -> Call:
+    def _begin(self, info: MethodInfo, context: grpc.ServicerContext, admission: Any = None) -> Call:
         md = _metadata(context)
         request_id = md.get("x-request-id") or uuid.uuid4().hex
         if len(request_id) > 128:
             request_id = request_id[:128]
-        return Call(info, context, md, request_id)
+        return Call(info, context, md, request_id, admission=admission)
 
     def _admit(self, call: Call):  # noqa: ANN202
         ctx = self.auth.admit(call)
         self.rate_limit.admit(call)
+        if call.admission is not None and call.admission.service_marker:
+            self.auth.verify_service_marker(call.admission.service_marker)
+        if call.admission is not None and call.admission.refusal is not None:
+            raise call.admission.refusal
         return call_context.bind(ctx, _deadline(call))
 
-    def _unary(self, info: MethodInfo, behavior, request, context):  # noqa: ANN001, ANN202
-        call = self._begin(info, context)
+    def _unary(self, info: MethodInfo, behavior, admission, request, context):  # noqa: ANN001, ANN202
+        call = self._begin(info, context, admission)
         response = None
         try:
             token = self._admit(call)
             try:
+                request = self.ids.check(call, request)
                 response = self.idempotency.run(call, request, lambda: behavior(request, context))
             finally:
                 call_context.unbind(token)
@@ -298,11 +343,14 @@ class CallPipeline(grpc.ServerInterceptor):
             self.access_log.finish(call)
             self.auditing.record(call, request, response)
 
-    def _streaming(self, info: MethodInfo, behavior, request, context) -> Iterator[Any]:  # noqa: ANN001
-        call = self._begin(info, context)
+    def _streaming(self, info: MethodInfo, behavior, admission, request, context) -> Iterator[Any]:  # noqa: ANN001
+        call = self._begin(info, context, admission)
         try:
             token = self._admit(call)
             try:
+                request = self.ids.check(call, request)
+                # Admitted: the caller learns so at once (the SDK's training client waits for this).
+                context.send_initial_metadata((("x-request-id", call.request_id),))
                 yield from behavior(request, context)
             finally:
                 call_context.unbind(token)

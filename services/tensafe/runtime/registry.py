@@ -8,6 +8,7 @@ imports torch, transformers or tenseal.
 from __future__ import annotations
 
 import importlib
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class ServiceUnit:
         self.audit.stop()
         for close in reversed(self.env.closers):
             close()
+        self.idempotency.close()
         self.env.peers.close()
         self.env.db.dispose()
 
@@ -111,7 +113,10 @@ def build_unit(name: str, config: ServerConfig, local_endpoint: str | None = Non
                              PeerChannels(config, name, local_endpoint, local_services))
     module_name, func = spec.servicer_factory.split(":")
     servicer = getattr(importlib.import_module(module_name), func)(env)
-    store = IdempotencyStore(env.db)
+    # The instance: what a restart of this same process has in common with it (a bound address is held
+    # by one live process at a time), so that the restart releases the keys its previous run held.
+    instance = f"{socket.gethostname()}|{local_endpoint}|{name}" if local_endpoint else ""
+    store = IdempotencyStore(env.db, instance=instance, lease_seconds=config.idempotency_lease_seconds)
     store.purge_expired()
     audit = AuditOutbox(env.db, lambda: env.peers.channel("ledger"), config.service_key)
     return ServiceUnit(spec, servicer, env, store, audit)

@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 from collections.abc import Sequence
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .audit import AuditOutbox
+from .capacity import CapacityRouter
 from .config import ServerConfig
 from .idempotency import IdempotencyStore
 from .identity import KeyRegistry, KeyVerifier, load_public_key
@@ -69,10 +69,15 @@ class TensafeServer:
             access_log=config.access_log,
             audit_outboxes=self._audit_outboxes,
         )
+        # Outermost: each call gets its threads (unary calls, tenants' streams, calls between services)
+        # before it runs, so that no tenant's streams can starve anyone's calls (runtime.capacity).
+        self.capacity = CapacityRouter(self.verifier, workers=config.workers, max_streams=config.max_streams,
+                                       streams_per_tenant=config.quota_streams_per_tenant,
+                                       internal_workers=config.internal_workers)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tensafe-rpc"),
+            self.capacity.calls,
             options=server_options(config),
-            interceptors=[tracing_server_interceptor(), pipeline],
+            interceptors=[self.capacity, tracing_server_interceptor(), pipeline],
         )
         credentials = server_credentials(config)
         address = f"{config.host}:{config.port}"
@@ -118,6 +123,7 @@ class TensafeServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for unit in self.units:
             unit.audit.start()
+            unit.idempotency.start()
         if self.identity_audit is not None:
             self.identity_audit.start()
         start_metrics_server(self.config.metrics_port, self.config.host)
@@ -137,6 +143,7 @@ class TensafeServer:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping: draining calls in flight for up to %.0fs", grace)
         self._server.stop(grace).wait()
+        self.capacity.shutdown()
         for unit in self.units:
             unit.close()
         log.info("stopped")

@@ -1,0 +1,274 @@
+"""Which threads a call runs on, decided before it runs, so that no tenant can starve the others.
+
+gRPC's synchronous server gives every call a thread for as long as the call lasts, and a
+streaming call (``WatchFutures``, ``Generate``, the vault's uploads and downloads) may last
+for hours. With one shared pool, a tenant holding as many idle streams as the pool has
+threads stopped every call of every tenant. So a server has three pools:
+
+- **calls** (``TENSAFE_WORKERS`` threads): unary calls of tenants;
+- **streams** (``TENSAFE_MAX_STREAMS`` threads): streaming calls of tenants, each admitted only
+  while its tenant has fewer than ``TENSAFE_QUOTA_STREAMS_PER_TENANT`` open and the server
+  fewer than ``TENSAFE_MAX_STREAMS``; past either, the call is refused at once with
+  RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, naming that setting. An admitted stream always
+  finds a free thread, and its slot is freed when its thread is (see :class:`_SlotPool`);
+- **internal** (``TENSAFE_INTERNAL_WORKERS`` threads): calls between TenSafe's own services.
+
+An internal call still acts as the tenant (it carries the tenant's own API key, which alone
+decides what the call may do); it also carries ``x-tensafe-service``, the services' own key
+(tenant ``tensafe-system``), which only the services hold. That marker grants no privilege:
+it only selects the internal pool, so that a trainer's call to the vault or the accountant on
+a tenant's behalf is never queued behind other tenants' calls. Internal calls go one hop deep
+(the vault, accountant and ledger call no other service while serving), so a bounded internal
+pool cannot deadlock.
+
+The decision is made in gRPC's dispatch thread (:class:`CapacityRouter`, the outermost
+interceptor) from the key's signed claims alone, with no database read; the call is then
+authenticated in full by the pipeline, which also turns a refusal into the error the caller
+sees (logged and audited like any refused call).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from .bootstrap import SYSTEM_TENANT
+from .errors import QuotaExceeded
+from .identity import KeyVerifier
+
+log = logging.getLogger("tensafe.capacity")
+
+SERVICE_MARKER = "x-tensafe-service"
+UNROUTED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass
+class Admission:
+    """What the router decided for one call; the pipeline reads it (``handler_call_details.admission``)."""
+
+    pool: str                              # "calls", "streams" or "internal"
+    refusal: QuotaExceeded | None = None   # raised by the pipeline once the caller is authenticated
+    service_marker: str = ""               # verified in full by the pipeline for internal calls
+
+
+class StreamSlots:
+    """Counts open streams per tenant and in all; ``acquire`` admits or names the quota it would pass."""
+
+    def __init__(self, per_tenant: int, total: int) -> None:
+        self.per_tenant = per_tenant
+        self.total = total
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._count = 0
+
+    def acquire(self, tenant: str) -> Callable[[], None] | QuotaExceeded:
+        """A release function for the slot taken, or the refusal."""
+        with self._lock:
+            mine = self._open.get(tenant, 0)
+            if mine >= self.per_tenant:
+                return QuotaExceeded(
+                    "TENSAFE_QUOTA_STREAMS_PER_TENANT",
+                    f"tenant {tenant!r} already has {mine} streams open (limit {self.per_tenant}); close a "
+                    "training client or finish a download first", limit=self.per_tenant, current=mine)
+            if self._count >= self.total:
+                return QuotaExceeded(
+                    "TENSAFE_MAX_STREAMS", f"this server already serves {self._count} streams (limit "
+                    f"{self.total}); retry later", limit=self.total, current=self._count)
+            self._open[tenant] = mine + 1
+            self._count += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                self._count -= 1
+                left = self._open[tenant] - 1
+                if left:
+                    self._open[tenant] = left
+                else:
+                    del self._open[tenant]
+
+        return release
+
+    def open_streams(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return self._count if tenant is None else self._open.get(tenant, 0)
+
+
+class _SlotPool(futures.ThreadPoolExecutor):
+    """One call's view of the streams pool: runs the call there and frees its slot when its thread is free.
+
+    gRPC takes the pool of a call from its handler's ``experimental_thread_pool`` and submits the whole
+    call (request read, handler, every response) as one task, so the task's end is exactly when the
+    thread is free again, whether the handler ran, failed, was cancelled or never started (a client that
+    hangs up before sending its request). No thread of its own is ever started.
+    """
+
+    def __init__(self, pool: futures.ThreadPoolExecutor, release: Callable[[], None]) -> None:  # noqa: D107
+        # Deliberately not calling ThreadPoolExecutor.__init__: this object only forwards to ``pool``.
+        self._target = pool
+        self._release = release
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        try:
+            fut = self._target.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._release()
+            raise
+        fut.add_done_callback(lambda _f: self._release())
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:  # noqa: D102
+        pass
+
+
+class _Details(grpc.HandlerCallDetails):
+    """The call's details as gRPC gave them, plus the router's :class:`Admission`."""
+
+    def __init__(self, details: grpc.HandlerCallDetails, admission: Admission) -> None:
+        self.method = details.method
+        self.invocation_metadata = details.invocation_metadata
+        self.admission = admission
+
+
+def _api_key(metadata: dict[str, str]) -> str:
+    auth = metadata.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else metadata.get("x-api-key", "")
+
+
+def _with_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
+    """The same handler, run on ``pool``."""
+    for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                          ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                          ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                          ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            def run(request: Any, context: grpc.ServicerContext, _behavior: Callable = behavior) -> Any:
+                return _behavior(request, context)
+
+            run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+            return factory(run, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+@functools.cache
+def _is_streaming(path: str) -> bool | None:
+    """Whether the method streams requests or responses; None when its proto is not known here."""
+    full_service, _, name = path.lstrip("/").rpartition("/")
+    try:
+        method = descriptor_pool.Default().FindServiceByName(full_service).FindMethodByName(name)
+    except KeyError:
+        return None
+    if method is None:
+        return None
+    return bool(method.client_streaming or method.server_streaming)
+
+
+class CapacityRouter(grpc.ServerInterceptor):
+    """The outermost interceptor: assigns each call its pool (and a stream its slot) before it runs."""
+
+    def __init__(self, verifier: KeyVerifier, *, workers: int, max_streams: int, streams_per_tenant: int,
+                 internal_workers: int) -> None:
+        self.verifier = verifier
+        self.slots = StreamSlots(streams_per_tenant, max_streams)
+        self.calls = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tensafe-rpc")
+        self.streams = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="tensafe-stream")
+        self.internal = futures.ThreadPoolExecutor(max_workers=internal_workers,
+                                                   thread_name_prefix="tensafe-internal")
+
+    def shutdown(self) -> None:
+        for pool in (self.streams, self.internal):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+        path = handler_call_details.method or ""
+        if path.startswith(UNROUTED_PREFIXES):
+            return continuation(handler_call_details)
+        metadata = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())
+                    if isinstance(v, str)}
+        marker = metadata.get(SERVICE_MARKER, "")
+        if marker:
+            service = self.verifier.claims(marker)
+            if service is not None and service.tenant_id == SYSTEM_TENANT:
+                handler = continuation(_Details(handler_call_details, Admission("internal", service_marker=marker)))
+                return None if handler is None else _with_pool(handler, self.internal)
+        # Unary calls run on the calls pool; so does a stream without a valid key (the pipeline refuses it
+        # at once) and a stream past its quota (the pipeline raises the refusal).
+        streaming = _is_streaming(path)
+        if streaming is None:  # not in the descriptor pool (a generic handler): ask the handler itself
+            probe = continuation(handler_call_details)
+            streaming = probe is not None and probe.unary_unary is None
+        if not streaming:
+            return continuation(_Details(handler_call_details, Admission("calls")))
+        caller = self.verifier.claims(_api_key(metadata))
+        if caller is None:
+            return continuation(_Details(handler_call_details, Admission("calls")))
+        taken = self.slots.acquire(caller.tenant_id)
+        if isinstance(taken, QuotaExceeded):
+            log.info("stream %s of tenant %s refused: %s", path, caller.tenant_id, taken.message)
+            return continuation(_Details(handler_call_details, Admission("calls", refusal=taken)))
+        try:
+            handler = continuation(_Details(handler_call_details, Admission("streams")))
+        except BaseException:
+            taken()
+            raise
+        if handler is None:
+            taken()
+            return None
+        return _with_pool(handler, _SlotPool(self.streams, taken))
+
+
+class _ServiceMarker(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``x-tensafe-service`` (the services' own key) to every call a service makes to a peer."""
+
+    def __init__(self, service_key: Callable[[], str]) -> None:
+        self._service_key = service_key
+        self._key = ""
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        if not self._key:
+            self._key = self._service_key()
+        if not self._key:
+            return details
+        metadata = [*(details.metadata or ()), (SERVICE_MARKER, self._key)]
+        return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                  getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:  # noqa: ANN001
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+def marked_channel(channel: grpc.Channel, service_key: Callable[[], str]) -> grpc.Channel:
+    """``channel`` with every call marked as a call between services (see the module's docstring)."""
+    return grpc.intercept_channel(channel, _ServiceMarker(service_key))

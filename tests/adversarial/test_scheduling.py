@@ -313,6 +313,39 @@ def test_session_and_private_copy_quotas_per_tenant(tiny_model: Path) -> None:
         t.shutdown()
 
 
+def test_queued_ops_per_session_are_bounded(tiny_model: Path) -> None:
+    """Attack: queueing ops without end (each holds its batch in memory) on a busy base."""
+    t = Trainer(tiny_model.parent, limits=TrainerLimits(pending_ops=3))
+    try:
+        s = t.create_session("t", cfg())
+        info = trainer_pb2.GetInfoRequest(session_id=s.session_id)
+        with s.base.lock:  # the worker is busy: ops stay queued
+            ops = [t.get_info("t", info) for _ in range(3)]
+            with pytest.raises(QuotaExceeded) as err:
+                t.get_info("t", info)
+            assert err.value.quota == "TENSAFE_QUOTA_PENDING_OPS" and err.value.metadata["current"] == "3"
+            t.cancel("t", s.session_id, ops[-1].future_id)  # a cancelled op frees its place
+            ops.append(t.get_info("t", info))
+        assert [wait(op).state for op in ops] == [SUCCEEDED, SUCCEEDED, CANCELLED, SUCCEEDED]
+        assert wait(t.get_info("t", info)).state == SUCCEEDED  # finished ops free theirs
+    finally:
+        t.shutdown()
+
+
+def test_closed_sessions_are_not_kept_without_end(tiny_model: Path) -> None:
+    from tensafe.trainer.service import KEEP_CLOSED
+
+    t = Trainer(tiny_model.parent)
+    try:
+        for _ in range(KEEP_CLOSED + 5):
+            s = t.create_session("t", cfg())
+            t.close("t", s.session_id)
+        assert len(t.list("t", include_closed=True)) == KEEP_CLOSED
+        assert len(t._sessions) == KEEP_CLOSED
+    finally:
+        t.shutdown()
+
+
 def test_concurrent_creates_cannot_overshoot_the_session_quota(tiny_model: Path) -> None:
     t = Trainer(tiny_model.parent, limits=TrainerLimits(sessions=2))
     results: list[object] = []

@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_QUOTA_ADAPTERS", "quota_adapters", int, 8, "Adapters loaded at once per tenant (inference); 0 turns the quota off."),
     Setting("TENSAFE_MAX_SAMPLE_TOKENS", "max_sample_tokens", int, 8192, "Largest Sample/Generate call: prompts x samples x max_tokens; 0 turns the cap off."),
     Setting("TENSAFE_MAX_BATCH_TOKENS", "max_batch_tokens", int, 32768, "Largest batch of a forward, forward_backward or forward_custom call: rows x sequence length; 0 turns the cap off."),
+    Setting("TENSAFE_QUOTA_PENDING_OPS", "quota_pending_ops", int, 256, "Operations queued or running per training session; past it a new one is refused until some finish; 0 turns the quota off."),
     Setting("TENSAFE_QUOTA_STORED_MB", "quota_stored_mb", int, 10240, "Encrypted artifact bytes stored per tenant in the vault, in MiB; a put past it is refused while it streams and leaves nothing stored. 0 turns the quota off."),
     Setting("TENSAFE_QUOTA_ARTIFACTS", "quota_artifacts", int, 1000, "Artifacts stored per tenant in the vault; 0 turns the quota off."),
     Setting("TENSAFE_QUOTA_HE_COMPUTATIONS", "quota_he_computations", int, 32, "Unfinished HE computations per tenant (he); finished ones give way to new ones. 0 turns the quota off."),
@@ -124,6 +125,7 @@ class ServerConfig:
     quota_adapters: int
     max_sample_tokens: int
     max_batch_tokens: int
+    quota_pending_ops: int
     quota_stored_mb: int
     quota_artifacts: int
     quota_he_computations: int
@@ -229,6 +231,7 @@ class ServerConfig:
                            ("TENSAFE_QUOTA_ADAPTERS", self.quota_adapters),
                            ("TENSAFE_MAX_SAMPLE_TOKENS", self.max_sample_tokens),
                            ("TENSAFE_MAX_BATCH_TOKENS", self.max_batch_tokens),
+                           ("TENSAFE_QUOTA_PENDING_OPS", self.quota_pending_ops),
                            ("TENSAFE_QUOTA_STORED_MB", self.quota_stored_mb),
                            ("TENSAFE_QUOTA_ARTIFACTS", self.quota_artifacts),
                            ("TENSAFE_QUOTA_HE_COMPUTATIONS", self.quota_he_computations),

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
-from tensafe.runtime.errors import TensafeError, to_rpc_status
+from tensafe.runtime.errors import QuotaExceeded, TensafeError, to_rpc_status
 from tensafe.runtime.messages import timestamp
 
 PENDING = trainer_pb2.FUTURE_STATE_PENDING
@@ -113,10 +113,19 @@ class FutureBook:
         self._finished: list[Op] = []  # in completion order
         self._dropped = 0  # finished ops dropped from the front of _finished
         self.last_sequence = 0
+        self.open_ops = 0  # pending or running
         self.closed = False
 
-    def create(self, op_type: int, run: Callable[[], Any], cancel_event: threading.Event | None = None) -> Op:
+    def create(self, op_type: int, run: Callable[[], Any], cancel_event: threading.Event | None = None,
+               max_open: int = 0) -> Op:
+        """A new pending op; QuotaExceeded (TENSAFE_QUOTA_PENDING_OPS) when ``max_open`` ops are already
+        pending or running (0: no limit)."""
         with self._cond:
+            if max_open and self.open_ops >= max_open:
+                raise QuotaExceeded("TENSAFE_QUOTA_PENDING_OPS", f"the session has {self.open_ops} operations queued "
+                                    "or running, the most allowed; wait for some to finish",
+                                    limit=max_open, current=self.open_ops)
+            self.open_ops += 1
             self.last_sequence += 1
             op = Op(self.session_id, "fut_" + uuid.uuid4().hex[:16], self.last_sequence, op_type, run,
                     cancel_event=cancel_event)
@@ -133,7 +142,7 @@ class FutureBook:
 
     def pending_count(self) -> int:
         with self._cond:
-            return sum(1 for op in self._ops.values() if op.state in (PENDING, RUNNING))
+            return self.open_ops
 
     def start(self, op: Op) -> bool:
         """Mark running; False if it was cancelled meanwhile (then it must not run)."""
@@ -155,6 +164,7 @@ class FutureBook:
                 state, result_field, result, error = CANCELLED, None, None, error_detail(stopped)
             op.state = state if state is not None else (FAILED if error is not None else SUCCEEDED)
             op.end_time = time.time()
+            self.open_ops -= 1
             op.result_field, op.result, op.error = result_field, result, error
             op.run = op.stepper = None
             self._finished.append(op)

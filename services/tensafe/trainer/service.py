@@ -175,6 +175,11 @@ class TrainerLimits:
     private_copies: int = 2    # TENSAFE_QUOTA_PRIVATE_COPIES: open sessions with their own base copy
     sample_tokens: int = 8192  # TENSAFE_MAX_SAMPLE_TOKENS: prompts x samples x max_tokens per Sample
     batch_tokens: int = 32768  # TENSAFE_MAX_BATCH_TOKENS: rows x length per Forward/ForwardBackward/Custom
+    pending_ops: int = 256     # TENSAFE_QUOTA_PENDING_OPS: ops queued or running per session
+
+
+# Closed sessions kept per tenant for GetSession/ListSessions(include_closed); older ones are forgotten.
+KEEP_CLOSED = 32
 
 
 BATCH_TOKENS_SETTING = "TENSAFE_MAX_BATCH_TOKENS"
@@ -349,6 +354,10 @@ class Trainer:
         session.book.close()
         with self._lock:
             self._private.discard(session_id)  # its quota places are free again
+            closed = sorted((s for s in self._sessions.values() if s.tenant_id == tenant and s.closed),
+                            key=lambda s: s.close_time)
+            for old in closed[:-KEEP_CLOSED]:  # a create/close loop must not grow the trainer without end
+                del self._sessions[old.session_id]
         return session
 
     def shutdown(self) -> None:
@@ -359,7 +368,7 @@ class Trainer:
     # -- ops: validated here, at submission, then queued ------------------------------------
     def _submit(self, session: TrainingSession, op_type: int, run,  # noqa: ANN001
                 cancel: threading.Event | None = None) -> Op:
-        op = session.book.create(op_type, run, cancel_event=cancel)
+        op = session.book.create(op_type, run, cancel_event=cancel, max_open=self.limits.pending_ops)
         session.base.submit(session, op)
         return op
 

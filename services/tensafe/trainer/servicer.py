@@ -90,7 +90,8 @@ def create(env: ServiceEnvironment) -> TrainerServicer:
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     cfg = env.config
     limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,
-                           sample_tokens=cfg.max_sample_tokens, batch_tokens=cfg.max_batch_tokens)
+                           sample_tokens=cfg.max_sample_tokens, batch_tokens=cfg.max_batch_tokens,
+                           pending_ops=cfg.quota_pending_ops)
     trainer = Trainer(model_dir, VaultClient(env.peers, cfg.max_artifact_mb << 20), AccountantClient(env.peers),
                       models=cfg.registered_models(), limits=limits)
     trainer.audit = OpAudit(env.db)  # entries that ops write when they run, delivered with the service's own

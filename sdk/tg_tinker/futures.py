@@ -64,7 +64,8 @@ class FutureHandle(Generic[T]):
         return isinstance(exc, FutureCancelledError)
 
     def cancel(self) -> bool:
-        """Ask the server to cancel the operation; True if it had not started and is now cancelled."""
+        """Ask the server to cancel the operation; True if it had not started, or was a running sample
+        (stopped between two tokens), and is now cancelled."""
         if self._future.done():
             return False
         if self._canceller is None or not self._canceller(self.future_id):

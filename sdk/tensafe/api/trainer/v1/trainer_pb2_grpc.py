@@ -233,8 +233,9 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelFuture(self, request, context):
-        """Cancels a future that has not started; a running or finished future is
-        left as is (cancelled = false).
+        """Cancels a future that has not started, or stops a running Sample between
+        two tokens (it then ends CANCELLED, its partial output dropped); any
+        other running or finished future is left as is (cancelled = false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -82,8 +82,9 @@ class TrainerServiceStub:
     GetFuture: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetFutureRequest, _trainer_pb2.GetFutureResponse]
     """Current state (and result, when done) of one future."""
     CancelFuture: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelFutureRequest, _trainer_pb2.CancelFutureResponse]
-    """Cancels a future that has not started; a running or finished future is
-    left as is (cancelled = false).
+    """Cancels a future that has not started, or stops a running Sample between
+    two tokens (it then ends CANCELLED, its partial output dropped); any
+    other running or finished future is left as is (cancelled = false).
     """
 
 @_typing.type_check_only
@@ -133,8 +134,9 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     GetFuture: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetFutureRequest, _trainer_pb2.GetFutureResponse]  # type: ignore[assignment]
     """Current state (and result, when done) of one future."""
     CancelFuture: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelFutureRequest, _trainer_pb2.CancelFutureResponse]  # type: ignore[assignment]
-    """Cancels a future that has not started; a running or finished future is
-    left as is (cancelled = false).
+    """Cancels a future that has not started, or stops a running Sample between
+    two tokens (it then ends CANCELLED, its partial output dropped); any
+    other running or finished future is left as is (cancelled = false).
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -277,8 +279,9 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.CancelFutureRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.CancelFutureResponse, _abc.Awaitable[_trainer_pb2.CancelFutureResponse]]:
-        """Cancels a future that has not started; a running or finished future is
-        left as is (cancelled = false).
+        """Cancels a future that has not started, or stops a running Sample between
+        two tokens (it then ends CANCELLED, its partial output dropped); any
+        other running or finished future is left as is (cancelled = false).
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,9 @@ class ServiceClient:
         except TGTinkerError:
             # Its result stream was refused (e.g. QuotaExceededError, TENSAFE_QUOTA_STREAMS_PER_TENANT): the
             # session would be unusable, so it is closed rather than left holding a session place.
-            self._call("trainer", "CloseSession", trainer_pb2.CloseSessionRequest(session_id=resp.session.session_id))
+            with contextlib.suppress(TGTinkerError):  # the refusal is what the caller must see
+                self._call("trainer", "CloseSession",
+                           trainer_pb2.CloseSessionRequest(session_id=resp.session.session_id))
             raise
 
     def get_training_client(self, session_id: str) -> TrainingClient:

@@ -15,6 +15,7 @@ import hashlib
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +33,7 @@ from tg_tinker import (
     LoRAConfig,
     OptimizerConfig,
     QuotaExceededError,
+    RateLimitedError,
     ServiceClient,
     TrainingConfig,
     ValidationError,
@@ -39,6 +41,7 @@ from tg_tinker import (
 
 PER_TENANT = 3
 MAX_STREAMS = 4
+CALLS_PER_TENANT = 2  # unary calls in flight per tenant
 
 
 def tiny_config(**kw) -> TrainingConfig:  # noqa: ANN003
@@ -53,7 +56,7 @@ def rt_stack(tmp_path_factory, tiny_model, module_db_env):  # noqa: ANN001, ANN2
     s = start_stack(tmp_path_factory.mktemp("runtime"), {
         **module_db_env, "TENSAFE_MODEL_DIR": str(tiny_model.parent), "TENSAFE_AUTH_REFRESH_SECONDS": "0.2",
         "TENSAFE_WORKERS": str(PER_TENANT + 1), "TENSAFE_MAX_STREAMS": str(MAX_STREAMS),
-        "TENSAFE_QUOTA_STREAMS_PER_TENANT": str(PER_TENANT)})
+        "TENSAFE_QUOTA_STREAMS_PER_TENANT": str(PER_TENANT), "TENSAFE_QUOTA_CALLS_PER_TENANT": str(CALLS_PER_TENANT)})
     yield s
     assert s.process.stop() == 0, s.process.output()
 
@@ -153,6 +156,37 @@ def test_raw_streams_count_and_hang_ups_give_places_back(rt_stack) -> None:
                 for call in calls:
                     call.cancel()
         tc.close()
+
+
+def test_unary_calls_that_never_send_their_request_cannot_hold_every_thread(rt_stack) -> None:
+    """A unary call's thread is taken when its headers arrive: send headers, never the body (with a key,
+    and without one). On main, TENSAFE_WORKERS such calls stopped every unary call of every tenant."""
+    key = tenant_key(rt_stack, "mallory")
+    hold = threading.Event()
+
+    def never():  # noqa: ANN202 - a request stream that never yields: the body never comes
+        hold.wait()
+        return
+        yield
+
+    with grpc.insecure_channel(rt_stack.target) as channel:
+        half_sent = channel.stream_unary("/tensafe.api.vault.v1.VaultService/ListArtifacts",
+                                         request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        pending = [half_sent.future(never(), metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+                   for _ in range(PER_TENANT + 1)]
+        pending += [half_sent.future(never(), timeout=60) for _ in range(PER_TENANT + 1)]  # no key at all
+        try:
+            time.sleep(1.0)
+            with rt_stack.client(api_key=tenant_key(rt_stack, "victim"), timeout=5) as victim:
+                _, took = timed(lambda: victim._call("vault", "ListArtifacts", vault_pb2.ListArtifactsRequest()))
+                assert took < 1.0, f"another tenant's unary call took {took:.2f} s"
+            with rt_stack.client(api_key=key, timeout=5) as mallory, pytest.raises(RateLimitedError) as info:
+                mallory._call("vault", "ListArtifacts", vault_pb2.ListArtifactsRequest())
+            assert "TENSAFE_QUOTA_CALLS_PER_TENANT" in str(info.value) and info.value.retry_after > 0
+        finally:
+            hold.set()
+            for fut in pending:
+                fut.cancel()
 
 
 # -- ids and the audit trail ------------------------------------------------------------------------------

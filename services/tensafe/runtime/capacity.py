@@ -5,13 +5,23 @@ streaming call (``WatchFutures``, ``Generate``, the vault's uploads and download
 for hours. With one shared pool, a tenant holding as many idle streams as the pool has
 threads stopped every call of every tenant. So a server has three pools:
 
-- **calls** (``TENSAFE_WORKERS`` threads): unary calls of tenants;
+- **calls** (``TENSAFE_WORKERS`` threads): unary calls of tenants, at most
+  ``TENSAFE_QUOTA_CALLS_PER_TENANT`` at once per tenant. A thread is held from the moment a call
+  arrives, before its request is even read (a client may send a unary call's headers and never
+  its body), so without this bound one tenant could hold every thread. Past it the call is
+  refused with RESOURCE_EXHAUSTED, reason RATE_LIMITED (waiting helps: calls finish), naming
+  the setting;
 - **streams** (``TENSAFE_MAX_STREAMS`` threads): streaming calls of tenants, each admitted only
   while its tenant has fewer than ``TENSAFE_QUOTA_STREAMS_PER_TENANT`` open and the server
   fewer than ``TENSAFE_MAX_STREAMS``; past either, the call is refused at once with
   RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, naming that setting. An admitted stream always
   finds a free thread, and its slot is freed when its thread is (see :class:`_SlotPool`);
-- **internal** (``TENSAFE_INTERNAL_WORKERS`` threads): calls between TenSafe's own services.
+- **internal** (``TENSAFE_INTERNAL_WORKERS`` threads): calls between TenSafe's own services;
+- **refusals** (a few threads): where a call refused here runs, and every call without a valid
+  key (the pipeline refuses it as UNAUTHENTICATED). Such a call is handed to gRPC as one that
+  streams its request, which gRPC does not read before the handler runs, and the handler ends
+  before reading it: a refusal takes microseconds, however slowly its client sends, so neither
+  callers without a key nor refused ones can hold a thread.
 
 An internal call still acts as the tenant (it carries the tenant's own API key, which alone
 decides what the call may do); it also carries ``x-tensafe-service``, the services' own key
@@ -41,21 +51,22 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from .bootstrap import SYSTEM_TENANT
-from .errors import QuotaExceeded
+from .errors import QuotaExceeded, RateLimited
 from .identity import KeyVerifier
 
 log = logging.getLogger("tensafe.capacity")
 
 SERVICE_MARKER = "x-tensafe-service"
 UNROUTED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+REFUSAL_THREADS = 4
 
 
 @dataclass
 class Admission:
     """What the router decided for one call; the pipeline reads it (``handler_call_details.admission``)."""
 
-    pool: str                              # "calls", "streams" or "internal"
-    refusal: QuotaExceeded | None = None   # raised by the pipeline once the caller is authenticated
+    pool: str                              # "calls", "streams", "internal" or "refusals"
+    refusal: QuotaExceeded | RateLimited | None = None  # raised by the pipeline after authentication
     service_marker: str = ""               # verified in full by the pipeline for internal calls
 
 
@@ -103,6 +114,41 @@ class StreamSlots:
     def open_streams(self, tenant: str | None = None) -> int:
         with self._lock:
             return self._count if tenant is None else self._open.get(tenant, 0)
+
+
+class CallSlots:
+    """Counts unary calls in flight per tenant."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def acquire(self, tenant: str) -> Callable[[], None] | RateLimited:
+        with self._lock:
+            mine = self._open.get(tenant, 0)
+            if mine >= self.per_tenant:
+                return RateLimited(f"TENSAFE_QUOTA_CALLS_PER_TENANT: tenant {tenant!r} has {mine} calls in flight "
+                                   f"already (limit {self.per_tenant}); retry when one has finished", retry_after=0.1)
+            self._open[tenant] = mine + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._open[tenant] - 1
+                if left:
+                    self._open[tenant] = left
+                else:
+                    del self._open[tenant]
+
+        return release
+
+    def in_flight(self, tenant: str) -> int:
+        with self._lock:
+            return self._open.get(tenant, 0)
 
 
 class _SlotPool(futures.ThreadPoolExecutor):
@@ -162,6 +208,18 @@ def _with_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor)
     return handler
 
 
+def _unread(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, declared to gRPC as streaming its request, so that gRPC does not wait for the
+    request before running it. Only for a call the pipeline refuses before it looks at the request."""
+    if handler.unary_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(handler.unary_unary, handler.request_deserializer,
+                                                    handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(handler.unary_stream, handler.request_deserializer,
+                                                     handler.response_serializer)
+    return handler
+
+
 @functools.cache
 def _is_streaming(path: str) -> bool | None:
     """Whether the method streams requests or responses; None when its proto is not known here."""
@@ -179,16 +237,18 @@ class CapacityRouter(grpc.ServerInterceptor):
     """The outermost interceptor: assigns each call its pool (and a stream its slot) before it runs."""
 
     def __init__(self, verifier: KeyVerifier, *, workers: int, max_streams: int, streams_per_tenant: int,
-                 internal_workers: int) -> None:
+                 internal_workers: int, calls_per_tenant: int | None = None) -> None:
         self.verifier = verifier
         self.slots = StreamSlots(streams_per_tenant, max_streams)
+        self.call_slots = CallSlots(calls_per_tenant or workers)
+        self.refusals = futures.ThreadPoolExecutor(max_workers=REFUSAL_THREADS, thread_name_prefix="tensafe-refusal")
         self.calls = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tensafe-rpc")
         self.streams = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="tensafe-stream")
         self.internal = futures.ThreadPoolExecutor(max_workers=internal_workers,
                                                    thread_name_prefix="tensafe-internal")
 
     def shutdown(self) -> None:
-        for pool in (self.streams, self.internal):
+        for pool in (self.streams, self.internal, self.refusals):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
@@ -203,30 +263,36 @@ class CapacityRouter(grpc.ServerInterceptor):
             if service is not None and service.tenant_id == SYSTEM_TENANT:
                 handler = continuation(_Details(handler_call_details, Admission("internal", service_marker=marker)))
                 return None if handler is None else _with_pool(handler, self.internal)
-        # Unary calls run on the calls pool; so does a stream without a valid key (the pipeline refuses it
-        # at once) and a stream past its quota (the pipeline raises the refusal).
         streaming = _is_streaming(path)
         if streaming is None:  # not in the descriptor pool (a generic handler): ask the handler itself
             probe = continuation(handler_call_details)
             streaming = probe is not None and probe.unary_unary is None
-        if not streaming:
-            return continuation(_Details(handler_call_details, Admission("calls")))
         caller = self.verifier.claims(_api_key(metadata))
-        if caller is None:
-            return continuation(_Details(handler_call_details, Admission("calls")))
-        taken = self.slots.acquire(caller.tenant_id)
-        if isinstance(taken, QuotaExceeded):
-            log.info("stream %s of tenant %s refused: %s", path, caller.tenant_id, taken.message)
-            return continuation(_Details(handler_call_details, Admission("calls", refusal=taken)))
+        if caller is None:  # the pipeline refuses it (UNAUTHENTICATED) without reading its request
+            handler = continuation(_Details(handler_call_details, Admission("refusals")))
+            return None if handler is None else _with_pool(_unread(handler), self.refusals)
+        if not streaming:
+            return self._admit(continuation, handler_call_details, path, self.call_slots, caller.tenant_id,
+                               self.calls, "calls")
+        return self._admit(continuation, handler_call_details, path, self.slots, caller.tenant_id, self.streams,
+                           "streams")
+
+    def _admit(self, continuation, details, path: str, slots, tenant: str,  # noqa: ANN001
+               pool: futures.ThreadPoolExecutor, name: str) -> grpc.RpcMethodHandler | None:
+        taken = slots.acquire(tenant)
+        if not callable(taken):
+            log.info("call %s of tenant %s refused: %s", path, tenant, taken.message)
+            handler = continuation(_Details(details, Admission("refusals", refusal=taken)))
+            return None if handler is None else _with_pool(_unread(handler), self.refusals)
         try:
-            handler = continuation(_Details(handler_call_details, Admission("streams")))
+            handler = continuation(_Details(details, Admission(name)))
         except BaseException:
             taken()
             raise
         if handler is None:
             taken()
             return None
-        return _with_pool(handler, _SlotPool(self.streams, taken))
+        return _with_pool(handler, _SlotPool(pool, taken))
 
 
 class _ServiceMarker(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -79,6 +79,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_MAX_MESSAGE_MB", "max_message_mb", int, 64, "Largest gRPC message accepted or sent, in MiB."),
     Setting("TENSAFE_MAX_ARTIFACT_MB", "max_artifact_mb", int, 2048, "Largest artifact (checkpoint or adapter tar, decrypted) the trainer, he and inference services read, in MiB; members of the tar count towards it by their real size."),
     Setting("TENSAFE_WORKERS", "workers", int, 64, "Threads serving tenants' unary calls in one server (streams and calls between services have their own, below)."),
+    Setting("TENSAFE_QUOTA_CALLS_PER_TENANT", "quota_calls_per_tenant", int, 16, "Unary calls one tenant may have in flight at once in one server; past it RESOURCE_EXHAUSTED, reason RATE_LIMITED, naming this setting."),
     Setting("TENSAFE_MAX_STREAMS", "max_streams", int, 64, "Streaming calls (a training client's result stream, Generate, artifact uploads and downloads) open at once in one server, all tenants together; each has its own thread, apart from TENSAFE_WORKERS. Past it: RESOURCE_EXHAUSTED naming this setting."),
     Setting("TENSAFE_QUOTA_STREAMS_PER_TENANT", "quota_streams_per_tenant", int, 16, "Streaming calls one tenant may have open at once in one server (each TrainingClient holds one while open). Past it: RESOURCE_EXHAUSTED naming this setting."),
     Setting("TENSAFE_INTERNAL_WORKERS", "internal_workers", int, 16, "Threads reserved for calls between TenSafe's own services (trainer to vault and accountant, audit delivery), so that tenants' calls and streams cannot starve them."),
@@ -156,6 +157,7 @@ class ServerConfig:
     max_message_mb: int
     max_artifact_mb: int
     workers: int
+    quota_calls_per_tenant: int
     max_streams: int
     quota_streams_per_tenant: int
     internal_workers: int
@@ -219,7 +221,8 @@ class ServerConfig:
             raise ConfigError(f"TENSAFE_MAX_ARTIFACT_MB={self.max_artifact_mb} must be at least 1")
         if self.workers < 2:
             raise ConfigError("TENSAFE_WORKERS must be at least 2")
-        for env, value in (("TENSAFE_MAX_STREAMS", self.max_streams),
+        for env, value in (("TENSAFE_QUOTA_CALLS_PER_TENANT", self.quota_calls_per_tenant),
+                           ("TENSAFE_MAX_STREAMS", self.max_streams),
                            ("TENSAFE_QUOTA_STREAMS_PER_TENANT", self.quota_streams_per_tenant),
                            ("TENSAFE_INTERNAL_WORKERS", self.internal_workers)):
             if value < 1:

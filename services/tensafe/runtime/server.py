@@ -73,7 +73,8 @@ class TensafeServer:
         # before it runs, so that no tenant's streams can starve anyone's calls (runtime.capacity).
         self.capacity = CapacityRouter(self.verifier, workers=config.workers, max_streams=config.max_streams,
                                        streams_per_tenant=config.quota_streams_per_tenant,
-                                       internal_workers=config.internal_workers)
+                                       internal_workers=config.internal_workers,
+                                       calls_per_tenant=config.quota_calls_per_tenant)
         self._server = grpc.server(
             self.capacity.calls,
             options=server_options(config),

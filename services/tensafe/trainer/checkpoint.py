@@ -149,50 +149,120 @@ def check_adapter(session: Any, files: dict[str, bytes]) -> dict[str, torch.Tens
         raise InvalidArgument("adapter_model", f"unreadable safetensors ({str(exc).splitlines()[0][:200]})") from None
 
 
+_FIELD = "artifact_id"
+_OPTIMIZER_STATE_NAMES = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+def _json(files: dict[str, bytes], name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(files[name])
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidArgument(_FIELD, f"the checkpoint's {name} is not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(_FIELD, f"the checkpoint's {name} is not a JSON object")
+    return value
+
+
+def _count(record: dict[str, Any], key: str) -> int:
+    value = record.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise InvalidArgument(_FIELD, f"the checkpoint's session.json has a bad {key!r}")
+    return value
+
+
+def _safetensors(files: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(files[name])
+    except Exception as exc:  # noqa: BLE001 - safetensors' own errors for malformed bytes
+        raise InvalidArgument(_FIELD, f"the checkpoint's {name} is unreadable ({str(exc).splitlines()[0][:200]})") \
+            from None
+
+
+def _optimizer_state(session: Any, files: dict[str, bytes]) -> dict[str, Any] | None:
+    """The checkpoint's optimizer state, checked against the session's own optimizer (same type, same
+    parameter groups and hyper-parameter kinds, state tensors of its parameters' shapes), or None."""
+    if "optimizer.safetensors" not in files or "optimizer.json" not in files:
+        return None
+    meta = _json(files, "optimizer.json")
+    mine = session.optimizer.state_dict()
+    if meta.get("type") != type(session.optimizer).__name__:
+        raise FailedPrecondition(f"checkpoint optimizer {str(meta.get('type'))[:40]!r} differs from this session's "
+                                 f"{type(session.optimizer).__name__}")
+    groups, scalars = meta.get("param_groups"), meta.get("scalars")
+    if not isinstance(groups, list) or len(groups) != len(mine["param_groups"]) or not isinstance(scalars, dict):
+        raise InvalidArgument(_FIELD, "the checkpoint's optimizer.json does not fit this session's optimizer")
+    merged = []
+    for saved, own in zip(groups, mine["param_groups"], strict=True):
+        if not isinstance(saved, dict) or not set(saved) <= set(own) or saved.get("params") != own["params"]:
+            raise InvalidArgument(_FIELD, "the checkpoint's optimizer parameter groups differ from this session's")
+        for key, value in saved.items():
+            if key != "params" and not isinstance(value, (list, *_SCALAR_TYPES)):
+                raise InvalidArgument(_FIELD, f"the checkpoint's optimizer setting {key[:40]!r} is not a value")
+        merged.append({**own, **saved})  # settings a newer torch added keep the session's values
+    params = [p for group in session.optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in _safetensors(files, "optimizer.safetensors").items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or name not in _OPTIMIZER_STATE_NAMES:
+            raise InvalidArgument(_FIELD, f"the checkpoint's optimizer tensor {key[:60]!r} is not one of this "
+                                          "session's optimizer state")
+        want = () if name == "step" else tuple(params[int(index)].shape)
+        if tuple(value.shape) != want or not value.is_floating_point():
+            raise InvalidArgument(_FIELD, f"the checkpoint's optimizer tensor {key} has shape {list(value.shape)}, "
+                                          f"this session's parameter needs {list(want)}")
+        state.setdefault(int(index), {})[name] = value
+    for index, values in scalars.items():
+        if not str(index).isdigit() or int(index) >= len(params) or not isinstance(values, dict) \
+                or not all(k in _OPTIMIZER_STATE_NAMES and isinstance(v, (int, float)) for k, v in values.items()):
+            raise InvalidArgument(_FIELD, "the checkpoint's optimizer scalars do not fit this session's optimizer")
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": merged}
+
+
 def restore(session: Any, files: dict[str, bytes], lineage: common_pb2.Lineage | None = None,
             artifact_id: str = "") -> tuple[dict[str, Any], bool]:
     """Load a checkpoint into the session (its adapter active); returns (session.json, optimizer restored).
 
     ``lineage`` is the vault's record of the artifact (None or unattested: a tenant's upload). Its DP
     budgets decide what a DP session may load; once the checks pass it joins the session's lineage.
+    Every part of the checkpoint is read and checked before anything of the session changes, so a
+    malformed or tampered checkpoint is refused (INVALID_ARGUMENT / FAILED_PRECONDITION) and leaves the
+    session as it was.
     """
-    record = json.loads(files["session.json"])
+    record = _json(files, "session.json")
     if record.get("format") != CHECKPOINT_FORMAT:
-        raise FailedPrecondition(f"checkpoint format {record.get('format')} is not supported by this trainer")
+        raise FailedPrecondition(f"checkpoint format {str(record.get('format'))[:20]} is not supported by this "
+                                 "trainer")
+    step, tokens_processed = _count(record, "step"), _count(record, "tokens_processed")
     saved_dp, dp = record.get("dp"), getattr(session, "dp", None)
+    if saved_dp is not None and not (isinstance(saved_dp, dict) and isinstance(saved_dp.get("budget_id"), str)):
+        raise InvalidArgument(_FIELD, "the checkpoint's session.json has a malformed 'dp' record")
     vault_lineage = lineage if lineage is not None else common_pb2.Lineage(attested=False)
     session.lineage.check_load(vault_lineage, dp.budget_id if dp is not None else None)
     if saved_dp and dp is not None and saved_dp["budget_id"] != dp.budget_id:
         raise FailedPrecondition(
-            f"this checkpoint was trained with DP under budget {saved_dp['budget_id']} (epsilon "
-            f"{saved_dp['spent_epsilon']:.4g} spent when saved): loading it does not give spent budget back. "
-            f"Continue that budget: create the session with dp_config.budget_id={saved_dp['budget_id']!r} and "
-            f"noise_multiplier={saved_dp['noise_multiplier']!r}", budget_id=saved_dp["budget_id"])
+            f"this checkpoint was trained with DP under budget {saved_dp['budget_id'][:128]}: loading it does not "
+            f"give spent budget back. Continue that budget: create the session with "
+            f"dp_config.budget_id={saved_dp['budget_id'][:128]!r} and noise_multiplier="
+            f"{saved_dp.get('noise_multiplier')!r}", budget_id=saved_dp["budget_id"][:128])
     weights = check_adapter(session, files)
+    optimizer_state = _optimizer_state(session, files)
+    rng = _safetensors(files, "rng.safetensors").get("cpu")
+    own_rng = torch.get_rng_state()
+    if rng is None or rng.dtype != own_rng.dtype or rng.shape != own_rng.shape:
+        raise InvalidArgument(_FIELD, "the checkpoint's rng.safetensors is not a CPU generator state")
     # Past every check: from here the weights change, so the lineage is merged first (conservative).
     session.lineage.absorb(vault_lineage, artifact_id)
     result = set_peft_model_state_dict(session.base.peft, weights, adapter_name=session.session_id)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise FailedPrecondition(f"checkpoint weights do not fit this adapter: {unexpected[:3]}")
-    optimizer_restored = False
-    if "optimizer.safetensors" in files and "optimizer.json" in files:
-        meta = json.loads(files["optimizer.json"])
-        if meta["type"] != type(session.optimizer).__name__:
-            raise FailedPrecondition(f"checkpoint optimizer {meta['type']} differs from this session's "
-                                     f"{type(session.optimizer).__name__}")
-        tensors = st_load(files["optimizer.safetensors"])
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        for index, scalars in meta["scalars"].items():
-            state.setdefault(int(index), {}).update(scalars)
-        session.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        optimizer_restored = True
+    if optimizer_state is not None:
+        session.optimizer.load_state_dict(optimizer_state)
     session.optimizer.zero_grad(set_to_none=True)
-    torch.set_rng_state(st_load(files["rng.safetensors"])["cpu"])  # kept by the op when it ends
-    session.step = int(record["step"])
+    torch.set_rng_state(rng)  # kept by the op when it ends
+    session.step = step
     session.micro_steps = session.optim_calls = session.tokens_since_update = 0
-    session.tokens_processed = int(record.get("tokens_processed", 0))
-    return record, optimizer_restored
+    session.tokens_processed = tokens_processed
+    return record, optimizer_state is not None

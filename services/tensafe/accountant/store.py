@@ -33,6 +33,8 @@ budgets = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.UniqueConstraint("tenant_id", "session_id", name="uq_accountant_budgets_session"),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_accountant_budgets_tenant", budgets.c.tenant_id, budgets.c.created_at)
 steps = sa.Table(
     "accountant_steps", metadata,
     sa.Column("budget_id", sa.String(64), sa.ForeignKey("accountant_budgets.budget_id"), primary_key=True),

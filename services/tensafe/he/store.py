@@ -37,6 +37,8 @@ adapters = sa.Table(
     sa.Column("layers", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_he_adapters_tenant", adapters.c.tenant_id, adapters.c.created_at)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ leaves = sa.Table(
     sa.Column("entry", sa.LargeBinary, nullable=False),
     sa.Column("leaf_hash", sa.LargeBinary, nullable=False),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_ledger_leaves_tenant", leaves.c.tenant_id, leaves.c.idx)
 nodes = sa.Table(
     "ledger_nodes", metadata,
     sa.Column("level", sa.Integer, primary_key=True, autoincrement=False),

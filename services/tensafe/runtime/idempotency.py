@@ -49,6 +49,9 @@ records = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("epoch", sa.String(64), nullable=True),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_idempotency_created", records.c.created_at)
+sa.Index("ix_idempotency_epoch", records.c.epoch)
 epochs = sa.Table(
     "idempotency_epochs",
     _metadata,
@@ -57,6 +60,8 @@ epochs = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_idempotency_epochs_instance", epochs.c.instance)
 log = logging.getLogger("tensafe.idempotency")
 
 # Codes after which a retry should run the call again rather than replay the failure.

@@ -48,12 +48,14 @@ api_keys = sa.Table(
     "api_keys",
     _metadata,
     sa.Column("key_id", sa.String(64), primary_key=True),
-    sa.Column("tenant_id", sa.String(128), nullable=False),
+    sa.Column("tenant_id", sa.String(128), sa.ForeignKey("tenants.tenant_id"), nullable=False),
     sa.Column("description", sa.String(256), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
     sa.Column("expires_at", sa.Float, nullable=True),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_api_keys_tenant", api_keys.c.tenant_id)
 # The longest lifetime ``--expires-in`` accepts (ten years); no expiry at all stays possible.
 MAX_KEY_LIFETIME_SECONDS = 10 * 366 * 86400
 

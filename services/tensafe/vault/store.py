@@ -50,6 +50,8 @@ artifacts = sa.Table(
     # artifact a tenant uploaded. Only the vault writes this column.
     sa.Column("lineage_json", sa.Text, nullable=True),
 )
+# Created by the migrations too; declared here so that migrations == tables (tests/test_migrations.py).
+sa.Index("ix_vault_artifacts_tenant", artifacts.c.tenant_id, artifacts.c.created_at)
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
 AVAILABLE, SHREDDED = "available", "shredded"

@@ -95,3 +95,115 @@ def test_client_rejects_bad_settings(kwargs, field) -> None:
     with pytest.raises(ValidationError) as info:
         ClientConfig.resolve(environ={}, env_file=None, **kwargs)
     assert info.value.field == field
+
+
+# Every form users paste, through the one parser (base_url, TS_BASE_URL and each override): url -> (target, tls).
+ACCEPTED_URLS = [
+    ("localhost:50051", "localhost:50051", False),
+    ("127.0.0.1:50051", "127.0.0.1:50051", False),
+    ("[::1]:50051", "[::1]:50051", False),
+    ("trainer.svc.cluster.local:443", "trainer.svc.cluster.local:443", False),
+    ("  host:1  ", "host:1", False),                       # surrounding whitespace is trimmed
+    ("host:1/", "host:1", False),
+    ("http:8080", "http:8080", False),                       # a host named "http" (as before)
+    ("host:1\n", "host:1", False),                          # a newline from `cat file` is trimmed too
+    ("https://api.example.com", "api.example.com:443", True),
+    ("https://api.example.com/", "api.example.com:443", True),
+    ("https://api.example.com:8443", "api.example.com:8443", True),
+    ("HTTPS://api.example.com", "api.example.com:443", True),
+    ("https://[2001:db8::1]", "[2001:db8::1]:443", True),
+    ("grpcs://vault.example", "vault.example:443", True),
+    ("grpcs://vault.example:443", "vault.example:443", True),
+    ("http://127.0.0.1:50051", "127.0.0.1:50051", False),
+    ("http://gateway", "gateway:80", False),
+    ("http://[::1]:50051/", "[::1]:50051", False),
+    ("grpc://host:50051", "host:50051", False),
+]
+
+REFUSED_URLS = [
+    ("", "empty URL"),
+    ("   ", "empty URL"),
+    ("no-port", "no port"),
+    ("localhost:", "empty port"),
+    ("host:abc", "not a number"),
+    ("host:0", "out of range"),
+    ("host:65536", "out of range"),
+    ("host:99999999999999999999", "out of range"),
+    ("https://host:-1", "not a number"),
+    ("host:\u00b9\u00b2", "not a number"),                 # unicode digits are not a port
+    ("https://host/v1", "path"),
+    ("http://host:80/api/", "path"),
+    ("https://host?x=1", "query"),
+    ("https://host#frag", "fragment"),
+    ("https://user:secret@host", "user-info"),
+    ("user@host:1", "user-info"),
+    ("ftp://host:21", "unknown scheme"),
+    ("unix:///tmp/tensafe.sock", "unknown scheme"),
+    ("https://", "no host"),
+    ("http://:8080", "no host"),
+    ("grpc://host", "needs a port"),
+    ("ho st:1", "whitespace"),
+    ("https://host :443", "whitespace"),
+    ("host\t:1", "whitespace"),
+    ("::1:50051", "brackets"),
+    ("[::1:50051", "unclosed"),
+    ("[not-ipv6]:1", "not an IPv6 address"),
+    ("[::1]50051", "after ']'"),
+    ("bad_host!:1", "not a host name"),
+    ("a..b:1", "not a host name"),
+    ("https:/host", "'://'"),
+    ("http:host:80", "'://'"),
+    ("https:host", "'://'"),
+]
+
+
+@pytest.mark.parametrize("url,target,tls", ACCEPTED_URLS)
+def test_endpoint_accepts_the_forms_users_paste(url, target, tls) -> None:
+    assert Endpoint.parse(url) == Endpoint(target, tls=tls)
+    for kwargs in ({"base_url": url}, {"endpoints": {"he": url}}):   # argument, per-service argument
+        cfg = ClientConfig.resolve(environ={}, env_file=None, **kwargs)
+        service = "he" if "endpoints" in kwargs else "trainer"
+        assert cfg.endpoint(service) == Endpoint(target, tls=tls)
+    for var, service in (("TS_BASE_URL", "vault"), ("TS_LEDGER_URL", "ledger")):  # environment
+        cfg = ClientConfig.resolve(environ={var: url}, env_file=None)
+        assert cfg.endpoint(service) == Endpoint(target, tls=tls)
+
+
+@pytest.mark.parametrize("url,reason", REFUSED_URLS)
+def test_endpoint_refuses_other_forms_naming_the_field(url, reason) -> None:
+    with pytest.raises(ValidationError) as info:
+        Endpoint.parse(url)
+    assert info.value.field == "base_url"
+    message = str(info.value)
+    assert reason in message and "https://host[:port]" in message and "host:port" in message, message
+    assert "secret" not in message                                     # a pasted password is not echoed
+
+
+@pytest.mark.parametrize("url", ["https://host/v1", "ftp://host:21", "host:abc", "user@host:1"])
+def test_every_url_setting_names_its_own_field(tmp_path: Path, url) -> None:
+    """The same refusal for the argument, TS_BASE_URL (environment or .env), endpoints= and TS_<SERVICE>_URL."""
+    cases = [({"base_url": url}, {}, "base_url"),
+             ({}, {"TS_BASE_URL": url}, "TS_BASE_URL"),
+             ({"endpoints": {"inference": url}}, {}, "endpoints.inference"),
+             ({}, {"TS_TRAINER_URL": url}, "TS_TRAINER_URL")]
+    for kwargs, environ, field in cases:
+        with pytest.raises(ValidationError) as info:
+            ClientConfig.resolve(environ=environ, env_file=None, **kwargs)
+        assert info.value.field == field and field in str(info.value)
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"TS_BASE_URL={url}\n")
+    with pytest.raises(ValidationError) as info:
+        ClientConfig.resolve(environ={}, env_file=env_file)
+    assert info.value.field == "TS_BASE_URL"
+
+
+def test_the_base_url_argument_wins_over_the_environment() -> None:
+    cfg = ClientConfig.resolve(base_url="https://api.example.com", environ={"TS_BASE_URL": "ftp://ignored"},
+                               env_file=None)
+    assert cfg.endpoint("accountant") == Endpoint("api.example.com:443", tls=True)   # the argument wins
+
+
+def test_http_url_reaches_a_live_stack(stack) -> None:
+    """``http://127.0.0.1:<port>`` as pasted from a browser or a proxy config connects in plaintext."""
+    with stack.client(base_url=f"http://127.0.0.1:{stack.port}/") as client:
+        assert set(client.check_health().values()) == {"SERVING"}

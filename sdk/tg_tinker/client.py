@@ -30,6 +30,9 @@ class ServiceClient:
     default 300), ``TS_RETRY_COUNT`` (default 3) in the environment, else a
     ``.env`` file in the working directory. ``endpoints`` (or ``TS_<SERVICE>_URL``)
     sends one service elsewhere than ``base_url``, for the split deployment.
+    URLs may be ``host:port``, ``[::1]:50051``, ``http://host[:port]`` (plaintext,
+    port 80), ``https://host[:port]`` or ``grpcs://host[:port]`` (TLS, port 443) or
+    ``grpc://host:port``; anything else raises :class:`ValidationError` naming the setting.
     Use it as a context manager, or call :meth:`close`.
     """
 

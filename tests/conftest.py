@@ -9,15 +9,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("TENSAFE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+T = TypeVar("T")
 SERVICES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
 
 
@@ -25,6 +27,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.1, message: str = "",
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """Call `check` until it returns a truthy value, and return that value.
+
+    For what arrives later (audit entries through an outbox, a freed quota place). An exception of a type in
+    `ignore` counts as "not yet"; any other propagates at once. On timeout: AssertionError naming `message`,
+    the last value and the last ignored exception, so a test that waits can never pass by timing out.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        value: T | None = None
+        try:
+            value = check()
+            last_exc = None
+        except ignore as exc:
+            last_exc = exc
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f"last value {value!r}" + (f", last error {last_exc!r}" if last_exc is not None else "")
+            raise AssertionError(f"{message or 'condition'} not met within {timeout}s ({detail})") from last_exc
+        time.sleep(interval)
 
 
 def _pg_available() -> str | None:

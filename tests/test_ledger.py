@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import REPO, base_env, free_port, spawn, tensafe_cmd, wait_serving
+from conftest import REPO, base_env, eventually, free_port, spawn, tensafe_cmd, wait_serving
 from tensafe.api.ledger.v1 import ledger_pb2
 from tg_tinker import AuthenticationError, PermissionDeniedError, ServiceClient
 from tg_tinker.transparency import VerificationError
@@ -23,15 +24,6 @@ def vkey(stack) -> str:  # noqa: ANN001
 def tenant(stack, name: str) -> ServiceClient:  # noqa: ANN001
     out = stack.cli("keys", "create", "--tenant", name)
     return stack.client(api_key=out.stdout.strip().splitlines()[-1], retry_count=0)
-
-
-def wait_for(predicate, seconds: float = 15.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def ledger_engine(stack):  # noqa: ANN001, ANN201
@@ -53,23 +45,23 @@ def test_actions_are_recorded_and_verified_per_tenant(stack) -> None:
                      if r.action in ("vault.PutArtifact", "vault.PullArtifact", "vault.RotateTenantKey")]
             return found if len(found) >= 3 else None
 
-        records = wait_for(vault_records, 15)
-        assert records is not None
+        records = eventually(vault_records, 15, message="the vault's three entries")
         assert [r.action for r in records] == ["vault.PutArtifact", "vault.PullArtifact", "vault.RotateTenantKey"]
         assert all(r.tenant_id == "audited" and r.outcome == "success" for r in records)
         assert records[0].resource_id == art.artifact_id and records[0].request_id
         mine = alice.get_audit_logs(vkey=key)
         assert all(r.tenant_id == "audited" for r in mine)  # never bob's entries
-        created = wait_for(lambda: [r for r in alice.get_audit_logs(vkey=key)
-                                    if r.action == "identity.CreateKey"])  # the key itself, made by the CLI
+        created = eventually(lambda: [r for r in alice.get_audit_logs(vkey=key)
+                                      if r.action == "identity.CreateKey"])  # the key itself, made by the CLI
         assert len(created) == 1 and created[0].resource_id.startswith("key_") and created[0].actor == "operator:cli"
         # Two outboxes (the identity database's and the vault's) deliver independently: any order.
-        assert wait_for(lambda: sorted(r.action for r in bob.get_audit_logs(vkey=key))
-                        == ["identity.CreateKey", "vault.PutArtifact"])
+        eventually(lambda: sorted(r.action for r in bob.get_audit_logs(vkey=key))
+                   == ["identity.CreateKey", "vault.PutArtifact"], message="bob's two entries, and only those")
         # The client remembers its checkpoint and checks that the next one extends it.
         before = alice._audit.verifier.checkpoint.size
         alice.artifacts.put(b"more", name="c")
-        wait_for(lambda: len(alice.get_audit_logs(vkey=key, action="vault.PutArtifact")) == 2)
+        eventually(lambda: len(alice.get_audit_logs(vkey=key, action="vault.PutArtifact")) == 2,
+                   message="alice's second PutArtifact entry")
         assert alice._audit.verifier.checkpoint.size > before
 
 
@@ -85,9 +77,9 @@ def test_rejected_requests_are_recorded(stack) -> None:
         entries = [ledger_pb2.AuditEntry.FromString(bytes(r.entry)) for r in rows]
         return [e for e in entries if e.outcome == ledger_pb2.AUDIT_OUTCOME_DENIED]
 
-    found = wait_for(denied)
+    found = eventually(denied, message="the denied PutArtifact entry")
     engine.dispose()
-    assert found and found[0].details["reason"] == "API_KEY_INVALID"
+    assert found[0].details["reason"] == "API_KEY_INVALID"
 
 
 def test_only_services_may_append(stack) -> None:
@@ -103,7 +95,7 @@ def test_wrong_key_or_forged_checkpoint_is_refused(stack) -> None:
         client.artifacts.put(b"x", name="k")
         other = NoteSigner.generate("tensafe.local/ledger").vkey
         with pytest.raises(VerificationError):
-            wait_for(lambda: client.get_audit_logs(vkey=other), 2)
+            eventually(lambda: client.get_audit_logs(vkey=other), 10)  # empty until the first checkpoint
 
 
 def test_storage_refuses_rewrites_and_verify_names_the_edited_entry(stack) -> None:
@@ -115,7 +107,7 @@ def test_storage_refuses_rewrites_and_verify_names_the_edited_entry(stack) -> No
         with engine.connect() as conn:
             return conn.execute(sa.text(f"SELECT count(*) FROM {prefix}ledger_leaves")).scalar()
 
-    wait_for(lambda: count() >= 5)
+    eventually(lambda: count() >= 5, message="five ledger entries")
     ok = stack.cli("ledger", "verify")
     assert ok.returncode == 0, ok.stderr
     with pytest.raises(sa.exc.DBAPIError), engine.begin() as conn:  # append-only in the database itself
@@ -137,7 +129,9 @@ def test_storage_refuses_rewrites_and_verify_names_the_edited_entry(stack) -> No
     engine.dispose()
     bad = stack.cli("ledger", "verify")
     assert bad.returncode == 1
-    assert "2" in bad.stderr and "no longer hash to its signed root" in bad.stderr, bad.stderr
+    assert "no longer hash to its signed root" in bad.stderr, bad.stderr
+    among = re.search(r"first altered entry is among indices (\d+)\.\.(\d+)", bad.stderr)
+    assert among and int(among[1]) <= 2 <= int(among[2]), bad.stderr  # the range holds the edited entry
 
 
 @pytest.mark.slow
@@ -183,8 +177,7 @@ def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path, tiny_model) -> None
             saved = [r for r in records if r.action in ("trainer.SaveState", "vault.PutArtifact")]
             return records if len(steps) >= 11 and len(saved) >= 2 else None
 
-        records = wait_for(complete, 30)
-        assert records is not None
+        records = eventually(complete, 30, message="11 OptimStep and 2 save entries")
         steps = [r for r in records if r.action == "trainer.OptimStep"]
         assert len(steps) == 11 and len({r.request_id for r in steps}) == 11  # all of them, each once
         assert [r.resource_id for r in records if r.action == "vault.PutArtifact"] == [ckpt.artifact_id]
@@ -218,7 +211,7 @@ def test_checkpoints_can_carry_several_signatures(tmp_path) -> None:
         with s.client() as client:
             client.artifacts.put(b"after rotation", name="r")
             for key in (old_vkey, new_vkey):
-                assert wait_for(lambda k=key: [r.action for r in client.get_audit_logs(vkey=k)
-                                               if r.action == "vault.PutArtifact"])
+                eventually(lambda k=key: [r.action for r in client.get_audit_logs(vkey=k)
+                                          if r.action == "vault.PutArtifact"], message=f"entries under {key}")
     finally:
         s.process.stop()

@@ -8,7 +8,6 @@ clipped sum with a reference built one sample at a time.
 from __future__ import annotations
 
 import math
-import time
 
 import dp_accounting
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import eventually
 from tg_tinker import (
     ConflictError,
     DPBudgetExceededError,
@@ -304,14 +304,13 @@ def test_budget_runs_out_at_exactly_the_right_step(service, trainer_stack) -> No
         budget_id = info.budget_id
     vkey = trainer_stack.cli("ledger", "vkey").stdout.strip()
     # Every step and the refusal are in the ledger, as the tenant's entries (delivered through an outbox).
-    deadline = time.monotonic() + 20
-    while True:
-        entries = [e for e in service.get_audit_logs(service="accountant", resource_id=budget_id, limit=1000,
-                                                     vkey=vkey)
-                   if e.action.endswith("RecordStep")]
-        if len(entries) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    def record_steps() -> list:
+        found = [e for e in service.get_audit_logs(service="accountant", resource_id=budget_id, limit=1000,
+                                                   vkey=vkey)
+                 if e.action.endswith("RecordStep")]
+        return found if len(found) >= 4 else []
+
+    entries = eventually(record_steps, 20, interval=0.2, message="four RecordStep entries")
     assert [e.outcome for e in entries] == ["success"] * 3 + ["denied"], entries
     assert entries[-1].details.get("reason") == "DP_BUDGET_EXCEEDED", entries[-1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import eventually
 from tg_tinker import (
     ConflictError,
     LoRAConfig,
@@ -74,18 +75,12 @@ def test_greedy_output_equals_the_training_sessions_sample(sc, trained) -> None:
 
 
 def test_generation_with_an_adapter_is_in_the_ledger(trainer_stack, service, sc) -> None:  # noqa: ANN001
-    import time
-
     sc.sample(PROMPTS[:1], max_tokens=2, temperature=0)
     vkey = trainer_stack.cli("ledger", "vkey").stdout.strip()
-    deadline = time.monotonic() + 20
-    while True:  # entries travel through the audit outbox
-        found = [e for e in service.get_audit_logs(service="inference", vkey=vkey)
-                 if e.action == "inference.Generate" and e.resource_id == sc.adapter_id]
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert found and found[-1].outcome == "success"
+    found = eventually(lambda: [e for e in service.get_audit_logs(service="inference", vkey=vkey)  # via the outbox
+                                if e.action == "inference.Generate" and e.resource_id == sc.adapter_id],
+                       20, interval=0.2, message="the inference.Generate entry")
+    assert found[-1].outcome == "success"
 
 
 def test_streaming_sends_increments_that_add_up_to_the_sample(sc, trained) -> None:

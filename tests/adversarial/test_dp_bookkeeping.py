@@ -18,7 +18,6 @@ import io
 import json
 import math
 import tarfile
-import time
 from collections.abc import Iterator
 
 import dp_accounting
@@ -28,7 +27,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import Stack, start_stack
+from conftest import Stack, eventually, start_stack
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tg_tinker import ConflictError, DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
@@ -70,13 +69,13 @@ def audit_entries(client, stack: Stack, *, resource_id: str, action: str, want: 
                   service: str = "trainer") -> list:
     """The entries an op wrote when it ran (beside its call's own entry), once delivered to the ledger."""
     vkey = stack.cli("ledger", "vkey").stdout.strip()
-    deadline = time.monotonic() + 30
-    while True:
-        found = [e for e in client.get_audit_logs(service=service, resource_id=resource_id, limit=1000, vkey=vkey)
-                 if e.action == action and e.details.get("phase") == "run"]
-        if len(found) >= want or time.monotonic() > deadline:
-            return found
-        time.sleep(0.3)
+
+    def found() -> list:
+        got = [e for e in client.get_audit_logs(service=service, resource_id=resource_id, limit=1000, vkey=vkey)
+               if e.action == action and e.details.get("phase") == "run"]
+        return got if len(got) >= want else []
+
+    return eventually(found, 30, interval=0.3, message=f"{want} run-phase {action} entries for {resource_id}")
 
 
 @pytest.fixture(scope="module")

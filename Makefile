@@ -38,7 +38,7 @@ proto-check: install
 	$(PY) scripts/gen_protos.py --check
 
 bench: install
-	@echo "Benchmarks arrive with the issues that build what they measure (bench/README.md)."
+	@echo "Running every bench/bench_*.py; each prints ratios against an anchor (see bench/README.md)."
 	@for f in bench/bench_*.py; do [ -e "$$f" ] || continue; echo "== $$f"; $(PY) $$f || exit 1; done
 
 up: install

@@ -19,6 +19,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig  # noqa: E402
 
+# Top-level modules the `server` extra of pyproject.toml installs: a command that finds one missing says what to
+# install instead of tracing back.
+SERVER_EXTRA_MODULES = frozenset({
+    "alembic", "cryptography", "dp_accounting", "grpc_reflection", "opacus", "opentelemetry", "peft",
+    "prometheus_client", "psycopg", "safetensors", "sqlalchemy", "tenseal", "tokenizers", "torch", "tqdm",
+    "transformers",
+})
+SERVER_EXTRA_HINT = "pip install 'tensafe[server]'"
+
 
 def _config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.load(
@@ -212,6 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in SERVER_EXTRA_MODULES:
+            raise
+        print(f"error: `tensafe {args.command}` needs the server dependencies, and '{missing}' is not installed; "
+              f"install them with: {SERVER_EXTRA_HINT}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
         from tensafe.runtime.errors import TensafeError
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -114,14 +113,6 @@ class SecureGaussian:
         angle = (2.0 * torch.pi) * u2
         z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
         return z[:n].to(dtype)
-
-
-@dataclass
-class DPSettings:
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    expected_batch_size: int
 
 
 class PerSampleClipper:

@@ -39,10 +39,6 @@ COMPUTATION_TTL_S = 600.0
 # Response budget as a share of the largest message: headroom for the envelope and the counts.
 _RESPONSE_SHARE = 0.75
 
-# (tenant, artifact id) -> checkpoint files, fetched as the calling tenant.
-ArtifactReader = Callable[[str], dict[str, bytes]]
-
-
 @dataclass(frozen=True)
 class HeLimits:
     """Per-tenant quota and per-call work caps (0: off); the settings named in each error."""

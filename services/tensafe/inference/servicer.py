@@ -1,4 +1,5 @@
-"""gRPC adapter of the inference service: requests in, logic called, responses out. No logic here."""
+"""gRPC adapter of the inference service: tenant and request in, `Inference` called, chunks streamed out (a
+caller that goes away cancels its generation); and `create`, which builds the service and its backends."""
 
 from __future__ import annotations
 

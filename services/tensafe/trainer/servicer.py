@@ -1,4 +1,5 @@
-"""gRPC adapter of the trainer: requests in, logic called, responses out. No logic here."""
+"""gRPC adapter of the trainer: tenant and request in, `Trainer` called, protos out; and `create`, which builds
+the trainer from the service environment (limits, vault and accountant clients, op audit)."""
 
 from __future__ import annotations
 

@@ -126,8 +126,10 @@ class Budgets:
             raise NotFound("budget", budget_id)
         return record
 
-    def list(self, tenant_id: str, session_id: str, offset: int, limit: int) -> list[BudgetRecord]:
-        return self.store.list_budgets(tenant_id, session_id, offset, limit)
+    def list(self, tenant_id: str, session_id: str, after: tuple[float, str] | None, limit: int
+             ) -> list[BudgetRecord]:
+        """The tenant's budgets ordered by (created_at, budget_id), the first ``limit`` after ``after``."""
+        return self.store.list_budgets(tenant_id, session_id, after, limit)
 
     def close(self, tenant_id: str, budget_id: str) -> BudgetRecord:
         with self._lock(budget_id):

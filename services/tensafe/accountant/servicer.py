@@ -7,6 +7,7 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .calibration import Calibrations
@@ -16,7 +17,6 @@ from .store import ACTIVE, CLOSED, EXHAUSTED, AccountantStore, BudgetRecord, Ste
 _TYPES = {"pld": common_pb2.ACCOUNTANT_TYPE_PLD, "rdp": common_pb2.ACCOUNTANT_TYPE_RDP}
 _STATES = {ACTIVE: accountant_pb2.BUDGET_STATE_ACTIVE, EXHAUSTED: accountant_pb2.BUDGET_STATE_EXHAUSTED,
            CLOSED: accountant_pb2.BUDGET_STATE_CLOSED}
-DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 
 def accountant_name(value: int, field: str = "accountant_type") -> str:
@@ -47,14 +47,6 @@ def step_proto(s: StepRecord) -> accountant_pb2.StepRecord:
                                      record_time=timestamp(s.recorded_at))
 
 
-def _page(page_size: int, page_token: str) -> tuple[int, int]:
-    if page_size < 0:
-        raise InvalidArgument("page_size", "must be >= 0")
-    if page_token and not page_token.isdigit():
-        raise InvalidArgument("page_token", "is not a token this service gave")
-    return (int(page_token) if page_token else 0), min(page_size or DEFAULT_PAGE, MAX_PAGE)
-
-
 class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
     def __init__(self, budgets: Budgets, calibrations: Calibrations) -> None:
         self.budgets = budgets
@@ -71,11 +63,11 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
             self.budgets.get(context.current_tenant(), request.budget_id)))
 
     def ListBudgets(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        offset, size = _page(request.page_size, request.page_token)
-        records = self.budgets.list(context.current_tenant(), request.session_id, offset, size + 1)
-        token = str(offset + size) if len(records) > size else ""
-        return accountant_pb2.ListBudgetsResponse(budgets=[budget_proto(r) for r in records[:size]],
-                                                  next_page_token=token)
+        req = page_request("accountant.ListBudgets", request.page_size, request.page_token, (float, str),
+                           session_id=request.session_id)
+        records, token = req.page(self.budgets.list(context.current_tenant(), request.session_id, req.after,
+                                                    req.limit), key=lambda r: (r.created_at, r.budget_id))
+        return accountant_pb2.ListBudgetsResponse(budgets=[budget_proto(r) for r in records], next_page_token=token)
 
     def RecordStep(self, request, ctx):  # noqa: N802, ANN001, ANN201
         step, budget, duplicate = self.budgets.record_step(
@@ -86,10 +78,12 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
                                                  duplicate=duplicate)
 
     def ListSteps(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        after, size = _page(request.page_size, request.page_token)
-        records = self.budgets.list_steps(context.current_tenant(), request.budget_id, after, size + 1)
-        token = str(records[size - 1].seq) if len(records) > size else ""
-        return accountant_pb2.ListStepsResponse(steps=[step_proto(s) for s in records[:size]], next_page_token=token)
+        req = page_request("accountant.ListSteps", request.page_size, request.page_token, (int,),
+                           budget_id=request.budget_id)
+        after = req.after[0] if req.after else 0
+        records, token = req.page(self.budgets.list_steps(context.current_tenant(), request.budget_id, after,
+                                                          req.limit), key=lambda s: (s.seq,))
+        return accountant_pb2.ListStepsResponse(steps=[step_proto(s) for s in records], next_page_token=token)
 
     def GetEpsilon(self, request, ctx):  # noqa: N802, ANN001, ANN201
         report = self.budgets.epsilon(context.current_tenant(), request.budget_id,

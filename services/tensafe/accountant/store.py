@@ -15,6 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from tensafe.runtime.pagination import after_clause
+
 metadata = sa.MetaData()
 budgets = sa.Table(
     "accountant_budgets", metadata,
@@ -116,11 +118,14 @@ class AccountantStore:
                 budgets.c.tenant_id == tenant_id, budgets.c.session_id == session_id))).first()
         return BudgetRecord.from_row(row) if row else None
 
-    def list_budgets(self, tenant_id: str, session_id: str, offset: int, limit: int) -> list[BudgetRecord]:
+    def list_budgets(self, tenant_id: str, session_id: str, after: tuple[float, str] | None, limit: int
+                     ) -> list[BudgetRecord]:
         query = sa.select(budgets).where(budgets.c.tenant_id == tenant_id)
         if session_id:
             query = query.where(budgets.c.session_id == session_id)
-        query = query.order_by(budgets.c.created_at, budgets.c.budget_id).offset(offset).limit(limit)
+        if after is not None:
+            query = query.where(after_clause((budgets.c.created_at, budgets.c.budget_id), after))
+        query = query.order_by(budgets.c.created_at, budgets.c.budget_id).limit(limit)
         with self.engine.connect() as conn:
             return [BudgetRecord.from_row(r) for r in conn.execute(query)]
 

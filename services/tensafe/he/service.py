@@ -241,12 +241,12 @@ class HeService:
             raise NotFound("context", key_id)
         return record
 
-    def list_contexts(self, tenant: str, offset: int, limit: int) -> list[ContextRecord]:
-        return self.store.list_contexts(tenant, offset, limit)
+    def list_contexts(self, tenant: str, after: tuple[float, str] | None, limit: int) -> list[ContextRecord]:
+        return self.store.list_contexts(tenant, after, limit)
 
     def delete_context(self, tenant: str, key_id: str) -> None:
         self.get_context(tenant, key_id)
-        doomed = [a.adapter_id for a in self.store.list_adapters(tenant, 0, 1 << 30) if a.key_id == key_id]
+        doomed = [a.adapter_id for a in self.store.list_adapters(tenant, None, 1 << 30) if a.key_id == key_id]
         self.store.delete_context(tenant, key_id)
         with self._lock:
             self._contexts.pop((tenant, key_id), None)
@@ -325,8 +325,8 @@ class HeService:
             raise NotFound("adapter", adapter_id)
         return record
 
-    def list_adapters(self, tenant: str, offset: int, limit: int) -> list[AdapterRecord]:
-        return self.store.list_adapters(tenant, offset, limit)
+    def list_adapters(self, tenant: str, after: tuple[float, str] | None, limit: int) -> list[AdapterRecord]:
+        return self.store.list_adapters(tenant, after, limit)
 
     def unload_adapter(self, tenant: str, adapter_id: str) -> None:
         self.get_adapter(tenant, adapter_id)

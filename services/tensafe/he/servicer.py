@@ -6,13 +6,13 @@ from tensafe.api.he.v1 import he_pb2, he_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .compute import Counts
 from .service import ComputeResult, HeLimits, HeService, check_params
 from .store import AdapterRecord, ContextRecord, HeStore
 
-DEFAULT_PAGE, MAX_PAGE = 100, 1000
 _PACKINGS = {he_pb2.PACKING_COLUMN: "column", he_pb2.PACKING_REPLICATED: "replicated"}
 
 
@@ -30,14 +30,6 @@ def counts_proto(c: Counts) -> he_pb2.OperationCounts:
                                   rotations=c.rotations, multiplicative_depth=c.multiplicative_depth,
                                   rescales=c.rescales, encryptions=c.encryptions,
                                   prepared_encryptions=c.prepared_encryptions)
-
-
-def _page(page_size: int, page_token: str) -> tuple[int, int]:
-    if page_size < 0:
-        raise InvalidArgument("page_size", "must be >= 0")
-    if page_token and not page_token.isdigit():
-        raise InvalidArgument("page_token", "is not a token this service gave")
-    return (int(page_token) if page_token else 0), min(page_size or DEFAULT_PAGE, MAX_PAGE)
 
 
 class HeServicer(he_pb2_grpc.HeServiceServicer):
@@ -69,10 +61,10 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
             self.service.get_context(context.current_tenant(), request.key_id)))
 
     def ListContexts(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        offset, size = _page(request.page_size, request.page_token)
-        records = self.service.list_contexts(context.current_tenant(), offset, size + 1)
-        token = str(offset + size) if len(records) > size else ""
-        return he_pb2.ListContextsResponse(contexts=[context_proto(r) for r in records[:size]], next_page_token=token)
+        req = page_request("he.ListContexts", request.page_size, request.page_token, (float, str))
+        records, token = req.page(self.service.list_contexts(context.current_tenant(), req.after, req.limit),
+                                  key=lambda r: (r.created_at, r.key_id))
+        return he_pb2.ListContextsResponse(contexts=[context_proto(r) for r in records], next_page_token=token)
 
     def DeleteContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
         self.service.delete_context(context.current_tenant(), request.key_id)
@@ -89,10 +81,10 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
             self.service.get_adapter(context.current_tenant(), request.adapter_id)))
 
     def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        offset, size = _page(request.page_size, request.page_token)
-        records = self.service.list_adapters(context.current_tenant(), offset, size + 1)
-        token = str(offset + size) if len(records) > size else ""
-        return he_pb2.ListAdaptersResponse(adapters=[self._adapter_proto(r) for r in records[:size]],
+        req = page_request("he.ListAdapters", request.page_size, request.page_token, (float, str))
+        records, token = req.page(self.service.list_adapters(context.current_tenant(), req.after, req.limit),
+                                  key=lambda r: (r.created_at, r.adapter_id))
+        return he_pb2.ListAdaptersResponse(adapters=[self._adapter_proto(r) for r in records],
                                            next_page_token=token)
 
     def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201

@@ -14,6 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from tensafe.runtime.pagination import after_clause
+
 metadata = sa.MetaData()
 contexts = sa.Table(
     "he_contexts", metadata,
@@ -95,9 +97,11 @@ class HeStore:
                 contexts.c.tenant_id == tenant_id, contexts.c.key_id == key_id))).first()
         return ContextRecord.from_row(row) if row else None
 
-    def list_contexts(self, tenant_id: str, offset: int, limit: int) -> list[ContextRecord]:
-        query = (sa.select(contexts).where(contexts.c.tenant_id == tenant_id)
-                 .order_by(contexts.c.created_at, contexts.c.key_id).offset(offset).limit(limit))
+    def list_contexts(self, tenant_id: str, after: tuple[float, str] | None, limit: int) -> list[ContextRecord]:
+        query = sa.select(contexts).where(contexts.c.tenant_id == tenant_id)
+        if after is not None:
+            query = query.where(after_clause((contexts.c.created_at, contexts.c.key_id), after))
+        query = query.order_by(contexts.c.created_at, contexts.c.key_id).limit(limit)
         with self.engine.connect() as conn:
             return [ContextRecord.from_row(r) for r in conn.execute(query)]
 
@@ -120,9 +124,11 @@ class HeStore:
                 adapters.c.tenant_id == tenant_id, adapters.c.adapter_id == adapter_id))).first()
         return AdapterRecord.from_row(row) if row else None
 
-    def list_adapters(self, tenant_id: str, offset: int, limit: int) -> list[AdapterRecord]:
-        query = (sa.select(adapters).where(adapters.c.tenant_id == tenant_id)
-                 .order_by(adapters.c.created_at, adapters.c.adapter_id).offset(offset).limit(limit))
+    def list_adapters(self, tenant_id: str, after: tuple[float, str] | None, limit: int) -> list[AdapterRecord]:
+        query = sa.select(adapters).where(adapters.c.tenant_id == tenant_id)
+        if after is not None:
+            query = query.where(after_clause((adapters.c.created_at, adapters.c.adapter_id), after))
+        query = query.order_by(adapters.c.created_at, adapters.c.adapter_id).limit(limit)
         with self.engine.connect() as conn:
             return [AdapterRecord.from_row(r) for r in conn.execute(query)]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tensafe.api.inference.v1 import inference_pb2
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from tensafe.runtime.pagination import after_key
 from tensafe.trainer.models import ModelLocation, resolve_model_ref
 from tensafe.trainer.sampling import check_sample_work
 from tensafe.trainer.vault_client import VaultClient
@@ -140,10 +141,13 @@ class Inference:
             raise NotFound("adapter", adapter_id)
         return adapter
 
-    def list(self, tenant: str) -> list[LoadedAdapter]:
+    def list(self, tenant: str, after: tuple[float, str] | None = None, limit: int | None = None
+             ) -> list[LoadedAdapter]:
+        """The tenant's adapters ordered by (load_time, adapter_id): the first ``limit`` after ``after``."""
         with self._lock:
             found = [a for a in self._adapters.values() if a.tenant_id == tenant]
-        return sorted(found, key=lambda a: (a.load_time, a.adapter_id))
+        key = lambda a: (a.load_time, a.adapter_id)  # noqa: E731
+        return after_key(sorted(found, key=key), key, after)[:limit]
 
     def unload(self, tenant: str, adapter_id: str) -> None:
         adapter = self.get(tenant, adapter_id)

@@ -11,6 +11,7 @@ import grpc
 
 from tensafe.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from tensafe.runtime import context
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 from tensafe.trainer.vault_client import VaultClient
 
@@ -31,12 +32,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.GetAdapterResponse(adapter=adapter.proto())
 
     def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        adapters = self.inference.list(context.current_tenant())
-        start = int(request.page_token) if request.page_token.isdigit() else 0
-        size = request.page_size if request.page_size > 0 else 100
-        token = str(start + size) if start + size < len(adapters) else ""
-        return inference_pb2.ListAdaptersResponse(adapters=[a.proto() for a in adapters[start:start + size]],
-                                                  next_page_token=token)
+        req = page_request("inference.ListAdapters", request.page_size, request.page_token, (float, str))
+        page, token = req.page(self.inference.list(context.current_tenant(), req.after, req.limit),
+                               key=lambda a: (a.load_time, a.adapter_id))
+        return inference_pb2.ListAdaptersResponse(adapters=[a.proto() for a in page], next_page_token=token)
 
     def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
         self.inference.unload(context.current_tenant(), request.adapter_id)

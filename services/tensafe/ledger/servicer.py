@@ -13,6 +13,7 @@ from tensafe.runtime.bootstrap import SYSTEM_TENANT
 from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import PermissionDenied
 from tensafe.runtime.messages import timestamp
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 from tg_tinker.transparency import NoteSigner
 
@@ -59,19 +60,20 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                      for a in appended], tree_size=size)
 
     def ListEntries(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        after = int(request.page_token) if request.page_token.lstrip("-").isdigit() else -1
-        size = min(request.page_size if request.page_size > 0 else 100, 1000)
+        start = request.start_time.ToNanoseconds() if request.HasField("start_time") else None
+        end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
+        req = page_request("ledger.ListEntries", request.page_size, request.page_token, (int,), start_time=start,
+                           end_time=end, action=request.action, resource_id=request.resource_id,
+                           service=request.service)
         rows = self.log.entries(
-            context.current_tenant(),
-            start=request.start_time.ToNanoseconds() / 1e9 if request.HasField("start_time") else None,
-            end=request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else None,
+            context.current_tenant(), start=start / 1e9 if start is not None else None,
+            end=end / 1e9 if end is not None else None,
             action=request.action, resource_id=request.resource_id, service=request.service,
-            after_index=after, limit=size + 1)
-        page = rows[:size]
+            after_index=req.after[0] if req.after else -1, limit=req.limit)
+        page, token = req.page(rows, key=lambda r: (r[0],))
         return ledger_pb2.ListEntriesResponse(
             entries=[ledger_pb2.LedgerEntry(index=i, entry=ledger_pb2.AuditEntry.FromString(data), leaf_hash=h)
-                     for i, data, h in page],
-            next_page_token=str(page[-1][0]) if len(rows) > size else "")
+                     for i, data, h in page], next_page_token=token)
 
     def GetLatestCheckpoint(self, request, ctx):  # noqa: N802, ANN001, ANN201
         return ledger_pb2.GetLatestCheckpointResponse(
@@ -82,12 +84,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             checkpoint=checkpoint_proto(self.log.checkpoint(request.tree_size), self.log.origin))
 
     def ListCheckpoints(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        after = int(request.page_token) if request.page_token.isdigit() else 0
-        size = min(request.page_size if request.page_size > 0 else 100, 1000)
-        rows = self.log.list_checkpoints(after, size + 1)
+        req = page_request("ledger.ListCheckpoints", request.page_size, request.page_token, (int,))
+        page, token = req.page(self.log.list_checkpoints(req.after[0] if req.after else 0, req.limit),
+                               key=lambda r: (r[0],))
         return ledger_pb2.ListCheckpointsResponse(
-            checkpoints=[checkpoint_proto(r, self.log.origin) for r in rows[:size]],
-            next_page_token=str(rows[size - 1][0]) if len(rows) > size else "")
+            checkpoints=[checkpoint_proto(r, self.log.origin) for r in page], next_page_token=token)
 
     def GetInclusionProof(self, request, ctx):  # noqa: N802, ANN001, ANN201
         leaf, proof = self.log.inclusion(context.current_tenant(), request.leaf_index, request.tree_size)

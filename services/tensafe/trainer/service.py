@@ -23,6 +23,7 @@ from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
 from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from tensafe.runtime.pagination import after_key
 from tg_tinker.configs import from_struct
 
 from . import checkpoint
@@ -332,10 +333,13 @@ class Trainer:
             raise FailedPrecondition(f"session {session_id} is closed")
         return session
 
-    def list(self, tenant: str, include_closed: bool) -> list[TrainingSession]:
+    def list(self, tenant: str, include_closed: bool, after: tuple[float, str] | None = None,
+             limit: int | None = None) -> list[TrainingSession]:
+        """The tenant's sessions ordered by (create_time, session_id): the first ``limit`` after ``after``."""
         with self._lock:
             found = [s for s in self._sessions.values() if s.tenant_id == tenant and (include_closed or not s.closed)]
-        return sorted(found, key=lambda s: (s.create_time, s.session_id))
+        key = lambda s: (s.create_time, s.session_id)  # noqa: E731
+        return after_key(sorted(found, key=key), key, after)[:limit]
 
     def close(self, tenant: str, session_id: str) -> TrainingSession:
         session = self.get(tenant, session_id)

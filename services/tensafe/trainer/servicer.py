@@ -9,6 +9,7 @@ import grpc
 
 from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from tensafe.runtime import context
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .accountant_client import AccountantClient
@@ -31,11 +32,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             session=self.trainer.get(context.current_tenant(), request.session_id).proto())
 
     def ListSessions(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        sessions = self.trainer.list(context.current_tenant(), request.include_closed)
-        start = int(request.page_token) if request.page_token.isdigit() else 0
-        size = request.page_size if request.page_size > 0 else 100
-        page = sessions[start:start + size]
-        token = str(start + size) if start + size < len(sessions) else ""
+        req = page_request("trainer.ListSessions", request.page_size, request.page_token, (float, str),
+                           include_closed=request.include_closed)
+        page, token = req.page(self.trainer.list(context.current_tenant(), request.include_closed, req.after,
+                                                 req.limit), key=lambda s: (s.create_time, s.session_id))
         return trainer_pb2.ListSessionsResponse(sessions=[s.proto() for s in page], next_page_token=token)
 
     def CloseSession(self, request, ctx):  # noqa: N802, ANN001, ANN201

@@ -222,8 +222,10 @@ class Vault:
         record = self.describe(tenant_id, artifact_id)
         return record, self._data_key(record)
 
-    def list(self, tenant_id: str, kind: int, session_id: str, offset: int, limit: int) -> list[ArtifactRecord]:
-        return self.store.list_artifacts(tenant_id, kind, session_id, offset, limit)
+    def list(self, tenant_id: str, kind: int, session_id: str, after: tuple[float, str] | None, limit: int
+             ) -> list[ArtifactRecord]:
+        """The tenant's artifacts ordered by (created_at, artifact_id), the first ``limit`` after ``after``."""
+        return self.store.list_artifacts(tenant_id, kind, session_id, after, limit)
 
     def delete(self, tenant_id: str, artifact_id: str) -> None:
         record = self.describe(tenant_id, artifact_id)

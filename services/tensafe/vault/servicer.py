@@ -12,6 +12,7 @@ from tensafe.runtime import context
 from tensafe.runtime import lineage as lineage_codec
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
+from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .blobs import LocalBlobStore
@@ -96,12 +97,13 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
 
     def ListArtifacts(self, request, ctx):  # noqa: N802, ANN001, ANN201
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
-        size = min(request.page_size if request.page_size > 0 else 100, 1000)
-        records = self.vault.list(context.current_tenant(), request.kind, request.session_id, offset, size + 1)
-        token = str(offset + size) if len(records) > size else ""
+        req = page_request("vault.ListArtifacts", request.page_size, request.page_token, (float, str),
+                           kind=request.kind, session_id=request.session_id)
+        records, token = req.page(self.vault.list(context.current_tenant(), request.kind, request.session_id,
+                                                  req.after, req.limit),
+                                  key=lambda r: (r.created_at, r.artifact_id))
         key_id = self.vault.key_id(context.current_tenant())
-        return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r, key_id) for r in records[:size]],
+        return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r, key_id) for r in records],
                                                next_page_token=token)
 
     def DeleteArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201

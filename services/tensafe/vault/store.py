@@ -10,6 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from tensafe.runtime.pagination import after_clause
+
 metadata = sa.MetaData()
 tenants = sa.Table(
     "vault_tenants", metadata,
@@ -132,14 +134,16 @@ class VaultStore:
                 artifacts.c.artifact_id == artifact_id, artifacts.c.tenant_id == tenant_id))).first()
         return ArtifactRecord.from_row(row) if row else None
 
-    def list_artifacts(self, tenant_id: str, kind: int, session_id: str, offset: int, limit: int
-                       ) -> list[ArtifactRecord]:
+    def list_artifacts(self, tenant_id: str, kind: int, session_id: str, after: tuple[float, str] | None,
+                       limit: int) -> list[ArtifactRecord]:
         query = sa.select(artifacts).where(artifacts.c.tenant_id == tenant_id)
         if kind:
             query = query.where(artifacts.c.kind == kind)
         if session_id:
             query = query.where(artifacts.c.session_id == session_id)
-        query = query.order_by(artifacts.c.created_at, artifacts.c.artifact_id).offset(offset).limit(limit)
+        if after is not None:
+            query = query.where(after_clause((artifacts.c.created_at, artifacts.c.artifact_id), after))
+        query = query.order_by(artifacts.c.created_at, artifacts.c.artifact_id).limit(limit)
         with self.engine.connect() as conn:
             return [ArtifactRecord.from_row(r) for r in conn.execute(query)]
 

@@ -12,9 +12,11 @@ Conventions used across all tensafe.api.*.v1 packages:
   to retry. Every other RPC changes state; clients send a unique
   `x-idempotency-key` metadata entry per logical call so that a retried
   call is applied once. Messages carry no idempotency fields.
-- Pagination follows AIP-158: `int32 page_size` (0 = service default; the
-  service may return fewer), `string page_token` (opaque, from a previous
-  `next_page_token`), `string next_page_token` (empty on the last page).
+- Pagination follows AIP-158: `int32 page_size` (0 = service default, 100;
+  above 1000 lowered to 1000; negative is INVALID_ARGUMENT; the service may
+  return fewer), `string page_token` (opaque, from a previous
+  `next_page_token` of the same method with the same filters; anything else
+  is INVALID_ARGUMENT), `string next_page_token` (empty on the last page).
 - Free-form user metadata is google.protobuf.Struct (types round-trip:
   {"epoch": 1, "validation_loss": 0.42}); system attributes that are always
   strings (audit details, error metadata) are map<string, string>.

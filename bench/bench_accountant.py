@@ -46,7 +46,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:  # noqa: ANN001
+def timed(fn, repeat: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -96,7 +96,7 @@ def main() -> int:
 
             client = ServiceClient(api_key=api_key, base_url=f"127.0.0.1:{port}", retry_count=0, timeout=600)
 
-            def call(method: str, request):  # noqa: ANN001, ANN202
+            def call(method: str, request):
                 return client._call("accountant", method, request)
 
             budget = call("CreateBudget", pb.CreateBudgetRequest(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same OpenMP policy as the server
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -46,7 +46,7 @@ def batch_for(vocab: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------ through the service
 
 
-def dp_config():  # noqa: ANN201
+def dp_config():
     from tg_tinker import DPConfig
 
     return DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8.0, target_delta=1e-6,

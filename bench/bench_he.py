@@ -80,7 +80,7 @@ def anchor_mm(d: int, rng: np.random.Generator) -> float:
     return time.perf_counter() - t0
 
 
-def single_token(inference, d: int, A: np.ndarray, B: np.ndarray, repeat: int, pause: float,  # noqa: ANN001
+def single_token(inference, d: int, A: np.ndarray, B: np.ndarray, repeat: int, pause: float,
                  anchor: float | None, rng: np.random.Generator) -> None:
     """``repeat`` tokens (after two warm-up ones), ``pause`` seconds apart: the time the plaintext plane
     spends on the base model between two tokens, in which the he service's workers prepare the next

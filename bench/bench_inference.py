@@ -32,7 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same OpenMP policy as the server (see tensafe.cli)
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -42,7 +42,7 @@ TARGETS = ["q_proj", "v_proj"]
 PROMPTS = ["Once upon a time", "The clinic opens at", "Please bring your insurance card", "The train to the city"]
 
 
-def trained_adapter(client, model_ref: str) -> str:  # noqa: ANN001
+def trained_adapter(client, model_ref: str) -> str:
     """A checkpoint artifact of an adapter trained 3 steps (so it is not the identity)."""
     from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
 
@@ -56,7 +56,7 @@ def trained_adapter(client, model_ref: str) -> str:  # noqa: ANN001
         return tc.save_state(include_optimizer=False).artifact_id
 
 
-def in_process_model(model_dir: Path, adapter_tar: bytes):  # noqa: ANN001, ANN201
+def in_process_model(model_dir: Path, adapter_tar: bytes):
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load as st_load
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +74,7 @@ def in_process_model(model_dir: Path, adapter_tar: bytes):  # noqa: ANN001, ANN2
     return model, tokenizer, pad
 
 
-def anchor_round(model, tokenizer, pad: int, tokens: int) -> tuple[float, float, list[list[int]]]:  # noqa: ANN001
+def anchor_round(model, tokenizer, pad: int, tokens: int) -> tuple[float, float, list[list[int]]]:
     """(tokens/s, first-token seconds, outputs) of in-process greedy generate."""
     outputs, generated = [], 0
     with torch.no_grad():
@@ -94,7 +94,7 @@ def anchor_round(model, tokenizer, pad: int, tokens: int) -> tuple[float, float,
     return generated / elapsed, first, outputs
 
 
-def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:  # noqa: ANN001
+def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:
     outputs: dict[int, list[int]] = {}
     start = time.perf_counter()
     first = None
@@ -107,7 +107,7 @@ def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:  # n
     return generated / elapsed, first, [outputs[i] for i in range(len(PROMPTS))]
 
 
-def per_token(stream) -> tuple[float, float, list[int]]:  # noqa: ANN001
+def per_token(stream) -> tuple[float, float, list[int]]:
     """(seconds to the first token, seconds per token after it, token ids) of one streamed sequence."""
     start = time.perf_counter()
     stamps, ids = [], []
@@ -119,7 +119,7 @@ def per_token(stream) -> tuple[float, float, list[int]]:  # noqa: ANN001
     return first, (stamps[-1] - stamps[0]) / max(1, len(ids) - 1), ids
 
 
-def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int) -> None:  # noqa: ANN001
+def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int) -> None:
     from tg_tinker.he import HEKeyManager
 
     bundle = HEKeyManager(tenant_id="bench").generate_key_bundle(key_id="bench-two-plane")

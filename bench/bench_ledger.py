@@ -40,7 +40,7 @@ def entry() -> ledger_pb2.AuditEntry:
     return e
 
 
-def run_threads(seconds: float, threads: int, work) -> int:  # noqa: ANN001
+def run_threads(seconds: float, threads: int, work) -> int:
     done = [0] * threads
     stop = time.monotonic() + seconds
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same OpenMP policy as the server (see tensafe.cli)
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -85,7 +85,7 @@ class Server:
                 self.api_key = line.strip()
                 break
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         from tg_tinker import ServiceClient
 
         return ServiceClient(api_key=self.api_key, base_url=f"127.0.0.1:{self.port}")
@@ -95,7 +95,7 @@ class Server:
         self.proc.wait(60)
 
 
-def service_steps(client, model_ref: str, ids: list[list[int]], steps: int, dp_config=None) -> list[float]:  # noqa: ANN001
+def service_steps(client, model_ref: str, ids: list[list[int]], steps: int, dp_config=None) -> list[float]:
     """Steady-state step times of one session (a DP session with ``dp_config``), futures queued."""
     from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
 
-from tg_tinker.container import ContainerReader, ContainerWriter  # noqa: E402
+from tg_tinker.container import ContainerReader, ContainerWriter
 
 MIB = 1 << 20
 TARGET = 0.8

@@ -61,7 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chunks(total: int, block: bytes):  # noqa: ANN201
+def chunks(total: int, block: bytes):
     for _ in range(total // len(block)):
         yield block
 
@@ -80,7 +80,7 @@ def anchor_round(target: str, total: int, block: bytes) -> tuple[float, float]:
     return t_put, t_get
 
 
-def vault_round(client, total: int, block: bytes) -> tuple[float, float]:  # noqa: ANN001
+def vault_round(client, total: int, block: bytes) -> tuple[float, float]:
     t = time.perf_counter()
     info = client.artifacts.put(chunks(total, block), name="bench")
     t_put = time.perf_counter() - t

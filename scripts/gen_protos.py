@@ -44,7 +44,7 @@ def _proto_files() -> list[str]:
 
 
 def _grpc_tools_include() -> str:
-    import grpc_tools  # noqa: PLC0415 - only needed here
+    import grpc_tools  # only needed here
 
     return str(Path(grpc_tools.__file__).resolve().parent / "_proto")
 

@@ -184,7 +184,7 @@ class Stack:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def client(self, **kwargs):  # noqa: ANN003, ANN201
+    def client(self, **kwargs):
         from tg_tinker import ServiceClient
 
         kwargs.setdefault("api_key", self.api_key)

@@ -37,24 +37,24 @@ def largest_k(kind: str, noise: float, rate: float, target: float, delta: float)
     return k
 
 
-def call(client, method: str, request):  # noqa: ANN001, ANN201
+def call(client, method: str, request):
     return client._call("accountant", method, request)
 
 
-def new_tenant(stack, name: str):  # noqa: ANN001, ANN201
+def new_tenant(stack, name: str):
     out = stack.cli("keys", "create", "--tenant", f"{name}-{uuid.uuid4().hex[:6]}")
     assert out.returncode == 0, out.stderr
     return stack.client(api_key=out.stdout.strip().splitlines()[-1], retry_count=0)
 
 
-def create_budget(client, *, epsilon: float = 8.0, delta: float = 1e-5, kind: int = PLD,  # noqa: ANN001
+def create_budget(client, *, epsilon: float = 8.0, delta: float = 1e-5, kind: int = PLD,
                   rate: float = 0.01, session: str | None = None) -> pb.Budget:
     return call(client, "CreateBudget", pb.CreateBudgetRequest(
         session_id=session or "sess_" + uuid.uuid4().hex, target_epsilon=epsilon, target_delta=delta,
         accountant_type=kind, sample_rate=rate)).budget
 
 
-def record(client, budget_id: str, step_id: str, noise: float, rate: float | None = None,  # noqa: ANN001
+def record(client, budget_id: str, step_id: str, noise: float, rate: float | None = None,
            steps: int | None = None) -> pb.RecordStepResponse:
     req = pb.RecordStepRequest(budget_id=budget_id, step_id=step_id, noise_multiplier=noise)
     if rate is not None:
@@ -64,7 +64,7 @@ def record(client, budget_id: str, step_id: str, noise: float, rate: float | Non
     return call(client, "RecordStep", req)
 
 
-def all_steps(client, budget_id: str, page_size: int = 2) -> list[pb.StepRecord]:  # noqa: ANN001
+def all_steps(client, budget_id: str, page_size: int = 2) -> list[pb.StepRecord]:
     out, token = [], ""
     while True:
         page = call(client, "ListSteps", pb.ListStepsRequest(budget_id=budget_id, page_size=page_size,
@@ -88,7 +88,7 @@ CASES = [  # (noise, rate, steps), each composed as one run of identical steps
 
 @pytest.mark.parametrize("steps", CASES, ids=lambda s: "+".join(f"{z}x{q}x{n}" for z, q, n in s))
 @pytest.mark.parametrize("kind,rtol", [("pld", PLD_RTOL), ("rdp", RDP_RTOL)])
-def test_epsilon_matches_independent_dp_accounting(kind: str, rtol: float, steps) -> None:  # noqa: ANN001
+def test_epsilon_matches_independent_dp_accounting(kind: str, rtol: float, steps) -> None:
     acct = accounting.create(kind)
     for noise, rate, count in steps:
         acct.compose(noise, rate, count)
@@ -249,10 +249,10 @@ def test_other_tenants_see_no_budget(stack) -> None:
 def _bad_requests(budget_id: str) -> list[tuple[str, object, str]]:
     ok = dict(session_id="s-" + uuid.uuid4().hex, target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01)
 
-    def create(**kw) -> pb.CreateBudgetRequest:  # noqa: ANN003
+    def create(**kw) -> pb.CreateBudgetRequest:
         return pb.CreateBudgetRequest(**{**ok, **kw})
 
-    def step(**kw) -> pb.RecordStepRequest:  # noqa: ANN003
+    def step(**kw) -> pb.RecordStepRequest:
         return pb.RecordStepRequest(**{"budget_id": budget_id, "step_id": "bad", "noise_multiplier": 1.0, **kw})
 
     return [

@@ -172,7 +172,7 @@ def good_config(**changes: object) -> dict:
     return config
 
 
-def test_a_peft_saved_config_is_accepted_and_reduced_to_the_allow_list(tmp_path) -> None:  # noqa: ANN001
+def test_a_peft_saved_config_is_accepted_and_reduced_to_the_allow_list(tmp_path) -> None:
     from peft import LoraConfig
 
     LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path)

@@ -11,12 +11,12 @@ from tensafe.runtime.identity import KeyIssuer
 from tg_tinker import AuthenticationError, PermissionDeniedError
 
 
-def call(client):  # noqa: ANN001, ANN201
+def call(client):
     """An authenticated, tenant-scoped call."""
     return client._call("vault", "ListArtifacts", vault_pb2.ListArtifactsRequest())
 
 
-def assert_admitted(client, tenant: str = "default") -> None:  # noqa: ANN001
+def assert_admitted(client, tenant: str = "default") -> None:
     """Admitted as `tenant`: a write it makes is listed back to it, and nothing of another tenant's is."""
     art = client.artifacts.put(b"admitted", name="admitted")
     listed = call(client).artifacts

@@ -26,12 +26,12 @@ def config(dropout: float = 0.1) -> TrainingConfig:
 
 
 @pytest.fixture
-def service(trainer_stack):  # noqa: ANN001, ANN201
+def service(trainer_stack):
     with trainer_stack.client(retry_count=2) as client:
         yield client
 
 
-def train(tc, batches) -> list[float]:  # noqa: ANN001
+def train(tc, batches) -> list[float]:
     futures = [(tc.forward_backward(b), tc.optim_step()) for b in batches]
     return [fb.result(timeout=120).loss for fb, _ in futures]
 

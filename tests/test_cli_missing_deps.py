@@ -14,7 +14,7 @@ LAUNCH = "import sys; sys.modules[{module!r}] = None; from tensafe.cli import ma
 
 
 @pytest.mark.parametrize("module", ["torch", "sqlalchemy"])
-def test_up_without_the_server_extra_names_what_to_install(tmp_path, module) -> None:  # noqa: ANN001
+def test_up_without_the_server_extra_names_what_to_install(tmp_path, module) -> None:
     out = subprocess.run([sys.executable, "-c", LAUNCH.format(module=module), "up", "--data-dir",
                           str(tmp_path / "data"), "--port", "0"], env=base_env(), capture_output=True, text=True,
                          timeout=180, cwd=REPO)

@@ -55,7 +55,7 @@ def deadline_seen(stack: Stack, service: str, method: str) -> tuple[float, float
             m.get(("tensafe_grpc_deadline_seconds_count", labels), 0.0))
 
 
-def calibrate(client, timeout: float, **params):  # noqa: ANN001, ANN003, ANN201
+def calibrate(client, timeout: float, **params):
     req = accountant_pb2.CalibrateNoiseRequest(accountant_type=common_pb2.ACCOUNTANT_TYPE_PLD, **{**SLOW, **params})
     return client._call("accountant", "CalibrateNoise", req, timeout=timeout)
 

@@ -8,13 +8,13 @@ from tg_tinker.decoding import cut_at_stop, ids_within
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model):  # noqa: ANN001, ANN201
+def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
 
 
-def test_ids_within_keeps_tokens_past_a_split_character(tokenizer) -> None:  # noqa: ANN001
+def test_ids_within_keeps_tokens_past_a_split_character(tokenizer) -> None:
     ids = tokenizer("naïve café ok", add_special_tokens=False).input_ids
     text = tokenizer.decode(ids, skip_special_tokens=True)
     # The byte-level tokenizer splits ï and é over two tokens each: a prefix ending between them does not

@@ -39,7 +39,7 @@ BATCH = {"input_ids": ROWS, "attention_mask": MASK, "labels": LABELS}
 # ------------------------------------------------------------------------------------- in-process
 
 
-def _peft(tiny_model, sessions=("ses_a", "ses_b")):  # noqa: ANN001, ANN202
+def _peft(tiny_model, sessions=("ses_a", "ses_b")):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -60,11 +60,11 @@ def _peft(tiny_model, sessions=("ses_a", "ses_b")):  # noqa: ANN001, ANN202
     return model
 
 
-def _params(model, session_id: str):  # noqa: ANN001, ANN202
+def _params(model, session_id: str):
     return [p for n, p in model.named_parameters() if f".{session_id}." in n]
 
 
-def _engine_sum(model, loss, max_grad_norm: float):  # noqa: ANN001, ANN202
+def _engine_sum(model, loss, max_grad_norm: float):
     from tensafe.trainer.dp import PerSampleClipper, lora_layers
     from tensafe.trainer.losses import LossInputs
 
@@ -80,7 +80,7 @@ def _engine_sum(model, loss, max_grad_norm: float):  # noqa: ANN001, ANN202
     return clipper, outs
 
 
-def _reference_sum(model, loss, max_grad_norm: float):  # noqa: ANN001, ANN202
+def _reference_sum(model, loss, max_grad_norm: float):
     """Each row alone through the model: its own gradient, clipped, then summed."""
     from tensafe.trainer.losses import LossInputs
 
@@ -219,7 +219,7 @@ def test_lora_layers_refuses_parameters_outside_linear_layers(tiny_model) -> Non
 DP_LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
-def dp_config(**kw) -> TrainingConfig:  # noqa: ANN003
+def dp_config(**kw) -> TrainingConfig:
     dp = {"enabled": True, "noise_multiplier": 1.1, "max_grad_norm": 1.0, "target_epsilon": 8.0,
           "target_delta": 1e-5, "dataset_size": 400}
     dp.update(kw.pop("dp", {}))
@@ -236,12 +236,12 @@ def pld_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
 
 
 @pytest.fixture
-def service(trainer_stack):  # noqa: ANN001, ANN201
+def service(trainer_stack):
     with trainer_stack.client(retry_count=2) as client:
         yield client
 
 
-def _logprobs(tc) -> np.ndarray:  # noqa: ANN001
+def _logprobs(tc) -> np.ndarray:
     return tc.forward(BATCH, return_logprobs=True).result(timeout=60).logprobs
 
 

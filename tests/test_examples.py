@@ -8,7 +8,7 @@ import sys
 from conftest import REPO
 
 
-def run_example(stack, *args: str) -> subprocess.CompletedProcess:  # noqa: ANN001
+def run_example(stack, *args: str) -> subprocess.CompletedProcess:
     env = dict(stack.env, TS_API_KEY=stack.api_key, TS_BASE_URL=stack.target)
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
 

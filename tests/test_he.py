@@ -36,7 +36,7 @@ class Recorder(grpc.UnaryUnaryClientInterceptor):
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    def intercept_unary_unary(self, continuation, client_call_details, request):
         self.sent.append(request.SerializeToString())
         return continuation(client_call_details, request)
 
@@ -47,7 +47,7 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture(scope="module")
-def service(trainer_stack, recorder):  # noqa: ANN001, ANN201
+def service(trainer_stack, recorder):
     client = trainer_stack.client(retry_count=2)
     transport = client._transport
     channel = transport.channel
@@ -57,7 +57,7 @@ def service(trainer_stack, recorder):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def checkpoints(service) -> dict[str, str]:  # noqa: ANN001
+def checkpoints(service) -> dict[str, str]:
     """A few training steps per adapter, saved to the vault: name -> artifact id."""
     out = {}
     for name, (rank, alpha, modules) in ADAPTERS.items():
@@ -73,7 +73,7 @@ def checkpoints(service) -> dict[str, str]:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def peft_model(service, checkpoints, tiny_model, tmp_path_factory):  # noqa: ANN001, ANN201
+def peft_model(service, checkpoints, tiny_model, tmp_path_factory):
     """PEFT's own model for each adapter, from the same checkpoint bytes (pulled and decrypted here)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -89,11 +89,11 @@ def peft_model(service, checkpoints, tiny_model, tmp_path_factory):  # noqa: ANN
 
 
 @pytest.fixture(scope="module")
-def bundle():  # noqa: ANN201
+def bundle():
     return HEKeyManager(tenant_id="default").generate_key_bundle(HESchemeParams(), key_id="tenant-key-1")
 
 
-def peft_delta(model, module: str, x: torch.Tensor) -> np.ndarray:  # noqa: ANN001
+def peft_delta(model, module: str, x: torch.Tensor) -> np.ndarray:
     """PEFT's LoRA delta of ``module`` for x: the wrapped layer's output minus its base layer's."""
     layer = model.get_submodule("base_model.model." + module)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def test_deltas_equal_pefts_own_for_shapes_ranks_and_token_counts(service, checkpoints, peft_model, bundle) -> None:  # noqa: ANN001
+def test_deltas_equal_pefts_own_for_shapes_ranks_and_token_counts(service, checkpoints, peft_model, bundle) -> None:
     rng = np.random.default_rng(0)
     for name, (rank, _, modules) in ADAPTERS.items():
         runtime = create_encrypted_runtime(config=AdapterEncryptionConfig(rank=rank, encrypted_layers=modules),
@@ -128,7 +128,7 @@ def test_deltas_equal_pefts_own_for_shapes_ranks_and_token_counts(service, check
                 assert stats.counts["plaintext_multiplies"] > 0 and stats.server_ms["compute_ms"] > 0
 
 
-def test_private_inference_mode_and_several_layers_per_call(service, checkpoints, peft_model, bundle) -> None:  # noqa: ANN001
+def test_private_inference_mode_and_several_layers_per_call(service, checkpoints, peft_model, bundle) -> None:
     inference = create_private_inference_mode(key_bundle=bundle, params=bundle.params, client=service,
                                               adapter=checkpoints["attn"], layers=["layers.1.self_attn.q_proj",
                                                                                    "layers.1.self_attn.v_proj"])
@@ -156,7 +156,7 @@ def test_private_inference_mode_and_several_layers_per_call(service, checkpoints
         assert rel_err(delta, peft_delta(peft_model["attn"], module, torch.tensor(x1, dtype=torch.float32))) < 1e-4
 
 
-def test_no_secret_key_reaches_the_service_or_its_database(service, trainer_stack, recorder, bundle,  # noqa: ANN001
+def test_no_secret_key_reaches_the_service_or_its_database(service, trainer_stack, recorder, bundle,
                                                            tmp_path) -> None:
     assert recorder.sent, "the other tests ran through the recorder"
     bundle.context.secret_key().data.save(str(tmp_path / "sk"))
@@ -179,7 +179,7 @@ def test_no_secret_key_reaches_the_service_or_its_database(service, trainer_stac
     assert not any(p in raw for p in probes)
 
 
-def test_insecure_parameters_are_refused_by_the_service(service, bundle) -> None:  # noqa: ANN001
+def test_insecure_parameters_are_refused_by_the_service(service, bundle) -> None:
     from tensafe.api.he.v1 import he_pb2
 
     # The SDK refuses these before sending; a hand-made request must meet the service's own check.
@@ -193,7 +193,7 @@ def test_insecure_parameters_are_refused_by_the_service(service, bundle) -> None
 
 
 def test_another_tenants_context_adapter_and_computation_are_not_found(service, trainer_stack, checkpoints,
-                                                                        bundle) -> None:  # noqa: ANN001
+                                                                        bundle) -> None:
     from tensafe.api.he.v1 import he_pb2
 
     inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["attn"],
@@ -222,7 +222,7 @@ def test_another_tenants_context_adapter_and_computation_are_not_found(service, 
     assert service.he.get_adapter(inference.adapter.adapter_id).layers[0].name == "model.layers.0.self_attn.q_proj"
 
 
-def test_round_two_runs_once_per_computation(service, checkpoints, bundle) -> None:  # noqa: ANN001
+def test_round_two_runs_once_per_computation(service, checkpoints, bundle) -> None:
     """Round 2's masks are fixed by round 1: a second round 2 on another input would let the key holder
     subtract them (and the re-randomisation) away, so the he service refuses it."""
     from tensafe.api.he.v1 import he_pb2
@@ -235,7 +235,7 @@ def test_round_two_runs_once_per_computation(service, checkpoints, bundle) -> No
         ciphertexts=inference.encrypt_input(np.ones(64)).groups[0][1]))
     slots = bundle.slot_count
 
-    def round_two(u: np.ndarray):  # noqa: ANN202
+    def round_two(u: np.ndarray):
         req = he_pb2.ComputeDeltaRequest(packing=he_pb2.PACKING_REPLICATED, computation_id=first.computation_id)
         req.layer_inputs.add(layer=layer.name, ciphertexts=[bundle.encrypt_token(np.tile(u, slots // layer.rank))])
         return service.he.compute_delta(req)
@@ -246,7 +246,7 @@ def test_round_two_runs_once_per_computation(service, checkpoints, bundle) -> No
     assert "already run" in str(err.value)
 
 
-def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noqa: ANN001
+def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:
     from tensafe.api.he.v1 import he_pb2
 
     inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["mlp"],
@@ -283,7 +283,7 @@ def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:  # noq
     assert err.value.field == "config.rank"
 
 
-def test_examples_run_against_tensafe_up(trainer_stack, tmp_path) -> None:  # noqa: ANN001
+def test_examples_run_against_tensafe_up(trainer_stack, tmp_path) -> None:
     import subprocess
     import sys
 

@@ -19,7 +19,7 @@ from tg_tinker.he import HEKeyManager, HEScheme, HESchemeParams
 
 
 @pytest.fixture(scope="module")
-def bundle():  # noqa: ANN201
+def bundle():
     return HEKeyManager("tenant-a").generate_key_bundle(key_id="k1")
 
 
@@ -67,7 +67,7 @@ def test_secure_parameters_pass_and_shallow_ones_are_refused() -> None:
     assert HESchemeParams(scheme=HEScheme.CKKS).slot_count == 4096
 
 
-def test_the_service_inspects_the_context_itself(bundle) -> None:  # noqa: ANN001
+def test_the_service_inspects_the_context_itself(bundle) -> None:
     params = bundle.params
     ctx = inspect_context(bundle.public_context(), params)
     assert not ctx.has_secret_key() and not ctx.has_galois_keys()
@@ -90,7 +90,7 @@ def test_the_service_inspects_the_context_itself(bundle) -> None:  # noqa: ANN00
 
 
 # -- keys ----------------------------------------------------------------------------------------------------
-def test_key_bundle_file_is_encrypted_and_round_trips(bundle, tmp_path) -> None:  # noqa: ANN001
+def test_key_bundle_file_is_encrypted_and_round_trips(bundle, tmp_path) -> None:
     path = bundle.save(tmp_path / "k.bundle", passphrase="correct horse battery")
     raw = path.read_bytes()
     secret = bundle.context.serialize(save_secret_key=True)
@@ -123,7 +123,7 @@ def test_key_bundle_file_is_encrypted_and_round_trips(bundle, tmp_path) -> None:
 
 # -- the arithmetic --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("d", "r", "d_out", "tokens"), [(64, 8, 32, 7), (128, 4, 64, 1000), (96, 16, 200, 2)])
-def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle, d, r, d_out, tokens) -> None:  # noqa: ANN001
+def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle, d, r, d_out, tokens) -> None:
     rng = np.random.default_rng(d + r)
     layer = _layer(rng, d, r, d_out)
     x = rng.normal(0, 1, (tokens, d))
@@ -140,11 +140,11 @@ def test_column_packing_is_the_lora_delta_with_depth_two_and_no_rotation(bundle,
     assert counts.plaintext_multiplies == d * r + d_out * r
 
 
-def _engine(bundle) -> SealEngine:  # noqa: ANN001
+def _engine(bundle) -> SealEngine:
     return SealEngine(ts.context_from(bundle.public_context()), bundle.params.global_scale)
 
 
-def _fresh_masks(engine: SealEngine):  # noqa: ANN202
+def _fresh_masks(engine: SealEngine):
     def make(block: int, kind: str, count: int, counts: Counts | None = None) -> list:
         if counts is not None:
             counts.encryptions += count
@@ -152,7 +152,7 @@ def _fresh_masks(engine: SealEngine):  # noqa: ANN202
     return make
 
 
-def _token(bundle, layer: LoraLayer, x: np.ndarray):  # noqa: ANN001, ANN202
+def _token(bundle, layer: LoraLayer, x: np.ndarray):
     """Both rounds of one token as the SDK runs them; returns (round 1 slots, round 2 slots, delta, counts)."""
     engine = _engine(bundle)
     slots, d, r = bundle.slot_count, layer.in_features, layer.rank
@@ -171,7 +171,7 @@ def _token(bundle, layer: LoraLayer, x: np.ndarray):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize(("d", "r", "d_out"), [(64, 8, 32), (576, 16, 576), (100, 4, 300)])
-def test_replicated_packing_is_the_lora_delta(bundle, d, r, d_out) -> None:  # noqa: ANN001
+def test_replicated_packing_is_the_lora_delta(bundle, d, r, d_out) -> None:
     rng = np.random.default_rng(d * r)
     layer = _layer(rng, d, r, d_out)
     x = rng.normal(0, 1, d)
@@ -180,7 +180,7 @@ def test_replicated_packing_is_the_lora_delta(bundle, d, r, d_out) -> None:  # n
     assert counts.rotations == 0 and counts.multiplicative_depth == 1
 
 
-def test_single_token_masks_cancel_in_block_sums_and_hide_the_products(bundle) -> None:  # noqa: ANN001
+def test_single_token_masks_cancel_in_block_sums_and_hide_the_products(bundle) -> None:
     rng = np.random.default_rng(5)
     layer = _layer(rng, 64, 8, 32)
     x = rng.normal(0, 1, 64)
@@ -214,7 +214,7 @@ def test_block_masks_sum_exactly_and_are_fresh() -> None:
     assert np.allclose(q @ q.T, np.eye(16), atol=1e-12)
 
 
-def test_a_token_wider_than_the_slots_is_refused(bundle) -> None:  # noqa: ANN001
+def test_a_token_wider_than_the_slots_is_refused(bundle) -> None:
     layer = _layer(np.random.default_rng(0), 8192, 4, 8)
     engine = _engine(bundle)
     with pytest.raises(InvalidArgument) as err:
@@ -222,14 +222,14 @@ def test_a_token_wider_than_the_slots_is_refused(bundle) -> None:  # noqa: ANN00
     assert "poly_modulus_degree" in str(err.value)
 
 
-def _second_component(ct) -> np.ndarray:  # noqa: ANN001
+def _second_component(ct) -> np.ndarray:
     """c1 of a SEAL ciphertext (NTT form, every prime of its level)."""
     arr = ct.dyn_array()
     n = arr.size() // 2
     return np.array([arr.at(i) for i in range(n, 2 * n)], dtype=np.uint64)
 
 
-def test_single_token_outputs_are_rerandomised(bundle) -> None:  # noqa: ANN001
+def test_single_token_outputs_are_rerandomised(bundle) -> None:
     """Without a fresh encryption in each output, its second component would be rescale(c1 * w): the key
     holder, who made c1, could divide the weights out of it. With one, two outputs of the same input,
     weights and level share no component with that product or with each other."""
@@ -255,7 +255,7 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:  # noqa: ANN001
     assert np.allclose(values[:4032].reshape(7, 576).sum(1), 0, atol=1e-6) and values.std() > 1000
 
 
-def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> None:  # noqa: ANN001
+def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> None:
     from tenseal import sealapi
 
     from tg_tinker.he.seal import to_bytes
@@ -275,7 +275,7 @@ def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> 
         engine.load_input(other.encrypt_token([1.0]), "ciphertexts[0]")
 
 
-def test_the_mask_pool_prepares_masks_in_a_worker_and_each_is_used_once(bundle) -> None:  # noqa: ANN001
+def test_the_mask_pool_prepares_masks_in_a_worker_and_each_is_used_once(bundle) -> None:
     import hashlib
     import time
 
@@ -307,7 +307,7 @@ def test_the_mask_pool_prepares_masks_in_a_worker_and_each_is_used_once(bundle) 
     assert all(w.proc.poll() is not None for w in workers)  # closing the pool ends its workers
 
 
-def test_without_workers_masks_are_made_in_the_request(bundle) -> None:  # noqa: ANN001
+def test_without_workers_masks_are_made_in_the_request(bundle) -> None:
     engine = _engine(bundle)
     pool = MaskPool(workers=0)
     public = bundle.public_context()
@@ -316,7 +316,7 @@ def test_without_workers_masks_are_made_in_the_request(bundle) -> None:  # noqa:
     assert len(got) == 2 and pool.made_inline == 2 and not np.any(got[0][1])
 
 
-def test_blindings_are_prepared_between_requests_and_used_once(bundle) -> None:  # noqa: ANN001
+def test_blindings_are_prepared_between_requests_and_used_once(bundle) -> None:
     import hashlib
     import time
 

@@ -28,13 +28,13 @@ def _config(seed: int) -> TrainingConfig:
 
 
 @pytest.fixture(scope="module")
-def service(trainer_stack):  # noqa: ANN001, ANN201
+def service(trainer_stack):
     with trainer_stack.client(retry_count=2) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def trained(service):  # noqa: ANN001, ANN201
+def trained(service):
     """Two adapters trained differently on the same base; for each: its artifact and the session's greedy
     samples (text prompts, with and without a stop string, and token-id prompts) taken just before saving."""
     out = []
@@ -54,11 +54,11 @@ def trained(service):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def sc(service, trained):  # noqa: ANN001, ANN201
+def sc(service, trained):
     return service.create_sampling_client(artifact_id=trained[0]["artifact"])
 
 
-def _other_tenant(trainer_stack, name: str):  # noqa: ANN001, ANN202
+def _other_tenant(trainer_stack, name: str):
     out = trainer_stack.cli("keys", "create", "--tenant", name)
     return trainer_stack.client(api_key=out.stdout.strip().splitlines()[-1])
 
@@ -74,7 +74,7 @@ def test_greedy_output_equals_the_training_sessions_sample(sc, trained) -> None:
     assert by_ids.token_ids == trained[0]["ids"].samples[0].token_ids
 
 
-def test_generation_with_an_adapter_is_in_the_ledger(trainer_stack, service, sc) -> None:  # noqa: ANN001
+def test_generation_with_an_adapter_is_in_the_ledger(trainer_stack, service, sc) -> None:
     sc.sample(PROMPTS[:1], max_tokens=2, temperature=0)
     vkey = trainer_stack.cli("ledger", "vkey").stdout.strip()
     found = eventually(lambda: [e for e in service.get_audit_logs(service="inference", vkey=vkey)  # via the outbox
@@ -147,7 +147,7 @@ def test_several_adapters_on_one_base(service, sc, trained) -> None:
         trained[0]["greedy"].samples[0].token_ids
 
 
-def _list_request():  # noqa: ANN202
+def _list_request():
     from tensafe.api.inference.v1 import inference_pb2
 
     return inference_pb2.ListAdaptersRequest()
@@ -215,7 +215,7 @@ def test_cancelling_a_stream_stops_generation(sc) -> None:
     assert quick[-1].finish_reason in ("length", "stop")
 
 
-def test_streaming_example_runs_against_tensafe_up(trainer_stack) -> None:  # noqa: ANN001
+def test_streaming_example_runs_against_tensafe_up(trainer_stack) -> None:
     import subprocess
     import sys
 
@@ -230,7 +230,7 @@ def test_streaming_example_runs_against_tensafe_up(trainer_stack) -> None:  # no
     assert "<length>" in out.stdout or "<stop>" in out.stdout
 
 
-def test_two_plane_he_lora_greedy_equals_the_plaintext_adapter(service, trained, tiny_model) -> None:  # noqa: ANN001
+def test_two_plane_he_lora_greedy_equals_the_plaintext_adapter(service, trained, tiny_model) -> None:
     from tg_tinker.he import HEKeyManager
 
     bundle = HEKeyManager(tenant_id="default").generate_key_bundle(key_id="two-plane-test")

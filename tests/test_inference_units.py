@@ -13,13 +13,13 @@ from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotImple
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model):  # noqa: ANN001, ANN201
+def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
 
 
-def _feed(tokenizer, text: str, stops: list[str]) -> tuple[list[Chunk], Chunk]:  # noqa: ANN001
+def _feed(tokenizer, text: str, stops: list[str]) -> tuple[list[Chunk], Chunk]:
     seq = SequenceStream(tokenizer, 0, 0, stops, want_logprobs=True)
     chunks = []
     for i, token in enumerate(tokenizer(text, add_special_tokens=False).input_ids):
@@ -29,7 +29,7 @@ def _feed(tokenizer, text: str, stops: list[str]) -> tuple[list[Chunk], Chunk]: 
     return chunks, seq.finish()
 
 
-def test_text_that_may_start_a_stop_string_is_held_back(tokenizer) -> None:  # noqa: ANN001
+def test_text_that_may_start_a_stop_string_is_held_back(tokenizer) -> None:
     chunks, last = _feed(tokenizer, "The quick brown fox jumps over the lazy dog.", ["brown fox", "lazy"])
     streamed = "".join(c.text for c in chunks)
     assert "b" not in streamed[len("The quick "):] and streamed.startswith("The quick")
@@ -40,7 +40,7 @@ def test_text_that_may_start_a_stop_string_is_held_back(tokenizer) -> None:  # n
     assert logprobs == pytest.approx([-0.1 * (i + 1) for i in range(len(ids))])
 
 
-def test_without_stops_every_token_goes_out_at_once(tokenizer) -> None:  # noqa: ANN001
+def test_without_stops_every_token_goes_out_at_once(tokenizer) -> None:
     text = "Hello, world! How are you today?"
     chunks, last = _feed(tokenizer, text, [])
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -48,7 +48,7 @@ def test_without_stops_every_token_goes_out_at_once(tokenizer) -> None:  # noqa:
     assert "".join(c.text for c in chunks) == text and last.text == "" and last.finish_reason == LENGTH
 
 
-def test_eos_ends_the_sequence_and_is_kept(tokenizer) -> None:  # noqa: ANN001
+def test_eos_ends_the_sequence_and_is_kept(tokenizer) -> None:
     seq = SequenceStream(tokenizer, 1, 2, [], want_logprobs=False)
     ids = tokenizer("Hello", add_special_tokens=False).input_ids
     for t in ids:
@@ -81,7 +81,7 @@ def test_chunk_queue_ends_when_cancelled() -> None:
     assert list(out) == []
 
 
-def test_vllm_engine_without_vllm_names_the_extra(tmp_path) -> None:  # noqa: ANN001
+def test_vllm_engine_without_vllm_names_the_extra(tmp_path) -> None:
     from tensafe.inference.vllm_backend import TenSafeAsyncEngine, TenSafeVLLMConfig
 
     try:  # vLLM is absent here by design (it needs CUDA torch): the refusal is what is tested

@@ -15,18 +15,18 @@ from tg_tinker import AuthenticationError, PermissionDeniedError, ServiceClient
 from tg_tinker.transparency import VerificationError
 
 
-def vkey(stack) -> str:  # noqa: ANN001
+def vkey(stack) -> str:
     out = stack.cli("ledger", "vkey")
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
-def tenant(stack, name: str) -> ServiceClient:  # noqa: ANN001
+def tenant(stack, name: str) -> ServiceClient:
     out = stack.cli("keys", "create", "--tenant", name)
     return stack.client(api_key=out.stdout.strip().splitlines()[-1], retry_count=0)
 
 
-def ledger_engine(stack):  # noqa: ANN001, ANN201
+def ledger_engine(stack):
     url = stack.env.get("TENSAFE_DB_URL") or f"sqlite:///{stack.data_dir / 'ledger.db'}"
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     schema = stack.env.get("TENSAFE_DB_SCHEMA_PREFIX", "tensafe_") + "ledger"
@@ -40,7 +40,7 @@ def test_actions_are_recorded_and_verified_per_tenant(stack) -> None:
         alice.pull_artifact(art.artifact_id)
         alice.artifacts.rotate_key()
         bob.artifacts.put(b"other", name="b")
-        def vault_records():  # noqa: ANN202
+        def vault_records():
             found = [r for r in alice.get_audit_logs(vkey=key)
                      if r.action in ("vault.PutArtifact", "vault.PullArtifact", "vault.RotateTenantKey")]
             return found if len(found) >= 3 else None
@@ -70,7 +70,7 @@ def test_rejected_requests_are_recorded(stack) -> None:
         intruder.artifacts.put(b"x", name="nope")
     engine, prefix = ledger_engine(stack)
 
-    def denied():  # noqa: ANN202
+    def denied():
         with engine.connect() as conn:
             rows = conn.execute(sa.text(f"SELECT entry FROM {prefix}ledger_leaves WHERE action = 'vault.PutArtifact'"
                                         " AND tenant_id = ''")).all()
@@ -147,7 +147,7 @@ def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path, tiny_model) -> None
     ports = {"trainer": free_port(), "vault": free_port(), "ledger": free_port()}
     env.update({f"TENSAFE_{s.upper()}_ENDPOINT": f"127.0.0.1:{p}" for s, p in ports.items()})
 
-    def serve(name: str):  # noqa: ANN202
+    def serve(name: str):
         proc = spawn(tensafe_cmd("serve", name, "--data-dir", str(data_dir), "--port", str(ports[name])), env,
                      tmp_path / f"{name}-{time.monotonic_ns()}.log")
         wait_serving(f"127.0.0.1:{ports[name]}", (name,), proc)
@@ -171,7 +171,7 @@ def test_no_entry_is_lost_while_the_ledger_is_down(tmp_path, tiny_model) -> None
         key = subprocess.run(tensafe_cmd("ledger", "vkey", "--data-dir", str(data_dir)), env=env,
                              capture_output=True, text=True, cwd=REPO).stdout.strip()
 
-        def complete():  # noqa: ANN202
+        def complete():
             records = client.get_audit_logs(vkey=key)
             steps = [r for r in records if r.action == "trainer.OptimStep"]
             saved = [r for r in records if r.action in ("trainer.SaveState", "vault.PutArtifact")]

@@ -54,7 +54,7 @@ def _diff(engine: sa.Engine, metadata: sa.MetaData) -> list:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def make_engine(request, tmp_path):  # noqa: ANN001, ANN201
+def make_engine(request, tmp_path):
     engines = []
 
     def make(name: str) -> sa.Engine:
@@ -83,7 +83,7 @@ def test_every_service_has_its_store_metadata_listed() -> None:
 
 
 @pytest.mark.parametrize("service", list(SPECS))
-def test_migrations_build_exactly_the_live_tables(make_engine, service: str) -> None:  # noqa: ANN001
+def test_migrations_build_exactly_the_live_tables(make_engine, service: str) -> None:
     spec = SPECS[service]
     engine = make_engine(service)
     dirs = [RUNTIME_VERSIONS] + ([spec.migrations] if Path(spec.migrations).is_dir() else [])
@@ -91,7 +91,7 @@ def test_migrations_build_exactly_the_live_tables(make_engine, service: str) -> 
     assert _diff(engine, _live(service)) == []
 
 
-def test_identity_migrations_build_exactly_the_live_tables(make_engine) -> None:  # noqa: ANN001
+def test_identity_migrations_build_exactly_the_live_tables(make_engine) -> None:
     engine = make_engine("identity")
     migrate(engine, [IDENTITY_VERSIONS], version_table="alembic_version_identity")
     assert _diff(engine, _combined(identity._metadata, audit._metadata)) == []

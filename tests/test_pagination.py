@@ -102,7 +102,7 @@ class Raw:
 
 
 @pytest.fixture(scope="module")
-def made(trainer_stack) -> Made:  # noqa: ANN001
+def made(trainer_stack) -> Made:
     """N of everything every listing lists, for the stack's default tenant."""
     from tg_tinker.he import HEKeyManager, HESchemeParams
 
@@ -133,7 +133,7 @@ def made(trainer_stack) -> Made:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def raw(trainer_stack) -> Raw:  # noqa: ANN001
+def raw(trainer_stack) -> Raw:
     return Raw(trainer_stack.target, trainer_stack.api_key)
 
 
@@ -142,7 +142,7 @@ SQL_LISTINGS = ["vault.ListArtifacts", "accountant.ListBudgets", "accountant.Lis
 
 
 @pytest.fixture(scope="module")
-def made_sql(stack) -> Made:  # noqa: ANN001
+def made_sql(stack) -> Made:
     """N of everything the SQL-backed listings list, on SQLite and PostgreSQL (no model needed)."""
     from tg_tinker.he import HEKeyManager, HESchemeParams
 
@@ -162,7 +162,7 @@ def made_sql(stack) -> Made:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("name", SQL_LISTINGS)
-def test_sql_listings_page_and_refuse_on_every_backend(stack, made_sql: Made, name: str) -> None:  # noqa: ANN001
+def test_sql_listings_page_and_refuse_on_every_backend(stack, made_sql: Made, name: str) -> None:
     raw = Raw(stack.target, stack.api_key)
     test_pages_hold_every_item_once_in_order(raw, made_sql, name)
     err = raw.refused(LISTINGS[name], made_sql, page_size=1, page_token=_foreign_token(raw, made_sql, name))

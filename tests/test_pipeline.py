@@ -50,7 +50,7 @@ class ScriptedLedger(ledger_pb2_grpc.LedgerServiceServicer):
         self.lock = threading.Lock()
         self.release = threading.Event()
 
-    def AppendEntries(self, request, context):  # noqa: N802, ANN001, ANN201
+    def AppendEntries(self, request, context):
         action = request.entries[0].action if request.entries else ""
         with self.lock:
             self.runs += 1
@@ -81,7 +81,7 @@ class Harness:
     other_key: str
     server: grpc.Server
 
-    def client(self, **kw) -> ServiceClient:  # noqa: ANN003
+    def client(self, **kw) -> ServiceClient:
         kw.setdefault("api_key", self.api_key)
         kw.setdefault("retry_count", 0)
         return ServiceClient(base_url=f"127.0.0.1:{self.port}", **kw)
@@ -92,7 +92,7 @@ def make_config(tmp: Path, env: dict[str, str]) -> ServerConfig:
 
 
 @pytest.fixture
-def harness(tmp_path, db_env, request):  # noqa: ANN001, ANN201
+def harness(tmp_path, db_env, request):
     rps, burst = getattr(request, "param", (0.0, 1))
     config = make_config(tmp_path, db_env)
     api_key, _ = initialise_data_dir(config)
@@ -235,7 +235,7 @@ def test_graceful_shutdown_finishes_call_in_flight(tmp_path) -> None:
     server = TensafeServer(config, [])
     started, finished = threading.Event(), threading.Event()
 
-    def slow(request: bytes, context) -> bytes:  # noqa: ANN001
+    def slow(request: bytes, context) -> bytes:
         started.set()
         time.sleep(1.5)
         finished.set()

@@ -117,13 +117,13 @@ def test_peer_call_carries_tenant_request_id_and_trace(tmp_path, mutual) -> None
     peers = PeerChannels(server.config, "a", local, frozenset({"b"}))
     seen: dict[str, str] = {}
 
-    def handle_b(request: bytes, context) -> bytes:  # noqa: ANN001
+    def handle_b(request: bytes, context) -> bytes:
         ctx = call_context.current()
         seen.update(tenant=ctx.principal.tenant_id, request_id=ctx.request_id,
                     trace=format(trace.get_current_span().get_span_context().trace_id, "032x"))
         return b"b-ok"
 
-    def handle_a(request: bytes, context) -> bytes:  # noqa: ANN001
+    def handle_a(request: bytes, context) -> bytes:
         seen["a_trace"] = format(trace.get_current_span().get_span_context().trace_id, "032x")
         return peers.channel("b").unary_unary("/tensafe.test.B/Run")(b"", metadata=forward_metadata(), timeout=5)
 

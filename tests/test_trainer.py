@@ -25,7 +25,7 @@ PROMPT_IDS = [[0, 45, 120, 77, 200, 31, 9, 150, 66, 88, 12, 5],
 BATCH = {"input_ids": PROMPT_IDS, "attention_mask": [[1] * 12, [1] * 12], "labels": PROMPT_IDS}
 
 
-def config(**kw) -> TrainingConfig:  # noqa: ANN003
+def config(**kw) -> TrainingConfig:
     kw.setdefault("lora_config", LoRAConfig(rank=8, alpha=16, dropout=0.0,
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     kw.setdefault("optimizer", OptimizerConfig(name="adamw", learning_rate=2e-2))
@@ -34,7 +34,7 @@ def config(**kw) -> TrainingConfig:  # noqa: ANN003
 
 
 @pytest.fixture
-def service(trainer_stack):  # noqa: ANN001, ANN201
+def service(trainer_stack):
     with trainer_stack.client(retry_count=2) as client:
         yield client
 
@@ -68,7 +68,7 @@ def test_ops_complete_in_submission_order(service) -> None:
         assert [r.step for r in results[1::3]] == [1, 2, 3, 4]
 
 
-def _in_process_training(tiny_model, steps: int):  # noqa: ANN001, ANN202
+def _in_process_training(tiny_model, steps: int):
     """The same fine-tune written directly against transformers + PEFT + torch."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -130,7 +130,7 @@ def test_custom_client_loss_gives_the_server_side_gradient(service) -> None:
         mask = torch.zeros_like(labels, dtype=torch.float32)
         mask[:, 1:] = 1.0
 
-        def mean_ce(logprobs: torch.Tensor, batch) -> torch.Tensor:  # noqa: ANN001
+        def mean_ce(logprobs: torch.Tensor, batch) -> torch.Tensor:
             return -(logprobs * mask).sum() / mask.sum()
 
         custom = client_side.forward_backward_custom(BATCH, mean_ce).result(timeout=60)

@@ -19,13 +19,13 @@ from tg_tinker import ConflictError, IntegrityError, NotFoundError, ValidationEr
 MARKER = b"PLAINTEXT-MARKER-5f1c"
 
 
-def new_tenant(stack, name: str):  # noqa: ANN001, ANN201
+def new_tenant(stack, name: str):
     out = stack.cli("keys", "create", "--tenant", name)
     assert out.returncode == 0, out.stderr
     return stack.client(api_key=out.stdout.strip().splitlines()[-1], retry_count=0)
 
 
-def blob_path(stack, artifact_id: str) -> Path:  # noqa: ANN001
+def blob_path(stack, artifact_id: str) -> Path:
     return stack.data_dir / "blobs" / artifact_id[-2:] / artifact_id
 
 
@@ -154,12 +154,12 @@ def test_rotate_then_read_and_shred(stack) -> None:
 
 def test_put_stopped_half_way_leaves_nothing(stack) -> None:
     with new_tenant(stack, "halfway") as client:
-        def dying():  # noqa: ANN202
+        def dying():
             yield MARKER * 1000
             yield os.urandom(2 << 20)
             raise RuntimeError("client died")
 
-        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the client raises, the vault keeps nothing
+        with pytest.raises(Exception):  # noqa: B017 - whatever the client raises, the vault keeps nothing
             client.artifacts.put(dying(), name="half")
         time.sleep(0.5)
         assert client.list_artifacts() == []
@@ -173,7 +173,7 @@ def test_256_mib_in_constant_memory_and_a_killed_put(tmp_path) -> None:
     try:
         client = s.client(retry_count=0)
 
-        def stream(total: int, block: bytes = os.urandom(1 << 20)):  # noqa: ANN202, B008
+        def stream(total: int, block: bytes = os.urandom(1 << 20)):
             for _ in range(total // len(block)):
                 yield block
 

@@ -32,7 +32,7 @@ from tg_tinker.data import PoissonSampler
 HERE = Path(__file__).resolve().parent.parent
 
 
-def chat(tok, prompt: str, response: str | None = None) -> list[int]:  # noqa: ANN001
+def chat(tok, prompt: str, response: str | None = None) -> list[int]:
     if not getattr(tok, "chat_template", None):  # a base model without a chat template
         text = f"Question: {prompt}\nAnswer:" + (f" {response}{tok.eos_token or ''}" if response is not None else "")
         return tok(text).input_ids
@@ -43,7 +43,7 @@ def chat(tok, prompt: str, response: str | None = None) -> list[int]:  # noqa: A
     return tok.apply_chat_template(messages, tokenize=True, return_dict=False)
 
 
-def make_batch(tok, records: list[dict]) -> dict:  # noqa: ANN001
+def make_batch(tok, records: list[dict]) -> dict:
     """Pad to the longest sequence; train only on the answer (prompt and padding labels are -100)."""
     rows = []
     for r in records:
@@ -61,7 +61,7 @@ def make_batch(tok, records: list[dict]) -> dict:  # noqa: ANN001
     return batch
 
 
-def show_samples(tc, tok, heldout: list[dict], title: str) -> int:  # noqa: ANN001
+def show_samples(tc, tok, heldout: list[dict], title: str) -> int:
     prompts = [chat(tok, r["prompt"]) for r in heldout]
     result = tc.sample(prompts, max_tokens=48, temperature=0)
     hits = 0
@@ -74,7 +74,7 @@ def show_samples(tc, tok, heldout: list[dict], title: str) -> int:  # noqa: ANN0
     return hits
 
 
-def report(bar, pending, losses):  # noqa: ANN001, ANN201
+def report(bar, pending, losses):
     """Wait for a queued step and show its loss (and, in DP runs, the epsilon spent so far)."""
     fb, opt = pending
     if fb is not None:

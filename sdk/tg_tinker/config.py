@@ -150,7 +150,7 @@ class ClientConfig:
             env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         env.update(os.environ if environ is None else environ)
 
-        def pick(arg, name):  # noqa: ANN001, ANN202
+        def pick(arg, name):
             return arg if arg is not None else (env.get(name) or None)
 
         raw_timeout = pick(timeout, "TS_TIMEOUT")

@@ -25,7 +25,7 @@ def cut_at_stop(text: str, stops: list[str]) -> str | None:
     return text[: min(hits)] if hits else None
 
 
-def ids_within(tokenizer, ids: list[int], text: str) -> list[int]:  # noqa: ANN001
+def ids_within(tokenizer, ids: list[int], text: str) -> list[int]:
     """The longest prefix of ``ids`` whose decoding is a prefix of ``text`` (the trainer's rule).
 
     A prefix ending inside a multi-byte character decodes with a replacement character and does
@@ -75,7 +75,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 class SequenceStream:
     """One sequence being generated: feed it tokens with :meth:`push`, end it with :meth:`finish`."""
 
-    def __init__(self, tokenizer, prompt_index: int, sample_index: int, stops: list[str],  # noqa: ANN001
+    def __init__(self, tokenizer, prompt_index: int, sample_index: int, stops: list[str],
                  want_logprobs: bool) -> None:
         self.tokenizer = tokenizer
         self.prompt_index = prompt_index

@@ -52,7 +52,7 @@ class TwoPlaneGenerator:
 
     def __init__(self, service: Any, artifact_id: str, key_bundle: Any, base_model_path: str) -> None:
         try:
-            import torch  # noqa: F401
+            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             from .he import AdapterEncryptionConfig, EncryptedLoRARuntime, create_private_inference_mode
@@ -93,8 +93,8 @@ class TwoPlaneGenerator:
                                       field="base_model_ref", code="INVALID_ARGUMENT") from None
             self._hooks.append(module.register_forward_hook(self._hook(layer.name)))
 
-    def _hook(self, name: str):  # noqa: ANN202
-        def add_delta(module, inputs, output):  # noqa: ANN001, ANN202
+    def _hook(self, name: str):
+        def add_delta(module, inputs, output):
             x = inputs[0]
             if x.dim() == 3 and x.shape[0] == 1 and 1 < x.shape[1] <= PER_TOKEN_UP_TO:
                 # A short prompt: one-token (replicated) packing per token, two small rounds each, costs less

@@ -133,7 +133,7 @@ def digest(model: torch.nn.Module, base_view: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_base(tiny_model: Path):  # noqa: ANN201
+def hf_base(tiny_model: Path):
     from tensafe.inference.hf_backend import HFBase
     from tensafe.trainer.models import ModelLocation
 
@@ -142,13 +142,13 @@ def hf_base(tiny_model: Path):  # noqa: ANN201
     base.close()
 
 
-def _base_state(base) -> str:  # noqa: ANN001
+def _base_state(base) -> str:
     assert base.peft is None
     return digest(base.model)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS) + sorted(BAD_WEIGHTS))
-def test_a_refused_adapter_leaves_the_inference_base_bit_identical(hf_base, case: str) -> None:  # noqa: ANN001
+def test_a_refused_adapter_leaves_the_inference_base_bit_identical(hf_base, case: str) -> None:
     from tensafe.inference.adapter import read_adapter
 
     before = _base_state(hf_base)
@@ -170,7 +170,7 @@ def test_a_refused_adapter_leaves_the_inference_base_bit_identical(hf_base, case
     assert _base_state(hf_base) == before
 
 
-def test_an_accepted_adapter_does_not_alter_the_base_either(hf_base) -> None:  # noqa: ANN001
+def test_an_accepted_adapter_does_not_alter_the_base_either(hf_base) -> None:
     from tensafe.inference.adapter import read_adapter
 
     raw = digest(hf_base.model)
@@ -225,32 +225,32 @@ def _tc_config(seed: int = 1, bias: str = "none") -> TrainingConfig:
                           optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
 
 
-def _tenant(stack, name: str):  # noqa: ANN001, ANN202
+def _tenant(stack, name: str):
     out = stack.cli("keys", "create", "--tenant", name)
     assert out.returncode == 0, out.stderr
     return stack.client(api_key=out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def attacker(trainer_stack):  # noqa: ANN001, ANN201
+def attacker(trainer_stack):
     with _tenant(trainer_stack, "mallory") as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def victim(trainer_stack):  # noqa: ANN001, ANN201
+def victim(trainer_stack):
     with _tenant(trainer_stack, "alice") as client:
         yield client
 
 
-def _fingerprint(client) -> list:  # noqa: ANN001
+def _fingerprint(client) -> list:
     """The shared base's greedy samples and their log-probabilities, from the inference service."""
     sc = client.create_sampling_client(model_ref="tiny")
     return [(s.token_ids, s.logprobs) for s in
             sc.sample(PROMPTS, max_tokens=12, temperature=0, return_logprobs=True).samples]
 
 
-def test_refused_adapters_through_the_inference_service(attacker, victim) -> None:  # noqa: ANN001
+def test_refused_adapters_through_the_inference_service(attacker, victim) -> None:
     before = _fingerprint(victim)
     cases = [(adapter_tar(config(**changes)), field) for changes, field in BAD_CONFIGS.values()]
     cases += [(adapter_tar(config(), tensors), "adapter_model") for tensors in BAD_WEIGHTS.values()]
@@ -268,14 +268,14 @@ def test_refused_adapters_through_the_inference_service(attacker, victim) -> Non
     assert _fingerprint(victim) == before
 
 
-def _checkpoint_with(client, tc, **replace: bytes) -> str:  # noqa: ANN001
+def _checkpoint_with(client, tc, **replace: bytes) -> str:
     """The tenant's own checkpoint of ``tc`` with members replaced, uploaded as a new artifact."""
     files = read_tar(client.get_artifact(tc.save_state(include_optimizer=False).artifact_id))
     files.update(replace)
     return client.artifacts.put(tar_of(files), kind="checkpoint", name="edited").artifact_id
 
 
-def test_load_state_cannot_write_the_shared_base_or_another_session(attacker, victim) -> None:  # noqa: ANN001
+def test_load_state_cannot_write_the_shared_base_or_another_session(attacker, victim) -> None:
     rows = [[0, 45, 120, 77, 200, 31, 9, 150], [0, 99, 14, 230, 61, 7, 180, 42]]
     with victim.create_training_client(_tc_config(2)) as theirs, attacker.create_training_client(_tc_config(3)) as tc:
         theirs.forward_backward({"input_ids": rows, "attention_mask": [[1] * 8] * 2, "labels": rows})
@@ -311,7 +311,7 @@ def test_load_state_cannot_write_the_shared_base_or_another_session(attacker, vi
         tc.load_state(_checkpoint_with(attacker, tc))  # its own checkpoint, unedited, still loads
 
 
-def test_session_target_modules_are_names_not_patterns(attacker) -> None:  # noqa: ANN001
+def test_session_target_modules_are_names_not_patterns(attacker) -> None:
     # PEFT matches a list of target_modules by name or suffix (never re): the trainer refuses anything that
     # is not a plain module name before PEFT sees it, and bounds the count and length.
     for modules in ([CATASTROPHIC], ["q_proj.*"], ["a" * 300], [f"m{i}" for i in range(65)]):
@@ -329,7 +329,7 @@ def _hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_a_sparse_tar_bomb_is_refused_without_allocating(trainer_stack, attacker) -> None:  # noqa: ANN001
+def test_a_sparse_tar_bomb_is_refused_without_allocating(trainer_stack, attacker) -> None:
     pid = trainer_stack.process.proc.pid
     config_member = _header_member("adapter_config.json", json.dumps(config()).encode())
     with attacker.create_training_client(_tc_config(4)) as tc:

@@ -101,7 +101,7 @@ TAMPERINGS: dict[str, Callable[[dict[str, bytes]], None]] = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trainer_stack) -> bytes:  # noqa: ANN001
+def checkpoint(trainer_stack) -> bytes:
     with trainer_stack.client(retry_count=2) as client, client.create_training_client(_config()) as tc:
         for _ in range(2):
             tc.forward_backward(BATCH)
@@ -109,7 +109,7 @@ def checkpoint(trainer_stack) -> bytes:  # noqa: ANN001
         return client.get_artifact(tc.save_state(include_optimizer=True).artifact_id)
 
 
-def test_the_untouched_checkpoint_loads(trainer_stack, checkpoint) -> None:  # noqa: ANN001
+def test_the_untouched_checkpoint_loads(trainer_stack, checkpoint) -> None:
     """The tamperings below mean something only if the original loads, optimizer included."""
     with trainer_stack.client(retry_count=2) as client, client.create_training_client(_config()) as tc:
         upload = client.artifacts.put(_tar(_files(checkpoint)), kind="checkpoint", name="untouched",
@@ -118,7 +118,7 @@ def test_the_untouched_checkpoint_loads(trainer_stack, checkpoint) -> None:  # n
         assert loaded.optimizer_restored and loaded.step == 2
 
 
-def test_a_tampered_checkpoint_is_refused_and_leaves_the_session_as_it_was(trainer_stack, checkpoint) -> None:  # noqa: ANN001
+def test_a_tampered_checkpoint_is_refused_and_leaves_the_session_as_it_was(trainer_stack, checkpoint) -> None:
     wrong = []
     with trainer_stack.client(retry_count=2) as client, client.create_training_client(_config()) as tc:
         tc.forward_backward(BATCH)

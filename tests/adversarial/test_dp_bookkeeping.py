@@ -61,11 +61,11 @@ def config(dp: dict | None = None, batch_size: int = 4, seed: int = 5) -> Traini
                           optimizer=OptimizerConfig(name="sgd", learning_rate=0.5), dp_config=dp_cfg)
 
 
-def logprobs(tc) -> np.ndarray:  # noqa: ANN001
+def logprobs(tc) -> np.ndarray:
     return tc.forward(BATCH, return_logprobs=True).result(timeout=120).logprobs
 
 
-def audit_entries(client, stack: Stack, *, resource_id: str, action: str, want: int,  # noqa: ANN001
+def audit_entries(client, stack: Stack, *, resource_id: str, action: str, want: int,
                   service: str = "trainer") -> list:
     """The entries an op wrote when it ran (beside its call's own entry), once delivered to the ledger."""
     vkey = stack.cli("ledger", "vkey").stdout.strip()
@@ -79,13 +79,13 @@ def audit_entries(client, stack: Stack, *, resource_id: str, action: str, want: 
 
 
 @pytest.fixture(scope="module")
-def dp_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model, module_db_env) -> Iterator[Stack]:  # noqa: ANN001
+def dp_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model, module_db_env) -> Iterator[Stack]:
     s = start_stack(tmp_path_factory.mktemp("dpbook"), {**module_db_env, "TENSAFE_MODEL_DIR": str(tiny_model.parent)})
     yield s
     assert s.process.stop() == 0, s.process.output()
 
 
-def tenant_client(stack: Stack, name: str):  # noqa: ANN201
+def tenant_client(stack: Stack, name: str):
     out = stack.cli("keys", "create", "--tenant", name)
     assert out.returncode == 0, out.stderr
     return stack.client(api_key=out.stdout.strip().splitlines()[-1], retry_count=2)
@@ -120,12 +120,12 @@ class _Accountant:
     def __init__(self) -> None:
         self.steps: list[str] = []
 
-    def create_budget(self, caller, session_id, target_epsilon, target_delta, accountant_type,  # noqa: ANN001
-                      sample_rate):  # noqa: ANN001, ANN201
+    def create_budget(self, caller, session_id, target_epsilon, target_delta, accountant_type,
+                      sample_rate):
         from tensafe.api.accountant.v1 import accountant_pb2
         return accountant_pb2.Budget(budget_id="bud_test", target_epsilon=target_epsilon, target_delta=target_delta)
 
-    def record_step(self, caller, budget_id, step_id, noise_multiplier, sample_rate):  # noqa: ANN001, ANN201
+    def record_step(self, caller, budget_id, step_id, noise_multiplier, sample_rate):
         from tensafe.api.accountant.v1 import accountant_pb2
         self.steps.append(step_id)
         return accountant_pb2.RecordStepResponse(budget=accountant_pb2.Budget(
@@ -162,7 +162,7 @@ def test_a_step_that_fails_after_its_record_is_spent_without_update(tiny_model, 
     loss = s.settings.default_loss
     batch = trainer._batch(s, batch_to_proto(BATCH), loss)
 
-    def op(fn):  # noqa: ANN001, ANN202 - run as the worker runs an op
+    def op(fn):  # run as the worker runs an op
         with s.base.lock:
             s.base.activate(s.session_id)
             for p in s.params:

@@ -76,7 +76,7 @@ def test_read_header_answers_integrity_error_or_a_header(prefix: bytes) -> None:
 
 # -- HE: public contexts and ciphertexts ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def he_material():  # noqa: ANN201
+def he_material():
     from tensafe.he.compute import SealEngine
     from tensafe.he.service import inspect_context
     from tg_tinker.he import HEKeyManager, HESchemeParams
@@ -91,7 +91,7 @@ def he_material():  # noqa: ANN201
     return {"bundle": bundle, "public": public, "engine": engine, "token": token}
 
 
-def test_the_unmutated_inputs_are_accepted(he_material) -> None:  # noqa: ANN001
+def test_the_unmutated_inputs_are_accepted(he_material) -> None:
     """The fuzz below is meaningful only if the originals pass."""
     from tensafe.he.service import inspect_context
 
@@ -99,7 +99,7 @@ def test_the_unmutated_inputs_are_accepted(he_material) -> None:  # noqa: ANN001
     assert he_material["engine"].load_input(he_material["token"], "ciphertexts[0]").size() == 2
 
 
-def test_a_context_with_the_secret_key_is_refused(he_material) -> None:  # noqa: ANN001
+def test_a_context_with_the_secret_key_is_refused(he_material) -> None:
     from tensafe.he.service import inspect_context
 
     full = he_material["bundle"].context.serialize(save_secret_key=True)
@@ -111,7 +111,7 @@ def test_a_context_with_the_secret_key_is_refused(he_material) -> None:  # noqa:
 @settings(max_examples=int(os.environ.get("TENSAFE_FUZZ_EXAMPLES", "60")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_a_mutated_public_context_is_refused_by_field(he_material, data) -> None:  # noqa: ANN001
+def test_a_mutated_public_context_is_refused_by_field(he_material, data) -> None:
     from tensafe.he.service import inspect_context
 
     blob = data.draw(mutated(he_material["public"]))
@@ -126,7 +126,7 @@ def test_a_mutated_public_context_is_refused_by_field(he_material, data) -> None
 
 @FUZZ
 @given(data=st.data())
-def test_a_mutated_ciphertext_is_refused_by_field(he_material, data) -> None:  # noqa: ANN001
+def test_a_mutated_ciphertext_is_refused_by_field(he_material, data) -> None:
     blob = data.draw(st.one_of(mutated(he_material["token"]), st.binary(max_size=256)))
     try:
         ct = he_material["engine"].load_input(blob, "ciphertexts[3]")

@@ -174,7 +174,7 @@ def test_every_rpc_has_an_isolation_case() -> None:
 
 
 @pytest.fixture(scope="module")
-def owned(trainer_stack) -> Iterator[Owned]:  # noqa: ANN001
+def owned(trainer_stack) -> Iterator[Owned]:
     from tg_tinker.he import HEKeyManager, HESchemeParams
 
     config = TrainingConfig(model_ref="tiny", seed=3, batch_size=2,
@@ -199,7 +199,7 @@ def owned(trainer_stack) -> Iterator[Owned]:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def tenant_b(trainer_stack) -> str:  # noqa: ANN001
+def tenant_b(trainer_stack) -> str:
     created = trainer_stack.cli("keys", "create", "--tenant", "tenant-b")
     assert created.returncode == 0, created.stderr
     return created.stdout.strip().splitlines()[-1]
@@ -222,7 +222,7 @@ def _mentions_a(response: Any, owned: Owned) -> list[str]:
     return found
 
 
-def test_another_tenant_gets_nothing_of_a_on_any_rpc(trainer_stack, owned, tenant_b) -> None:  # noqa: ANN001
+def test_another_tenant_gets_nothing_of_a_on_any_rpc(trainer_stack, owned, tenant_b) -> None:
     b = Raw(trainer_stack.target, tenant_b)
     failures = []
     for (service, method), (make, expected) in sorted(CASES.items()):
@@ -249,7 +249,7 @@ def test_another_tenant_gets_nothing_of_a_on_any_rpc(trainer_stack, owned, tenan
     assert not failures, "\n".join(failures)
 
 
-def test_a_is_intact_after_b_tried_everything(trainer_stack, owned, tenant_b) -> None:  # noqa: ANN001
+def test_a_is_intact_after_b_tried_everything(trainer_stack, owned, tenant_b) -> None:
     """Runs after the loop above (same module order): B's rotations, deletes and closes touched nothing of A."""
     a = Raw(trainer_stack.target, trainer_stack.api_key)
     assert _code(a.call("trainer", "GetSession", tr.GetSessionRequest(session_id=owned.session_id))) is None
@@ -264,14 +264,14 @@ def test_a_is_intact_after_b_tried_everything(trainer_stack, owned, tenant_b) ->
 
 
 @pytest.mark.parametrize("key", [None, "ts-garbage"], ids=["no-key", "bad-key"])
-def test_every_rpc_refuses_a_caller_without_a_valid_key(trainer_stack, owned, key) -> None:  # noqa: ANN001
+def test_every_rpc_refuses_a_caller_without_a_valid_key(trainer_stack, owned, key) -> None:
     anon = Raw(trainer_stack.target, key)
     wrong = [f"{s}.{m}: {_code(r)}" for (s, m), (make, _) in sorted(CASES.items())
              if _code(r := anon.call(s, m, make(owned))) != grpc.StatusCode.UNAUTHENTICATED]
     assert not wrong, "\n".join(wrong)
 
 
-def test_a_tenant_header_naming_another_tenant_is_refused_everywhere(trainer_stack, owned, tenant_b) -> None:  # noqa: ANN001
+def test_a_tenant_header_naming_another_tenant_is_refused_everywhere(trainer_stack, owned, tenant_b) -> None:
     """B's key with ``x-tenant-id: default`` (A) must never act as A."""
     spoof = Raw(trainer_stack.target, tenant_b, extra=[("x-tenant-id", "default")])
     wrong = [f"{s}.{m}: {_code(r)}" for (s, m), (make, _) in sorted(CASES.items())

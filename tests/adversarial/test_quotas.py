@@ -34,7 +34,7 @@ def quota_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
     assert s.process.stop() == 0, s.process.output()
 
 
-def tenant_client(stack: Stack, name: str):  # noqa: ANN201
+def tenant_client(stack: Stack, name: str):
     out = stack.cli("keys", "create", "--tenant", f"{name}-{uuid.uuid4().hex[:6]}")
     assert out.returncode == 0, out.stderr
     return stack.client(api_key=out.stdout.strip().splitlines()[-1])
@@ -102,7 +102,7 @@ def test_the_artifacts_quota_refuses_the_next_put_before_reading_it(quota_stack:
 
 
 @pytest.fixture(scope="module")
-def he_tenant(quota_stack: Stack):  # noqa: ANN201
+def he_tenant(quota_stack: Stack):
     """A tenant with two trained adapters: rank 8 on q, v (attn8) and rank 4 on q, v (attn4)."""
     client = tenant_client(quota_stack, "he")
     artifacts = {}
@@ -120,7 +120,7 @@ def he_tenant(quota_stack: Stack):  # noqa: ANN201
     client.close()
 
 
-def test_he_work_caps_refuse_an_adapter_before_anything_is_prepared(he_tenant) -> None:  # noqa: ANN001
+def test_he_work_caps_refuse_an_adapter_before_anything_is_prepared(he_tenant) -> None:
     client, artifacts, bundle = he_tenant
     cases = [("attn4", None, "TENSAFE_HE_MAX_LAYERS"),                          # 4 layers, at most 2
              ("attn8", ["layers.0.self_attn.q_proj"], "TENSAFE_HE_MAX_RANK")]   # rank 8, at most 4
@@ -135,7 +135,7 @@ def test_he_work_caps_refuse_an_adapter_before_anything_is_prepared(he_tenant) -
     client.he.unload_adapter(ok.adapter.adapter_id)
 
 
-def test_he_max_dim_names_its_setting(quota_stack: Stack, he_tenant) -> None:  # noqa: ANN001
+def test_he_max_dim_names_its_setting(quota_stack: Stack, he_tenant) -> None:
     client, _, bundle = he_tenant
     config = TrainingConfig(model_ref="tiny", seed=3, batch_size=2,
                             lora_config=LoRAConfig(rank=2, alpha=4, dropout=0.0, target_modules=["gate_proj"]),
@@ -149,7 +149,7 @@ def test_he_max_dim_names_its_setting(quota_stack: Stack, he_tenant) -> None:  #
     client.delete_artifact(artifact)
 
 
-def test_unfinished_he_computations_are_capped_per_tenant(he_tenant) -> None:  # noqa: ANN001
+def test_unfinished_he_computations_are_capped_per_tenant(he_tenant) -> None:
     from tensafe.api.he.v1 import he_pb2
 
     client, artifacts, bundle = he_tenant
@@ -157,7 +157,7 @@ def test_unfinished_he_computations_are_capped_per_tenant(he_tenant) -> None:  #
                                               layers=["layers.0.self_attn.q_proj"])
     layer = inference.adapter.layer("layers.0.self_attn.q_proj")
 
-    def round_one():  # noqa: ANN202
+    def round_one():
         return client.he.compute_delta(he_pb2.ComputeDeltaRequest(
             adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED, num_tokens=1,
             ciphertexts=inference.encrypt_input(np.ones(64)).groups[0][1]))

@@ -44,14 +44,14 @@ MAX_STREAMS = 4
 CALLS_PER_TENANT = 2  # unary calls in flight per tenant
 
 
-def tiny_config(**kw) -> TrainingConfig:  # noqa: ANN003
+def tiny_config(**kw) -> TrainingConfig:
     return TrainingConfig(model_ref="tiny", batch_size=2, seed=1,
                           lora_config=LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
                           optimizer=OptimizerConfig(name="sgd", learning_rate=0.1), **kw)
 
 
 @pytest.fixture(scope="module")
-def rt_stack(tmp_path_factory, tiny_model, module_db_env):  # noqa: ANN001, ANN201
+def rt_stack(tmp_path_factory, tiny_model, module_db_env):
     # As few threads for unary calls as a server allows: on main, PER_TENANT + 1 idle streams took them all.
     s = start_stack(tmp_path_factory.mktemp("runtime"), {
         **module_db_env, "TENSAFE_MODEL_DIR": str(tiny_model.parent), "TENSAFE_AUTH_REFRESH_SECONDS": "0.2",
@@ -67,7 +67,7 @@ def tenant_key(stack: Stack, tenant: str, *extra: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def timed(fn):  # noqa: ANN001, ANN201
+def timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
@@ -136,7 +136,7 @@ def test_raw_streams_count_and_hang_ups_give_places_back(rt_stack) -> None:
                                          response_deserializer=trainer_pb2.WatchFuturesResponse.FromString)
             req = trainer_pb2.WatchFuturesRequest(session_id=tc.session_id)
 
-            def admitted():  # noqa: ANN202 - a stream, once the server admits it (places free within ~1 s)
+            def admitted():  # a stream, once the server admits it (places free within ~1 s)
                 deadline = time.monotonic() + 10
                 while True:
                     call = watch(req, metadata=md)
@@ -164,7 +164,7 @@ def test_unary_calls_that_never_send_their_request_cannot_hold_every_thread(rt_s
     key = tenant_key(rt_stack, "mallory")
     hold = threading.Event()
 
-    def never():  # noqa: ANN202 - a request stream that never yields: the body never comes
+    def never():  # a request stream that never yields: the body never comes
         hold.wait()
         return
         yield
@@ -338,7 +338,7 @@ def test_a_call_killed_mid_way_does_not_hold_its_key_after_restart(tmp_path, tin
     subprocess.run(tensafe_cmd("init", "--data-dir", str(data)), env=env, check=True, capture_output=True,
                    timeout=60)
 
-    def up(name: str):  # noqa: ANN202
+    def up(name: str):
         proc = spawn(tensafe_cmd("up", "--data-dir", str(data), "--port", str(port)), env, tmp_path / name)
         wait_serving(f"127.0.0.1:{port}", SERVICES, proc)
         return proc

@@ -47,12 +47,12 @@ IDS = [5, 6, 7, 8]
 BATCH = {"input_ids": [[1, 20, 30, 40, 50, 60, 70, 80]] * 4}
 
 
-def cfg(**kw) -> trainer_pb2.TrainingConfig:  # noqa: ANN003
+def cfg(**kw) -> trainer_pb2.TrainingConfig:
     kw.setdefault("lora_config", LoRAConfig(rank=4, alpha=8, dropout=0.0))
     return TrainingConfig(model_ref="tiny", seed=1, **kw).to_proto()
 
 
-def wait(op, states=frozenset(TERMINAL), timeout: float = 120.0):  # noqa: ANN001, ANN201
+def wait(op, states=frozenset(TERMINAL), timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while op.state not in states:
         assert time.monotonic() < deadline, f"op {op.future_id} still in state {op.state}"
@@ -93,7 +93,7 @@ def two_tenants(trainer: Trainer) -> Iterator[tuple]:
 
 
 # -- fair scheduling ---------------------------------------------------------------------------------
-def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Trainer, two_tenants) -> None:  # noqa: ANN001
+def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Trainer, two_tenants) -> None:
     """Attack: a Sample with many prompts held the shared worker for its whole length (FIFO)."""
     a, b = two_tenants
     big = trainer.sample("tenant-a", sample_req(a.session_id, prompts=12, max_tokens=8, seed=3))
@@ -106,7 +106,7 @@ def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Tra
     assert big.state == SUCCEEDED and len(big.result.samples) == 12
 
 
-def test_a_small_op_is_not_stuck_behind_another_tenants_queue(trainer: Trainer, two_tenants) -> None:  # noqa: ANN001
+def test_a_small_op_is_not_stuck_behind_another_tenants_queue(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
     queued = [trainer.forward("tenant-a", forward_req(a.session_id)) for _ in range(12)]
     wait(queued[0], {RUNNING, *TERMINAL})
@@ -140,7 +140,7 @@ def test_a_tenants_sessions_are_served_by_tenant_first(trainer: Trainer) -> None
             trainer.close(s.tenant_id, s.session_id)
 
 
-def test_a_seeded_sample_is_the_same_however_it_is_interleaved(trainer: Trainer, two_tenants) -> None:  # noqa: ANN001
+def test_a_seeded_sample_is_the_same_however_it_is_interleaved(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
     alone = wait(trainer.sample("tenant-a", sample_req(a.session_id, prompts=4, max_tokens=8, seed=11)))
     mixed = trainer.sample("tenant-a", sample_req(a.session_id, prompts=4, max_tokens=8, seed=11))
@@ -154,7 +154,7 @@ def test_a_seeded_sample_is_the_same_however_it_is_interleaved(trainer: Trainer,
 
 # -- cancelling a running sample -----------------------------------------------------------------------
 @pytest.fixture
-def token_counter(trainer: Trainer, two_tenants) -> Iterator[list[int]]:  # noqa: ANN001
+def token_counter(trainer: Trainer, two_tenants) -> Iterator[list[int]]:
     """Counts decoding steps on the shared base (a forward hook on its output layer)."""
     count = [0]
     head = two_tenants[0].base.model.get_output_embeddings()
@@ -163,7 +163,7 @@ def token_counter(trainer: Trainer, two_tenants) -> Iterator[list[int]]:  # noqa
     hook.remove()
 
 
-def test_cancelling_a_running_sample_stops_it_between_tokens(trainer: Trainer, two_tenants, token_counter) -> None:  # noqa: ANN001
+def test_cancelling_a_running_sample_stops_it_between_tokens(trainer: Trainer, two_tenants, token_counter) -> None:
     a, b = two_tenants
     op = trainer.sample("tenant-a", sample_req(a.session_id, prompts=1, max_tokens=240, seed=4))
     while token_counter[0] < 3:
@@ -182,7 +182,7 @@ def test_cancelling_a_running_sample_stops_it_between_tokens(trainer: Trainer, t
     assert wait(trainer.forward("tenant-b", forward_req(b.session_id))).state == SUCCEEDED
 
 
-def test_cancelling_a_sample_waiting_between_sequences(trainer: Trainer, two_tenants) -> None:  # noqa: ANN001
+def test_cancelling_a_sample_waiting_between_sequences(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
     op = trainer.sample("tenant-a", sample_req(a.session_id, prompts=30, max_tokens=16))
     wait(op, {RUNNING})
@@ -191,7 +191,7 @@ def test_cancelling_a_sample_waiting_between_sequences(trainer: Trainer, two_ten
     assert wait(trainer.forward("tenant-b", forward_req(b.session_id))).state == SUCCEEDED
 
 
-def test_cancel_of_an_op_that_cannot_stop_while_running_is_refused(trainer: Trainer, two_tenants) -> None:  # noqa: ANN001
+def test_cancel_of_an_op_that_cannot_stop_while_running_is_refused(trainer: Trainer, two_tenants) -> None:
     a, _ = two_tenants
     with a.base.lock:  # hold the worker: the first op is taken (RUNNING), the second stays queued
         first = trainer.forward("tenant-a", forward_req(a.session_id))
@@ -210,7 +210,7 @@ def test_closing_a_session_stops_its_running_sample(trainer: Trainer) -> None:
 
 # -- inference: jobs on one base take turns by sequence -----------------------------------------------
 @pytest.fixture(scope="module")
-def hf_base(tiny_model: Path):  # noqa: ANN201
+def hf_base(tiny_model: Path):
     from tensafe.inference.hf_backend import HFBackend
     from tensafe.trainer.models import resolve_model_ref
 
@@ -219,7 +219,7 @@ def hf_base(tiny_model: Path):  # noqa: ANN201
     base.close()
 
 
-def _generate(base, prompts: int, max_tokens: int, seed: int | None = None):  # noqa: ANN001, ANN202
+def _generate(base, prompts: int, max_tokens: int, seed: int | None = None):
     """Start a job; returns (thread collecting its chunks, list of (monotonic time, chunk))."""
     from tensafe.inference.backend import ChunkQueue
     from tensafe.inference.generation import validate
@@ -236,14 +236,14 @@ def _generate(base, prompts: int, max_tokens: int, seed: int | None = None):  # 
     return reader, got
 
 
-def _tokens(got) -> dict:  # noqa: ANN001
+def _tokens(got) -> dict:
     seqs: dict = {}
     for _, c in got:
         seqs.setdefault((c.prompt_index, c.sample_index), []).extend(c.token_ids)
     return seqs
 
 
-def test_an_inference_job_does_not_hold_the_base_for_its_whole_length(hf_base) -> None:  # noqa: ANN001
+def test_an_inference_job_does_not_hold_the_base_for_its_whole_length(hf_base) -> None:
     """Attack: one Generate with many sequences held the base's lock until its last one."""
     big, big_got = _generate(hf_base, prompts=12, max_tokens=8, seed=5)
     deadline = time.monotonic() + 60
@@ -450,12 +450,12 @@ def quota_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def client(quota_stack: Stack):  # noqa: ANN201
+def client(quota_stack: Stack):
     with quota_stack.client(retry_count=2) as c:
         yield c
 
 
-def test_model_ref_paths_are_invalid_and_unknown_names_all_look_the_same(client, quota_stack: Stack,  # noqa: ANN001
+def test_model_ref_paths_are_invalid_and_unknown_names_all_look_the_same(client, quota_stack: Stack,
                                                                          tiny_model: Path) -> None:
     """Attack: model_ref=/path loaded any directory and told files from missing paths (the master key's)."""
     for path in (str(quota_stack.data_dir / "master.key"), str(quota_stack.data_dir / "no-such-file"),
@@ -479,7 +479,7 @@ def test_model_ref_paths_are_invalid_and_unknown_names_all_look_the_same(client,
         assert tc.get_info().vocab_size > 0
 
 
-def test_quotas_through_the_service_name_the_quota_and_free_on_close(client, quota_stack: Stack) -> None:  # noqa: ANN001
+def test_quotas_through_the_service_name_the_quota_and_free_on_close(client, quota_stack: Stack) -> None:
     private = client.create_training_client(TrainingConfig(model_ref="tiny", lora_config=LoRAConfig(bias="all")))
     with pytest.raises(QuotaExceededError) as err:
         client.create_training_client(TrainingConfig(model_ref="tiny", lora_config=LoRAConfig(bias="all")))
@@ -511,7 +511,7 @@ def test_quotas_through_the_service_name_the_quota_and_free_on_close(client, quo
         tc.close()
 
 
-def test_caps_and_the_int64_shape_through_the_service(client) -> None:  # noqa: ANN001
+def test_caps_and_the_int64_shape_through_the_service(client) -> None:
     with client.create_training_client(TrainingConfig(model_ref="tiny")) as tc:
         with pytest.raises(ValidationError) as err:
             tc.sample([IDS] * 9, max_tokens=30)  # 270 > 256
@@ -544,7 +544,7 @@ def test_caps_and_the_int64_shape_through_the_service(client) -> None:  # noqa: 
     assert err.value.field == "sampling.max_tokens"
 
 
-def test_cancel_of_a_running_sample_through_the_sdk(client) -> None:  # noqa: ANN001
+def test_cancel_of_a_running_sample_through_the_sdk(client) -> None:
     with client.create_training_client(TrainingConfig(model_ref="tiny", seed=2)) as tc:
         running = tc.sample_async([IDS] * 8, max_tokens=30)  # 240 tokens: within the cap
         deadline = time.monotonic() + 60

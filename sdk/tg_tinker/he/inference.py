@@ -90,7 +90,7 @@ class ColumnCiphertexts(Sequence):
     def __len__(self) -> int:
         return self._total
 
-    def __getitem__(self, index):  # noqa: ANN001, ANN204
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self._total))]
         if index < 0:

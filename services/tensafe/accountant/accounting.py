@@ -109,7 +109,7 @@ class _MemoPLDAccountant(pld_privacy_accountant.PLDAccountant):
     (noise, rate) instead of once per composition (the build is ~90% of the cost; the numbers are the
     same: it is the very call PLDAccountant makes for that event, in dp-accounting 0.6.0)."""
 
-    def _maybe_compose(self, event, count, do_compose):  # noqa: ANN001, ANN202
+    def _maybe_compose(self, event, count, do_compose):
         if (do_compose and isinstance(event, dp_accounting.PoissonSampledDpEvent)
                 and isinstance(event.event, dp_accounting.GaussianDpEvent)
                 and event.sampling_probability > 0 and event.event.noise_multiplier > 0):
@@ -217,7 +217,7 @@ def prefetch(accountant: Accountant, delta: float) -> None:
 def _swallow(name: str, state: State, delta: float) -> None:
     try:
         _epsilon(name, state, delta)
-    except Exception:  # noqa: BLE001 - the caller who needs the value computes it again and sees the error
+    except Exception:  # the caller who needs the value computes it again and sees the error
         logging.getLogger("tensafe.accountant").debug("epsilon prefetch failed", exc_info=True)
 
 

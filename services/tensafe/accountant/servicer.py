@@ -52,24 +52,24 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
         self.budgets = budgets
         self.calibrations = calibrations
 
-    def CreateBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CreateBudget(self, request, ctx):
         record = self.budgets.create(context.current_tenant(), request.session_id, request.target_epsilon,
                                      request.target_delta, accountant_name(request.accountant_type),
                                      request.sample_rate)
         return accountant_pb2.CreateBudgetResponse(budget=budget_proto(record))
 
-    def GetBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetBudget(self, request, ctx):
         return accountant_pb2.GetBudgetResponse(budget=budget_proto(
             self.budgets.get(context.current_tenant(), request.budget_id)))
 
-    def ListBudgets(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListBudgets(self, request, ctx):
         req = page_request("accountant.ListBudgets", request.page_size, request.page_token, (float, str),
                            session_id=request.session_id)
         records, token = req.page(self.budgets.list(context.current_tenant(), request.session_id, req.after,
                                                     req.limit), key=lambda r: (r.created_at, r.budget_id))
         return accountant_pb2.ListBudgetsResponse(budgets=[budget_proto(r) for r in records], next_page_token=token)
 
-    def RecordStep(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def RecordStep(self, request, ctx):
         step, budget, duplicate = self.budgets.record_step(
             context.current_tenant(), request.budget_id, request.step_id, request.noise_multiplier,
             request.sample_rate if request.HasField("sample_rate") else None,
@@ -77,7 +77,7 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
         return accountant_pb2.RecordStepResponse(step=step_proto(step), budget=budget_proto(budget),
                                                  duplicate=duplicate)
 
-    def ListSteps(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListSteps(self, request, ctx):
         req = page_request("accountant.ListSteps", request.page_size, request.page_token, (int,),
                            budget_id=request.budget_id)
         after = req.after[0] if req.after else 0
@@ -85,20 +85,20 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
                                                           req.limit), key=lambda s: (s.seq,))
         return accountant_pb2.ListStepsResponse(steps=[step_proto(s) for s in records], next_page_token=token)
 
-    def GetEpsilon(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetEpsilon(self, request, ctx):
         report = self.budgets.epsilon(context.current_tenant(), request.budget_id,
                                       request.delta if request.HasField("delta") else None)
         return accountant_pb2.GetEpsilonResponse(epsilon=report.epsilon, delta=report.delta,
                                                  num_steps=report.num_steps,
                                                  accountant_type=_TYPES[report.accountant])
 
-    def CalibrateNoise(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CalibrateNoise(self, request, ctx):
         noise, epsilon = calibrate_noise(self.calibrations, context.current_tenant(), request.target_epsilon,
                                          request.target_delta, request.sample_rate, request.num_steps,
                                          accountant_name(request.accountant_type), context.time_remaining())
         return accountant_pb2.CalibrateNoiseResponse(noise_multiplier=noise, epsilon=epsilon)
 
-    def CloseBudget(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CloseBudget(self, request, ctx):
         return accountant_pb2.CloseBudgetResponse(budget=budget_proto(
             self.budgets.close(context.current_tenant(), request.budget_id)))
 

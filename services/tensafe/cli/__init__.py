@@ -17,7 +17,7 @@ from pathlib import Path
 # took 20-25 s with spinning threads and 0.2 s without). An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig  # noqa: E402
+from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig
 
 # Top-level modules the `server` extra of pyproject.toml installs: a command that finds one missing says what to
 # install instead of tracing back.
@@ -81,7 +81,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(config: ServerConfig):  # noqa: ANN202
+def _registry(config: ServerConfig):
     from tensafe.runtime.identity import KeyRegistry
 
     return KeyRegistry.from_config(config)
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: `tensafe {args.command}` needs the server dependencies, and '{missing}' is not installed; "
               f"install them with: {SERVER_EXTRA_HINT}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
+    except Exception as exc:  # the CLI reports, it does not trace back
         from tensafe.runtime.errors import TensafeError
 
         if isinstance(exc, (TensafeError, FileNotFoundError, OSError)):

@@ -178,7 +178,7 @@ class Preparer:
                 self.activity.wait_idle()
                 blinding = compute.prepare_token(entry.engine, entry.layer, self._source(entry), Counts(),
                                                  pause=self.activity.wait_idle)
-            except Exception:  # noqa: BLE001 - a request prepares its own blinding instead
+            except Exception:  # a request prepares its own blinding instead
                 log.exception("he: preparing a single-token blinding for %s failed", entry.layer.name)
                 with self._cond:
                     self._entries = {k: e for k, e in self._entries.items() if e is not entry}

@@ -46,7 +46,7 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
         return msg
 
     # -- contexts ---------------------------------------------------------------------------------------
-    def RegisterContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def RegisterContext(self, request, ctx):
         p = request.params
         if p.scheme not in (he_pb2.HE_SCHEME_CKKS,):
             raise InvalidArgument("params.scheme", "must be HE_SCHEME_CKKS")
@@ -56,43 +56,43 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
                                                params)
         return he_pb2.RegisterContextResponse(context=context_proto(record))
 
-    def GetContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetContext(self, request, ctx):
         return he_pb2.GetContextResponse(context=context_proto(
             self.service.get_context(context.current_tenant(), request.key_id)))
 
-    def ListContexts(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListContexts(self, request, ctx):
         req = page_request("he.ListContexts", request.page_size, request.page_token, (float, str))
         records, token = req.page(self.service.list_contexts(context.current_tenant(), req.after, req.limit),
                                   key=lambda r: (r.created_at, r.key_id))
         return he_pb2.ListContextsResponse(contexts=[context_proto(r) for r in records], next_page_token=token)
 
-    def DeleteContext(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def DeleteContext(self, request, ctx):
         self.service.delete_context(context.current_tenant(), request.key_id)
         return he_pb2.DeleteContextResponse()
 
     # -- adapters ---------------------------------------------------------------------------------------
-    def LoadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def LoadAdapter(self, request, ctx):
         record, _ = self.service.load_adapter(context.current_tenant(), request.artifact_id, request.key_id,
                                               list(request.layers))
         return he_pb2.LoadAdapterResponse(adapter=self._adapter_proto(record))
 
-    def GetAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetAdapter(self, request, ctx):
         return he_pb2.GetAdapterResponse(adapter=self._adapter_proto(
             self.service.get_adapter(context.current_tenant(), request.adapter_id)))
 
-    def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListAdapters(self, request, ctx):
         req = page_request("he.ListAdapters", request.page_size, request.page_token, (float, str))
         records, token = req.page(self.service.list_adapters(context.current_tenant(), req.after, req.limit),
                                   key=lambda r: (r.created_at, r.adapter_id))
         return he_pb2.ListAdaptersResponse(adapters=[self._adapter_proto(r) for r in records],
                                            next_page_token=token)
 
-    def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def UnloadAdapter(self, request, ctx):
         self.service.unload_adapter(context.current_tenant(), request.adapter_id)
         return he_pb2.UnloadAdapterResponse()
 
     # -- compute ----------------------------------------------------------------------------------------
-    def AppendInput(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def AppendInput(self, request, ctx):
         comp, counts, timings = self.service.append_input(
             context.current_tenant(), request.computation_id, request.adapter_id, list(request.layers),
             request.num_tokens, request.offset, list(request.ciphertexts))
@@ -100,7 +100,7 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
                                           complete=comp.complete, counts=counts_proto(counts),
                                           timings=he_pb2.ComputeTimings(**timings))
 
-    def ComputeDelta(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ComputeDelta(self, request, ctx):
         packing = _PACKINGS.get(request.packing)
         if packing is None:
             raise InvalidArgument("packing", "must be PACKING_COLUMN or PACKING_REPLICATED")

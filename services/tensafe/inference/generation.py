@@ -63,7 +63,7 @@ def validate_sampling(sp: common_pb2.SamplingParams) -> None:
         raise InvalidArgument("sampling.num_samples", f"must be between 1 and {MAX_SAMPLES}")
 
 
-def validate(tokenizer, prompts: list[str], prompt_token_ids: list[list[int]],  # noqa: ANN001
+def validate(tokenizer, prompts: list[str], prompt_token_ids: list[list[int]],
              sampling: common_pb2.SamplingParams, vocab_size: int, max_length: int) -> GenerationJob:
     """A GenerationJob from the request's prompts, or InvalidArgument naming the field."""
     validate_sampling(sampling)

@@ -43,7 +43,7 @@ class _Halt(Exception):
 
 
 class _TokenSink(BaseStreamer):
-    def __init__(self, on_token) -> None:  # noqa: ANN001
+    def __init__(self, on_token) -> None:
         self.on_token = on_token
         self.prompt_seen = False
 
@@ -163,12 +163,12 @@ class HFBase(ServedBase):
         try:
             self._generate(adapter, job, out)  # takes the lock for one sequence at a time
             out.close()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it
+        except Exception as exc:  # handed to the caller, who reports it
             if not isinstance(exc, InvalidArgument):
                 log.exception("generation failed")
             out.close(exc)
 
-    def _model(self, adapter: str | None, stack: contextlib.ExitStack):  # noqa: ANN202
+    def _model(self, adapter: str | None, stack: contextlib.ExitStack):
         if adapter is None:
             if self.peft is not None:
                 stack.enter_context(self.peft.disable_adapter())

@@ -23,25 +23,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
 
-    def LoadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def LoadAdapter(self, request, ctx):
         adapter = self.inference.load_adapter(context.current(), request)
         return inference_pb2.LoadAdapterResponse(adapter=adapter.proto())
 
-    def GetAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetAdapter(self, request, ctx):
         adapter = self.inference.get(context.current_tenant(), request.adapter_id)
         return inference_pb2.GetAdapterResponse(adapter=adapter.proto())
 
-    def ListAdapters(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListAdapters(self, request, ctx):
         req = page_request("inference.ListAdapters", request.page_size, request.page_token, (float, str))
         page, token = req.page(self.inference.list(context.current_tenant(), req.after, req.limit),
                                key=lambda a: (a.load_time, a.adapter_id))
         return inference_pb2.ListAdaptersResponse(adapters=[a.proto() for a in page], next_page_token=token)
 
-    def UnloadAdapter(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def UnloadAdapter(self, request, ctx):
         self.inference.unload(context.current_tenant(), request.adapter_id)
         return inference_pb2.UnloadAdapterResponse()
 
-    def Generate(self, request, ctx: grpc.ServicerContext):  # noqa: N802, ANN001, ANN201
+    def Generate(self, request, ctx: grpc.ServicerContext):
         cancelled = threading.Event()
         ctx.add_callback(cancelled.set)  # the client went away (or the call ended): stop generating
         try:

@@ -244,7 +244,7 @@ class VLLMBase(ServedBase):
             lora = self.engine.lora_request(adapter)
             await asyncio.gather(*(self._one(i, ids, params, lora, job, out) for i, ids in enumerate(job.prompts)))
             out.close()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, who reports it
+        except Exception as exc:  # handed to the caller, who reports it
             log.exception("vLLM generation failed")
             out.close(exc)
 

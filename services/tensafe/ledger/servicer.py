@@ -51,7 +51,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, log: MerkleLog) -> None:
         self.log = log
 
-    def AppendEntries(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def AppendEntries(self, request, ctx):
         if context.current_tenant() != SYSTEM_TENANT:
             raise PermissionDenied("only TenSafe's services append to the ledger", reason="PERMISSION_DENIED")
         appended, size = self.log.append(list(request.entries))
@@ -59,7 +59,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             entries=[ledger_pb2.AppendedEntry(entry_id=a.entry_id, index=a.index, duplicate=a.duplicate)
                      for a in appended], tree_size=size)
 
-    def ListEntries(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListEntries(self, request, ctx):
         start = request.start_time.ToNanoseconds() if request.HasField("start_time") else None
         end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
         req = page_request("ledger.ListEntries", request.page_size, request.page_token, (int,), start_time=start,
@@ -75,27 +75,27 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             entries=[ledger_pb2.LedgerEntry(index=i, entry=ledger_pb2.AuditEntry.FromString(data), leaf_hash=h)
                      for i, data, h in page], next_page_token=token)
 
-    def GetLatestCheckpoint(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetLatestCheckpoint(self, request, ctx):
         return ledger_pb2.GetLatestCheckpointResponse(
             checkpoint=checkpoint_proto(self.log.latest_checkpoint(), self.log.origin))
 
-    def GetCheckpoint(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetCheckpoint(self, request, ctx):
         return ledger_pb2.GetCheckpointResponse(
             checkpoint=checkpoint_proto(self.log.checkpoint(request.tree_size), self.log.origin))
 
-    def ListCheckpoints(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListCheckpoints(self, request, ctx):
         req = page_request("ledger.ListCheckpoints", request.page_size, request.page_token, (int,))
         page, token = req.page(self.log.list_checkpoints(req.after[0] if req.after else 0, req.limit),
                                key=lambda r: (r[0],))
         return ledger_pb2.ListCheckpointsResponse(
             checkpoints=[checkpoint_proto(r, self.log.origin) for r in page], next_page_token=token)
 
-    def GetInclusionProof(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetInclusionProof(self, request, ctx):
         leaf, proof = self.log.inclusion(context.current_tenant(), request.leaf_index, request.tree_size)
         return ledger_pb2.GetInclusionProofResponse(leaf_index=request.leaf_index, tree_size=request.tree_size,
                                                     leaf_hash=leaf, hashes=proof)
 
-    def GetConsistencyProof(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetConsistencyProof(self, request, ctx):
         proof = self.log.consistency(request.first_tree_size, request.second_tree_size)
         return ledger_pb2.GetConsistencyProofResponse(first_tree_size=request.first_tree_size,
                                                       second_tree_size=request.second_tree_size, hashes=proof)

@@ -153,7 +153,7 @@ def matches(module: str, name: str) -> bool:
     return module == name or module.endswith("." + name)
 
 
-def _pattern(value: Any, field: str, name: str, check) -> dict[str, Any]:  # noqa: ANN001
+def _pattern(value: Any, field: str, name: str, check) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):

@@ -331,6 +331,6 @@ class AuditOutbox:
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.warning("ledger unreachable (%s); %d audit entries wait in the outbox", err.code().name,
                             self.pending())
-            except Exception:  # noqa: BLE001 - delivery retries; entries stay in the outbox
+            except Exception:  # delivery retries; entries stay in the outbox
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.exception("audit delivery failed; entries stay in the outbox")

@@ -160,7 +160,7 @@ class _SlotPool(futures.ThreadPoolExecutor):
     hangs up before sending its request). No thread of its own is ever started.
     """
 
-    def __init__(self, pool: futures.ThreadPoolExecutor, release: Callable[[], None]) -> None:  # noqa: D107
+    def __init__(self, pool: futures.ThreadPoolExecutor, release: Callable[[], None]) -> None:
         # Deliberately not calling ThreadPoolExecutor.__init__: this object only forwards to ``pool``.
         self._target = pool
         self._release = release
@@ -174,7 +174,7 @@ class _SlotPool(futures.ThreadPoolExecutor):
         fut.add_done_callback(lambda _f: self._release())
         return fut
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:  # noqa: D102
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
 
@@ -251,7 +251,7 @@ class CapacityRouter(grpc.ServerInterceptor):
         for pool in (self.streams, self.internal, self.refusals):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+    def intercept_service(self, continuation, handler_call_details):
         path = handler_call_details.method or ""
         if path.startswith(UNROUTED_PREFIXES):
             return continuation(handler_call_details)
@@ -277,7 +277,7 @@ class CapacityRouter(grpc.ServerInterceptor):
         return self._admit(continuation, handler_call_details, path, self.slots, caller.tenant_id, self.streams,
                            "streams")
 
-    def _admit(self, continuation, details, path: str, slots, tenant: str,  # noqa: ANN001
+    def _admit(self, continuation, details, path: str, slots, tenant: str,
                pool: futures.ThreadPoolExecutor, name: str) -> grpc.RpcMethodHandler | None:
         taken = slots.acquire(tenant)
         if not callable(taken):
@@ -312,21 +312,21 @@ class _ServiceMarker(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
         return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                   getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    def intercept_unary_stream(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return continuation(self._details(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._details(client_call_details), request_iterator)
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:  # noqa: ANN001
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
         self.method = method
         self.timeout = timeout
         self.metadata = metadata

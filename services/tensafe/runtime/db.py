@@ -43,7 +43,7 @@ def create_engine(url: str, schema: str | None = None, sqlite_synchronous: str =
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
@@ -61,7 +61,7 @@ def create_engine(url: str, schema: str | None = None, sqlite_synchronous: str =
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
         @sa.event.listens_for(engine, "connect")
-        def _search_path(dbapi_conn, _record):  # noqa: ANN001
+        def _search_path(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute(f'SET search_path TO "{schema}"')
             cur.close()

@@ -121,7 +121,7 @@ class IdempotencyStore:
                 conn.execute(records.delete().where(sa.and_(records.c.epoch == self.epoch,
                                                             records.c.state == "running")))
                 conn.execute(epochs.delete().where(epochs.c.epoch == self.epoch))
-        except Exception:  # noqa: BLE001 - stopping goes on; the lease releases them later
+        except Exception:  # stopping goes on; the lease releases them later
             log.exception("could not release this process's idempotency keys")
 
     def _beat(self) -> None:
@@ -131,7 +131,7 @@ class IdempotencyStore:
                     conn.execute(epochs.update().where(epochs.c.epoch == self.epoch)
                                  .values(heartbeat_at=time.time()))
                 self.release_abandoned()
-            except Exception:  # noqa: BLE001 - the next beat tries again
+            except Exception:  # the next beat tries again
                 log.exception("idempotency heartbeat failed")
 
     def release_abandoned(self, same_instance: bool = False) -> int:

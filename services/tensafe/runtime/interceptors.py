@@ -266,7 +266,7 @@ class Auditing:
                 key_id=call.key_id, outcome=outcome_for(code, call.error_reason), request_id=call.request_id,
                 resource=resource_id(response, request), digest=audit_digest(request),
                 details={"code": code.name, **({"reason": call.error_reason} if call.error_reason else {})}))
-        except Exception:  # noqa: BLE001 - never fail the user's call because of the audit trail
+        except Exception:  # never fail the user's call because of the audit trail
             log.exception("could not record the audit entry of %s", call.request_id)
 
 
@@ -285,7 +285,7 @@ class CallPipeline(grpc.ServerInterceptor):
         self.idempotency = Idempotency(idempotency_stores)
         self.auditing = Auditing(audit_outboxes if audit_outboxes is not None else {})
 
-    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+    def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         path = handler_call_details.method
         if handler is None or path.startswith(UNAUTHENTICATED_PREFIXES):
@@ -315,7 +315,7 @@ class CallPipeline(grpc.ServerInterceptor):
             request_id = request_id[:128]
         return Call(info, context, md, request_id, admission=admission)
 
-    def _admit(self, call: Call):  # noqa: ANN202
+    def _admit(self, call: Call):
         ctx = self.auth.admit(call)
         self.rate_limit.admit(call)
         if call.admission is not None and call.admission.service_marker:
@@ -324,7 +324,7 @@ class CallPipeline(grpc.ServerInterceptor):
             raise call.admission.refusal
         return call_context.bind(ctx, _deadline(call))
 
-    def _unary(self, info: MethodInfo, behavior, admission, request, context):  # noqa: ANN001, ANN202
+    def _unary(self, info: MethodInfo, behavior, admission, request, context):
         call = self._begin(info, context, admission)
         response = None
         try:
@@ -343,7 +343,7 @@ class CallPipeline(grpc.ServerInterceptor):
             self.access_log.finish(call)
             self.auditing.record(call, request, response)
 
-    def _streaming(self, info: MethodInfo, behavior, admission, request, context) -> Iterator[Any]:  # noqa: ANN001
+    def _streaming(self, info: MethodInfo, behavior, admission, request, context) -> Iterator[Any]:
         call = self._begin(info, context, admission)
         try:
             token = self._admit(call)

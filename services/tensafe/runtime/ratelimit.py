@@ -9,7 +9,7 @@ import time
 class TokenBucketLimiter:
     """``rate`` tokens per second up to ``burst``, one bucket per key (tenant)."""
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:  # noqa: ANN001
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
         self.rate = rate
         self.burst = burst
         self._clock = clock

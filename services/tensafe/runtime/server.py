@@ -156,12 +156,12 @@ class TensafeServer:
         """Run in the foreground; SIGTERM or SIGINT (Ctrl-C) stops gracefully."""
         done = threading.Event()
 
-        def _on_signal(signum, _frame):  # noqa: ANN001
+        def _on_signal(signum, _frame):
             log.info("received %s", signal.Signals(signum).name)
             def stop_then_exit() -> None:
                 try:
                     self.stop()
-                except Exception:  # noqa: BLE001 - a failed clean-up must not keep the process alive
+                except Exception:  # a failed clean-up must not keep the process alive
                     log.exception("error while stopping")
                 finally:
                     done.set()

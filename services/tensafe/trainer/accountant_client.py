@@ -32,7 +32,7 @@ class AccountantClient:
     def _stub(self) -> accountant_pb2_grpc.AccountantServiceStub:
         return accountant_pb2_grpc.AccountantServiceStub(self.peers.channel("accountant"))
 
-    def _call(self, caller: CallContext, method: str, request, what: str,  # noqa: ANN001, ANN202
+    def _call(self, caller: CallContext, method: str, request, what: str,
               budget_s: float = RPC_BUDGET_S):
         timeout = call_timeout(budget_s, "accountant", what)
         try:

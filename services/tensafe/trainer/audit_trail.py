@@ -38,5 +38,5 @@ class OpAudit:
             with self.engine.begin() as conn:
                 conn.execute(outbox.insert().values(entry_id=entry.entry_id, payload=entry.SerializeToString(),
                                                     created_at=time.time()))
-        except Exception:  # noqa: BLE001 - as the pipeline: never fail the op because of the audit trail
+        except Exception:  # as the pipeline: never fail the op because of the audit trail
             log.exception("could not record the audit entry of %s (%s)", action, resource)

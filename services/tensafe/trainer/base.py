@@ -215,7 +215,7 @@ class SharedBase:
                 session.book.finish(op, error=session.error_detail(exc), state=CANCELLED)
             except TensafeError as exc:
                 session.book.finish(op, error=session.error_detail(exc))
-            except Exception as exc:  # noqa: BLE001 - an op failure must not kill the worker
+            except Exception as exc:  # an op failure must not kill the worker
                 log.exception("op %s of session %s failed", op.future_id, session.session_id)
                 session.book.finish(op, error=session.error_detail(
                     TensafeError(f"operation failed: {type(exc).__name__}", reason="INTERNAL")))

@@ -230,7 +230,7 @@ def _load_entry_points() -> None:
                 continue
             try:
                 obj = ep.load()
-            except Exception:  # noqa: BLE001 - one broken plugin must not take the others down
+            except Exception:  # one broken plugin must not take the others down
                 log.exception("could not load loss entry point %r (%s)", ep.name, ep.value)
                 continue
             if ep.name in _REGISTRY and _REGISTRY[ep.name].fn is obj:

@@ -44,11 +44,11 @@ class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:  # noqa: ANN003
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # noqa: ANN001
+def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],
              sampling: common_pb2.SamplingParams) -> trainer_pb2.SampleResult:
     """All sequences at once (no slicing, no cancellation)."""
     steps = generate_steps(model, tokenizer, prompts, texts, sampling)
@@ -59,7 +59,7 @@ def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],  # no
             return done.value
 
 
-def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],  # noqa: ANN001
+def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],
                    sampling: common_pb2.SamplingParams,
                    cancel: threading.Event | None = None) -> Iterator[None]:
     """Yields between two sequences; returns the SampleResult. Raises OpCancelled (between tokens)

@@ -370,7 +370,7 @@ class Trainer:
                 self.close(session.tenant_id, session.session_id)
 
     # -- ops: validated here, at submission, then queued ------------------------------------
-    def _submit(self, session: TrainingSession, op_type: int, run,  # noqa: ANN001
+    def _submit(self, session: TrainingSession, op_type: int, run,
                 cancel: threading.Event | None = None) -> Op:
         op = session.book.create(op_type, run, cancel_event=cancel, max_open=self.limits.pending_ops)
         session.base.submit(session, op)
@@ -558,7 +558,7 @@ class Trainer:
             raise NotFound("future", future_id)
         return cancelled, op
 
-    def watch(self, tenant: str, req: trainer_pb2.WatchFuturesRequest, still_wanted) -> Iterator:  # noqa: ANN001
+    def watch(self, tenant: str, req: trainer_pb2.WatchFuturesRequest, still_wanted) -> Iterator:
         session = self.get(tenant, req.session_id)
         return session.book.watch(req.after_sequence, set(req.future_ids), still_wanted)
 

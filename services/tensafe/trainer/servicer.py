@@ -23,66 +23,66 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.trainer = trainer
 
     # -- sessions ---------------------------------------------------------------------------
-    def CreateSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CreateSession(self, request, ctx):
         session = self.trainer.create_session(context.current_tenant(), request.config)
         return trainer_pb2.CreateSessionResponse(session=session.proto())
 
-    def GetSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetSession(self, request, ctx):
         return trainer_pb2.GetSessionResponse(
             session=self.trainer.get(context.current_tenant(), request.session_id).proto())
 
-    def ListSessions(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListSessions(self, request, ctx):
         req = page_request("trainer.ListSessions", request.page_size, request.page_token, (float, str),
                            include_closed=request.include_closed)
         page, token = req.page(self.trainer.list(context.current_tenant(), request.include_closed, req.after,
                                                  req.limit), key=lambda s: (s.create_time, s.session_id))
         return trainer_pb2.ListSessionsResponse(sessions=[s.proto() for s in page], next_page_token=token)
 
-    def CloseSession(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CloseSession(self, request, ctx):
         return trainer_pb2.CloseSessionResponse(
             session=self.trainer.close(context.current_tenant(), request.session_id).proto())
 
     # -- ops: each returns its future at once ----------------------------------------------------
-    def ForwardBackward(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ForwardBackward(self, request, ctx):
         op = self.trainer.forward_backward(context.current_tenant(), request)
         return trainer_pb2.ForwardBackwardResponse(future=op.ref())
 
-    def Forward(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def Forward(self, request, ctx):
         return trainer_pb2.ForwardResponse(future=self.trainer.forward(context.current_tenant(), request).ref())
 
-    def OptimStep(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def OptimStep(self, request, ctx):
         return trainer_pb2.OptimStepResponse(future=self.trainer.optim_step(context.current_tenant(), request).ref())
 
-    def Sample(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def Sample(self, request, ctx):
         return trainer_pb2.SampleResponse(future=self.trainer.sample(context.current_tenant(), request).ref())
 
-    def GetInfo(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetInfo(self, request, ctx):
         return trainer_pb2.GetInfoResponse(future=self.trainer.get_info(context.current_tenant(), request).ref())
 
-    def ForwardCustom(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ForwardCustom(self, request, ctx):
         op = self.trainer.forward_custom(context.current_tenant(), request)
         return trainer_pb2.ForwardCustomResponse(future=op.ref())
 
-    def BackwardCustom(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def BackwardCustom(self, request, ctx):
         op = self.trainer.backward_custom(context.current_tenant(), request)
         return trainer_pb2.BackwardCustomResponse(future=op.ref())
 
-    def SaveState(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def SaveState(self, request, ctx):
         return trainer_pb2.SaveStateResponse(future=self.trainer.save_state(context.current_tenant(), request).ref())
 
-    def LoadState(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def LoadState(self, request, ctx):
         return trainer_pb2.LoadStateResponse(future=self.trainer.load_state(context.current_tenant(), request).ref())
 
     # -- futures ---------------------------------------------------------------------------------
-    def WatchFutures(self, request, ctx: grpc.ServicerContext):  # noqa: N802, ANN001, ANN201
+    def WatchFutures(self, request, ctx: grpc.ServicerContext):
         for event in self.trainer.watch(context.current_tenant(), request, ctx.is_active):
             yield trainer_pb2.WatchFuturesResponse(event=event)
 
-    def GetFuture(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetFuture(self, request, ctx):
         op = self.trainer.future(context.current_tenant(), request.session_id, request.future_id)
         return trainer_pb2.GetFutureResponse(event=op.event())
 
-    def CancelFuture(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def CancelFuture(self, request, ctx):
         cancelled, op = self.trainer.cancel(context.current_tenant(), request.session_id, request.future_id)
         return trainer_pb2.CancelFutureResponse(cancelled=cancelled, event=op.event())
 

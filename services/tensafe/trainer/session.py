@@ -161,7 +161,7 @@ class TrainingSession:
             torch.set_rng_state(saved)
             model.eval()
 
-    def _loss_output(self, batch: PreparedBatch, loss: Loss, train: bool):  # noqa: ANN202
+    def _loss_output(self, batch: PreparedBatch, loss: Loss, train: bool):
         model = self.base.peft
         model.train(train)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
@@ -329,7 +329,7 @@ class TrainingSession:
         # Recorded: from here on the step counts against the budget whether or not it is applied.
         try:
             self._apply_atomically(grads)
-        except Exception as exc:  # noqa: BLE001 - reported, never hidden
+        except Exception as exc:  # reported, never hidden
             dp.spent_without_update += 1
             dp.metrics(recorded.budget)
             self._drop_logical_batch()

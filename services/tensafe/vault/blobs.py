@@ -32,7 +32,7 @@ class _LocalWriter:
 
     def __init__(self, final: Path, temp: Path) -> None:
         self.final, self.temp = final, temp
-        self._fh: BinaryIO | None = open(temp, "xb")  # noqa: SIM115 - closed in commit/abort
+        self._fh: BinaryIO | None = open(temp, "xb")  # closed in commit/abort
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None

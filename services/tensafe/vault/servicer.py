@@ -60,7 +60,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
 
-    def PutArtifact(self, request_iterator, ctx):  # noqa: N802, ANN001, ANN201
+    def PutArtifact(self, request_iterator, ctx):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "the first message of PutArtifact must be the header")
@@ -70,7 +70,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                                 session_id=h.session_id, expected_sha256=h.expected_sha256,
                                 lineage=h.lineage if h.HasField("lineage") else None, lineage_mac=h.lineage_mac)
 
-        def chunks():  # noqa: ANN202
+        def chunks():
             for msg in request_iterator:
                 if msg.WhichOneof("part") != "chunk":
                     raise InvalidArgument("header", "only the first message may be a header")
@@ -80,23 +80,23 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         record = self.vault.put(tenant, header, chunks())
         return vault_pb2.PutArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(tenant)))
 
-    def GetArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetArtifact(self, request, ctx):
         record, plaintext = self.vault.read(context.current_tenant(), request.artifact_id)
         yield vault_pb2.GetArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in plaintext:
             yield vault_pb2.GetArtifactResponse(chunk=chunk)
 
-    def PullArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def PullArtifact(self, request, ctx):
         record, stored = self.vault.pull(context.current_tenant(), request.artifact_id)
         yield vault_pb2.PullArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in stored:
             yield vault_pb2.PullArtifactResponse(chunk=chunk)
 
-    def DescribeArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def DescribeArtifact(self, request, ctx):
         record = self.vault.describe(context.current_tenant(), request.artifact_id)
         return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
 
-    def ListArtifacts(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ListArtifacts(self, request, ctx):
         req = page_request("vault.ListArtifacts", request.page_size, request.page_token, (float, str),
                            kind=request.kind, session_id=request.session_id)
         records, token = req.page(self.vault.list(context.current_tenant(), request.kind, request.session_id,
@@ -106,24 +106,24 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r, key_id) for r in records],
                                                next_page_token=token)
 
-    def DeleteArtifact(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def DeleteArtifact(self, request, ctx):
         self.vault.delete(context.current_tenant(), request.artifact_id)
         return vault_pb2.DeleteArtifactResponse()
 
-    def UnwrapDataKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def UnwrapDataKey(self, request, ctx):
         record, dek = self.vault.unwrap_data_key(context.current_tenant(), request.artifact_id)
         return vault_pb2.UnwrapDataKeyResponse(artifact_id=record.artifact_id, data_key=dek,
                                                encryption=encryption_info(record, self.vault.key_id(record.tenant_id)))
 
-    def RotateTenantKey(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def RotateTenantKey(self, request, ctx):
         info, count = self.vault.rotate(context.current_tenant())
         return vault_pb2.RotateTenantKeyResponse(key_info=key_info_proto(info), rewrapped_count=count)
 
-    def ShredTenant(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def ShredTenant(self, request, ctx):
         info, count = self.vault.shred(context.current_tenant(), request.confirm_tenant_id)
         return vault_pb2.ShredTenantResponse(key_info=key_info_proto(info), artifact_count=count)
 
-    def GetTenantKeyInfo(self, request, ctx):  # noqa: N802, ANN001, ANN201
+    def GetTenantKeyInfo(self, request, ctx):
         return vault_pb2.GetTenantKeyInfoResponse(key_info=key_info_proto(self.vault.key_info(
             context.current_tenant())))
 

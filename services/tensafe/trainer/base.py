@@ -23,20 +23,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from tensafe.runtime.errors import InvalidArgument, TensafeError
 
-from .futures import CANCELLED, PENDING, RUNNING, Op, OpCancelled
+from .futures import CANCELLED, PENDING, RUNNING, FutureBook, Op, OpCancelled
 from .models import ModelLocation, load_base_model
 
-if TYPE_CHECKING:
-    from .session import TrainingSession
-
 log = logging.getLogger("tensafe.trainer")
+
+
+class WorkerSession(Protocol):
+    """What the worker needs of a session (``session.TrainingSession`` is the one implementation).
+
+    A protocol, so that this module does not import ``session`` (which imports it): the trainer's
+    import graph stays acyclic (tests/test_trainer_imports.py).
+    """
+
+    session_id: str
+    tenant_id: str
+    book: FutureBook
+
+    def run_op(self, op: Op) -> tuple[str, Any] | None: ...
+
+    def error_detail(self, err: TensafeError) -> Any: ...
 
 
 class FairQueue:
@@ -46,7 +59,7 @@ class FairQueue:
     """
 
     def __init__(self) -> None:
-        self.queues: dict[str, collections.deque[tuple[TrainingSession, Op]]] = {}
+        self.queues: dict[str, collections.deque[tuple[WorkerSession, Op]]] = {}
         self.tenant_served: dict[str, float] = {}
         self.session_served: dict[str, float] = {}
         self.clock = 0.0  # the served time of the tenant picked last: where an idle tenant restarts
@@ -54,7 +67,7 @@ class FairQueue:
     def _active(self, tenant: str | None = None) -> list[str]:
         return [sid for sid, q in self.queues.items() if q and (tenant is None or q[0][0].tenant_id == tenant)]
 
-    def push(self, session: TrainingSession, op: Op) -> None:
+    def push(self, session: WorkerSession, op: Op) -> None:
         tenant, sid = session.tenant_id, session.session_id
         if not self._active(tenant):  # the tenant was idle: it restarts level, without banked credit
             self.tenant_served[tenant] = max(self.tenant_served.get(tenant, 0.0), self.clock)
@@ -68,7 +81,7 @@ class FairQueue:
             while q and q[0][1].state not in (PENDING, RUNNING):
                 q.popleft()  # cancelled while queued: never runs
 
-    def peek(self) -> tuple[TrainingSession, Op] | None:
+    def peek(self) -> tuple[WorkerSession, Op] | None:
         """The next op to run (left at the head of its session's queue until it is done)."""
         self._drop_cancelled()
         active = self._active()
@@ -86,7 +99,7 @@ class FairQueue:
         self.clock = self.tenant_served.get(tenant, 0.0)
         return self.queues[sid][0]
 
-    def charge(self, session: TrainingSession, seconds: float, done: bool) -> None:
+    def charge(self, session: WorkerSession, seconds: float, done: bool) -> None:
         tenant, sid = session.tenant_id, session.session_id
         self.tenant_served[tenant] = self.tenant_served.get(tenant, 0.0) + seconds
         self.session_served[sid] = self.session_served.get(sid, 0.0) + seconds
@@ -94,7 +107,7 @@ class FairQueue:
         if done and q:
             q.popleft()
 
-    def forget(self, session: TrainingSession) -> None:
+    def forget(self, session: WorkerSession) -> None:
         """A session left the base: drop its bookkeeping (and its tenant's, if that has nothing queued)."""
         sid, tenant = session.session_id, session.tenant_id
         if not self.queues.get(sid):
@@ -116,14 +129,14 @@ class SharedBase:
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.num_base_parameters = sum(p.numel() for p in self.model.parameters())
         self.lock = threading.RLock()  # held while an op (slice) runs, and while adapters change
-        self.sessions: dict[str, TrainingSession] = {}
+        self.sessions: dict[str, WorkerSession] = {}
         self._cond = threading.Condition()  # guards the queue and the worker handle
         self._fair = FairQueue()
         self._on_empty = on_empty
         self._worker: threading.Thread | None = None
 
     # -- adapters ---------------------------------------------------------------------
-    def attach(self, session: TrainingSession, lora: LoraConfig, seed: int) -> None:
+    def attach(self, session: WorkerSession, lora: LoraConfig, seed: int) -> None:
         """Add the session's adapter, initialised from ``seed`` (same seed, same initial adapter)."""
         with self.lock:
             saved_rng = torch.get_rng_state()
@@ -168,7 +181,7 @@ class SharedBase:
             self._on_empty(self)
 
     # -- the worker ---------------------------------------------------------------------
-    def submit(self, session: TrainingSession, op: Op) -> None:
+    def submit(self, session: WorkerSession, op: Op) -> None:
         with self._cond:
             self._fair.push(session, op)
             self._cond.notify_all()
@@ -177,7 +190,7 @@ class SharedBase:
         with self._cond:
             return self._fair.pending()
 
-    def _next(self) -> tuple[TrainingSession, Op] | None:
+    def _next(self) -> tuple[WorkerSession, Op] | None:
         """Wait for the next op to run; None when no session is left and nothing is queued."""
         with self._cond:
             while True:

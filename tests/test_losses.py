@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tensafe.runtime.errors import InvalidArgument
-from tensafe.trainer import losses
 from tensafe.trainer.losses import LossInputs, LossOutput, available_losses, register_loss, resolve_loss, token_logprobs
+from tensafe.trainer.losses import registry as losses
 
 B, T, V = 4, 6, 11
 BUILTINS = ["contrastive", "importance_sampling", "margin_ranking", "mse", "ppo", "token_ce"]

@@ -1,0 +1,182 @@
+"""The built-in losses (token_ce, importance_sampling, ppo, margin_ranking, contrastive, mse) and
+the token helpers they share with plugins (:func:`token_logprobs`, :func:`sequence_scores`).
+
+Importing this module registers them; the package seals them as built-ins (see ``registry``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tensafe.runtime.errors import InvalidArgument
+
+from .registry import LossInputs, LossOutput, register_loss
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs, mask)``, both [B, T]: ``logprobs[:, t] = log softmax(logits[:, t-1])[labels[:, t]]`` in
+    float32 with grad, 0 at t=0 and where ``labels == ignore_index``; ``mask`` is True where it counts."""
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise InvalidArgument("batch.labels", f"expected shape {list(logits.shape[:2])}, got {list(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InvalidArgument("batch.labels", f"must be integer token ids, got {labels.dtype}")
+    b, t, vocab = logits.shape
+    mask = labels != ignore_index
+    mask[:, 0] = False
+    if (mask & ((labels < 0) | (labels >= vocab))).any():
+        raise InvalidArgument("batch.labels", f"label ids must be in [0, {vocab}) or equal ignore_index {ignore_index}")
+    nll = F.cross_entropy(*_shifted(logits, labels, ignore_index), ignore_index=ignore_index, reduction="none")
+    return torch.cat([logits.new_zeros(b, 1, dtype=torch.float32), -nll.view(b, t)[:, :-1]], dim=1), mask
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float32 logits [B*T, V] and targets labels[:, t+1] (ignore_index at the end), as HF shifts:
+    padding the labels rather than slicing the logits avoids a copy of the largest tensor."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    return logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+def sequence_scores(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores [B], logprobs, mask)``: score_i = mean token log-probability over row i's label tokens."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    counts = mask.sum(dim=1)
+    if (counts == 0).any():
+        row = int((counts == 0).nonzero()[0])
+        raise InvalidArgument("batch.labels", f"row {row} has no label tokens; a sequence score needs at least one")
+    return logp.sum(dim=1) / counts, logp, mask
+
+
+def _output(loss: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, **metrics: float) -> LossOutput:
+    n = int(mask.sum())
+    return LossOutput(loss, n, {"loss": float(loss.detach()), "num_tokens": float(n), **metrics}, logp.detach())
+
+
+def _token_input(value: torch.Tensor | None, name: str, like: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if value is None or tuple(value.shape) != tuple(like.shape):
+        got = "missing" if value is None else f"shape {list(value.shape)}"
+        raise InvalidArgument(f"batch.{name}", f"expected shape {list(like.shape)}, got {got}")
+    return torch.where(mask, value.to(like.device, torch.float32), 0.0)  # ignored positions may hold anything
+
+
+# ---------------------------------------------------------------------------------------------- built-ins
+
+
+@register_loss("token_ce", per_example=True)
+def token_ce(inputs: LossInputs, ignore_index: int = -100, label_smoothing: float = 0.0) -> LossOutput:
+    """Next-token cross entropy: logits[:, t-1] predict labels[:, t] (HF ``labels=`` convention).
+
+    loss = sum over label tokens of CE (with ``label_smoothing`` as in ``F.cross_entropy``) / number of
+    label tokens, i.e. the mean. Equal to ``model(input_ids, labels=labels).loss`` when smoothing is 0.
+    A batch with no label tokens gives a zero loss (and zero gradients). Metric ``nll``: mean -log p."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    n = max(int(mask.sum()), 1)
+    nll = -logp.sum() / n
+    if label_smoothing == 0.0:
+        loss = nll
+    else:
+        flat, target = _shifted(inputs.logits, inputs.labels, ignore_index)
+        smoothed = F.cross_entropy(
+            flat, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+        )
+        loss = smoothed / n
+    return _output(loss, logp, mask, nll=float(nll.detach()))
+
+
+def _ratio(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, ...]:
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    old = _token_input(inputs.old_logprobs, "old_logprobs", logp, mask)
+    adv = _token_input(inputs.advantages, "advantages", logp, mask)
+    ratio = torch.where(mask, logp - old, 0.0).exp()
+    return logp, mask, ratio, adv
+
+
+@register_loss("importance_sampling", requires=("advantages", "old_logprobs"), per_example=True)
+def importance_sampling(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+    """Policy gradient with importance weights, for off-policy samples.
+
+    Inputs: ``advantages`` A and ``old_logprobs`` (the sampler's log p), both [B, T] aligned with
+    ``token_logprobs``. ratio = exp(logp - old_logp); loss = -mean over label tokens of ratio * A.
+    Metric ``ratio_mean``."""
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    n = max(int(mask.sum()), 1)
+    loss = -(ratio * adv).sum() / n
+    return _output(loss, logp, mask, ratio_mean=float((ratio.detach() * mask).sum() / n))
+
+
+@register_loss("ppo", requires=("advantages", "old_logprobs"), per_example=True)
+def ppo(inputs: LossInputs, clip_epsilon: float = 0.2, ignore_index: int = -100) -> LossOutput:
+    """PPO clipped surrogate. Inputs as ``importance_sampling``; eps = ``clip_epsilon``.
+
+    loss = -mean over label tokens of min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
+    Metrics: ``clip_fraction`` (label tokens with |ratio - 1| > eps), ``approx_kl`` (mean of
+    ratio - 1 - log ratio)."""
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    n = max(int(mask.sum()), 1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
+    loss = -(surrogate * mask).sum() / n
+    with torch.no_grad():
+        clipped = float((((ratio - 1).abs() > clip_epsilon) & mask).sum() / n)
+        approx_kl = float(((ratio - 1 - ratio.log()) * mask).sum() / n)
+    return _output(loss, logp, mask, clip_fraction=clipped, approx_kl=approx_kl)
+
+
+def _pairs(shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None:
+    if batch_size % 2:
+        raise InvalidArgument(
+            "batch.input_ids", f"margin_ranking needs (chosen, rejected) pairs, got {batch_size} rows"
+        )
+
+
+@register_loss("margin_ranking", check=_pairs)
+def margin_ranking(inputs: LossInputs, margin: float = 1.0, ignore_index: int = -100) -> LossOutput:
+    """Pairwise ranking on sequence scores (score = mean label-token log-probability of a row).
+
+    Rows are pairs [chosen_0, rejected_0, chosen_1, rejected_1, ...] (B even).
+    loss = mean over pairs of relu(margin - (s_chosen - s_rejected)). Metric ``accuracy``: share of
+    pairs with s_chosen > s_rejected."""
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    chosen, rejected = scores[0::2], scores[1::2]
+    loss = F.relu(margin - (chosen - rejected)).mean()
+    return _output(loss, logp, mask, accuracy=float((chosen > rejected).float().mean()))
+
+
+@register_loss("contrastive", requires=("extra.group_ids:B", "extra.is_positive:B"))
+def contrastive(inputs: LossInputs, temperature: float = 0.07, ignore_index: int = -100) -> LossOutput:
+    """InfoNCE over groups of rows, on sequence scores (mean label-token log-probability of a row).
+
+    Inputs: ``extra.group_ids`` (int [B]) and ``extra.is_positive`` ([B], bool or 0/1; exactly one
+    positive per group). loss = mean over groups of -log softmax(scores_in_group / temperature)[positive].
+    Metric ``accuracy``: share of groups whose positive has the highest score."""
+    groups, positive = inputs.extra["group_ids"], inputs.extra["is_positive"]
+    if groups.is_floating_point() or groups.is_complex():
+        raise InvalidArgument("batch.extra.group_ids", f"must be integers, got {groups.dtype}")
+    if not ((positive == 0) | (positive == 1)).all():
+        raise InvalidArgument("batch.extra.is_positive", "must be booleans or 0/1")
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    groups, positive = groups.to(scores.device), positive.to(scores.device).bool()
+    terms, hits = [], 0
+    for g in groups.unique():
+        rows = groups == g
+        pos = positive[rows]
+        if int(pos.sum()) != 1:
+            raise InvalidArgument("batch.extra.is_positive", f"group {int(g)} has {int(pos.sum())} positives, needs 1")
+        logits = scores[rows] / temperature
+        terms.append(-torch.log_softmax(logits, dim=0)[pos][0])
+        hits += int(pos[logits.argmax()])
+    loss = torch.stack(terms).mean()
+    return _output(loss, logp, mask, accuracy=hits / len(terms), num_groups=float(len(terms)))
+
+
+@register_loss("mse", requires=("extra.targets:B",), per_example=True)
+def mse(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+    """Regression of sequence scores (mean label-token log-probability of a row) onto ``extra.targets``
+    (float [B]): loss = mean over rows of (score - target)^2. Metric ``score_mean``."""
+    targets = inputs.extra["targets"]
+    scores, logp, mask = sequence_scores(inputs, ignore_index)
+    loss = ((scores - targets.to(scores.device, torch.float32)) ** 2).mean()
+    return _output(loss, logp, mask, score_mean=float(scores.detach().mean()))

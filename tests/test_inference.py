@@ -158,9 +158,9 @@ def test_another_tenant_can_neither_load_nor_use_the_adapter(trainer_stack, sc, 
         with pytest.raises(NotFoundError):
             other.create_sampling_client(artifact_id=trained[0]["artifact"])
         with pytest.raises(NotFoundError):
-            SamplingClient(other, adapter_id=sc.adapter_id).sample(PROMPTS, max_tokens=4, temperature=0)
+            SamplingClient(other._transport, adapter_id=sc.adapter_id).sample(PROMPTS, max_tokens=4, temperature=0)
         with pytest.raises(NotFoundError):
-            SamplingClient(other, adapter_id=sc.adapter_id).unload()
+            SamplingClient(other._transport, adapter_id=sc.adapter_id).unload()
         assert other._call("inference", "ListAdapters", _list_request()).adapters == []
     assert sc.sample(PROMPTS[:1], max_tokens=2, temperature=0).samples  # still served to its owner
 
@@ -194,9 +194,9 @@ def test_bad_requests(service, sc) -> None:
     assert info.value.field == "key_bundle"
 
 
-def test_vllm_backend_without_vllm_says_how_to_install_it(sc, trained) -> None:
+def test_vllm_backend_without_vllm_says_how_to_install_it(service, trained) -> None:
     with pytest.raises(ConflictError) as info:
-        sc._service.create_sampling_client(artifact_id=trained[0]["artifact"], backend="vllm")
+        service.create_sampling_client(artifact_id=trained[0]["artifact"], backend="vllm")
     assert info.value.grpc_code == "FAILED_PRECONDITION"
     assert "tensafe[vllm]" in info.value.message and "docs/vllm.md" in info.value.message
 

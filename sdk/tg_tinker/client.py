@@ -91,7 +91,7 @@ class ServiceClient:
                                   code="INVALID_ARGUMENT")
         resp = self._call("trainer", "CreateSession", trainer_pb2.CreateSessionRequest(config=config.to_proto()))
         try:
-            return TrainingClient(self, resp.session)
+            return TrainingClient(self._transport, resp.session)
         except TGTinkerError:
             # Its result stream was refused (e.g. QuotaExceededError, TENSAFE_QUOTA_STREAMS_PER_TENANT): the
             # session would be unusable, so it is closed rather than left holding a session place.
@@ -109,7 +109,7 @@ class ServiceClient:
         session = self._call("trainer", "GetSession", trainer_pb2.GetSessionRequest(session_id=session_id)).session
         if session.state != trainer_pb2.SESSION_STATE_ACTIVE:
             raise ConflictError(f"session {session_id} is closed", code="FAILED_PRECONDITION")
-        return TrainingClient(self, session)
+        return TrainingClient(self._transport, session)
 
     def list_training_clients(self, include_closed: bool = False) -> list[dict[str, Any]]:
         """Your tenant's sessions: id, model, step and state of each."""
@@ -137,7 +137,7 @@ class ServiceClient:
         service, with ``key_bundle``'s keys. See ``tg_tinker.sampling`` and ``tg_tinker.two_plane``."""
         from .sampling import create_sampling_client
 
-        return create_sampling_client(self, artifact_id, model_ref, base_model_ref, backend, enable_he_lora,
+        return create_sampling_client(self._transport, artifact_id, model_ref, base_model_ref, backend, enable_he_lora,
                                       key_bundle)
 
     # -- artifacts (the vault) ------------------------------------------------------------------

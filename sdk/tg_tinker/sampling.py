@@ -24,7 +24,7 @@ from .errors import ValidationError
 from .results import Sample, SampleResult
 
 if TYPE_CHECKING:
-    from .client import ServiceClient
+    from ._transport import Transport
     from .two_plane import TwoPlaneGenerator
 
 _BACKENDS = {None: inference_pb2.BACKEND_UNSPECIFIED, "hf": inference_pb2.BACKEND_HF,
@@ -112,10 +112,10 @@ class SamplingClient:
     in the inference service; it is valid for your tenant only.
     """
 
-    def __init__(self, service: ServiceClient, adapter: inference_pb2.Adapter | None = None, *,
+    def __init__(self, transport: Transport, adapter: inference_pb2.Adapter | None = None, *,
                  adapter_id: str = "", model_ref: str = "", backend: str | None = None,
                  two_plane: TwoPlaneGenerator | None = None) -> None:
-        self._service = service
+        self._transport = transport
         self._two_plane = two_plane
         self.adapter = adapter
         self.adapter_id = adapter.adapter_id if adapter is not None else adapter_id
@@ -152,8 +152,8 @@ class SamplingClient:
             cancelled = threading.Event()
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             return _local_stream(self._two_plane.stream(prompts, params, cancelled), cancelled)
-        responses = self._service._transport.server_stream("inference", "Generate", self._request(prompts, params),
-                                                           timeout=timeout)
+        responses = self._transport.server_stream("inference", "Generate", self._request(prompts, params),
+                                                  timeout=timeout)
         return _remote_stream(responses)
 
     def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_tokens: int = 128,
@@ -178,8 +178,8 @@ class SamplingClient:
         if self._two_plane is not None:
             self._two_plane.close()
         elif self.adapter_id:
-            self._service._call("inference", "UnloadAdapter",
-                                inference_pb2.UnloadAdapterRequest(adapter_id=self.adapter_id))
+            self._transport.unary("inference", "UnloadAdapter",
+                                  inference_pb2.UnloadAdapterRequest(adapter_id=self.adapter_id))
 
     def __enter__(self) -> SamplingClient:
         return self
@@ -188,7 +188,7 @@ class SamplingClient:
         self.unload()
 
 
-def create_sampling_client(service: ServiceClient, artifact_id: str | None, model_ref: str | None,
+def create_sampling_client(transport: Transport, artifact_id: str | None, model_ref: str | None,
                            base_model_ref: str | None, backend: str | None, enable_he_lora: bool,
                            key_bundle: Any = None) -> SamplingClient:
     """What ``ServiceClient.create_sampling_client`` does (kept here, beside the client it makes)."""
@@ -202,8 +202,8 @@ def create_sampling_client(service: ServiceClient, artifact_id: str | None, mode
                                   code="INVALID_ARGUMENT")
         from .two_plane import TwoPlaneGenerator
 
-        generator = TwoPlaneGenerator(service, artifact_id, key_bundle, base_model_ref or "")
-        return SamplingClient(service, model_ref=base_model_ref or "", two_plane=generator)
+        generator = TwoPlaneGenerator(transport, artifact_id, key_bundle, base_model_ref or "")
+        return SamplingClient(transport, model_ref=base_model_ref or "", two_plane=generator)
     if artifact_id and model_ref:
         raise ValidationError("give artifact_id (an adapter) or model_ref (the base model alone), not both",
                               field="model_ref", code="INVALID_ARGUMENT")
@@ -211,7 +211,7 @@ def create_sampling_client(service: ServiceClient, artifact_id: str | None, mode
         if not model_ref:
             raise ValidationError("give artifact_id (an adapter) or model_ref (the base model alone)",
                                   field="artifact_id", code="INVALID_ARGUMENT")
-        return SamplingClient(service, model_ref=model_ref, backend=backend)
-    resp = service._call("inference", "LoadAdapter", inference_pb2.LoadAdapterRequest(
+        return SamplingClient(transport, model_ref=model_ref, backend=backend)
+    resp = transport.unary("inference", "LoadAdapter", inference_pb2.LoadAdapterRequest(
         artifact_id=artifact_id, base_model_ref=base_model_ref or "", backend=_BACKENDS[backend]))
-    return SamplingClient(service, resp.adapter, backend=backend)
+    return SamplingClient(transport, resp.adapter, backend=backend)

@@ -30,7 +30,7 @@ from .results import (
 from .tensors import to_proto
 
 if TYPE_CHECKING:
-    from .client import ServiceClient
+    from ._transport import Transport
 
 log = logging.getLogger("tg_tinker.training")
 
@@ -103,7 +103,7 @@ class _FutureRouter:
             handle._set_exception(self.error)
 
     def _run(self) -> None:
-        transport = self._client._service._transport
+        transport = self._client._transport
         backoff = 0.2
         while not self._stopped:
             with self._lock:
@@ -170,14 +170,14 @@ class TrainingClient:
     """A training session. Operations return a :class:`FutureHandle` at once and the server
     applies them in the order they were submitted, so several can be queued before waiting."""
 
-    def __init__(self, service: ServiceClient, session: trainer_pb2.Session) -> None:
-        self._service = service
+    def __init__(self, transport: Transport, session: trainer_pb2.Session) -> None:
+        self._transport = transport
         self.session_id = session.session_id
         self.config = session.config
         self._step = session.step
         self._router = _FutureRouter(self, session.last_sequence)
         try:
-            self._router.wait_established(service.config.timeout)
+            self._router.wait_established(transport.config.timeout)
         except TGTinkerError:
             self._router.stop()
             raise
@@ -198,14 +198,14 @@ class TrainingClient:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _submit(self, method: str, request: Any) -> FutureHandle:
-        ref = self._service._call("trainer", method, request).future
+        ref = self._transport.unary("trainer", method, request).future
         handle: FutureHandle = FutureHandle(ref.future_id, session_id=self.session_id, canceller=self._cancel)
         self._router.register(ref, handle)
         return handle
 
     def _cancel(self, future_id: str) -> bool:
-        resp = self._service._call("trainer", "CancelFuture",
-                                   trainer_pb2.CancelFutureRequest(session_id=self.session_id, future_id=future_id))
+        resp = self._transport.unary("trainer", "CancelFuture",
+                                     trainer_pb2.CancelFutureRequest(session_id=self.session_id, future_id=future_id))
         return resp.cancelled
 
     def _complete(self, handle: FutureHandle, event: trainer_pb2.FutureEvent) -> None:
@@ -346,7 +346,7 @@ class TrainingClient:
     def close(self) -> None:
         """Close the session on the server (its memory is released) and stop listening for results."""
         try:
-            self._service._call("trainer", "CloseSession",
-                                trainer_pb2.CloseSessionRequest(session_id=self.session_id))
+            self._transport.unary("trainer", "CloseSession",
+                                  trainer_pb2.CloseSessionRequest(session_id=self.session_id))
         finally:
             self._router.stop()

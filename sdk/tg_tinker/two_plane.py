@@ -15,12 +15,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensafe.api.common.v1 import common_pb2
 
 from .decoding import Chunk, SequenceStream
 from .errors import ValidationError
+
+if TYPE_CHECKING:
+    from ._transport import Transport
 
 _END = object()
 # Prompts up to this many tokens go through the he service token by token (see _hook).
@@ -50,12 +53,12 @@ class TwoPlaneGenerator:
     """Generation with ``artifact_id``'s adapter computed under HE; made by
     ``service.create_sampling_client(artifact_id, enable_he_lora=True, key_bundle=..., base_model_ref=PATH)``."""
 
-    def __init__(self, service: Any, artifact_id: str, key_bundle: Any, base_model_path: str) -> None:
+    def __init__(self, transport: Transport, artifact_id: str, key_bundle: Any, base_model_path: str) -> None:
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from .he import AdapterEncryptionConfig, EncryptedLoRARuntime, create_private_inference_mode
+            from .he import AdapterEncryptionConfig, EncryptedLoRARuntime, HeClient, create_private_inference_mode
         except ImportError as exc:
             raise ValidationError(f"two-plane HE-LoRA generation runs the base model here: it needs torch, "
                                   f"transformers and the `he` extra ({exc})", field="enable_he_lora",
@@ -78,7 +81,7 @@ class TwoPlaneGenerator:
         self.model.eval()
         self.model.requires_grad_(False)
         # Every LoRA layer of the adapter runs encrypted: this process has no plaintext adapter weights.
-        inference = create_private_inference_mode(key_bundle, client=service, adapter=artifact_id)
+        inference = create_private_inference_mode(key_bundle, client=HeClient(transport), adapter=artifact_id)
         self.runtime = EncryptedLoRARuntime(inference, AdapterEncryptionConfig(
             rank=inference.layers[0].rank, encrypted_layers=[ly.name for ly in inference.layers]))
         self.he = inference.he

@@ -548,7 +548,7 @@ def test_cancel_of_a_running_sample_through_the_sdk(client) -> None:
     with client.create_training_client(TrainingConfig(model_ref="tiny", seed=2)) as tc:
         running = tc.sample_async([IDS] * 8, max_tokens=30)  # 240 tokens: within the cap
         deadline = time.monotonic() + 60
-        while tc._service._call("trainer", "GetFuture", trainer_pb2.GetFutureRequest(
+        while tc._transport.unary("trainer", "GetFuture", trainer_pb2.GetFutureRequest(
                 session_id=tc.session_id, future_id=running.future_id)).event.state != RUNNING:
             assert time.monotonic() < deadline
             time.sleep(0.005)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -310,16 +310,24 @@ class PrivateInference:
         return out
 
 
-def create_private_inference_mode(key_bundle: HEKeyBundle, params: HESchemeParams | None = None, *, client: Any,
-                                  adapter: str, layers: list[str] | None = None) -> PrivateInference:
+class HasHeClient(Protocol):
+    """A client with the he service's calls: a :class:`~tg_tinker.ServiceClient`."""
+
+    @property
+    def he(self) -> HeClient: ...
+
+
+def create_private_inference_mode(key_bundle: HEKeyBundle, params: HESchemeParams | None = None, *,
+                                  client: HasHeClient | HeClient, adapter: str,
+                                  layers: list[str] | None = None) -> PrivateInference:
     """Register ``key_bundle``'s public context with the he service of ``client`` (a
-    :class:`~tg_tinker.ServiceClient`) and have it load ``adapter`` (a vault artifact id of a trainer
-    checkpoint) for ``layers`` (module names or suffixes; default all). ``params``, if given, must be
-    the bundle's own."""
+    :class:`~tg_tinker.ServiceClient`, or its :class:`HeClient`) and have it load ``adapter`` (a vault
+    artifact id of a trainer checkpoint) for ``layers`` (module names or suffixes; default all).
+    ``params``, if given, must be the bundle's own."""
     if params is not None and params != key_bundle.params:
         raise ValidationError("params differ from the key bundle's parameters", field="params",
                               code="INVALID_ARGUMENT")
-    he: HeClient = client.he
+    he = client if isinstance(client, HeClient) else client.he
     he.register_context(key_bundle.key_id, key_bundle.public_context(), key_bundle.params)
     info = he.load_adapter(adapter, key_bundle.key_id, layers)
     return PrivateInference(key_bundle, he, info)
@@ -372,8 +380,8 @@ class EncryptedLoRARuntime:
     __call__ = forward
 
 
-def create_encrypted_runtime(config: AdapterEncryptionConfig, key_bundle: HEKeyBundle, *, client: Any,
-                             adapter: str) -> EncryptedLoRARuntime:
+def create_encrypted_runtime(config: AdapterEncryptionConfig, key_bundle: HEKeyBundle, *,
+                             client: HasHeClient | HeClient, adapter: str) -> EncryptedLoRARuntime:
     """Load ``adapter`` (vault artifact id) on the he service of ``client`` for ``config.encrypted_layers``
     and return the runtime computing their deltas under ``key_bundle``. The encrypted part runs on the
     he service; there is no local or simulated mode."""

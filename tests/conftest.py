@@ -17,10 +17,12 @@ from typing import TypeVar
 import pytest
 import sqlalchemy as sa
 
+from tg_tinker.services import SERVICE_NAMES
+
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("TENSAFE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 T = TypeVar("T")
-SERVICES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
+SERVICES = SERVICE_NAMES
 
 
 def free_port() -> int:

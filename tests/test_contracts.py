@@ -15,17 +15,13 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
+from tg_tinker import services as service_table
+from tg_tinker.services import GRPC_SERVICES, SERVICE_NAMES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUF = REPO_ROOT / "node_modules" / ".bin" / "buf"
 
-SERVICES = {
-    "trainer": "TrainerService",
-    "accountant": "AccountantService",
-    "he": "HeService",
-    "vault": "VaultService",
-    "ledger": "LedgerService",
-    "inference": "InferenceService",
-}
+SERVICES = GRPC_SERVICES
 
 # Read-only RPCs are named Get*/List*/Watch*/Describe*, except these, which are
 # read-only too (pure computation or streamed reads whose responses must never be
@@ -220,3 +216,14 @@ def test_checkpoint_metadata_round_trips_with_types():
     assert decoded.metadata["validation_loss"] == 0.42
     assert decoded.metadata["note"] == "x"
     assert decoded.metadata["ok"] is True
+
+
+def test_the_service_table_matches_the_protos():
+    """tg_tinker.services is the one table of services: every proto service is in it, and nothing else."""
+    in_protos = {p.parent.parent.name for p in (REPO_ROOT / "protos" / "tensafe" / "api").glob("*/v1/*.proto")
+                 if any(line.startswith("service ") for line in p.read_text().splitlines())}
+    assert set(SERVICE_NAMES) == in_protos
+    for name in SERVICE_NAMES:
+        module = importlib.import_module(service_table.proto_module(name))
+        (service,) = module.DESCRIPTOR.services_by_name.values()
+        assert service.full_name == service_table.full_name(name)

@@ -17,11 +17,7 @@ from grpc_status import rpc_status
 
 from . import errors
 from .config import SERVICES, ClientConfig, Endpoint
-
-_GRPC_NAMES = {
-    "trainer": "TrainerService", "accountant": "AccountantService", "he": "HeService",
-    "vault": "VaultService", "ledger": "LedgerService", "inference": "InferenceService",
-}
+from .services import GRPC_SERVICES as _GRPC_NAMES
 
 _REASON_TO_ERROR: dict[str, type[errors.TGTinkerError]] = {
     "API_KEY_MISSING": errors.AuthenticationError,

@@ -12,8 +12,8 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from .errors import ValidationError
+from .services import SERVICE_NAMES as SERVICES
 
-SERVICES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
 DEFAULT_BASE_URL = "localhost:50051"
 
 

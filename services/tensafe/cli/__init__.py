@@ -17,7 +17,8 @@ from pathlib import Path
 # took 20-25 s with spinning threads and 0.2 s without). An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tensafe.runtime.config import SERVICE_NAMES, ConfigError, ServerConfig
+from tensafe.runtime.config import ConfigError, ServerConfig
+from tg_tinker.services import SERVICE_NAMES
 
 # Top-level modules the `server` extra of pyproject.toml installs: a command that finds one missing says what to
 # install instead of tracing back.

@@ -18,8 +18,6 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-SERVICE_NAMES = ("trainer", "accountant", "he", "vault", "ledger", "inference")
-
 # One component of a model name (a name may have up to MODEL_NAME_PARTS of them, joined by "/").
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MODEL_NAME_MAX = 128

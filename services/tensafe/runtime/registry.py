@@ -17,8 +17,10 @@ from typing import Any
 import grpc
 from sqlalchemy.engine import Engine
 
+from tg_tinker.services import GRPC_SERVICES
+
 from .audit import AuditOutbox
-from .config import SERVICE_NAMES, ServerConfig
+from .config import ServerConfig
 from .db import RUNTIME_VERSIONS, create_engine, migrate
 from .idempotency import IdempotencyStore
 from .peers import PeerChannels
@@ -45,18 +47,12 @@ class ServiceSpec:
         return _SERVICES_ROOT / self.name / "migrations"
 
 
+# One spec a service, from the one table of services (tg_tinker.services); each builds itself in
+# tensafe.<name>.servicer:create.
 SPECS: dict[str, ServiceSpec] = {
-    spec.name: spec
-    for spec in (
-        ServiceSpec("trainer", "TrainerService", "tensafe.trainer.servicer:create"),
-        ServiceSpec("accountant", "AccountantService", "tensafe.accountant.servicer:create"),
-        ServiceSpec("he", "HeService", "tensafe.he.servicer:create"),
-        ServiceSpec("vault", "VaultService", "tensafe.vault.servicer:create"),
-        ServiceSpec("ledger", "LedgerService", "tensafe.ledger.servicer:create"),
-        ServiceSpec("inference", "InferenceService", "tensafe.inference.servicer:create"),
-    )
+    name: ServiceSpec(name, grpc_service, f"tensafe.{name}.servicer:create")
+    for name, grpc_service in GRPC_SERVICES.items()
 }
-assert tuple(SPECS) == SERVICE_NAMES
 
 
 @dataclass

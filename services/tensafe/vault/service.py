@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import lineage as lineage_mac
 from tensafe.runtime.errors import IntegrityFailure, InvalidArgument, NotFound, PermissionDenied, TenantShredded
@@ -21,7 +19,7 @@ from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, TAG_SIZE, 
 from .blobs import BlobStore
 from .keys import KEY_BYTES, KeyUnwrapError, MasterKey, aead_unwrap, aead_wrap, dek_aad, kek_aad
 from .quotas import StorageLimits, StorageQuotas
-from .store import AVAILABLE, DESTROYED, SHREDDED, ArtifactRecord, VaultStore, artifacts, keks, tenants
+from .store import AVAILABLE, SHREDDED, ArtifactRecord, VaultStore
 
 ALGORITHM = "AES-256-GCM"
 MAX_NAME = 256
@@ -65,18 +63,16 @@ class Vault:
     # -- keys ----------------------------------------------------------------------------------
     def _active_kek(self, tenant_id: str) -> tuple[int, bytes]:
         """The tenant's current KEK (created on first use), unwrapped for one put."""
-        with self._tenant_lock, self.store.engine.begin() as conn:
-            row = self.store.tenant(conn, tenant_id)
+        with self._tenant_lock:
+            row = self.store.tenant(tenant_id)
             if row is None:
-                self.store.add_tenant(conn, tenant_id, "kek_" + secrets.token_hex(8),
-                                      self.master.wrap(os.urandom(KEY_BYTES), kek_aad(tenant_id, 1)))
-                row = self.store.tenant(conn, tenant_id)
+                row = self.store.add_tenant(tenant_id, "kek_" + secrets.token_hex(8),
+                                            self.master.wrap(os.urandom(KEY_BYTES), kek_aad(tenant_id, 1)))
             if row.shredded_at is not None:
                 raise TenantShredded(f"tenant {tenant_id!r} was shredded: the vault stores nothing more for it",
                                      tenant_id=tenant_id)
             version = row.current_version
-            wrapped = conn.execute(sa.select(keks.c.wrapped_kek).where(sa.and_(
-                keks.c.tenant_id == tenant_id, keks.c.version == version))).scalar_one()
+            wrapped = self.store.wrapped_kek(tenant_id, version)
         return version, self._unwrap_kek(tenant_id, version, wrapped)
 
     def _unwrap_kek(self, tenant_id: str, version: int, wrapped: bytes | None) -> bytes:
@@ -92,10 +88,8 @@ class Vault:
         if record.state == SHREDDED or record.wrapped_dek is None:
             raise TenantShredded(f"artifact {record.artifact_id} can no longer be decrypted: its tenant's keys "
                                  "were destroyed (shredded)", artifact_id=record.artifact_id)
-        with self.store.engine.connect() as conn:
-            wrapped_kek = conn.execute(sa.select(keks.c.wrapped_kek).where(sa.and_(
-                keks.c.tenant_id == record.tenant_id, keks.c.version == record.kek_version))).scalar_one_or_none()
-        kek = self._unwrap_kek(record.tenant_id, record.kek_version, wrapped_kek)
+        kek = self._unwrap_kek(record.tenant_id, record.kek_version,
+                               self.store.wrapped_kek(record.tenant_id, record.kek_version))
         try:
             return aead_unwrap(kek, record.wrapped_dek, dek_aad(record.tenant_id, record.artifact_id,
                                                                  record.kek_version))
@@ -105,8 +99,7 @@ class Vault:
 
     def key_id(self, tenant_id: str) -> str:
         """The tenant's stable KEK identifier (the same across versions)."""
-        with self.store.engine.connect() as conn:
-            row = self.store.tenant(conn, tenant_id)
+        row = self.store.tenant(tenant_id)
         return row.key_id if row is not None else ""
 
     # -- artifacts -------------------------------------------------------------------------------
@@ -234,59 +227,37 @@ class Vault:
 
     # -- key lifecycle -----------------------------------------------------------------------------
     def key_info(self, tenant_id: str) -> KekInfo:
-        with self.store.engine.connect() as conn:
-            row = self.store.tenant(conn, tenant_id)
-            if row is None:
-                raise NotFound("tenant key", tenant_id)
-            counts = self.store.wrapped_counts(conn, tenant_id)
-            versions = [(r.version, r.state, counts.get(r.version, 0), r.created_at)
-                        for r in self.store.kek_rows(conn, tenant_id)]
+        row = self.store.tenant(tenant_id)
+        if row is None:
+            raise NotFound("tenant key", tenant_id)
+        versions = [(k.version, k.state, k.wrapped_count, k.created_at) for k in self.store.keks(tenant_id)]
         return KekInfo(tenant_id, row.key_id, row.current_version, versions, row.shredded_at)
 
     def rotate(self, tenant_id: str) -> tuple[KekInfo, int]:
         """New KEK version; every data key is rewrapped under it (the data is not re-encrypted).
         Versions that no longer wrap any data key are destroyed."""
         self._active_kek(tenant_id)  # creates the tenant's first KEK if needed; refuses a shredded tenant
-        with self._tenant_lock, self.store.engine.begin() as conn:
-            row = self.store.tenant(conn, tenant_id)
-            old_keks = {r.version: r.wrapped_kek for r in self.store.kek_rows(conn, tenant_id)}
+        with self._tenant_lock:
+            row = self.store.tenant(tenant_id)
+            assert row is not None
+            old_keks = {k.version: k.wrapped_kek for k in self.store.keks(tenant_id)}
             new_version = row.current_version + 1
             new_kek = os.urandom(KEY_BYTES)
-            self.store.add_kek_version(conn, tenant_id, new_version,
-                                       self.master.wrap(new_kek, kek_aad(tenant_id, new_version)))
             unwrapped: dict[int, bytes] = {}
-            rewrapped = 0
-            rows = conn.execute(sa.select(artifacts.c.artifact_id, artifacts.c.kek_version, artifacts.c.wrapped_dek)
-                                .where(sa.and_(artifacts.c.tenant_id == tenant_id,
-                                               artifacts.c.wrapped_dek.is_not(None)))).all()
-            for art_id, version, wrapped_dek in rows:
+            rewrapped: dict[str, tuple[int, bytes]] = {}
+            for art_id, version, wrapped_dek in self.store.wrapped_deks(tenant_id):
                 if version not in unwrapped:
                     unwrapped[version] = self._unwrap_kek(tenant_id, version, old_keks.get(version))
                 dek = aead_unwrap(unwrapped[version], wrapped_dek, dek_aad(tenant_id, art_id, version))
-                conn.execute(artifacts.update().where(artifacts.c.artifact_id == art_id).values(
-                    kek_version=new_version, wrapped_dek=aead_wrap(new_kek, dek, dek_aad(tenant_id, art_id,
-                                                                                         new_version))))
-                rewrapped += 1
-            counts = self.store.wrapped_counts(conn, tenant_id)
-            for version in old_keks:
-                if counts.get(version, 0) == 0:
-                    self.store.destroy_kek(conn, tenant_id, version)
-        return self.key_info(tenant_id), rewrapped
+                rewrapped[art_id] = (version, aead_wrap(new_kek, dek, dek_aad(tenant_id, art_id, new_version)))
+            self.store.rotate(tenant_id, new_version, self.master.wrap(new_kek, kek_aad(tenant_id, new_version)),
+                              rewrapped)
+        return self.key_info(tenant_id), len(rewrapped)
 
     def shred(self, tenant_id: str, confirm_tenant_id: str) -> tuple[KekInfo, int]:
         """Destroy every KEK version of the tenant: all its artifacts become unreadable for good."""
         if confirm_tenant_id != tenant_id:
             raise InvalidArgument("confirm_tenant_id", "must equal your tenant id: shredding cannot be undone")
-        with self._tenant_lock, self.store.engine.begin() as conn:
-            row = self.store.tenant(conn, tenant_id)
-            if row is None:
-                self.store.add_tenant(conn, tenant_id, "kek_" + secrets.token_hex(8), b"")
-            for r in self.store.kek_rows(conn, tenant_id):
-                if r.state != DESTROYED:
-                    self.store.destroy_kek(conn, tenant_id, r.version)
-            conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(shredded_at=time.time()))
-            res = conn.execute(artifacts.update().where(artifacts.c.tenant_id == tenant_id)
-                               .values(wrapped_dek=None, state=SHREDDED))
-            count = res.rowcount or 0
+        with self._tenant_lock:
+            count = self.store.shred(tenant_id, "kek_" + secrets.token_hex(8))
         return self.key_info(tenant_id), count
-

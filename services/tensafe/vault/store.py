@@ -91,39 +91,129 @@ class ArtifactRecord:
         return out
 
 
+@dataclass(frozen=True)
+class TenantRecord:
+    tenant_id: str
+    key_id: str
+    current_version: int
+    shredded_at: float | None
+
+
+@dataclass(frozen=True)
+class KekRecord:
+    version: int
+    state: str
+    wrapped_kek: bytes | None
+    created_at: float
+    wrapped_count: int  # data keys it wraps now
+
+
 class VaultStore:
+    """Every read and write of the vault's tables; each method is one transaction."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def tenant(self, conn: Connection, tenant_id: str) -> Any:
-        return conn.execute(sa.select(tenants).where(tenants.c.tenant_id == tenant_id)).first()
+    # -- tenants and KEKs --------------------------------------------------------------------------
+    @staticmethod
+    def _tenant(conn: Connection, tenant_id: str) -> TenantRecord | None:
+        row = conn.execute(sa.select(tenants).where(tenants.c.tenant_id == tenant_id)).first()
+        return TenantRecord(**row._mapping) if row else None
 
-    def kek_rows(self, conn: Connection, tenant_id: str) -> list[Any]:
-        return list(conn.execute(sa.select(keks).where(keks.c.tenant_id == tenant_id).order_by(keks.c.version)))
+    def tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self.engine.connect() as conn:
+            return self._tenant(conn, tenant_id)
 
-    def add_tenant(self, conn: Connection, tenant_id: str, key_id: str, wrapped_kek: bytes) -> None:
+    @staticmethod
+    def _insert_tenant(conn: Connection, tenant_id: str, key_id: str, wrapped_kek: bytes) -> None:
         conn.execute(tenants.insert().values(tenant_id=tenant_id, key_id=key_id, current_version=1, shredded_at=None))
         conn.execute(keks.insert().values(tenant_id=tenant_id, version=1, wrapped_kek=wrapped_kek, state=ACTIVE,
                                           created_at=time.time(), destroyed_at=None))
 
-    def add_kek_version(self, conn: Connection, tenant_id: str, version: int, wrapped_kek: bytes) -> None:
-        conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.state == ACTIVE))
-                     .values(state=RETIRED))
-        conn.execute(keks.insert().values(tenant_id=tenant_id, version=version, wrapped_kek=wrapped_kek,
-                                          state=ACTIVE, created_at=time.time(), destroyed_at=None))
-        conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(current_version=version))
+    def add_tenant(self, tenant_id: str, key_id: str, wrapped_kek: bytes) -> TenantRecord:
+        """The tenant with its first KEK (version 1, active); IntegrityError if it exists."""
+        with self.engine.begin() as conn:
+            self._insert_tenant(conn, tenant_id, key_id, wrapped_kek)
+            record = self._tenant(conn, tenant_id)
+        assert record is not None
+        return record
 
-    def destroy_kek(self, conn: Connection, tenant_id: str, version: int) -> None:
-        conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.version == version))
-                     .values(wrapped_kek=None, state=DESTROYED, destroyed_at=time.time()))
+    def wrapped_kek(self, tenant_id: str, version: int) -> bytes | None:
+        """The KEK version as the master key wrapped it; None once destroyed (or if it never existed)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(keks.c.wrapped_kek).where(sa.and_(
+                keks.c.tenant_id == tenant_id, keks.c.version == version))).scalar_one_or_none()
 
-    def wrapped_counts(self, conn: Connection, tenant_id: str) -> dict[int, int]:
+    @staticmethod
+    def _wrapped_counts(conn: Connection, tenant_id: str) -> dict[int, int]:
         query = (sa.select(artifacts.c.kek_version, sa.func.count())
                  .where(sa.and_(artifacts.c.tenant_id == tenant_id, artifacts.c.wrapped_dek.is_not(None)))
                  .group_by(artifacts.c.kek_version))
-        rows = conn.execute(query)
-        return {int(v): int(n) for v, n in rows}
+        return {int(v): int(n) for v, n in conn.execute(query)}
 
+    def keks(self, tenant_id: str) -> list[KekRecord]:
+        """Every KEK version of the tenant, oldest first, with how many data keys each wraps."""
+        with self.engine.connect() as conn:
+            counts = self._wrapped_counts(conn, tenant_id)
+            rows = conn.execute(sa.select(keks).where(keks.c.tenant_id == tenant_id).order_by(keks.c.version))
+            return [KekRecord(r.version, r.state, r.wrapped_kek, r.created_at, counts.get(r.version, 0))
+                    for r in rows]
+
+    def wrapped_deks(self, tenant_id: str) -> list[tuple[str, int, bytes]]:
+        """(artifact id, KEK version, wrapped DEK) of every artifact of the tenant that still has its key."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(artifacts.c.artifact_id, artifacts.c.kek_version, artifacts.c.wrapped_dek)
+                                .where(sa.and_(artifacts.c.tenant_id == tenant_id,
+                                               artifacts.c.wrapped_dek.is_not(None)))
+                                .order_by(artifacts.c.artifact_id))
+            return [(a, int(v), w) for a, v, w in rows]
+
+    def rotate(self, tenant_id: str, new_version: int, wrapped_kek: bytes,
+               rewrapped: dict[str, tuple[int, bytes]]) -> None:
+        """One transaction: ``new_version`` becomes the active KEK (the others retired), each artifact in
+        ``rewrapped`` (id -> (its KEK version when read, its DEK wrapped under the new KEK)) takes its new
+        wrapped DEK, and every older version that then wraps no data key is destroyed."""
+        with self.engine.begin() as conn:
+            conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.state == ACTIVE))
+                         .values(state=RETIRED))
+            conn.execute(keks.insert().values(tenant_id=tenant_id, version=new_version, wrapped_kek=wrapped_kek,
+                                              state=ACTIVE, created_at=time.time(), destroyed_at=None))
+            conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id)
+                         .values(current_version=new_version))
+            for artifact_id, (old_version, wrapped_dek) in rewrapped.items():
+                conn.execute(artifacts.update().where(sa.and_(
+                    artifacts.c.artifact_id == artifact_id, artifacts.c.tenant_id == tenant_id,
+                    artifacts.c.kek_version == old_version)).values(kek_version=new_version, wrapped_dek=wrapped_dek))
+            counts = self._wrapped_counts(conn, tenant_id)
+            versions = conn.execute(sa.select(keks.c.version).where(sa.and_(
+                keks.c.tenant_id == tenant_id, keks.c.version != new_version,
+                keks.c.state != DESTROYED))).scalars().all()
+            for version in versions:
+                if counts.get(version, 0) == 0:
+                    self._destroy_kek(conn, tenant_id, version)
+
+    @staticmethod
+    def _destroy_kek(conn: Connection, tenant_id: str, version: int) -> None:
+        conn.execute(keks.update().where(sa.and_(keks.c.tenant_id == tenant_id, keks.c.version == version))
+                     .values(wrapped_kek=None, state=DESTROYED, destroyed_at=time.time()))
+
+    def shred(self, tenant_id: str, key_id: str) -> int:
+        """One transaction: every KEK version destroyed, every artifact's wrapped DEK dropped (state
+        shredded), the tenant marked shredded (created first, under ``key_id``, if it had no record).
+        The number of artifacts made unreadable."""
+        with self.engine.begin() as conn:
+            if self._tenant(conn, tenant_id) is None:
+                self._insert_tenant(conn, tenant_id, key_id, b"")
+            versions = conn.execute(sa.select(keks.c.version).where(sa.and_(
+                keks.c.tenant_id == tenant_id, keks.c.state != DESTROYED))).scalars().all()
+            for version in versions:
+                self._destroy_kek(conn, tenant_id, version)
+            conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(shredded_at=time.time()))
+            res = conn.execute(artifacts.update().where(artifacts.c.tenant_id == tenant_id)
+                               .values(wrapped_dek=None, state=SHREDDED))
+            return res.rowcount or 0
+
+    # -- artifacts ---------------------------------------------------------------------------------
     def insert_artifact(self, record: ArtifactRecord) -> None:
         with self.engine.begin() as conn:
             conn.execute(artifacts.insert().values(**record.values()))

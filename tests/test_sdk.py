@@ -166,3 +166,29 @@ def test_sdk_modules_import_each_other_without_cycles() -> None:
     assert "tg_tinker._transport" in graph["tg_tinker.training"]
     assert "tg_tinker.client" not in graph["tg_tinker.training"] | graph["tg_tinker.sampling"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"max_tokens": 0}, "sampling.max_tokens"),
+    ({"temperature": float("nan")}, "sampling.temperature"),
+    ({"temperature": -1.0}, "sampling.temperature"),
+    ({"top_p": 0.0}, "sampling.top_p"),
+    ({"top_k": -1}, "sampling.top_k"),
+    ({"num_samples": 65}, "sampling.num_samples"),
+    ({"stop": ["s"] * 17}, "sampling.stop"),
+])
+def test_sampling_arguments_are_checked_here_with_the_shared_rules(kwargs, field) -> None:
+    from tg_tinker import TrainingClient, ValidationError
+    from tg_tinker.sampling import sampling_params
+    from tg_tinker.two_plane import _check
+
+    tc = object.__new__(TrainingClient)  # no session and no transport: the check must come before any call
+    tc.session_id = "s"
+    with pytest.raises(ValidationError) as info:
+        tc.sample_async(["x"], **{"max_tokens": 4, **kwargs})
+    assert (info.value.field, info.value.code) == (field, "INVALID_ARGUMENT")
+    args = {"max_tokens": 4, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "stop": None, "seed": None,
+            "num_samples": 1, "return_logprobs": False, **kwargs}
+    with pytest.raises(ValidationError) as info:
+        _check(sampling_params(**args))  # the two-plane generation, same rules
+    assert (info.value.field, info.value.code) == (field, "INVALID_ARGUMENT")

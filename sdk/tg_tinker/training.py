@@ -27,6 +27,8 @@ from .results import (
     SaveStateResult,
     SessionInfo,
 )
+from .sampling import sampling_params
+from .sampling_rules import SamplingParamError, check_sampling
 from .tensors import to_proto
 
 if TYPE_CHECKING:
@@ -292,17 +294,11 @@ class TrainingClient:
         if not prompts:
             raise ValidationError("prompts: at least one prompt is required", field="prompts",
                                   code="INVALID_ARGUMENT")
-        if max_tokens <= 0:
-            raise ValidationError("max_tokens must be > 0", field="sampling.max_tokens", code="INVALID_ARGUMENT")
-        if temperature < 0:
-            raise ValidationError("temperature must be >= 0", field="sampling.temperature", code="INVALID_ARGUMENT")
-        if not 0 < top_p <= 1:
-            raise ValidationError("top_p must be in (0, 1]", field="sampling.top_p", code="INVALID_ARGUMENT")
-        params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                           top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop or []),
-                                           num_samples=num_samples, return_logprobs=return_logprobs)
-        if seed is not None:
-            params.seed = seed
+        params = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, num_samples, return_logprobs)
+        try:
+            check_sampling(params)  # the rules the trainer applies, so a mistake fails here, naming the field
+        except SamplingParamError as err:
+            raise ValidationError(str(err), field=err.field, code="INVALID_ARGUMENT") from None
         req = trainer_pb2.SampleRequest(session_id=self.session_id, sampling=params)
         if all(isinstance(p, str) for p in prompts):
             req.prompts.extend(prompts)

@@ -21,6 +21,7 @@ from tensafe.api.common.v1 import common_pb2
 
 from .decoding import Chunk, SequenceStream
 from .errors import ValidationError
+from .sampling_rules import SamplingParamError, check_sampling
 
 if TYPE_CHECKING:
     from ._transport import Transport
@@ -35,18 +36,11 @@ class _Halt(Exception):
 
 
 def _check(sp: common_pb2.SamplingParams) -> None:
-    """The inference service's limits, for the plane that runs here."""
-    bad = None
-    if sp.max_tokens <= 0:
-        bad = ("sampling.max_tokens", "must be > 0")
-    elif sp.HasField("temperature") and not sp.temperature >= 0:
-        bad = ("sampling.temperature", "must be >= 0 (0 is greedy)")
-    elif sp.HasField("top_p") and not 0 < sp.top_p <= 1:
-        bad = ("sampling.top_p", "must be in (0, 1]")
-    elif sp.top_k < 0 or not 0 <= sp.num_samples <= 64:
-        bad = ("sampling.top_k" if sp.top_k < 0 else "sampling.num_samples", "out of range")
-    if bad:
-        raise ValidationError(f"{bad[0]}: {bad[1]}", field=bad[0], code="INVALID_ARGUMENT")
+    """The rules every plane applies (``tg_tinker.sampling_rules``), for the plane that runs here."""
+    try:
+        check_sampling(sp)
+    except SamplingParamError as err:
+        raise ValidationError(str(err), field=err.field, code="INVALID_ARGUMENT") from None
 
 
 class TwoPlaneGenerator:

@@ -25,7 +25,7 @@ STORE_METADATA = {
     "accountant": "tensafe.accountant.store:metadata",
     "he": "tensafe.he.store:metadata",
     "vault": "tensafe.vault.store:metadata",
-    "ledger": "tensafe.ledger.log:metadata",
+    "ledger": "tensafe.ledger.store:metadata",
 }
 RUNTIME_METADATA = (idempotency._metadata, audit._metadata)
 

@@ -305,7 +305,7 @@ def test_the_ledger_refuses_oversize_entries_clearly(tmp_path) -> None:
                     details={"reason": "x" * 10_000, **{f"k{i}": "v" for i in range(100)}})
     assert all(len(getattr(e, f)) <= limit for f, limit in LIMITS.items()) and len(e.details) <= 32
     assert e.resource_id.startswith("a" * 100) and "…sha256:" in e.resource_id
-    from tensafe.ledger.log import MerkleLog
+    from tensafe.ledger.service import MerkleLog
 
     log = MerkleLog.__new__(MerkleLog)  # only the validation runs (before anything is queued)
     bad = ledger_pb2.AuditEntry(entry_id="e1", service="vault", action="vault.X", resource_id="a" * 129)

@@ -1,50 +1,25 @@
-"""gRPC adapter of the ledger."""
+"""gRPC adapter of the ledger: messages in and out, the logic in service.py, the SQL in store.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tensafe.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.bootstrap import SYSTEM_TENANT
-from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import PermissionDenied
 from tensafe.runtime.messages import timestamp
 from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
-from tg_tinker.transparency import NoteSigner
 
-from .log import MerkleLog
+from .service import MerkleLog, load_signer, load_signers
+from .store import CheckpointRecord, LedgerStore
 
-
-def checkpoint_proto(row: tuple[int, bytes, str, float], origin: str) -> ledger_pb2.Checkpoint:
-    size, root, note, created = row
-    return ledger_pb2.Checkpoint(origin=origin, tree_size=size, root_hash=root, signed_note=note,
-                                 create_time=timestamp(created))
+# load_signer: still imported from here by the cli (until its import moves to .service).
+__all__ = ["LedgerServicer", "checkpoint_proto", "create", "load_signer"]
 
 
-def load_signers(config: ServerConfig) -> list[NoteSigner]:
-    """Every configured signing key (TENSAFE_LEDGER_KEY_FILE may list several, comma-separated, to rotate
-    keys: checkpoints carry one signature per key while clients move to the new verifier key)."""
-    paths = [Path(p.strip()) for p in config.ledger_key_file.split(",") if p.strip()] or [config.ledger_key_path()]
-    signers = []
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"ledger signing key {path} is missing: run `tensafe init` or set "
-                                    "TENSAFE_LEDGER_KEY_FILE")
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
-        signers.append(NoteSigner(config.ledger_origin, key))
-    return signers
-
-
-def load_signer(config: ServerConfig) -> NoteSigner:
-    """The first (current) signing key."""
-    return load_signers(config)[0]
+def checkpoint_proto(record: CheckpointRecord, origin: str) -> ledger_pb2.Checkpoint:
+    return ledger_pb2.Checkpoint(origin=origin, tree_size=record.tree_size, root_hash=record.root_hash,
+                                 signed_note=record.note, create_time=timestamp(record.created_at))
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -86,7 +61,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def ListCheckpoints(self, request, ctx):
         req = page_request("ledger.ListCheckpoints", request.page_size, request.page_token, (int,))
         page, token = req.page(self.log.list_checkpoints(req.after[0] if req.after else 0, req.limit),
-                               key=lambda r: (r[0],))
+                               key=lambda r: (r.tree_size,))
         return ledger_pb2.ListCheckpointsResponse(
             checkpoints=[checkpoint_proto(r, self.log.origin) for r in page], next_page_token=token)
 
@@ -102,6 +77,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
 
 def create(env: ServiceEnvironment) -> LedgerServicer:
-    log = MerkleLog(env.db, load_signers(env.config), env.config.ledger_origin)
+    log = MerkleLog(LedgerStore(env.db), load_signers(env.config), env.config.ledger_origin)
     env.closers.append(log.close)
     return LedgerServicer(log)

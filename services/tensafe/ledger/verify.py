@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tg_tinker.transparency import CompactRange, NoteVerifier, VerificationError, leaf_hash, open_checkpoint
 
-from .log import checkpoints, leaves
+from .store import LedgerStore
 
 
 @dataclass
@@ -30,27 +29,24 @@ class VerifyReport:
 
 
 def verify_log(engine: Engine, verifier: NoteVerifier, origin: str) -> VerifyReport:
-    with engine.connect() as conn:
-        notes = {r.tree_size: (r.root_hash, r.note) for r in conn.execute(sa.select(checkpoints))}
-        tree = CompactRange()
-        count = 0
-        good_size = 0
-        rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
-            sa.select(leaves.c.idx, leaves.c.entry_id, leaves.c.entry, leaves.c.leaf_hash).order_by(leaves.c.idx))
-        for row in rows:
-            if row.idx != count:
-                return VerifyReport(count, 0, f"entry index {count} is missing (next stored index is {row.idx})")
-            if leaf_hash(row.entry) != row.leaf_hash:
-                return VerifyReport(count, 0, f"entry {row.idx} ({row.entry_id}): its bytes do not match its "
-                                              "leaf hash")
-            tree.append(row.leaf_hash)
-            count += 1
-            if count in notes:
-                problem = _check_checkpoint(count, tree.root(), notes[count], verifier, origin)
-                if problem:
-                    return VerifyReport(count, 0, f"{problem}; the first altered entry is among indices "
-                                                  f"{good_size}..{count - 1}")
-                good_size = count
+    store = LedgerStore(engine)
+    notes = {c.tree_size: (c.root_hash, c.note) for c in store.list_checkpoints(0, None)}
+    tree = CompactRange()
+    count = 0
+    good_size = 0
+    for idx, entry_id, entry, stored_hash in store.all_leaves():
+        if idx != count:
+            return VerifyReport(count, 0, f"entry index {count} is missing (next stored index is {idx})")
+        if leaf_hash(entry) != stored_hash:
+            return VerifyReport(count, 0, f"entry {idx} ({entry_id}): its bytes do not match its leaf hash")
+        tree.append(stored_hash)
+        count += 1
+        if count in notes:
+            problem = _check_checkpoint(count, tree.root(), notes[count], verifier, origin)
+            if problem:
+                return VerifyReport(count, 0, f"{problem}; the first altered entry is among indices "
+                                              f"{good_size}..{count - 1}")
+            good_size = count
     beyond = sorted(size for size in notes if size > count)
     if beyond:
         return VerifyReport(count, 0, f"checkpoint of size {beyond[0]} is signed but the log has only {count} "

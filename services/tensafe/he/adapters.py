@@ -1,54 +1,34 @@
-"""A PEFT LoRA adapter, as the trainer saves it in a checkpoint, read into float64 matrices per module."""
+"""A PEFT LoRA adapter read into float64 matrices per module, from the one adapter-artifact reader
+(``tensafe.runtime.adapter_artifact``: strict tar, config allow-list, the adapter's own keys only)."""
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-from tensafe.runtime.adapter_config import check_adapter_weights, lookup, parse_adapter_config, safetensors_header
+from tensafe.runtime.adapter_artifact import AdapterArtifact, adapter_from_files, lora_factors, module_name
+from tensafe.runtime.adapter_config import lookup
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .compute import LoraLayer
 
-_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
-
-
-def module_name(name: str) -> str:
-    """The module name a user writes ("model.layers.0.self_attn.q_proj"), from any PEFT spelling."""
-    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+__all__ = ["layers", "module_name", "parse", "select"]
 
 
 def parse(files: dict[str, bytes]) -> dict[str, LoraLayer]:
-    """The LoRA layers of a checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``). The config
-    passes the services' allow-list (``tensafe.runtime.adapter_config``; ``adapter_config.<field>`` names
-    what is refused) and the weights file is checked from its header before torch reads it."""
-    import torch
-    from safetensors.torch import load as st_load
+    """The LoRA layers of an artifact's files (``adapter_config.json`` + ``adapter_model.safetensors``), checked
+    by the one adapter reader (``adapter_config.<field>`` / ``adapter_model`` name what is refused)."""
+    return layers(adapter_from_files(files))
 
-    for required in ("adapter_config.json", "adapter_model.safetensors"):
-        if required not in files:
-            raise InvalidArgument("artifact_id", f"the artifact holds no readable PEFT adapter (no {required})")
-    config = parse_adapter_config(files["adapter_config.json"])
-    check_adapter_weights(safetensors_header(files["adapter_model.safetensors"]), config)
-    try:
-        tensors = st_load(files["adapter_model.safetensors"])
-    except Exception as exc:  # noqa: BLE001 - safetensors' own errors; the header was checked above
-        raise InvalidArgument("artifact_id", f"the artifact holds no readable PEFT adapter ({exc})") from None
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match:
-            pairs.setdefault(module_name(match["name"]), {})[match["which"]] = tensor
-    layers: dict[str, LoraLayer] = {}
-    for name, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            raise InvalidArgument("artifact_id", f"module {name} has lora_{''.join(pair)} only")
-        A = pair["A"].to(torch.float64).numpy()
-        B = pair["B"].to(torch.float64).numpy()
-        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+
+def layers(artifact: AdapterArtifact) -> dict[str, LoraLayer]:
+    """The checked adapter's linear LoRA layers as float64 matrices, with their scaling."""
+    config = artifact.config
+    out: dict[str, LoraLayer] = {}
+    for name, pair in sorted(lora_factors(artifact).items()):
+        A, B = pair["A"], pair["B"]
+        if B.shape[1] != A.shape[0]:
             raise FailedPrecondition(f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
                                      "the factors of a linear layer's LoRA (convolution or embedding adapter?)")
         r = A.shape[0]
@@ -58,11 +38,11 @@ def parse(files: dict[str, bytes]) -> dict[str, LoraLayer]:
         if int(rank) != r:
             raise FailedPrecondition(f"module {name}: the config says rank {int(rank)}, the weights have {r}")
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        layers[name] = LoraLayer(name=name, A=np.ascontiguousarray(A), B=np.ascontiguousarray(B), alpha=alpha,
-                                 scaling=scaling)
-    if not layers:
+        out[name] = LoraLayer(name=name, A=np.ascontiguousarray(A), B=np.ascontiguousarray(B), alpha=alpha,
+                              scaling=scaling)
+    if not out:
         raise InvalidArgument("artifact_id", "the adapter has no LoRA layers")
-    return layers
+    return out
 
 
 def select(layers: dict[str, LoraLayer], wanted: list[str], field_name: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tensafe.api.he.v1 import he_pb2, he_pb2_grpc
 from tensafe.runtime import context
+from tensafe.runtime.adapter_artifact import AdapterArtifact, read_adapter_artifact
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
 from tensafe.runtime.pagination import page_request
@@ -119,14 +120,13 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
 
 
 def create(env: ServiceEnvironment) -> HeServicer:
-    from tensafe.trainer import checkpoint
-    from tensafe.trainer.vault_client import VaultClient
+    from tensafe.runtime.vault_client import VaultClient
 
     vault = VaultClient(env.peers, env.config.max_artifact_mb << 20)
 
-    def read_artifact(artifact_id: str) -> dict[str, bytes]:
+    def read_artifact(artifact_id: str) -> AdapterArtifact:
         _, data = vault.get(context.current(), artifact_id)
-        return checkpoint.read(data, vault.max_artifact_bytes)
+        return read_adapter_artifact(data, vault.max_artifact_bytes)
 
     cfg = env.config
     limits = HeLimits(computations=cfg.quota_he_computations, max_rank=cfg.he_max_rank, max_dim=cfg.he_max_dim,

@@ -62,9 +62,11 @@ import json
 import math
 import re
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 from .errors import InvalidArgument
+from .safetar import is_buffer
 
 MAX_CONFIG_BYTES = 64 << 10
 MAX_RANK = 1024
@@ -90,7 +92,7 @@ _FACTOR = re.compile(r"(?P<module>[A-Za-z0-9_.]+)\.(?P<which>lora_A\.weight|lora
 _DTYPES = {"F64", "F32", "F16", "BF16"}
 
 # Field -> the values accepted (PEFT's harmless defaults); compared with == after JSON decoding.
-_ONLY_DEFAULT: dict[str, tuple] = {
+_ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
     "use_dora": (False, None), "lora_bias": (False, None), "use_qalora": (False, None),
     "ensure_weight_tying": (False, None), "modules_to_save": (None, []), "layer_replication": (None, []),
     "trainable_token_indices": (None, [], {}), "target_parameters": (None, []), "loftq_config": (None, {}),
@@ -109,6 +111,19 @@ LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_mod
 
 def _fail(field: str, name: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"{field}.{name}" if name else field, message)
+
+
+# Decoded JSON is Any; these say which container it is (its items stay Any until checked).
+def _is_list(value: Any) -> TypeGuard[list[Any]]:
+    return isinstance(value, list)
+
+
+def _is_sequence(value: Any) -> TypeGuard[list[Any] | tuple[Any, ...]]:
+    return isinstance(value, (list, tuple))
+
+
+def _is_dict(value: Any) -> TypeGuard[dict[Any, Any]]:
+    return isinstance(value, dict)
 
 
 def _is_int(value: Any) -> bool:
@@ -138,7 +153,7 @@ def check_module_names(names: Any, field: str, *, min_count: int = 0) -> list[st
     if isinstance(names, str):
         raise InvalidArgument(field, "must be a list of module names: a single string would be a regular "
                                      "expression, which is not accepted")
-    if not isinstance(names, (list, tuple)):
+    if not _is_sequence(names):
         raise InvalidArgument(field, "must be a list of module names")
     if not min_count <= len(names) <= MAX_TARGETS:
         raise InvalidArgument(field, f"must list {min_count} to {MAX_TARGETS} module names (has {len(names)})")
@@ -153,14 +168,14 @@ def matches(module: str, name: str) -> bool:
     return module == name or module.endswith("." + name)
 
 
-def _pattern(value: Any, field: str, name: str, check) -> dict[str, Any]:
+def _pattern(value: Any, field: str, name: str, check: Callable[[Any, str], Any]) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, dict):
+    if not _is_dict(value):
         raise _fail(field, name, "must be a map of module name to value")
     if len(value) > MAX_PATTERNS:
         raise _fail(field, name, f"has {len(value)} entries; at most {MAX_PATTERNS}")
-    out = {}
+    out: dict[str, Any] = {}
     for key, item in value.items():
         check_module_name(key, f"{field}.{name}")
         out[key] = check(item, f"{field}.{name}[{key}]")
@@ -179,7 +194,7 @@ def _alpha(value: Any, field: str) -> float:
     return value
 
 
-def parse_adapter_config(raw: bytes, *, field: str = "adapter_config", allow_base_bias: bool = False
+def parse_adapter_config(raw: object, *, field: str = "adapter_config", allow_base_bias: bool = False
                          ) -> dict[str, Any]:
     """``adapter_config.json``'s bytes, decoded (bounded) and validated by :func:`validate_adapter_config`."""
     if not isinstance(raw, (bytes, bytearray)) or len(raw) > MAX_CONFIG_BYTES:
@@ -195,7 +210,7 @@ def validate_adapter_config(config: Any, *, field: str = "adapter_config", allow
                             ) -> dict[str, Any]:
     """The allow-listed content of a decoded ``adapter_config.json`` (see the module docstring), or
     ``InvalidArgument("<field>.<name>")`` naming the first field refused."""
-    if not isinstance(config, dict):
+    if not _is_dict(config):
         raise InvalidArgument(field, "adapter_config.json must be a JSON object")
     out: dict[str, Any] = {"peft_type": "LORA"}
     for name, value in config.items():
@@ -238,7 +253,7 @@ def validate_adapter_config(config: Any, *, field: str = "adapter_config", allow
             if items is None:
                 out[name] = None
                 continue
-            if not isinstance(items, list) or len(items) > MAX_LAYERS_LISTED \
+            if not _is_list(items) or len(items) > MAX_LAYERS_LISTED \
                     or not all(_is_int(i) and 0 <= i <= MAX_LAYER for i in items):
                 raise _fail(field, name, f"must be null, or layer indices in 0..{MAX_LAYER} (at most "
                                          f"{MAX_LAYERS_LISTED})")
@@ -248,7 +263,7 @@ def validate_adapter_config(config: Any, *, field: str = "adapter_config", allow
             if items is None:
                 out[name] = None
                 continue
-            if not isinstance(items, list) or len(items) > 16 \
+            if not _is_list(items) or len(items) > 16 \
                     or not all(isinstance(i, str) and _IDENTIFIER.fullmatch(i) for i in items):
                 raise _fail(field, name, "must be null, or names of letters, digits and '_' (at most 16)")
             out[name] = list(items) or None
@@ -317,10 +332,10 @@ def targeted(validated: dict[str, Any], module: str) -> bool:
     return any(matches(module, t) for t in validated["target_modules"])
 
 
-def safetensors_header(data: bytes, *, field: str = "adapter_model") -> dict[str, tuple[str, tuple[int, ...]]]:
+def safetensors_header(data: object, *, field: str = "adapter_model") -> dict[str, tuple[str, tuple[int, ...]]]:
     """The tensors a safetensors file declares (name -> (dtype, shape)), checked for bounds and that their
     bytes lie inside ``data``; read without torch."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
+    if not is_buffer(data) or len(data) < 8:
         raise InvalidArgument(field, "adapter_model.safetensors is not a safetensors file")
     (size,) = struct.unpack("<Q", bytes(data[:8]))
     if size > MAX_HEADER_BYTES or size > len(data) - 8:
@@ -329,7 +344,7 @@ def safetensors_header(data: bytes, *, field: str = "adapter_model") -> dict[str
         header = json.loads(bytes(data[8:8 + size]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidArgument(field, "adapter_model.safetensors has an unreadable header") from None
-    if not isinstance(header, dict):
+    if not _is_dict(header):
         raise InvalidArgument(field, "adapter_model.safetensors has an unreadable header")
     header.pop("__metadata__", None)
     if len(header) > MAX_TENSORS:
@@ -340,12 +355,12 @@ def safetensors_header(data: bytes, *, field: str = "adapter_model") -> dict[str
         shown = _shown(name)
         if len(name) > 2 * MAX_NAME:
             raise InvalidArgument(field, f"tensor {shown}: the name is longer than {2 * MAX_NAME} characters")
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        if not _is_dict(info) or info.get("dtype") not in _DTYPES:
             raise InvalidArgument(field, f"tensor {shown}: not a floating-point tensor ({sorted(_DTYPES)})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or len(shape) > 4 or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        if not _is_list(shape) or len(shape) > 4 or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
             raise InvalidArgument(field, f"tensor {shown}: bad shape (at most 4 dimensions of at most {MAX_DIM})")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+        if not (_is_list(offsets) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= body):
             raise InvalidArgument(field, f"tensor {shown}: its bytes are not inside the file")
         width = 8 if info["dtype"] == "F64" else 4 if info["dtype"] == "F32" else 2

@@ -105,7 +105,7 @@ def resource_id(*messages: Any) -> str:
     return ""
 
 
-def outcome_for(code: grpc.StatusCode | None, reason: str) -> int:
+def outcome_for(code: grpc.StatusCode | None, reason: str) -> ledger_pb2.AuditOutcome:
     if code in (None, grpc.StatusCode.OK):
         return SUCCESS
     if code in _DENIED_CODES or reason in _DENIED_REASONS:
@@ -113,7 +113,8 @@ def outcome_for(code: grpc.StatusCode | None, reason: str) -> int:
     return FAILED
 
 
-def build_entry(*, service: str, action: str, tenant_id: str, key_id: str, outcome: int, request_id: str,
+def build_entry(*, service: str, action: str, tenant_id: str, key_id: str, outcome: ledger_pb2.AuditOutcome,
+                request_id: str,
                 resource: str = "", digest: bytes = b"", details: dict[str, str] | None = None
                 ) -> ledger_pb2.AuditEntry:
     """An entry with every field bounded (:data:`LIMITS`): what a request carried can never make it
@@ -185,14 +186,9 @@ def _permanent(err: grpc.RpcError) -> bool:
     if code not in PERMANENT_CODES:
         return False
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a rate limit or quota passes; a too-large message does not
-        from grpc_status import rpc_status
+        from .errors import call_status, reason_metadata
 
-        from .errors import reason_metadata
-
-        try:
-            status = rpc_status.from_call(err)
-        except ValueError:
-            status = None
+        status = call_status(err)
         reason = reason_metadata(status)[0] if status is not None else None
         return reason not in ("RATE_LIMITED", "QUOTA_EXCEEDED")
     return True
@@ -289,9 +285,10 @@ class AuditOutbox:
             entry = ledger_pb2.AuditEntry.FromString(payload)
             problem = entry_problem(entry)
         except Exception:  # noqa: BLE001 - an unreadable payload is replaced like a refused one
-            entry, problem = None, ("entry", "does not parse as an AuditEntry")
-        if problem is None:
-            return entry
+            problem = ("entry", "does not parse as an AuditEntry")
+        else:
+            if problem is None:
+                return entry
         return self._replace(seq, payload, "INVALID_ARGUMENT", f"{problem[0]}: {problem[1]} (refused before sending)")
 
     def _replace(self, seq: int, payload: bytes, code: str, message: str,

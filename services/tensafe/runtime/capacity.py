@@ -45,20 +45,26 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, ParamSpec, Protocol, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pool
 
 from .bootstrap import SYSTEM_TENANT
 from .errors import QuotaExceeded, RateLimited
 from .identity import KeyVerifier
+from .rpc_types import Continuation, Handler, find_method
 
 log = logging.getLogger("tensafe.capacity")
 
 SERVICE_MARKER = "x-tensafe-service"
 UNROUTED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 REFUSAL_THREADS = 4
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Out = TypeVar("_Out")
 
 
 @dataclass
@@ -116,6 +122,12 @@ class StreamSlots:
             return self._count if tenant is None else self._open.get(tenant, 0)
 
 
+class _Slots(Protocol):
+    """:class:`StreamSlots` or :class:`CallSlots`."""
+
+    def acquire(self, tenant: str) -> Callable[[], None] | QuotaExceeded | RateLimited: ...
+
+
 class CallSlots:
     """Counts unary calls in flight per tenant."""
 
@@ -165,7 +177,7 @@ class _SlotPool(futures.ThreadPoolExecutor):
         self._target = pool
         self._release = release
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> futures.Future[_T]:
         try:
             fut = self._target.submit(fn, *args, **kwargs)
         except BaseException:
@@ -192,23 +204,33 @@ def _api_key(metadata: dict[str, str]) -> str:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else metadata.get("x-api-key", "")
 
 
-def _with_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
-    """The same handler, run on ``pool``."""
-    for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                          ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                          ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                          ("stream_stream", grpc.stream_stream_rpc_method_handler)):
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            def run(request: Any, context: grpc.ServicerContext, _behavior: Callable = behavior) -> Any:
-                return _behavior(request, context)
+class _RunOn(Generic[_Req, _Resp]):
+    """A call's behavior, run on ``pool``: gRPC runs a call on its behavior's ``experimental_thread_pool``."""
 
-            run.experimental_thread_pool = pool  # type: ignore[attr-defined]
-            return factory(run, handler.request_deserializer, handler.response_serializer)
+    def __init__(self, behavior: Callable[[_Req, grpc.ServicerContext], _Resp],
+                 pool: futures.ThreadPoolExecutor) -> None:
+        self._behavior = behavior
+        self.experimental_thread_pool = pool
+
+    def __call__(self, request: _Req, context: grpc.ServicerContext) -> _Resp:
+        return self._behavior(request, context)
+
+
+def _with_pool(handler: Handler, pool: futures.ThreadPoolExecutor) -> Handler:
+    """The same handler, run on ``pool``."""
+    deserializer, serializer = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_RunOn(handler.unary_unary, pool), deserializer, serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_RunOn(handler.unary_stream, pool), deserializer, serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_RunOn(handler.stream_unary, pool), deserializer, serializer)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(_RunOn(handler.stream_stream, pool), deserializer, serializer)
     return handler
 
 
-def _unread(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _unread(handler: Handler) -> Handler:
     """The same handler, declared to gRPC as streaming its request, so that gRPC does not wait for the
     request before running it. Only for a call the pipeline refuses before it looks at the request."""
     if handler.unary_unary is not None:
@@ -223,11 +245,7 @@ def _unread(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 @functools.cache
 def _is_streaming(path: str) -> bool | None:
     """Whether the method streams requests or responses; None when its proto is not known here."""
-    full_service, _, name = path.lstrip("/").rpartition("/")
-    try:
-        method = descriptor_pool.Default().FindServiceByName(full_service).FindMethodByName(name)
-    except KeyError:
-        return None
+    method = find_method(path)
     if method is None:
         return None
     return bool(method.client_streaming or method.server_streaming)
@@ -251,7 +269,8 @@ class CapacityRouter(grpc.ServerInterceptor):
         for pool in (self.streams, self.internal, self.refusals):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         path = handler_call_details.method or ""
         if path.startswith(UNROUTED_PREFIXES):
             return continuation(handler_call_details)
@@ -277,8 +296,8 @@ class CapacityRouter(grpc.ServerInterceptor):
         return self._admit(continuation, handler_call_details, path, self.slots, caller.tenant_id, self.streams,
                            "streams")
 
-    def _admit(self, continuation, details, path: str, slots, tenant: str,
-               pool: futures.ThreadPoolExecutor, name: str) -> grpc.RpcMethodHandler | None:
+    def _admit(self, continuation: Continuation, details: grpc.HandlerCallDetails, path: str, slots: _Slots,
+               tenant: str, pool: futures.ThreadPoolExecutor, name: str) -> Handler | None:
         taken = slots.acquire(tenant)
         if not callable(taken):
             log.info("call %s of tenant %s refused: %s", path, tenant, taken.message)
@@ -308,25 +327,31 @@ class _ServiceMarker(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
             self._key = self._service_key()
         if not self._key:
             return details
-        metadata = [*(details.metadata or ()), (SERVICE_MARKER, self._key)]
+        metadata = (*(details.metadata or ()), (SERVICE_MARKER, self._key))
         return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                   getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(self, continuation: Callable[[grpc.ClientCallDetails, _Req], _Out],
+                              client_call_details: grpc.ClientCallDetails, request: _Req) -> _Out:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):
+    def intercept_unary_stream(self, continuation: Callable[[grpc.ClientCallDetails, _Req], _Out],
+                               client_call_details: grpc.ClientCallDetails, request: _Req) -> _Out:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_unary(self, continuation: Callable[[grpc.ClientCallDetails, _Req], _Out],
+                               client_call_details: grpc.ClientCallDetails, request_iterator: _Req) -> _Out:
         return continuation(self._details(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_stream(self, continuation: Callable[[grpc.ClientCallDetails, _Req], _Out],
+                                client_call_details: grpc.ClientCallDetails, request_iterator: _Req) -> _Out:
         return continuation(self._details(client_call_details), request_iterator)
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+    def __init__(self, method: str, timeout: float | None, metadata: tuple[tuple[str, str | bytes], ...] | None,
+                 credentials: grpc.CallCredentials | None, wait_for_ready: bool | None,
+                 compression: grpc.Compression | None) -> None:
         self.method = method
         self.timeout = timeout
         self.metadata = metadata

@@ -169,7 +169,7 @@ class ServerConfig:
     log_level: str
     access_log: bool
     # Per-service values that have no single default: DB URLs and peer endpoints.
-    extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, str] = dataclasses.field(default_factory=dict[str, str])
 
     @classmethod
     def load(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from .errors import Unauthenticated
 from .identity import Principal
@@ -44,11 +45,15 @@ def current_tenant() -> str:
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("tensafe_deadline", default=None)
 
 
-def bind(ctx: CallContext, deadline: float | None = None) -> tuple[contextvars.Token, contextvars.Token]:
+# What :func:`bind` returns and :func:`unbind` takes back.
+Binding: TypeAlias = tuple[contextvars.Token[CallContext | None], contextvars.Token[float | None]]
+
+
+def bind(ctx: CallContext, deadline: float | None = None) -> Binding:
     return _current.set(ctx), _deadline.set(deadline)
 
 
-def unbind(token: tuple[contextvars.Token, contextvars.Token]) -> None:
+def unbind(token: Binding) -> None:
     ctx_token, deadline_token = token
     _deadline.reset(deadline_token)
     _current.reset(ctx_token)

@@ -16,7 +16,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
 
 _MIGRATIONS_ENV = Path(__file__).parent / "migrations"
 # Alembic narrates every migration at INFO; a server start should not.
@@ -42,8 +45,8 @@ def create_engine(url: str, schema: str | None = None, sqlite_synchronous: str =
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
@@ -60,8 +63,8 @@ def create_engine(url: str, schema: str | None = None, sqlite_synchronous: str =
         bootstrap.dispose()
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
-        @sa.event.listens_for(engine, "connect")
-        def _search_path(dbapi_conn, _record):
+        @event.listens_for(engine, "connect")
+        def _search_path(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cur = dbapi_conn.cursor()
             cur.execute(f'SET search_path TO "{schema}"')
             cur.close()

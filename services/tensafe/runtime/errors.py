@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 DOMAIN = "tensafe.dev"
@@ -40,8 +42,8 @@ class InvalidArgument(TensafeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, message: str, **metadata: object) -> None:
-        super().__init__(f"{field}: {message}", field=field, **metadata)
+    def __init__(self, field: str, message: str, *, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(f"{field}: {message}", reason=reason, field=field, **metadata)
         self.field = field
 
 
@@ -117,8 +119,9 @@ class QuotaExceeded(TensafeError):
     reason = "QUOTA_EXCEEDED"
 
     def __init__(self, quota: str, message: str, *, limit: object = None, current: object = None,
-                 **metadata: object) -> None:
-        super().__init__(f"{quota}: {message}", quota=quota, limit=limit, current=current, **metadata)
+                 reason: str | None = None, **metadata: object) -> None:
+        super().__init__(f"{quota}: {message}", reason=reason, quota=quota, limit=limit, current=current,
+                         **metadata)
         self.quota = quota
 
 
@@ -133,8 +136,8 @@ class DeadlineTooShort(TensafeError):
     reason = "DEADLINE_TOO_SHORT"
 
     def __init__(self, message: str, *, hint: str, needed_s: float | None = None,
-                 remaining_s: float | None = None, **metadata: object) -> None:
-        super().__init__(f"{message}; {hint}", hint=hint,
+                 remaining_s: float | None = None, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(f"{message}; {hint}", reason=reason, hint=hint,
                          needed_s=None if needed_s is None else f"{needed_s:.1f}",
                          remaining_s=None if remaining_s is None else f"{remaining_s:.1f}", **metadata)
 
@@ -180,17 +183,27 @@ def internal_status(exc: BaseException, request_id: str | None) -> status_pb2.St
     )
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(msg)
     return packed
 
 
+def call_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a failed call carries; None when it carries none (or an inconsistent one)."""
+    from grpc_status import rpc_status
+
+    try:
+        # types-grpcio-status leaves from_call() unannotated; what a call raises is also its grpc.Call.
+        return cast("status_pb2.Status | None", rpc_status.from_call(cast("grpc.Call", err)))
+    except ValueError:
+        return None
+
+
 def reason_metadata(status: status_pb2.Status) -> tuple[str | None, Mapping[str, str]]:
     """The ErrorInfo reason and metadata carried by a status, if any."""
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):  # False, and nothing read, for a detail of another type
             return info.reason, dict(info.metadata)
     return None, {}

@@ -71,7 +71,7 @@ def _plan_of(descriptor: Descriptor, seen: frozenset[str]) -> tuple[tuple[str, s
                 out.append((f.name, "id", None))
         elif f.type == FieldDescriptor.TYPE_MESSAGE:
             sub = f.message_type
-            if sub.GetOptions().map_entry or sub.full_name in _OPAQUE or sub.full_name in seen:
+            if sub is None or sub.GetOptions().map_entry or sub.full_name in _OPAQUE or sub.full_name in seen:
                 continue
             if _plan_of(sub, seen):
                 out.append((f.name, "msgs" if repeated else "msg", sub))

@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, message_factory
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from . import context as call_context
 from .audit import AUDITED_READS, AuditOutbox, audit_digest, build_entry, outcome_for, resource_id
 from .bootstrap import SYSTEM_TENANT
+from .capacity import Admission
 from .errors import (
     InvalidArgument,
     NotImplementedYet,
@@ -51,6 +53,7 @@ from .idempotency import TRANSIENT_CODES, IdempotencyStore, StoredOutcome, reque
 from .identity import KeyVerifier
 from .ids import EXEMPT_METHODS, check_request_ids, checked_stream
 from .ratelimit import TokenBucketLimiter
+from .rpc_types import Continuation, Handler, find_method, status_code, time_remaining
 from .telemetry import DEADLINES, ERRORS, LATENCY, REQUESTS
 
 log = logging.getLogger("tensafe.access")
@@ -66,7 +69,7 @@ class MethodInfo:
     service: str         # trainer
     name: str            # CreateSession
     read_only: bool      # idempotency_level = NO_SIDE_EFFECTS in the proto
-    output_class: type | None
+    output_class: type[Message] | None
 
 
 @functools.cache
@@ -74,10 +77,7 @@ def method_info(path: str) -> MethodInfo:
     full_service, _, name = path.lstrip("/").rpartition("/")
     parts = full_service.split(".")
     short = parts[2] if len(parts) > 3 and parts[:2] == ["tensafe", "api"] else full_service
-    try:
-        desc = descriptor_pool.Default().FindServiceByName(full_service).FindMethodByName(name)
-    except KeyError:
-        return MethodInfo(path, short, name, False, None)
+    desc = find_method(path)
     if desc is None:
         return MethodInfo(path, short, name, False, None)
     read_only = desc.GetOptions().idempotency_level == NO_SIDE_EFFECTS
@@ -94,7 +94,7 @@ class Call:
     tenant: str = "-"
     key_id: str = ""
     error_reason: str = ""
-    admission: Any = None        # runtime.capacity.Admission, when the capacity router saw the call
+    admission: Admission | None = None  # when the capacity router saw the call
     edge_refused: bool = False   # refused by the pipeline's own checks (audited even on a read)
 
 
@@ -104,7 +104,7 @@ def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
 
 def _deadline(call: Call) -> float | None:
     """The incoming call's deadline on the monotonic clock (None: the caller set none), observed per method."""
-    remaining = call.context.time_remaining()
+    remaining = time_remaining(call.context)
     if remaining is None or remaining > NO_DEADLINE_S:  # grpc reports "none" as ~2**63 s
         return None
     DEADLINES.labels(call.info.service, call.info.name).observe(remaining)
@@ -119,7 +119,7 @@ class AccessLog:
         self.enabled = enabled
 
     def finish(self, call: Call) -> None:
-        code = call.context.code() or grpc.StatusCode.OK
+        code = status_code(call.context) or grpc.StatusCode.OK
         elapsed = time.perf_counter() - call.started
         REQUESTS.labels(call.info.service, call.info.name, code.name).inc()
         LATENCY.labels(call.info.service, call.info.name).observe(elapsed)
@@ -134,7 +134,7 @@ class ErrorTranslation:
     """Turns whatever the call raised into a status on the wire (and never leaks internals)."""
 
     def status_for(self, call: Call, exc: BaseException) -> status_pb2.Status | None:
-        if call.context.code() not in (None, grpc.StatusCode.OK) and not isinstance(exc, NotImplementedError):
+        if status_code(call.context) not in (None, grpc.StatusCode.OK) and not isinstance(exc, NotImplementedError):
             return None  # the handler already aborted with its own status
         if isinstance(exc, NotImplementedError):
             exc = NotImplementedYet(f"{call.info.path.lstrip('/')} is not implemented yet", method=call.info.name)
@@ -223,7 +223,7 @@ class Idempotency:
         digest = request_digest(request.SerializeToString(deterministic=True))
         stored = store.claim(call.tenant, call.info.path, key, digest)
         if stored is not None:
-            return self._replay(call, stored)
+            return self._replay(call, stored, call.info.output_class)
         try:
             response = proceed()
         except BaseException as exc:
@@ -237,12 +237,13 @@ class Idempotency:
         store.complete(call.tenant, call.info.path, key, StoredOutcome(0, response.SerializeToString()))
         return response
 
-    def _replay(self, call: Call, stored: StoredOutcome) -> Any:
+    def _replay(self, call: Call, stored: StoredOutcome, output_class: type[Message]) -> Message:
         call.context.set_trailing_metadata((("x-idempotent-replay", "true"), ("x-request-id", call.request_id)))
         if stored.status_code == 0:
-            return call.info.output_class.FromString(stored.payload)
+            return output_class.FromString(stored.payload)
         status = status_pb2.Status.FromString(stored.payload)
-        call.error_reason, _ = reason_metadata(status)
+        reason, _ = reason_metadata(status)
+        call.error_reason = reason or ""
         call.context.abort_with_status(rpc_status.to_status(status))
 
 
@@ -259,7 +260,7 @@ class Auditing:
             return
         if call.info.read_only and action not in AUDITED_READS and not call.edge_refused:
             return
-        code = call.context.code() or grpc.StatusCode.OK
+        code = status_code(call.context) or grpc.StatusCode.OK
         try:
             outbox.record(build_entry(
                 service=call.info.service, action=action, tenant_id="" if call.tenant == "-" else call.tenant,
@@ -285,13 +286,14 @@ class CallPipeline(grpc.ServerInterceptor):
         self.idempotency = Idempotency(idempotency_stores)
         self.auditing = Auditing(audit_outboxes if audit_outboxes is not None else {})
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(handler_call_details)
         path = handler_call_details.method
         if handler is None or path.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         info = method_info(path)
-        admission = getattr(handler_call_details, "admission", None)
+        admission: Admission | None = getattr(handler_call_details, "admission", None)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 functools.partial(self._unary, info, handler.unary_unary, admission),
@@ -304,18 +306,20 @@ class CallPipeline(grpc.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 functools.partial(self._streaming, info, handler.unary_stream, admission),
                 handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is None:  # a handler with no behavior: gRPC refuses it, nothing to wrap
+            return handler
         return grpc.stream_stream_rpc_method_handler(
             functools.partial(self._streaming, info, handler.stream_stream, admission),
             handler.request_deserializer, handler.response_serializer)
 
-    def _begin(self, info: MethodInfo, context: grpc.ServicerContext, admission: Any = None) -> Call:
+    def _begin(self, info: MethodInfo, context: grpc.ServicerContext, admission: Admission | None = None) -> Call:
         md = _metadata(context)
         request_id = md.get("x-request-id") or uuid.uuid4().hex
         if len(request_id) > 128:
             request_id = request_id[:128]
         return Call(info, context, md, request_id, admission=admission)
 
-    def _admit(self, call: Call):
+    def _admit(self, call: Call) -> call_context.Binding:
         ctx = self.auth.admit(call)
         self.rate_limit.admit(call)
         if call.admission is not None and call.admission.service_marker:
@@ -324,7 +328,8 @@ class CallPipeline(grpc.ServerInterceptor):
             raise call.admission.refusal
         return call_context.bind(ctx, _deadline(call))
 
-    def _unary(self, info: MethodInfo, behavior, admission, request, context):
+    def _unary(self, info: MethodInfo, behavior: Callable[[Any, grpc.ServicerContext], Any],
+               admission: Admission | None, request: Any, context: grpc.ServicerContext) -> Any:
         call = self._begin(info, context, admission)
         response = None
         try:
@@ -343,7 +348,8 @@ class CallPipeline(grpc.ServerInterceptor):
             self.access_log.finish(call)
             self.auditing.record(call, request, response)
 
-    def _streaming(self, info: MethodInfo, behavior, admission, request, context) -> Iterator[Any]:
+    def _streaming(self, info: MethodInfo, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+                   admission: Admission | None, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         call = self._begin(info, context, admission)
         try:
             token = self._admit(call)

@@ -29,7 +29,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 
@@ -102,8 +102,8 @@ def page_request(method: str, page_size: int, page_token: str, key_types: Sequen
         decoded = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise _bad("is not a token this service gave") from None
-    if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[0], str)
-            and isinstance(decoded[1], list)):
+    if not (_is_list(decoded) and len(decoded) == 2 and isinstance(decoded[0], str)
+            and _is_list(decoded[1])):
         raise _bad("is not a token this service gave")
     if decoded[0] != scope:
         raise _bad(f"was given by another listing (not {method} with these filters)")
@@ -114,6 +114,10 @@ def page_request(method: str, page_size: int, page_token: str, key_types: Sequen
                        scope)
 
 
+def _is_list(value: object) -> TypeGuard[list[Any]]:  # decoded JSON: its items are checked next
+    return isinstance(value, list)
+
+
 def _fits(value: object, kind: type) -> bool:
     if isinstance(value, bool):
         return False
@@ -122,7 +126,7 @@ def _fits(value: object, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def after_clause(columns: Sequence[sa.ColumnElement], after: Key) -> sa.ColumnElement[bool]:
+def after_clause(columns: Sequence[sa.ColumnElement[Any]], after: Key) -> sa.ColumnElement[bool]:
     """SQL for "sort key strictly after ``after``" over ``columns`` (the ORDER BY columns, ascending)."""
     if len(columns) == 1:
         return columns[0] > after[0]

@@ -125,15 +125,10 @@ def peer_error(err: grpc.RpcError, service: str, what: str) -> TensafeError:
     the caller's own deadline becomes DeadlineTooShort (retrying with the same timeout would not
     help), otherwise DependencyUnavailable (the peer did not answer within its budget).
     """
-    from grpc_status import rpc_status
+    from .errors import call_status, reason_metadata
 
-    from .errors import reason_metadata
-
-    try:
-        status = rpc_status.from_call(err)
-    except ValueError:
-        status = None
-    reason, metadata = reason_metadata(status) if status is not None else (None, {})
+    status = call_status(err)
+    reason, metadata = reason_metadata(status) if status is not None else (None, dict[str, str]())
     if reason is None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED \
             and call_context.time_remaining() is not None:
         return DeadlineTooShort(f"the {service} did not finish {what} within the time left of this call's "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class TokenBucketLimiter:
     """``rate`` tokens per second up to ``burst``, one bucket per key (tenant)."""
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = burst
         self._clock = clock

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from typing import TypeGuard
 
 from .errors import InvalidArgument
 
@@ -106,7 +107,12 @@ def _pax_records(body: bytes, field: str) -> dict[str, str]:
     return records
 
 
-def read_tar(data: bytes, *, field: str = "artifact_id", max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+def is_buffer(value: object) -> TypeGuard[bytes | bytearray | memoryview[int]]:
+    """Whether ``value`` is bytes, a bytearray or a memoryview."""
+    return isinstance(value, (bytes, bytearray, memoryview))
+
+
+def read_tar(data: object, *, field: str = "artifact_id", max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
              max_members: int = DEFAULT_MAX_MEMBERS,
              wanted: Collection[str] | None = None) -> dict[str, bytes]:
     """The regular files of the tar ``data`` by name (only those in ``wanted`` when given; the others are
@@ -115,7 +121,7 @@ def read_tar(data: bytes, *, field: str = "artifact_id", max_bytes: int = DEFAUL
     ``max_bytes`` bounds the tar itself and the sum of its members' sizes; ``max_members`` the number of
     files (PAX and long-name headers count towards a bound of twice that).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if not is_buffer(data):
         raise InvalidArgument(field, "the artifact is not bytes")
     view = memoryview(data)
     if len(view) > max_bytes:

@@ -7,6 +7,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -156,7 +157,7 @@ class TensafeServer:
         """Run in the foreground; SIGTERM or SIGINT (Ctrl-C) stops gracefully."""
         done = threading.Event()
 
-        def _on_signal(signum, _frame):
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
             def stop_then_exit() -> None:
                 try:

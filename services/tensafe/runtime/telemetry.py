@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
+from typing import cast
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from prometheus_client import Counter, Histogram, start_http_server
 
 log = logging.getLogger("tensafe.telemetry")
@@ -38,13 +41,14 @@ def setup_tracing(exporter: str, service_name: str) -> None:
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:  # the [otlp] extra: imported by name, so that the type checker does not need it installed
+            otlp = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
         except ImportError as exc:
             raise RuntimeError(
                 "TENSAFE_TRACE_EXPORTER=otlp needs the opentelemetry-exporter-otlp package"
             ) from exc
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        otlp_exporter: Callable[[], SpanExporter] = otlp.OTLPSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(otlp_exporter()))
     trace.set_tracer_provider(provider)
     _configured = True
 
@@ -56,7 +60,8 @@ def tracing_server_interceptor() -> grpc.ServerInterceptor:
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
     """Wrap a channel used for service-to-service calls so that trace context travels with them."""
-    return grpcext.intercept_channel(channel, client_interceptor())
+    # opentelemetry-instrumentation-grpc is untyped; its intercepted channel is a grpc.Channel.
+    return cast("grpc.Channel", grpcext.intercept_channel(channel, client_interceptor()))
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:

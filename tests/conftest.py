@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import secrets
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,3 +233,68 @@ def trainer_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
     s = start_stack(tmp_path_factory.mktemp("trainer"), {"TENSAFE_MODEL_DIR": str(tiny_model.parent)})
     yield s
     assert s.process.stop() == 0, s.process.output()
+
+
+# Test kinds, for `make test-unit` / `test-integration` / `test-e2e` (`pytest -m unit` ...). Each test gets exactly
+# one marker, derived from what it runs rather than written by hand:
+#   e2e:         tests/test_examples.py (the user-guide scripts against a real stack);
+#   integration: starts a TenSafe server: requests a stack fixture, or its code (the test, its fixtures, and the
+#                test-suite functions they call, followed transitively) uses one of SERVER_STARTERS (a `tensafe`
+#                process, or a TensafeServer in the test's own process);
+#   unit:        the rest: no TenSafe server (an SDK test may still answer itself from a stub gRPC server).
+STACK_FIXTURES = frozenset({"stack", "trainer_stack"})
+SERVER_STARTERS = frozenset({"start_stack", "spawn", "tensafe_cmd", "TensafeServer"})
+TESTS = Path(__file__).resolve().parent
+
+
+@functools.cache
+def _in_suite(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(TESTS)
+
+
+@functools.cache
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    """Global names one code object uses, its nested functions' included."""
+    names: set[str] = set()
+    pending = [code]
+    while pending:
+        c = pending.pop()
+        names.update(c.co_names)
+        pending.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return frozenset(names)
+
+
+def _suite_names(func: Callable[..., object], seen: set[types.CodeType]) -> set[str]:
+    """Global names `func` and the test-suite functions it refers to use, followed transitively."""
+    func = inspect.unwrap(func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen or not _in_suite(code.co_filename):
+        return set()
+    seen.add(code)
+    names = set(_code_names(code))
+    scope = getattr(func, "__globals__", {})
+    for name in list(names):
+        if inspect.isfunction(target := scope.get(name)):
+            names |= _suite_names(target, seen)
+    return names
+
+
+def _test_kind(item: pytest.Item) -> str:
+    path = item.path.resolve()
+    if path == TESTS / "test_examples.py":
+        return "e2e"
+    if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    funcs = [getattr(item, "function", None)]
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    if fixtureinfo is not None:
+        funcs += [d.func for defs in fixtureinfo.name2fixturedefs.values() for d in defs]
+    seen: set[types.CodeType] = set()
+    if any(SERVER_STARTERS & _suite_names(f, seen) for f in funcs if f is not None):
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(_test_kind(item))

@@ -104,3 +104,33 @@ def test_vllm_engine_refuses_two_plane_he_lora() -> None:
         TenSafeVLLMConfig(model="m", enable_he_lora=True, he_lora_adapter_path="/a.tssp")
     with pytest.raises(InvalidArgument, match="gpu_memory_utilization"):
         TenSafeVLLMConfig(model="m", gpu_memory_utilization=1.5)
+
+
+# -- the gRPC edge: sampling parameters and backends as plain values ----------------------------------------
+def test_sampling_params_pass_the_shared_rules_and_come_out_plain() -> None:
+    from tensafe.api.common.v1 import common_pb2
+    from tensafe.inference.generation import Sampling, sampling_from_proto
+
+    plain = sampling_from_proto(common_pb2.SamplingParams(max_tokens=8, stop=["", "\n"]))
+    assert plain == Sampling(max_tokens=8, temperature=1.0, top_p=1.0, top_k=0, num_samples=1, stops=["\n"],
+                             seed=None, return_logprobs=False)
+    sp = common_pb2.SamplingParams(max_tokens=4, temperature=0.0, top_p=0.5, top_k=3, num_samples=2, seed=0,
+                                   return_logprobs=True)
+    assert sampling_from_proto(sp) == Sampling(4, 0.0, 0.5, 3, 2, [], 0, True)  # seed 0 is a seed
+    for bad, field in ((dict(temperature=float("nan")), "sampling.temperature"), (dict(top_p=0.0), "sampling.top_p"),
+                       (dict(top_k=-1), "sampling.top_k"), (dict(num_samples=65), "sampling.num_samples"),
+                       (dict(max_tokens=0), "sampling.max_tokens"), (dict(stop=["x"] * 17), "sampling.stop")):
+        with pytest.raises(InvalidArgument) as err:
+            sampling_from_proto(common_pb2.SamplingParams(**{"max_tokens": 4, **bad}))
+        assert err.value.field == field
+
+
+def test_backends_are_named_at_the_edge() -> None:
+    from tensafe.api.inference.v1 import inference_pb2
+    from tensafe.inference.servicer import backend_name
+
+    assert backend_name(0) == "" and backend_name(inference_pb2.BACKEND_HF) == "hf"
+    assert backend_name(inference_pb2.BACKEND_VLLM) == "vllm"
+    with pytest.raises(InvalidArgument) as err:
+        backend_name(99)
+    assert err.value.field == "backend"

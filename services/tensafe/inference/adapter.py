@@ -11,53 +11,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from tensafe.api.inference.v1 import inference_pb2
-from tensafe.runtime.adapter_config import check_adapter_weights, parse_adapter_config, safetensors_header
-from tensafe.runtime.errors import InvalidArgument
-from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES, read_tar
+from tensafe.runtime.adapter_artifact import CONFIG, WEIGHTS, AdapterArtifact, read_adapter_artifact
+from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
+# A PEFT LoRA adapter held in memory: its validated config (a plain dict of allow-listed fields) and its
+# safetensors bytes, as the one adapter-artifact reader returns it.
+AdapterFiles = AdapterArtifact
 
-
-@dataclass(frozen=True)
-class AdapterFiles:
-    """A PEFT LoRA adapter held in memory: its validated config (``tensafe.runtime.adapter_config``: a plain
-    dict of allow-listed fields) and its safetensors bytes."""
-
-    config: dict[str, Any]
-    weights: bytes
-
-    @property
-    def rank(self) -> int:
-        return int(self.config.get("r") or 0)
-
-    @property
-    def alpha(self) -> float:
-        return float(self.config.get("lora_alpha") or 0)
-
-    @property
-    def target_modules(self) -> list[str]:
-        return list(self.config["target_modules"])
-
-    @property
-    def base_model_ref(self) -> str:
-        return str(self.config.get("base_model_name_or_path") or "")
+__all__ = ["CONFIG", "WEIGHTS", "AdapterFiles", "LoadedAdapter", "read_adapter"]
 
 
 def read_adapter(data: bytes, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> AdapterFiles:
-    """The adapter inside an artifact's plaintext, or InvalidArgument saying why it is not one: the tar is
-    read by the services' strict reader, the config passes the shared allow-list (``adapter_config.<field>``
-    names what is refused) and the weights file holds LoRA factors of the targeted modules only."""
-    files = read_tar(data, field="artifact_id", max_bytes=max_bytes, wanted=(CONFIG, WEIGHTS))
-    for required in (CONFIG, WEIGHTS):
-        if required not in files:
-            raise InvalidArgument("artifact_id", f"the artifact has no {required}")
-    config = parse_adapter_config(files[CONFIG])
-    check_adapter_weights(safetensors_header(files[WEIGHTS]), config)
-    return AdapterFiles(config, files[WEIGHTS])
+    """The adapter inside an artifact's plaintext, or InvalidArgument saying why it is not one
+    (``tensafe.runtime.adapter_artifact``: the strict tar reader, the config allow-list, LoRA factors of
+    the targeted modules only)."""
+    return read_adapter_artifact(data, max_bytes)
 
 
 @dataclass
@@ -75,14 +44,3 @@ class LoadedAdapter:
     target_modules: list[str]
     load_time: float = field(default_factory=time.time)
 
-    def proto(self) -> inference_pb2.Adapter:
-        msg = inference_pb2.Adapter(
-            adapter_id=self.adapter_id, tenant_id=self.tenant_id, artifact_id=self.artifact_id,
-            base_model_ref=self.base_model_ref, backend=BACKEND_ENUM[self.backend], rank=self.rank,
-            alpha=self.alpha, target_modules=self.target_modules)
-        msg.load_time.FromNanoseconds(int(self.load_time * 1e9))
-        return msg
-
-
-BACKEND_ENUM = {"hf": inference_pb2.BACKEND_HF, "vllm": inference_pb2.BACKEND_VLLM}
-BACKEND_NAME = {v: k for k, v in BACKEND_ENUM.items()}

@@ -1,7 +1,10 @@
 """What a generation request means, independent of the backend that runs it.
 
-* :func:`validate` checks the sampling parameters and the prompts the way the trainer's
-  ``Sample`` does (same fields, same limits), and tokenizes text prompts.
+* :class:`Sampling` is the request's sampling parameters as plain values; :func:`sampling_from_proto`
+  builds it at the gRPC edge once ``SamplingParams`` passed the one set of rules
+  (``tg_tinker.sampling_rules.check_sampling``, shared with the trainer and the SDK).
+* :func:`validate` checks the prompts the way the trainer's ``Sample`` does (same fields, same limits),
+  and tokenizes text prompts.
 * :class:`~tg_tinker.decoding.SequenceStream` (shared with the SDK's two-plane generation)
   turns one sequence's tokens into the increments sent to the client, ending it with the
   rules of the trainer's sampling (``tensafe.trainer.sampling``).
@@ -9,16 +12,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.decoding import CANCELLED, LENGTH, STOP, Chunk, SequenceStream
+from tg_tinker.sampling_rules import MAX_SAMPLES, SamplingParamError, check_sampling
 
-__all__ = ["CANCELLED", "LENGTH", "STOP", "Chunk", "GenerationJob", "SequenceStream", "validate",
-           "validate_sampling"]
+__all__ = ["CANCELLED", "LENGTH", "MAX_SAMPLES", "STOP", "Chunk", "GenerationJob", "Sampling", "SequenceStream",
+           "sampling_from_proto", "validate"]
 
-MAX_SAMPLES = 64
+
+@dataclass(frozen=True)
+class Sampling:
+    """Checked sampling parameters, with the defaults of unset fields applied."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                  # 0: off
+    num_samples: int = 1
+    stops: list[str] = field(default_factory=list)
+    seed: int | None = None         # None: unseeded
+    return_logprobs: bool = False
+
+
+def sampling_from_proto(sp: common_pb2.SamplingParams) -> Sampling:
+    """``SamplingParams`` checked by the shared rules, as plain values; InvalidArgument naming the field."""
+    try:
+        check_sampling(sp)
+    except SamplingParamError as exc:
+        raise InvalidArgument(exc.field, exc.reason) from None
+    return Sampling(max_tokens=sp.max_tokens,
+                    temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+                    top_p=sp.top_p if sp.HasField("top_p") else 1.0,
+                    top_k=sp.top_k if sp.HasField("top_k") else 0,
+                    num_samples=max(1, sp.num_samples), stops=[s for s in sp.stop if s],
+                    seed=sp.seed if sp.HasField("seed") else None, return_logprobs=sp.return_logprobs)
 
 
 @dataclass(frozen=True)
@@ -27,46 +57,35 @@ class GenerationJob:
 
     prompts: list[list[int]]
     texts: list[str]
-    sampling: common_pb2.SamplingParams
+    sampling: Sampling
 
     @property
     def temperature(self) -> float:
-        return self.sampling.temperature if self.sampling.HasField("temperature") else 1.0
+        return self.sampling.temperature
 
     @property
     def top_p(self) -> float:
-        return self.sampling.top_p if self.sampling.HasField("top_p") else 1.0
+        return self.sampling.top_p
 
     @property
     def top_k(self) -> int:
-        return self.sampling.top_k if self.sampling.HasField("top_k") else 0
+        return self.sampling.top_k
 
     @property
     def num_samples(self) -> int:
-        return max(1, self.sampling.num_samples)
+        return self.sampling.num_samples
 
     @property
     def stops(self) -> list[str]:
-        return [s for s in self.sampling.stop if s]
-
-
-def validate_sampling(sp: common_pb2.SamplingParams) -> None:
-    if sp.max_tokens <= 0:
-        raise InvalidArgument("sampling.max_tokens", "must be > 0")
-    if sp.HasField("temperature") and not sp.temperature >= 0:
-        raise InvalidArgument("sampling.temperature", "must be >= 0 (0 is greedy)")
-    if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
-        raise InvalidArgument("sampling.top_p", "must be in (0, 1]")
-    if sp.HasField("top_k") and sp.top_k < 0:
-        raise InvalidArgument("sampling.top_k", "must be >= 0 (0 disables it)")
-    if sp.num_samples < 0 or sp.num_samples > MAX_SAMPLES:
-        raise InvalidArgument("sampling.num_samples", f"must be between 1 and {MAX_SAMPLES}")
+        return self.sampling.stops
 
 
 def validate(tokenizer, prompts: list[str], prompt_token_ids: list[list[int]],
-             sampling: common_pb2.SamplingParams, vocab_size: int, max_length: int) -> GenerationJob:
-    """A GenerationJob from the request's prompts, or InvalidArgument naming the field."""
-    validate_sampling(sampling)
+             sampling: Sampling | common_pb2.SamplingParams, vocab_size: int, max_length: int) -> GenerationJob:
+    """A GenerationJob from the request's prompts, or InvalidArgument naming the field (``SamplingParams``
+    are checked by the shared rules and converted first)."""
+    if isinstance(sampling, common_pb2.SamplingParams):
+        sampling = sampling_from_proto(sampling)
     if prompts and prompt_token_ids:
         raise InvalidArgument("prompts", "give prompts as text or as token ids, not both")
     if not prompts and not prompt_token_ids:

@@ -208,7 +208,7 @@ class HFBase(ServedBase):
         """One sequence, under the lock: the adapter, the RNG and the logits hook are set for it alone.
         Returns its stream and, for a seeded job, the RNG state to continue from."""
         want_logprobs = job.sampling.return_logprobs
-        seeded = job.sampling.HasField("seed")
+        seeded = job.sampling.seed is not None
         with contextlib.ExitStack() as stack:
             model = self._model(adapter, stack)
             model.eval()

@@ -14,17 +14,16 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from tensafe.api.inference.v1 import inference_pb2
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.runtime.pagination import after_key
+from tensafe.runtime.vault_client import VaultClient
 from tensafe.trainer.models import ModelLocation, resolve_model_ref
 from tensafe.trainer.sampling import check_sample_work
-from tensafe.trainer.vault_client import VaultClient
 
-from .adapter import BACKEND_NAME, LoadedAdapter, read_adapter
+from .adapter import LoadedAdapter, read_adapter
 from .backend import Backend, ChunkQueue, ServedBase
-from .generation import Chunk, validate
+from .generation import Chunk, Sampling, validate
 
 ADAPTERS_QUOTA = "TENSAFE_QUOTA_ADAPTERS"
 
@@ -48,10 +47,11 @@ class Inference:
         self._adapters: dict[str, LoadedAdapter] = {}
 
     # -- backends and base models -------------------------------------------------------------
-    def _backend(self, value: int) -> Backend:
-        if value and value not in BACKEND_NAME:
-            raise InvalidArgument("backend", f"unknown backend {value}")
-        name = BACKEND_NAME[value] if value else self.default_backend
+    def _backend(self, name: str) -> Backend:
+        """The backend named ``name`` ("hf", "vllm"; "" for the server's default)."""
+        if name and name not in self._backend_factories:
+            raise InvalidArgument("backend", f"unknown backend {name}")
+        name = name or self.default_backend
         with self._lock:
             if name not in self._backends:
                 self._backends[name] = self._backend_factories[name]()
@@ -79,22 +79,25 @@ class Inference:
             return key, base
 
     # -- adapters -------------------------------------------------------------------------------
-    def load_adapter(self, caller: CallContext, req: inference_pb2.LoadAdapterRequest) -> LoadedAdapter:
+    def load_adapter(self, caller: CallContext, artifact_id: str, backend_name: str = "",
+                     base_model_ref: str = "") -> LoadedAdapter:
+        """The caller's adapter from ``artifact_id`` on ``backend_name`` ("" for the default), on
+        ``base_model_ref`` ("" for the one the adapter names); loading the same thing again returns it."""
         tenant = caller.principal.tenant_id
-        if not req.artifact_id:
+        if not artifact_id:
             raise InvalidArgument("artifact_id", "is required")
-        backend = self._backend(req.backend)
+        backend = self._backend(backend_name)
         with self._lock:
-            wanted = (tenant, req.artifact_id, backend.name)
+            wanted = (tenant, artifact_id, backend.name)
             for adapter in self._adapters.values():  # loading the same thing again returns the loaded adapter
                 if (adapter.tenant_id, adapter.artifact_id, adapter.backend) == wanted \
-                        and req.base_model_ref in ("", adapter.base_model_ref):
+                        and base_model_ref in ("", adapter.base_model_ref):
                     return adapter
         if self.vault is None:
             raise FailedPrecondition("this inference service has no vault configured: set TENSAFE_VAULT_ENDPOINT")
         self._take_adapter_place(tenant)
         try:
-            return self._load_adapter(caller, req, tenant, backend)
+            return self._load_adapter(caller, artifact_id, base_model_ref, tenant, backend)
         finally:
             with self._lock:
                 self._adapter_loads[tenant] -= 1
@@ -110,18 +113,18 @@ class Inference:
                                                     "unload one first", limit=self.quota_adapters, current=used)
             self._adapter_loads[tenant] = self._adapter_loads.get(tenant, 0) + 1
 
-    def _load_adapter(self, caller: CallContext, req: inference_pb2.LoadAdapterRequest, tenant: str,
+    def _load_adapter(self, caller: CallContext, artifact_id: str, base_model_ref: str, tenant: str,
                       backend: Backend) -> LoadedAdapter:
-        _, data = self.vault.get(caller, req.artifact_id)
+        _, data = self.vault.get(caller, artifact_id)
         files = read_adapter(data, self.vault.max_artifact_bytes)
         del data
-        model_ref = req.base_model_ref or files.base_model_ref
+        model_ref = base_model_ref or files.base_model_ref
         if not model_ref:
             raise InvalidArgument("base_model_ref", "the adapter names no base model: give base_model_ref")
         try:
             location = self._location(model_ref, "base_model_ref")
         except InvalidArgument as exc:
-            if req.base_model_ref:
+            if base_model_ref:
                 raise
             raise InvalidArgument("base_model_ref", "the adapter's base_model_name_or_path "
                                                     f"({exc.message.split(': ', 1)[-1]}): give base_model_ref, the "
@@ -129,7 +132,7 @@ class Inference:
         key, base = self._base(backend, location)
         adapter_id = "adp_" + uuid.uuid4().hex[:16]
         base.add_adapter(adapter_id, files)
-        adapter = LoadedAdapter(adapter_id, tenant, req.artifact_id, model_ref, key, backend.name, files.rank,
+        adapter = LoadedAdapter(adapter_id, tenant, artifact_id, model_ref, key, backend.name, files.rank,
                                 files.alpha, files.target_modules)
         with self._lock:
             self._adapters[adapter_id] = adapter
@@ -159,20 +162,22 @@ class Inference:
             base.remove_adapter(adapter_id)
 
     # -- generation -------------------------------------------------------------------------------
-    def generate(self, tenant: str, req: inference_pb2.GenerateRequest, cancelled: threading.Event) -> Iterator[Chunk]:
-        """Validate the request, start generating, and return the increments as they come."""
-        if req.adapter_id:
-            adapter = self.get(tenant, req.adapter_id)
+    def generate(self, tenant: str, adapter_id: str, model_ref: str, backend_name: str, prompts: list[str],
+                 prompt_token_ids: list[list[int]], sampling: Sampling, cancelled: threading.Event
+                 ) -> Iterator[Chunk]:
+        """Validate the prompts, start generating (with the tenant's adapter, or the base model
+        ``model_ref`` alone), and return the increments as they come."""
+        if adapter_id:
+            adapter = self.get(tenant, adapter_id)
             base = self._bases[adapter.base_key]
             name: str | None = adapter.adapter_id
         else:
-            if not req.model_ref:
+            if not model_ref:
                 raise InvalidArgument("adapter_id", "give adapter_id, or model_ref to use the base model alone")
-            _, base = self._base(self._backend(req.backend), self._location(req.model_ref, "model_ref"))
+            _, base = self._base(self._backend(backend_name), self._location(model_ref, "model_ref"))
             name = None
-        check_sample_work(len(req.prompts) or len(req.prompt_token_ids), req.sampling, self.max_sample_tokens)
-        job = validate(base.tokenizer, list(req.prompts), [list(p.token_ids) for p in req.prompt_token_ids],
-                       req.sampling, base.vocab_size, base.max_length)
+        check_sample_work(len(prompts) or len(prompt_token_ids), sampling, self.max_sample_tokens)
+        job = validate(base.tokenizer, prompts, prompt_token_ids, sampling, base.vocab_size, base.max_length)
         out = ChunkQueue(cancelled)
         base.start(name, job, out)
         return iter(out)

@@ -1,5 +1,6 @@
-"""gRPC adapter of the inference service: tenant and request in, `Inference` called, chunks streamed out (a
-caller that goes away cancels its generation); and `create`, which builds the service and its backends."""
+"""gRPC adapter of the inference service: tenant and request in (as plain values: the backend's name, the
+sampling parameters checked by the shared rules), `Inference` called, chunks streamed out (a caller that goes
+away cancels its generation); and `create`, which builds the service and its backends."""
 
 from __future__ import annotations
 
@@ -11,12 +12,33 @@ import grpc
 
 from tensafe.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from tensafe.runtime import context
+from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
-from tensafe.trainer.vault_client import VaultClient
+from tensafe.runtime.vault_client import VaultClient
 
+from .adapter import LoadedAdapter
 from .backend import Backend
+from .generation import sampling_from_proto
 from .service import Inference
+
+BACKEND_ENUM = {"hf": inference_pb2.BACKEND_HF, "vllm": inference_pb2.BACKEND_VLLM}
+BACKEND_NAME = {v: k for k, v in BACKEND_ENUM.items()}
+
+
+def backend_name(value: int) -> str:
+    """The backend a request names ("" for the server's default)."""
+    if value and value not in BACKEND_NAME:
+        raise InvalidArgument("backend", f"unknown backend {value}")
+    return BACKEND_NAME.get(value, "")
+
+
+def adapter_proto(a: LoadedAdapter) -> inference_pb2.Adapter:
+    msg = inference_pb2.Adapter(
+        adapter_id=a.adapter_id, tenant_id=a.tenant_id, artifact_id=a.artifact_id, base_model_ref=a.base_model_ref,
+        backend=BACKEND_ENUM[a.backend], rank=a.rank, alpha=a.alpha, target_modules=a.target_modules)
+    msg.load_time.FromNanoseconds(int(a.load_time * 1e9))
+    return msg
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -24,28 +46,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.inference = inference
 
     def LoadAdapter(self, request, ctx):
-        adapter = self.inference.load_adapter(context.current(), request)
-        return inference_pb2.LoadAdapterResponse(adapter=adapter.proto())
+        adapter = self.inference.load_adapter(context.current(), request.artifact_id, backend_name(request.backend),
+                                              request.base_model_ref)
+        return inference_pb2.LoadAdapterResponse(adapter=adapter_proto(adapter))
 
     def GetAdapter(self, request, ctx):
         adapter = self.inference.get(context.current_tenant(), request.adapter_id)
-        return inference_pb2.GetAdapterResponse(adapter=adapter.proto())
+        return inference_pb2.GetAdapterResponse(adapter=adapter_proto(adapter))
 
     def ListAdapters(self, request, ctx):
         req = page_request("inference.ListAdapters", request.page_size, request.page_token, (float, str))
         page, token = req.page(self.inference.list(context.current_tenant(), req.after, req.limit),
                                key=lambda a: (a.load_time, a.adapter_id))
-        return inference_pb2.ListAdaptersResponse(adapters=[a.proto() for a in page], next_page_token=token)
+        return inference_pb2.ListAdaptersResponse(adapters=[adapter_proto(a) for a in page], next_page_token=token)
 
     def UnloadAdapter(self, request, ctx):
         self.inference.unload(context.current_tenant(), request.adapter_id)
         return inference_pb2.UnloadAdapterResponse()
 
     def Generate(self, request, ctx: grpc.ServicerContext):
+        sampling = sampling_from_proto(request.sampling)
+        prompt_ids = [list(p.token_ids) for p in request.prompt_token_ids]
         cancelled = threading.Event()
         ctx.add_callback(cancelled.set)  # the client went away (or the call ended): stop generating
         try:
-            for chunk in self.inference.generate(context.current_tenant(), request, cancelled):
+            for chunk in self.inference.generate(context.current_tenant(), request.adapter_id, request.model_ref,
+                                                 backend_name(request.backend), list(request.prompts), prompt_ids,
+                                                 sampling, cancelled):
                 yield inference_pb2.GenerateResponse(
                     prompt_index=chunk.prompt_index, sample_index=chunk.sample_index, text=chunk.text,
                     token_ids=chunk.token_ids, logprobs=chunk.logprobs, finish_reason=chunk.finish_reason)

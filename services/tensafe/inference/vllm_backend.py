@@ -198,7 +198,7 @@ def sampling_params(job: GenerationJob) -> Any:
     kwargs: dict[str, Any] = dict(n=job.num_samples, temperature=job.temperature, top_p=job.top_p,
                                   top_k=job.top_k or 0, max_tokens=job.sampling.max_tokens, stop=job.stops or None,
                                   output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
-    if job.sampling.HasField("seed"):
+    if job.sampling.seed is not None:
         kwargs["seed"] = job.sampling.seed
     if job.sampling.return_logprobs:
         kwargs["logprobs"] = 0  # the chosen token's own log-probability only

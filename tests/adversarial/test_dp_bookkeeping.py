@@ -145,6 +145,7 @@ def test_a_step_that_fails_after_its_record_is_spent_without_update(tiny_model, 
     from tensafe.runtime.identity import Principal
     from tensafe.trainer.audit_trail import OpAudit
     from tensafe.trainer.service import Trainer
+    from tensafe.trainer.servicer import batch_value, config_value
     from tg_tinker.training import batch_to_proto
 
     engine = create_engine(f"sqlite:///{tmp_path / 'trainer.db'}")
@@ -155,12 +156,12 @@ def test_a_step_that_fails_after_its_record_is_spent_without_update(tiny_model, 
     caller = CallContext(Principal("t1", "key_1"), "req-1", "", "/tensafe.api.trainer.v1.TrainerService/OptimStep")
     token = call_context.bind(caller)
     try:
-        other = trainer.create_session("t2", config().to_proto())  # another session on the same base
-        s = trainer.create_session("t1", config({}).to_proto())
+        other = trainer.create_session("t2", config_value(config().to_proto()))  # another session on the same base
+        s = trainer.create_session("t1", config_value(config({}).to_proto()))
     finally:
         call_context.unbind(token)
     loss = s.settings.default_loss
-    batch = trainer._batch(s, batch_to_proto(BATCH), loss)
+    batch = trainer._batch(s, batch_value(batch_to_proto(BATCH)), loss)
 
     def op(fn):  # run as the worker runs an op
         with s.base.lock:

@@ -33,6 +33,8 @@ from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.errors import InvalidArgument, QuotaExceeded
 from tensafe.trainer.batches import prepare_batch
 from tensafe.trainer.service import Trainer, TrainerLimits
+from tensafe.trainer.servicer import batch_value, config_value
+from tensafe.trainer.values import BatchInput, SamplingSpec, SessionConfig, TensorData
 from tg_tinker import LoRAConfig, NotFoundError, QuotaExceededError, TrainingConfig, ValidationError
 from tg_tinker.errors import FutureCancelledError
 from tg_tinker.errors import ValidationError as SDKValidationError
@@ -47,9 +49,9 @@ IDS = [5, 6, 7, 8]
 BATCH = {"input_ids": [[1, 20, 30, 40, 50, 60, 70, 80]] * 4}
 
 
-def cfg(**kw) -> trainer_pb2.TrainingConfig:
+def cfg(**kw) -> SessionConfig:
     kw.setdefault("lora_config", LoRAConfig(rank=4, alpha=8, dropout=0.0))
-    return TrainingConfig(model_ref="tiny", seed=1, **kw).to_proto()
+    return config_value(TrainingConfig(model_ref="tiny", seed=1, **kw).to_proto())
 
 
 def wait(op, states=frozenset(TERMINAL), timeout: float = 120.0):
@@ -61,18 +63,17 @@ def wait(op, states=frozenset(TERMINAL), timeout: float = 120.0):
 
 
 def sample_req(session_id: str, prompts: int, max_tokens: int, seed: int | None = None,
-               temperature: float = 1.0) -> trainer_pb2.SampleRequest:
-    sp = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    if seed is not None:
-        sp.seed = seed
-    return trainer_pb2.SampleRequest(session_id=session_id, sampling=sp,
-                                     prompt_token_ids=[common_pb2.TokenSequence(token_ids=IDS)] * prompts)
+               temperature: float = 1.0, num_samples: int = 0) -> tuple:
+    """Trainer.sample's arguments after the tenant."""
+    sp = SamplingSpec(max_tokens=max_tokens, temperature=temperature, seed=seed, num_samples=num_samples)
+    return session_id, sp, (), [IDS] * prompts
 
 
-def forward_req(session_id: str) -> trainer_pb2.ForwardRequest:
+def forward_req(session_id: str) -> tuple[str, BatchInput]:
+    """Trainer.forward's arguments after the tenant."""
     from tg_tinker.training import batch_to_proto
 
-    return trainer_pb2.ForwardRequest(session_id=session_id, batch=batch_to_proto(BATCH))
+    return session_id, batch_value(batch_to_proto(BATCH))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,9 @@ def two_tenants(trainer: Trainer) -> Iterator[tuple]:
 def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Trainer, two_tenants) -> None:
     """Attack: a Sample with many prompts held the shared worker for its whole length (FIFO)."""
     a, b = two_tenants
-    big = trainer.sample("tenant-a", sample_req(a.session_id, prompts=12, max_tokens=8, seed=3))
+    big = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=12, max_tokens=8, seed=3))
     wait(big, {RUNNING})
-    small = trainer.get_info("tenant-b", trainer_pb2.GetInfoRequest(session_id=b.session_id))
+    small = trainer.get_info("tenant-b", b.session_id)
     wait(small)
     assert small.state == SUCCEEDED
     assert big.state == RUNNING  # B was served between two of A's sequences, not after all 12
@@ -108,9 +109,9 @@ def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Tra
 
 def test_a_small_op_is_not_stuck_behind_another_tenants_queue(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
-    queued = [trainer.forward("tenant-a", forward_req(a.session_id)) for _ in range(12)]
+    queued = [trainer.forward("tenant-a", *forward_req(a.session_id)) for _ in range(12)]
     wait(queued[0], {RUNNING, *TERMINAL})
-    small = wait(trainer.forward("tenant-b", forward_req(b.session_id)))
+    small = wait(trainer.forward("tenant-b", *forward_req(b.session_id)))
     assert small.state == SUCCEEDED
     before = sum(1 for op in queued if op.end_time is not None and op.end_time <= small.end_time)
     assert before <= 3, f"{before} of tenant A's 12 ops ran before tenant B's one"  # FIFO: all 12
@@ -128,9 +129,9 @@ def test_a_tenants_sessions_are_served_by_tenant_first(trainer: Trainer) -> None
     many = [trainer.create_session("tenant-a", cfg()) for _ in range(3)]
     b = trainer.create_session("tenant-b", cfg())
     try:
-        queued = [trainer.forward("tenant-a", forward_req(s.session_id)) for s in many for _ in range(4)]
+        queued = [trainer.forward("tenant-a", *forward_req(s.session_id)) for s in many for _ in range(4)]
         wait(queued[0], {RUNNING, *TERMINAL})
-        small = wait(trainer.forward("tenant-b", forward_req(b.session_id)))
+        small = wait(trainer.forward("tenant-b", *forward_req(b.session_id)))
         before = sum(1 for op in queued if op.end_time is not None and op.end_time <= small.end_time)
         assert before <= 3, f"{before} of tenant A's 12 ops ran before tenant B's one"
         for op in queued:
@@ -142,11 +143,11 @@ def test_a_tenants_sessions_are_served_by_tenant_first(trainer: Trainer) -> None
 
 def test_a_seeded_sample_is_the_same_however_it_is_interleaved(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
-    alone = wait(trainer.sample("tenant-a", sample_req(a.session_id, prompts=4, max_tokens=8, seed=11)))
-    mixed = trainer.sample("tenant-a", sample_req(a.session_id, prompts=4, max_tokens=8, seed=11))
+    alone = wait(trainer.sample("tenant-a", *sample_req(a.session_id, prompts=4, max_tokens=8, seed=11)))
+    mixed = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=4, max_tokens=8, seed=11))
     wait(mixed, {RUNNING})
     # B's ops (sampling with its own RNG, unseeded) run between A's sequences.
-    others = [trainer.sample("tenant-b", sample_req(b.session_id, prompts=1, max_tokens=4)) for _ in range(3)]
+    others = [trainer.sample("tenant-b", *sample_req(b.session_id, prompts=1, max_tokens=4)) for _ in range(3)]
     wait(mixed)
     assert any(op.end_time < mixed.end_time for op in map(wait, others))  # really interleaved
     assert [s.token_ids for s in mixed.result.samples] == [s.token_ids for s in alone.result.samples]
@@ -165,7 +166,7 @@ def token_counter(trainer: Trainer, two_tenants) -> Iterator[list[int]]:
 
 def test_cancelling_a_running_sample_stops_it_between_tokens(trainer: Trainer, two_tenants, token_counter) -> None:
     a, b = two_tenants
-    op = trainer.sample("tenant-a", sample_req(a.session_id, prompts=1, max_tokens=240, seed=4))
+    op = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=1, max_tokens=240, seed=4))
     while token_counter[0] < 3:
         assert op.state in (PENDING, RUNNING)
         time.sleep(0.001)
@@ -177,24 +178,24 @@ def test_cancelling_a_running_sample_stops_it_between_tokens(trainer: Trainer, t
     assert stopped_at < 120, stopped_at  # stopped within a token or two, not after its 240
     # The worker moved on: the next ops, the same session's and another tenant's, run; the sample decoded
     # nothing more after it was cancelled (GetInfo runs no model).
-    assert wait(trainer.get_info("tenant-a", trainer_pb2.GetInfoRequest(session_id=a.session_id))).state == SUCCEEDED
+    assert wait(trainer.get_info("tenant-a", a.session_id)).state == SUCCEEDED
     assert token_counter[0] == stopped_at
-    assert wait(trainer.forward("tenant-b", forward_req(b.session_id))).state == SUCCEEDED
+    assert wait(trainer.forward("tenant-b", *forward_req(b.session_id))).state == SUCCEEDED
 
 
 def test_cancelling_a_sample_waiting_between_sequences(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
-    op = trainer.sample("tenant-a", sample_req(a.session_id, prompts=30, max_tokens=16))
+    op = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=30, max_tokens=16))
     wait(op, {RUNNING})
     cancelled, event = trainer.cancel("tenant-a", a.session_id, op.future_id)
     assert cancelled and event.state == CANCELLED
-    assert wait(trainer.forward("tenant-b", forward_req(b.session_id))).state == SUCCEEDED
+    assert wait(trainer.forward("tenant-b", *forward_req(b.session_id))).state == SUCCEEDED
 
 
 def test_cancel_of_an_op_that_cannot_stop_while_running_is_refused(trainer: Trainer, two_tenants) -> None:
     a, _ = two_tenants
     with a.base.lock:  # hold the worker: the first op is taken (RUNNING), the second stays queued
-        first = trainer.forward("tenant-a", forward_req(a.session_id))
+        first = trainer.forward("tenant-a", *forward_req(a.session_id))
         wait(first, {RUNNING})
         assert trainer.cancel("tenant-a", a.session_id, first.future_id)[0] is False  # a forward runs to the end
     assert wait(first).state == SUCCEEDED
@@ -202,7 +203,7 @@ def test_cancel_of_an_op_that_cannot_stop_while_running_is_refused(trainer: Trai
 
 def test_closing_a_session_stops_its_running_sample(trainer: Trainer) -> None:
     s = trainer.create_session("tenant-c", cfg())
-    op = trainer.sample("tenant-c", sample_req(s.session_id, prompts=30, max_tokens=200))
+    op = trainer.sample("tenant-c", *sample_req(s.session_id, prompts=30, max_tokens=200))
     wait(op, {RUNNING})
     trainer.close("tenant-c", s.session_id)
     assert wait(op, timeout=10).state == CANCELLED
@@ -269,19 +270,16 @@ def test_work_caps_are_refused_at_submission_naming_the_field(tiny_model: Path) 
     try:
         s = t.create_session("t", cfg())
         with pytest.raises(InvalidArgument) as err:
-            t.sample("t", sample_req(s.session_id, prompts=7, max_tokens=15))  # 105 > 100
+            t.sample("t", *sample_req(s.session_id, prompts=7, max_tokens=15))  # 105 > 100
         assert err.value.field == "sampling.max_tokens"
         assert err.value.metadata["quota"] == "TENSAFE_MAX_SAMPLE_TOKENS" and err.value.metadata["limit"] == "100"
         with pytest.raises(InvalidArgument) as err:
-            req = sample_req(s.session_id, prompts=2, max_tokens=10)
-            req.sampling.num_samples = 6  # 2 x 6 x 10 = 120
-            t.sample("t", req)
+            t.sample("t", *sample_req(s.session_id, prompts=2, max_tokens=10, num_samples=6))  # 2 x 6 x 10 = 120
         assert err.value.field == "sampling.max_tokens"
-        assert wait(t.sample("t", sample_req(s.session_id, prompts=10, max_tokens=10))).state == SUCCEEDED
-        big = trainer_pb2.ForwardRequest(session_id=s.session_id)
-        big.batch.input_ids.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[9, 8], data=b"\0" * 576))
+        assert wait(t.sample("t", *sample_req(s.session_id, prompts=10, max_tokens=10))).state == SUCCEEDED
+        big = BatchInput(input_ids=TensorData(dtype=common_pb2.DTYPE_INT64, shape=(9, 8), data=b"\0" * 576))
         with pytest.raises(InvalidArgument) as err:
-            t.forward("t", big)
+            t.forward("t", s.session_id, big)
         assert err.value.field == "batch.input_ids" and err.value.metadata["quota"] == "TENSAFE_MAX_BATCH_TOKENS"
         assert s.book.last_sequence == 1  # nothing refused was queued
     finally:
@@ -318,7 +316,7 @@ def test_queued_ops_per_session_are_bounded(tiny_model: Path) -> None:
     t = Trainer(tiny_model.parent, limits=TrainerLimits(pending_ops=3))
     try:
         s = t.create_session("t", cfg())
-        info = trainer_pb2.GetInfoRequest(session_id=s.session_id)
+        info = s.session_id
         with s.base.lock:  # the worker is busy: ops stay queued
             ops = [t.get_info("t", info) for _ in range(3)]
             with pytest.raises(QuotaExceeded) as err:
@@ -417,7 +415,7 @@ def test_prepare_batch_only_raises_invalid_argument(tensor: common_pb2.Tensor, w
     else:
         getattr(batch, where).CopyFrom(tensor)
     try:
-        prepare_batch(batch, vocab_size=384, max_length=256)
+        prepare_batch(batch_value(batch), vocab_size=384, max_length=256)
     except InvalidArgument as exc:
         assert exc.field.startswith("batch.")
 

@@ -1,4 +1,5 @@
-"""Turn a ``Batch`` message into tensors, refusing anything malformed before it is queued.
+"""Turn a batch (``values.BatchInput``, as read from a ``Batch`` message) into tensors, refusing anything
+malformed before it is queued.
 
 Every check names the request field, so the caller sees exactly what to fix, and
 nothing about the session changes when a batch is refused.
@@ -12,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tensafe.api.common.v1 import common_pb2
-from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.errors import ValidationError
 from tg_tinker.tensors import from_proto
+
+from .values import BatchInput, TensorData
 
 MAX_EXTRA = 16
 EXTRA_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -41,14 +42,16 @@ class PreparedBatch:
         return out
 
 
-def _decode(tensor: common_pb2.Tensor, name: str) -> np.ndarray:
+def _decode(tensor: TensorData, name: str) -> np.ndarray:
     try:
-        return from_proto(tensor, name)
+        # The SDK's decoder, so that both ends read a tensor by the same rules; it reads only
+        # dtype, shape and data, which TensorData has as the message does.
+        return from_proto(tensor, name)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise InvalidArgument(exc.field or name, exc.message.split(": ", 1)[-1]) from None
 
 
-def _int_matrix(tensor: common_pb2.Tensor, name: str, shape: tuple[int, int] | None) -> np.ndarray:
+def _int_matrix(tensor: TensorData, name: str, shape: tuple[int, int] | None) -> np.ndarray:
     arr = _decode(tensor, name)
     if arr.dtype.kind not in "iub":
         raise InvalidArgument(name, f"must be an integer tensor, got {arr.dtype}")
@@ -59,7 +62,7 @@ def _int_matrix(tensor: common_pb2.Tensor, name: str, shape: tuple[int, int] | N
     return arr.astype(np.int64)
 
 
-def float_matrix(tensor: common_pb2.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
+def float_matrix(tensor: TensorData, name: str, shape: tuple[int, int]) -> torch.Tensor:
     arr = _decode(tensor, name)
     if arr.dtype.kind != "f":
         raise InvalidArgument(name, f"must be a float tensor, got {arr.dtype}")
@@ -70,10 +73,10 @@ def float_matrix(tensor: common_pb2.Tensor, name: str, shape: tuple[int, int]) -
     return torch.from_numpy(arr.astype(np.float32))
 
 
-def prepare_batch(batch: trainer_pb2.Batch, *, vocab_size: int, max_length: int,
+def prepare_batch(batch: BatchInput, *, vocab_size: int, max_length: int,
                   ignore_index: int = -100, field_prefix: str = "batch") -> PreparedBatch:
     p = field_prefix
-    if not batch.HasField("input_ids"):
+    if batch.input_ids is None:
         raise InvalidArgument(f"{p}.input_ids", "is required")
     ids = _int_matrix(batch.input_ids, f"{p}.input_ids", None)
     if ids.shape[0] == 0 or ids.shape[1] == 0:
@@ -84,7 +87,7 @@ def prepare_batch(batch: trainer_pb2.Batch, *, vocab_size: int, max_length: int,
         bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
         raise InvalidArgument(f"{p}.input_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     shape = (int(ids.shape[0]), int(ids.shape[1]))
-    if batch.HasField("attention_mask"):
+    if batch.attention_mask is not None:
         mask = _int_matrix(batch.attention_mask, f"{p}.attention_mask", shape)
         if not np.isin(mask, (0, 1)).all():
             raise InvalidArgument(f"{p}.attention_mask", "values must be 0 or 1")
@@ -92,7 +95,7 @@ def prepare_batch(batch: trainer_pb2.Batch, *, vocab_size: int, max_length: int,
             raise InvalidArgument(f"{p}.attention_mask", "a sequence has no attended token")
     else:
         mask = np.ones(shape, dtype=np.int64)
-    if batch.HasField("labels"):
+    if batch.labels is not None:
         labels = _int_matrix(batch.labels, f"{p}.labels", shape)
         valid = labels != ignore_index
         if valid.any() and (labels[valid].min() < 0 or labels[valid].max() >= vocab_size):
@@ -102,9 +105,9 @@ def prepare_batch(batch: trainer_pb2.Batch, *, vocab_size: int, max_length: int,
         # Language modelling on the batch itself: every attended token is a target.
         labels = np.where(mask == 1, ids, ignore_index)
     out = PreparedBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels.astype(np.int64)))
-    if batch.HasField("advantages"):
+    if batch.advantages is not None:
         out.advantages = float_matrix(batch.advantages, f"{p}.advantages", shape)
-    if batch.HasField("old_logprobs"):
+    if batch.old_logprobs is not None:
         out.old_logprobs = float_matrix(batch.old_logprobs, f"{p}.old_logprobs", shape)
     if len(batch.extra) > MAX_EXTRA:
         raise InvalidArgument(f"{p}.extra", f"{len(batch.extra)} tensors, at most {MAX_EXTRA} are accepted")

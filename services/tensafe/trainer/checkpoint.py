@@ -27,13 +27,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tensafe.api.common.v1 import common_pb2
+from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import lineage as lineage_codec
-from tensafe.runtime.adapter_config import check_adapter_weights, parse_adapter_config, safetensors_header
+from tensafe.runtime.adapter_artifact import adapter_from_files, read_files
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
-from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES, read_tar
+from tensafe.runtime.safetar import DEFAULT_MAX_ARTIFACT_BYTES
+
+from .messages import config_proto
 
 CHECKPOINT_FORMAT = 1
 CONTENT_TYPE = "application/x-tar"
+ARTIFACT_KIND = vault_pb2.ARTIFACT_KIND_CHECKPOINT  # what the vault stores a checkpoint as
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -72,7 +76,8 @@ def build(session: Any, include_optimizer: bool, metadata: dict[str, Any],
         "format": CHECKPOINT_FORMAT, "session_id": sid, "step": session.step,
         "micro_steps": session.micro_steps, "optim_calls": session.optim_calls,
         "tokens_since_update": session.tokens_since_update, "tokens_processed": session.tokens_processed,
-        "seed": session.settings.seed, "config": json_format.MessageToDict(session.settings.config),
+        "seed": session.settings.seed,
+        "config": json_format.MessageToDict(config_proto(session.settings.config)),  # the TrainingConfig as sent
         "metadata": metadata, "include_optimizer": include_optimizer, "saved_at": time.time(),
     }
     dp = getattr(session, "dp", None)
@@ -104,12 +109,11 @@ MAX_JSON_BYTES = 16 << 20  # session.json, optimizer.json (adapter_config.json h
 
 
 def read(data: bytes, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> dict[str, bytes]:
-    """A checkpoint's files, read by the services' one strict tar reader (regular files only, sizes checked
-    against the data and ``max_bytes`` before anything is copied); InvalidArgument(artifact_id) otherwise."""
-    files = read_tar(data, field="artifact_id", max_bytes=max_bytes, max_members=16, wanted=MEMBERS)
-    for required in _REQUIRED:
-        if required not in files:
-            raise InvalidArgument("artifact_id", f"the checkpoint has no {required}")
+    """A checkpoint's files, read by the one adapter-artifact reader (``tensafe.runtime.adapter_artifact``:
+    the strict tar reader, regular files only, sizes checked against the data and ``max_bytes`` before
+    anything is copied); InvalidArgument(artifact_id) otherwise. The adapter itself is checked by
+    :func:`check_adapter`, whose rules depend on the session (base biases)."""
+    files = read_files(data, max_bytes, members=MEMBERS, required=_REQUIRED, what="checkpoint")
     for name in ("session.json", "optimizer.json"):
         if len(files.get(name, b"")) > MAX_JSON_BYTES:
             raise InvalidArgument("artifact_id", f"the checkpoint's {name} is larger than {MAX_JSON_BYTES} bytes")
@@ -117,21 +121,22 @@ def read(data: bytes, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> dict[str, 
 
 
 def check_adapter(session: Any, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """The checkpoint's adapter weights, once its config passed the shared allow-list
-    (``tensafe.runtime.adapter_config``), matches the session's LoRA, and every tensor is exactly one of the
-    session adapter's own (same key, same shape): the base model (shared with other sessions) and other
-    sessions' adapters are never written by a load."""
-    mine = session.settings.config.lora_config
+    """The checkpoint's adapter weights, once it passed the one adapter reader's rules
+    (``tensafe.runtime.adapter_artifact``: config allow-list, LoRA factors of the targeted modules only),
+    its config matches the session's LoRA, and every tensor is exactly one of the session adapter's own
+    (same key, same shape): the base model (shared with other sessions) and other sessions' adapters are
+    never written by a load."""
+    mine = session.settings.config.lora_or_default
     own_bias = session.base.peft.peft_config[session.session_id].bias
-    saved = parse_adapter_config(files["adapter_config.json"], allow_base_bias=own_bias != "none")
+    adapter = adapter_from_files(files, what="checkpoint", allow_base_bias=own_bias != "none")
+    saved = adapter.config
     if saved["r"] != mine.rank or saved["target_modules"] != sorted(mine.target_modules) \
             or saved["bias"] != own_bias or saved.get("rank_pattern") or saved.get("alpha_pattern"):
         raise FailedPrecondition(
             f"checkpoint adapter (rank {saved['r']}, modules {saved['target_modules']}, bias {saved['bias']}) does "
             f"not match this session (rank {mine.rank}, modules {list(mine.target_modules)}, bias {own_bias}): "
             "create the session with the same lora_config")
-    header = safetensors_header(files["adapter_model.safetensors"])
-    check_adapter_weights(header, saved, allow_base_bias=own_bias != "none")
+    header = adapter.header
     expected = get_peft_model_state_dict(session.base.peft, adapter_name=session.session_id,
                                          save_embedding_layers=False)
     for key, (_, shape) in header.items():

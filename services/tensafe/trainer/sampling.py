@@ -2,13 +2,16 @@
 
 :func:`generate_steps` yields between sequences, so the base's worker can serve other
 sessions between two of them, and stops between tokens once its cancel event is set.
-:func:`check_sample_work` is the per-call cap on generated tokens, shared with inference.
+:func:`check_sample_work` is the per-call cap on generated tokens, shared with inference. The
+parameters come in as a plain ``values.SamplingSpec``; the result goes out as the future's
+``SampleResult`` message.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -19,6 +22,7 @@ from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.decoding import cut_at_stop, ids_within
 
 from .futures import OpCancelled
+from .values import SamplingSpec
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
@@ -27,7 +31,17 @@ LENGTH = common_pb2.FINISH_REASON_LENGTH
 MAX_SAMPLE_TOKENS_SETTING = "TENSAFE_MAX_SAMPLE_TOKENS"
 
 
-def check_sample_work(num_prompts: int, sampling: common_pb2.SamplingParams, limit: int) -> None:
+class SampleWork(Protocol):
+    """What the work cap reads: a ``SamplingSpec`` or a ``SamplingParams`` message (inference's)."""
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+
+def check_sample_work(num_prompts: int, sampling: SampleWork, limit: int) -> None:
     """Refuse a call whose prompts x samples x max_tokens exceeds ``limit`` (0: no limit), naming the field."""
     work = num_prompts * max(1, sampling.num_samples) * sampling.max_tokens
     if limit and work > limit:
@@ -49,7 +63,7 @@ class _Cancelled(StoppingCriteria):
 
 
 def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],
-             sampling: common_pb2.SamplingParams) -> trainer_pb2.SampleResult:
+             sampling: SamplingSpec) -> trainer_pb2.SampleResult:
     """All sequences at once (no slicing, no cancellation)."""
     steps = generate_steps(model, tokenizer, prompts, texts, sampling)
     while True:
@@ -60,18 +74,18 @@ def generate(model, tokenizer, prompts: list[list[int]], texts: list[str],
 
 
 def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],
-                   sampling: common_pb2.SamplingParams,
+                   sampling: SamplingSpec,
                    cancel: threading.Event | None = None) -> Iterator[None]:
     """Yields between two sequences; returns the SampleResult. Raises OpCancelled (between tokens)
     once ``cancel`` is set."""
-    temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
+    temperature = sampling.temperature if sampling.temperature is not None else 1.0
     greedy = temperature == 0.0
     kwargs: dict = dict(max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                         return_dict_in_generate=True, output_logits=sampling.return_logprobs)
     if not greedy:
-        kwargs.update(temperature=temperature, top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
-                      top_k=sampling.top_k if sampling.HasField("top_k") and sampling.top_k > 0 else None)
+        kwargs.update(temperature=temperature, top_p=sampling.top_p if sampling.top_p is not None else 1.0,
+                      top_k=sampling.top_k if sampling.top_k is not None and sampling.top_k > 0 else None)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     stops = [s for s in sampling.stop if s]
@@ -79,7 +93,7 @@ def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],
         kwargs.update(stop_strings=stops, tokenizer=tokenizer)
     if cancel is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-    if sampling.HasField("seed"):
+    if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     result = trainer_pb2.SampleResult()
     first = True

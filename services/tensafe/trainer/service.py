@@ -1,4 +1,11 @@
-"""The trainer's logic: sessions, their validated ops, and the shared base models. No gRPC here."""
+"""The trainer's logic: sessions, their validated ops, and the shared base models.
+
+Plain values in (``values``: what ``servicer`` read out of each request), plain values out (a
+``TrainingSession``, an ``Op``, lists of them); no gRPC and no generated message module here. What an
+op computes is a future's result, which is a message (built in ``session``, ``futures``,
+``checkpoint``); and the vault and accountant clients answer with their services' messages, of which
+this module reads fields (``budget.state``, ``artifact.lineage``) but builds none.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +15,61 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
 
-from tensafe.api.accountant.v1 import accountant_pb2
-from tensafe.api.common.v1 import common_pb2
-from tensafe.api.trainer.v1 import trainer_pb2
-from tensafe.api.vault.v1 import vault_pb2
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
+from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.runtime.pagination import after_key
-from tg_tinker.configs import from_struct
+from tensafe.runtime.vault_client import VaultClient
 
 from . import checkpoint
-from .accountant_client import AccountantClient
 from .audit_trail import SUCCESS, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
 from .dp import PerSampleClipper, lora_layers, poisson_batch_limit
 from .futures import Op
 from .losses import Loss, resolve_loss
+from .messages import (
+    DEFAULT_ACCOUNTANT_TYPE,
+    OP_BACKWARD_CUSTOM,
+    OP_FORWARD,
+    OP_FORWARD_BACKWARD,
+    OP_FORWARD_CUSTOM,
+    OP_GET_INFO,
+    OP_LOAD_STATE,
+    OP_OPTIM_STEP,
+    OP_SAMPLE,
+    OP_SAVE_STATE,
+    budget_is_active,
+    budget_state_name,
+)
 from .models import resolve_model_ref
 from .sampling import check_sample_work
 from .session import DPState, SessionSettings, TrainingSession
-from .vault_client import VaultClient
+from .values import LORA_BIASES, BatchInput, LossSpec, SamplingSpec, SessionConfig, TensorData
 
-_BIAS = {trainer_pb2.LORA_BIAS_UNSPECIFIED: "none", trainer_pb2.LORA_BIAS_NONE: "none",
-         trainer_pb2.LORA_BIAS_ALL: "all", trainer_pb2.LORA_BIAS_LORA_ONLY: "lora_only"}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
-def struct_kwargs(msg: Any) -> dict[str, Any]:
-    """A protobuf Struct as keyword arguments; whole numbers become ints (Struct has only doubles)."""
-    return from_struct(msg) if msg is not None else {}
+def resolve_spec_loss(spec: LossSpec) -> Loss:
+    return resolve_loss(spec.name or "token_ce", **(spec.kwargs or {}))
 
 
-def resolve_request_loss(default: Loss, loss: trainer_pb2.LossConfig | None, has_loss: bool) -> Loss:
-    if not has_loss:
-        return default
-    return resolve_loss(loss.name or "token_ce", **struct_kwargs(loss.kwargs))
+def resolve_request_loss(default: Loss, loss: LossSpec | None) -> Loss:
+    """The call's loss, or the session's default when the call names none."""
+    return default if loss is None else resolve_spec_loss(loss)
 
 
-def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings, LoraConfig]:
-    lora = config.lora_config
+def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
+    lora = config.lora_or_default
     if lora.rank <= 0:
         raise InvalidArgument("config.lora_config.rank", "must be > 0")
     if lora.alpha <= 0:
@@ -69,7 +82,10 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
     target_modules = check_module_names(list(lora.target_modules), "config.lora_config.target_modules", min_count=1)
     if lora.rank > MAX_RANK:
         raise InvalidArgument("config.lora_config.rank", f"must be at most {MAX_RANK}")
-    opt = config.optimizer
+    if lora.bias not in LORA_BIASES:
+        raise InvalidArgument("config.lora_config.bias", f"unknown LoRA bias {lora.bias!r}; use one of "
+                                                         f"{LORA_BIASES[1:]}")
+    opt = config.optimizer_or_default
     name = (opt.name or "adamw").lower()
     if name not in OPTIMIZERS:
         raise InvalidArgument("config.optimizer.name", f"unknown optimizer {opt.name!r}; use one of {OPTIMIZERS}")
@@ -80,10 +96,10 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
     betas = tuple(opt.betas) or (0.9, 0.999)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise InvalidArgument("config.optimizer.betas", "must be two numbers in [0, 1)")
-    eps = opt.eps if opt.HasField("eps") else 1e-8
+    eps = opt.eps if opt.eps is not None else 1e-8
     if eps <= 0:
         raise InvalidArgument("config.optimizer.eps", "must be > 0")
-    momentum = opt.momentum if opt.HasField("momentum") else 0.0
+    momentum = opt.momentum if opt.momentum is not None else 0.0
     if momentum < 0:
         raise InvalidArgument("config.optimizer.momentum", "must be >= 0")
     if config.batch_size <= 0:
@@ -92,16 +108,15 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
         raise InvalidArgument("config.gradient_accumulation_steps", "must be >= 1")
     if config.max_sequence_length < 0:
         raise InvalidArgument("config.max_sequence_length", "must be >= 0 (0: the model's limit)")
-    default_loss = resolve_loss(config.loss.name or "token_ce", **struct_kwargs(config.loss.kwargs)) \
-        if config.HasField("loss") else resolve_loss("token_ce")
-    seed = config.seed if config.HasField("seed") else secrets.randbits(62)
+    default_loss = resolve_spec_loss(config.loss) if config.loss is not None else resolve_loss("token_ce")
+    seed = config.seed if config.seed is not None else secrets.randbits(62)
     settings = SessionSettings(config=config, optimizer=name, learning_rate=opt.learning_rate,
                                weight_decay=opt.weight_decay, betas=(float(betas[0]), float(betas[1])), eps=eps,
                                momentum=momentum, accumulation=max(1, config.gradient_accumulation_steps),
                                seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
     peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=target_modules, bias=_BIAS[lora.bias])
-    if config.dp_config.enabled:
+                             target_modules=target_modules, bias=lora.bias or "none")
+    if config.dp_or_default.enabled:
         settings.dp = validate_dp(config, default_loss, peft_config)
     return settings, peft_config
 
@@ -110,22 +125,22 @@ def validate_config(config: trainer_pb2.TrainingConfig) -> tuple[SessionSettings
 _RATE_RTOL = 1e-6
 
 
-def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: LoraConfig) -> DPState:
+def validate_dp(config: SessionConfig, default_loss: Loss, lora: LoraConfig) -> DPState:
     """The DP parameters of a session, checked; the noise multiplier may still need calibrating."""
-    dp = config.dp_config
+    dp = config.dp_or_default
     if not dp.max_grad_norm > 0 or not math.isfinite(dp.max_grad_norm):
         raise InvalidArgument("config.dp_config.max_grad_norm", "must be a finite number > 0 (the per-sample "
                                                                  "clipping bound)")
-    if dp.HasField("noise_multiplier") and not (dp.noise_multiplier > 0 and math.isfinite(dp.noise_multiplier)):
+    if dp.noise_multiplier is not None and not (dp.noise_multiplier > 0 and math.isfinite(dp.noise_multiplier)):
         raise InvalidArgument("config.dp_config.noise_multiplier", "must be > 0 (no noise, no privacy); omit it "
                                                                     "and give max_steps to calibrate it")
-    if not dp.HasField("noise_multiplier") and dp.budget_id:
+    if dp.noise_multiplier is None and dp.budget_id:
         raise InvalidArgument("config.dp_config.noise_multiplier", "is required when continuing a budget "
                                                                     "(budget_id): give the previous run's")
-    if not dp.HasField("noise_multiplier") and not (dp.HasField("max_steps") and dp.max_steps > 0):
+    if dp.noise_multiplier is None and not (dp.max_steps is not None and dp.max_steps > 0):
         raise InvalidArgument("config.dp_config.noise_multiplier", "give noise_multiplier, or max_steps (> 0) to "
                                                                     "calibrate it to the target epsilon")
-    if dp.HasField("max_steps") and dp.max_steps <= 0:
+    if dp.max_steps is not None and dp.max_steps <= 0:
         raise InvalidArgument("config.dp_config.max_steps", "must be > 0")
     if not dp.budget_id:
         if not (dp.target_epsilon > 0 and math.isfinite(dp.target_epsilon)):
@@ -134,14 +149,14 @@ def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: Lo
             raise InvalidArgument("config.dp_config.target_delta", "must be in (0, 1)")
     expected = config.batch_size * max(1, config.gradient_accumulation_steps)
     rate = None
-    if dp.HasField("dataset_size"):
+    if dp.dataset_size is not None:
         if dp.dataset_size <= 0:
             raise InvalidArgument("config.dp_config.dataset_size", "must be > 0")
         if expected > dp.dataset_size:
             raise InvalidArgument("config.dp_config.dataset_size", f"is smaller than the expected batch size "
                                                                    f"{expected} (batch_size x accumulation steps)")
         rate = expected / dp.dataset_size
-    if dp.HasField("sample_rate"):
+    if dp.sample_rate is not None:
         if not 0 < dp.sample_rate <= 1:
             raise InvalidArgument("config.dp_config.sample_rate", "must be in (0, 1]")
         if rate is not None and abs(rate - dp.sample_rate) > _RATE_RTOL * rate:
@@ -160,10 +175,10 @@ def validate_dp(config: trainer_pb2.TrainingConfig, default_loss: Loss, lora: Lo
         raise InvalidArgument("config.loss.name", f"loss '{default_loss.name}' compares rows with each other, so a "
                                                   "row's gradient is not its own; DP sessions need a per-example "
                                                   "loss")
-    dataset_size = dp.dataset_size if dp.HasField("dataset_size") else None
-    return DPState(noise_multiplier=dp.noise_multiplier if dp.HasField("noise_multiplier") else 0.0,
+    dataset_size = dp.dataset_size
+    return DPState(noise_multiplier=dp.noise_multiplier if dp.noise_multiplier is not None else 0.0,
                    max_grad_norm=dp.max_grad_norm, sample_rate=rate, expected_batch_size=expected,
-                   accountant_type=dp.accountant_type or common_pb2.ACCOUNTANT_TYPE_PLD,
+                   accountant_type=dp.accountant_type or DEFAULT_ACCOUNTANT_TYPE,
                    target_epsilon=dp.target_epsilon, target_delta=dp.target_delta, dataset_size=dataset_size,
                    batch_limit=poisson_batch_limit(rate, dataset_size, expected))
 
@@ -256,7 +271,7 @@ class Trainer:
             if reserved == [0, 0]:
                 del self._reserved[tenant]
 
-    def create_session(self, tenant: str, config: trainer_pb2.TrainingConfig) -> TrainingSession:
+    def create_session(self, tenant: str, config: SessionConfig) -> TrainingSession:
         settings, peft_config = validate_config(config)
         if settings.dp is not None and self.accountant is None:
             raise FailedPrecondition("this trainer has no accountant configured: set TENSAFE_ACCOUNTANT_ENDPOINT")
@@ -267,7 +282,7 @@ class Trainer:
         finally:
             self._release(tenant, private)
 
-    def _create_session(self, tenant: str, config: trainer_pb2.TrainingConfig, settings: SessionSettings,
+    def _create_session(self, tenant: str, config: SessionConfig, settings: SessionSettings,
                         peft_config: LoraConfig, private: bool) -> TrainingSession:
         session_id = "ses_" + uuid.uuid4().hex[:16]
         # Training base biases would change weights other sessions share: such a session gets its own copy.
@@ -306,12 +321,12 @@ class Trainer:
     def _open_budget(self, session: TrainingSession) -> None:
         """Create the session's accountant budget (or take over the one named in the config) and fix
         the noise multiplier, calibrating it from max_steps when it was not given."""
-        dp, cfg, caller = session.dp, session.settings.config.dp_config, call_context.current()
+        dp, cfg, caller = session.dp, session.settings.config.dp_or_default, call_context.current()
         if cfg.budget_id:
             budget = self.accountant.get_budget(caller, cfg.budget_id)
-            if budget.state != accountant_pb2.BUDGET_STATE_ACTIVE:
+            if not budget_is_active(budget):
                 raise FailedPrecondition(f"budget {cfg.budget_id} takes no more steps (state "
-                                         f"{accountant_pb2.BudgetState.Name(budget.state)})")
+                                         f"{budget_state_name(budget)})")
             dp.target_epsilon, dp.target_delta = budget.target_epsilon, budget.target_delta
             dp.accountant_type = budget.accountant_type
             dp.total_epsilon, dp.accounted_steps = budget.spent_epsilon, budget.num_steps
@@ -319,7 +334,7 @@ class Trainer:
             return
         if not dp.noise_multiplier:
             dp.noise_multiplier = self.accountant.calibrate(caller, dp.target_epsilon, dp.target_delta,
-                                                            dp.sample_rate, cfg.max_steps,
+                                                            dp.sample_rate, cfg.max_steps or 0,
                                                             dp.accountant_type).noise_multiplier
         dp.budget_id = self.accountant.create_budget(caller, session.session_id, dp.target_epsilon,
                                                      dp.target_delta, dp.accountant_type,
@@ -383,7 +398,7 @@ class Trainer:
                                      "so per-sample clipping could not bound each row's influence; use a "
                                      "server-side per-example loss")
 
-    def _batch(self, session: TrainingSession, batch: trainer_pb2.Batch, loss: Loss) -> PreparedBatch:
+    def _batch(self, session: TrainingSession, batch: BatchInput, loss: Loss) -> PreparedBatch:
         if session.dp is not None and not loss.per_example:
             raise InvalidArgument("loss.name", f"loss '{loss.name}' compares rows with each other, so a row's "
                                                "gradient is not its own; DP sessions need a per-example loss")
@@ -393,92 +408,89 @@ class Trainer:
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
         return prepared
 
-    def _check_batch_work(self, batch: trainer_pb2.Batch) -> None:
+    def _check_batch_work(self, batch: BatchInput) -> None:
         """rows x length within TENSAFE_MAX_BATCH_TOKENS, from the declared shape, before decoding."""
         limit = self.limits.batch_tokens
-        shape = list(batch.input_ids.shape) if batch.HasField("input_ids") else []
+        shape = list(batch.input_ids.shape) if batch.input_ids is not None else []
         if limit and len(shape) == 2 and shape[0] >= 0 and shape[1] >= 0 and shape[0] * shape[1] > limit:
             raise InvalidArgument("batch.input_ids", f"{shape[0]} rows x {shape[1]} tokens = {shape[0] * shape[1]} "
                                                      f"exceeds the per-call limit of {limit} "
                                                      f"({BATCH_TOKENS_SETTING}); split the batch",
                                   quota=BATCH_TOKENS_SETTING, limit=limit)
 
-    def forward_backward(self, tenant: str, req: trainer_pb2.ForwardBackwardRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
-        loss = resolve_request_loss(s.settings.default_loss, req.loss, req.HasField("loss"))
-        batch = self._batch(s, req.batch, loss)
-        return self._submit(s, trainer_pb2.OP_TYPE_FORWARD_BACKWARD,
-                            lambda: s.forward_backward(batch, loss, req.return_logprobs))
+    def forward_backward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
+                         return_logprobs: bool = False) -> Op:
+        s = self.get(tenant, session_id, active=True)
+        resolved = resolve_request_loss(s.settings.default_loss, loss)
+        prepared = self._batch(s, batch, resolved)
+        return self._submit(s, OP_FORWARD_BACKWARD, lambda: s.forward_backward(prepared, resolved, return_logprobs))
 
-    def forward(self, tenant: str, req: trainer_pb2.ForwardRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
-        loss = resolve_request_loss(s.settings.default_loss, req.loss, req.HasField("loss"))
-        batch = self._batch(s, req.batch, loss)
-        return self._submit(s, trainer_pb2.OP_TYPE_FORWARD, lambda: s.forward(batch, loss, req.return_logprobs))
+    def forward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
+                return_logprobs: bool = False) -> Op:
+        s = self.get(tenant, session_id, active=True)
+        resolved = resolve_request_loss(s.settings.default_loss, loss)
+        prepared = self._batch(s, batch, resolved)
+        return self._submit(s, OP_FORWARD, lambda: s.forward(prepared, resolved, return_logprobs))
 
-    def forward_custom(self, tenant: str, req: trainer_pb2.ForwardCustomRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
+    def forward_custom(self, tenant: str, session_id: str, batch: BatchInput) -> Op:
+        s = self.get(tenant, session_id, active=True)
         self._no_custom_in_dp(s, "ForwardCustom")
-        batch = self._batch(s, req.batch, resolve_loss("token_ce"))
+        prepared = self._batch(s, batch, resolve_loss("token_ce"))
         holder: dict[str, str] = {}
-        op = self._submit(s, trainer_pb2.OP_TYPE_FORWARD_CUSTOM, lambda: s.forward_custom(holder["id"], batch))
+        op = self._submit(s, OP_FORWARD_CUSTOM, lambda: s.forward_custom(holder["id"], prepared))
         holder["id"] = op.future_id
         return op
 
-    def backward_custom(self, tenant: str, req: trainer_pb2.BackwardCustomRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
+    def backward_custom(self, tenant: str, session_id: str, forward_future_id: str,
+                        grad_logprobs: TensorData | None, loss: float | None = None) -> Op:
+        s = self.get(tenant, session_id, active=True)
         self._no_custom_in_dp(s, "BackwardCustom")
-        if not req.forward_future_id:
+        if not forward_future_id:
             raise InvalidArgument("forward_future_id", "is required")
-        if not req.HasField("grad_logprobs") or len(req.grad_logprobs.shape) != 2:
+        if grad_logprobs is None or len(grad_logprobs.shape) != 2:
             raise InvalidArgument("grad_logprobs", "is required, as a float tensor [batch, seq]")
-        shape = (int(req.grad_logprobs.shape[0]), int(req.grad_logprobs.shape[1]))
-        grad = float_matrix(req.grad_logprobs, "grad_logprobs", shape)
-        loss = req.loss if req.HasField("loss") else None
-        return self._submit(s, trainer_pb2.OP_TYPE_BACKWARD_CUSTOM,
-                            lambda: s.backward_custom(req.forward_future_id, grad, loss))
+        shape = (int(grad_logprobs.shape[0]), int(grad_logprobs.shape[1]))
+        grad = float_matrix(grad_logprobs, "grad_logprobs", shape)
+        return self._submit(s, OP_BACKWARD_CUSTOM, lambda: s.backward_custom(forward_future_id, grad, loss))
 
-    def optim_step(self, tenant: str, req: trainer_pb2.OptimStepRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
+    def optim_step(self, tenant: str, session_id: str, apply_dp_noise: bool | None = None) -> Op:
+        """``apply_dp_noise`` None: not given (the session's DP setting applies)."""
+        s = self.get(tenant, session_id, active=True)
         if s.dp is not None:
-            if req.HasField("apply_dp_noise") and not req.apply_dp_noise:
+            if apply_dp_noise is False:
                 raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
                                                         "noised and accounted; false is refused, not obeyed")
             caller = call_context.current()  # the accountant is called as this caller, from the worker
-            return self._submit(s, trainer_pb2.OP_TYPE_OPTIM_STEP, lambda: s.optim_step(caller))
-        if req.HasField("apply_dp_noise") and req.apply_dp_noise:
+            return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(caller))
+        if apply_dp_noise:
             raise InvalidArgument("apply_dp_noise", "this session has no DP configuration (dp_config.enabled is "
                                                     "false); create a DP session to train with noise")
-        return self._submit(s, trainer_pb2.OP_TYPE_OPTIM_STEP, s.optim_step)
+        return self._submit(s, OP_OPTIM_STEP, s.optim_step)
 
-    def sample(self, tenant: str, req: trainer_pb2.SampleRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
-        sp = req.sampling
-        if req.prompts and req.prompt_token_ids:
+    def sample(self, tenant: str, session_id: str, sampling: SamplingSpec, prompts: Sequence[str] = (),
+               prompt_token_ids: Sequence[Sequence[int]] = ()) -> Op:
+        """Generate from the session's weights. ``sampling``'s own ranges are the servicer's check
+        (``tg_tinker.sampling_rules``, shared with inference and the SDK); the limits that depend on
+        this trainer (tokens per call, the vocabulary, the session's length) are checked here."""
+        s = self.get(tenant, session_id, active=True)
+        sp = sampling
+        if prompts and prompt_token_ids:
             raise InvalidArgument("prompts", "give prompts as text or as token ids, not both")
-        if not req.prompts and not req.prompt_token_ids:
+        if not prompts and not prompt_token_ids:
             raise InvalidArgument("prompts", "at least one prompt is required")
         if sp.max_tokens <= 0:
             raise InvalidArgument("sampling.max_tokens", "must be > 0")
-        if sp.HasField("temperature") and sp.temperature < 0:
-            raise InvalidArgument("sampling.temperature", "must be >= 0 (0 is greedy)")
-        if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
-            raise InvalidArgument("sampling.top_p", "must be in (0, 1]")
-        if sp.HasField("top_k") and sp.top_k < 0:
-            raise InvalidArgument("sampling.top_k", "must be >= 0 (0 disables it)")
-        if sp.num_samples < 0 or sp.num_samples > 64:
-            raise InvalidArgument("sampling.num_samples", "must be between 1 and 64")
-        check_sample_work(len(req.prompts) or len(req.prompt_token_ids), sp, self.limits.sample_tokens)
+        check_sample_work(len(prompts) or len(prompt_token_ids), sp, self.limits.sample_tokens)
         tok = s.base.tokenizer
-        if req.prompts:
-            texts = list(req.prompts)
-            prompts = [tok(t).input_ids for t in texts]
+        if prompts:
+            texts = list(prompts)
+            ids_list = [tok(t).input_ids for t in texts]
             field = "prompts"
         else:
-            prompts = [list(p.token_ids) for p in req.prompt_token_ids]
-            texts = [tok.decode(p) for p in prompts]
+            ids_list = [list(p) for p in prompt_token_ids]
+            texts = [tok.decode(p) for p in ids_list]
             field = "prompt_token_ids"
-        for i, ids in enumerate(prompts):
+        for i, ids in enumerate(ids_list):
             if not ids:
                 raise InvalidArgument(f"{field}[{i}]", "is empty")
             if min(ids) < 0 or max(ids) >= s.base.vocab_size:
@@ -487,16 +499,17 @@ class Trainer:
                 raise InvalidArgument("sampling.max_tokens", f"prompt {i} ({len(ids)} tokens) plus max_tokens "
                                                              f"exceeds the limit of {s.settings.max_length}")
         cancel = threading.Event()  # CancelFuture stops it between tokens, even once it runs
-        return self._submit(s, trainer_pb2.OP_TYPE_SAMPLE, lambda: s.sample(prompts, texts, sp, cancel), cancel)
+        return self._submit(s, OP_SAMPLE, lambda: s.sample(ids_list, texts, sp, cancel), cancel)
 
-    def save_state(self, tenant: str, req: trainer_pb2.SaveStateRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
+    def save_state(self, tenant: str, session_id: str, name: str = "", include_optimizer: bool = False,
+                   metadata: Mapping[str, Any] | None = None) -> Op:
+        s = self.get(tenant, session_id, active=True)
         if self.vault is None:
             raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
-        if len(req.name) > 256:
+        if len(name) > 256:
             raise InvalidArgument("name", "must be at most 256 characters")
         caller = call_context.current()  # the vault is called as this caller, later, from the worker
-        metadata = struct_kwargs(req.metadata) if req.HasField("metadata") else {}
+        meta = dict(metadata or {})
         vault = self.vault
         try:
             lineage_key = lineage_mac.derive_key(self.service_key())
@@ -505,44 +518,38 @@ class Trainer:
 
         def run() -> tuple[str, Any]:
             lineage = s.lineage.proto(s.session_id, s.dp)
-            data = checkpoint.build(s, req.include_optimizer, metadata, lineage)
+            data = checkpoint.build(s, include_optimizer, meta, lineage)
             tag = lineage_mac.mac(lineage_key, s.tenant_id, hashlib.sha256(data).digest(), lineage)
-            artifact = vault.put(caller, data, kind=vault_pb2.ARTIFACT_KIND_CHECKPOINT,
-                                 name=req.name or f"{s.session_id}-step{s.step}", metadata=metadata,
+            artifact = vault.put(caller, data, kind=checkpoint.ARTIFACT_KIND,
+                                 name=name or f"{s.session_id}-step{s.step}", metadata=meta,
                                  session_id=s.session_id, content_type=checkpoint.CONTENT_TYPE,
                                  lineage=lineage, lineage_mac=tag)
             self.audit.record(caller, s.tenant_id, "trainer.SaveState", SUCCESS, artifact.artifact_id,
                               {"session_id": s.session_id, **lineage_mac.summary(artifact.lineage)})
-            return "save_state", trainer_pb2.SaveStateResult(
-                artifact_id=artifact.artifact_id, step=s.step, encryption=artifact.encryption,
-                size_bytes=artifact.size_bytes, sha256=artifact.plaintext_sha256, name=artifact.name,
-                metadata=artifact.metadata, create_time=artifact.create_time, lineage=artifact.lineage)
+            return s.saved(artifact)
 
-        return self._submit(s, trainer_pb2.OP_TYPE_SAVE_STATE, run)
+        return self._submit(s, OP_SAVE_STATE, run)
 
-    def load_state(self, tenant: str, req: trainer_pb2.LoadStateRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
+    def load_state(self, tenant: str, session_id: str, artifact_id: str) -> Op:
+        s = self.get(tenant, session_id, active=True)
         if self.vault is None:
             raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
-        if not req.artifact_id:
+        if not artifact_id:
             raise InvalidArgument("artifact_id", "is required")
         caller = call_context.current()
         vault = self.vault
 
         def run() -> tuple[str, Any]:
-            artifact, data = vault.get(caller, req.artifact_id)
+            artifact, data = vault.get(caller, artifact_id)
             # The lineage is the vault's record of the artifact, never what its own files claim.
-            record, optimizer_restored = checkpoint.restore(s, checkpoint.read(data), artifact.lineage,
-                                                            req.artifact_id)
-            return "load_state", trainer_pb2.LoadStateResult(
-                step=s.step, artifact_id=req.artifact_id, optimizer_restored=optimizer_restored,
-                metadata=artifact.metadata, lineage=s.lineage.proto(s.session_id, s.dp))
+            _, optimizer_restored = checkpoint.restore(s, checkpoint.read(data), artifact.lineage, artifact_id)
+            return s.loaded(artifact, artifact_id, optimizer_restored)
 
-        return self._submit(s, trainer_pb2.OP_TYPE_LOAD_STATE, run)
+        return self._submit(s, OP_LOAD_STATE, run)
 
-    def get_info(self, tenant: str, req: trainer_pb2.GetInfoRequest) -> Op:
-        s = self.get(tenant, req.session_id, active=True)
-        return self._submit(s, trainer_pb2.OP_TYPE_GET_INFO, s.info)
+    def get_info(self, tenant: str, session_id: str) -> Op:
+        s = self.get(tenant, session_id, active=True)
+        return self._submit(s, OP_GET_INFO, s.info)
 
     # -- futures ------------------------------------------------------------------------------
     def future(self, tenant: str, session_id: str, future_id: str) -> Op:
@@ -558,7 +565,9 @@ class Trainer:
             raise NotFound("future", future_id)
         return cancelled, op
 
-    def watch(self, tenant: str, req: trainer_pb2.WatchFuturesRequest, still_wanted) -> Iterator:
-        session = self.get(tenant, req.session_id)
-        return session.book.watch(req.after_sequence, set(req.future_ids), still_wanted)
+    def watch(self, tenant: str, session_id: str, after_sequence: int, future_ids: Iterable[str],
+              still_wanted: Callable[[], bool]) -> Iterator:
+        """The end events of the session's ops after ``after_sequence`` (only ``future_ids``, if any)."""
+        session = self.get(tenant, session_id)
+        return session.book.watch(after_sequence, set(future_ids), still_wanted)
 

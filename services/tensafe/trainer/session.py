@@ -1,4 +1,10 @@
-"""A training session: its adapter, optimizer, RNG and futures, and what each op does."""
+"""A training session: its adapter, optimizer, RNG and futures, and what each op does.
+
+An op's arguments are plain values; what it returns is its future's result, the message the
+``FutureEvent`` carries (``ForwardBackwardResult``, ``SampleResult``, ...): kept as built, so that
+every watcher of the future is sent the same bytes. That is the one place the logic builds
+messages (with ``futures``, ``sampling``, ``checkpoint`` and ``lineage`` for their parts of it).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ from google.protobuf import struct_pb2
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument, TensafeError
 from tg_tinker.tensors import to_proto
 
-from .accountant_client import AccountantClient
 from .audit_trail import DENIED, FAILED, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch
@@ -27,14 +33,16 @@ from .dp import PerSampleClipper, SecureGaussian
 from .futures import FutureBook, Op, error_detail
 from .lineage import SessionLineage
 from .losses import Loss, LossInputs, LossOutput, token_logprobs
+from .messages import lora_proto, struct
 from .sampling import generate_steps
+from .values import SamplingSpec, SessionConfig
 
 
 @dataclass
 class SessionSettings:
-    """A validated TrainingConfig."""
+    """A validated TrainingConfig (``config``: as given, echoed back; the rest: its resolved values)."""
 
-    config: trainer_pb2.TrainingConfig
+    config: SessionConfig
     optimizer: str
     learning_rate: float
     weight_decay: float
@@ -129,17 +137,6 @@ class TrainingSession:
     @property
     def closed(self) -> bool:
         return self.close_time is not None
-
-    def proto(self) -> trainer_pb2.Session:
-        msg = trainer_pb2.Session(session_id=self.session_id, tenant_id=self.tenant_id, config=self.settings.config,
-                                  state=trainer_pb2.SESSION_STATE_CLOSED if self.closed
-                                  else trainer_pb2.SESSION_STATE_ACTIVE,
-                                  step=self.step, last_sequence=self.book.last_sequence,
-                                  budget_id=self.dp.budget_id if self.dp else "")
-        msg.create_time.FromNanoseconds(int(self.create_time * 1e9))
-        if self.close_time:
-            msg.close_time.FromNanoseconds(int(self.close_time * 1e9))
-        return msg
 
     def error_detail(self, err: TensafeError) -> common_pb2.ErrorDetail:
         return error_detail(err)
@@ -380,7 +377,7 @@ class TrainingSession:
     def _reset_accumulation(self) -> None:
         self.micro_steps = self.optim_calls = self.tokens_since_update = 0
 
-    def sample(self, prompts: list[list[int]], texts: list[str], sampling: common_pb2.SamplingParams,
+    def sample(self, prompts: list[list[int]], texts: list[str], sampling: SamplingSpec,
                cancel: threading.Event | None = None) -> Iterator[None]:
         """A generator: one sequence per slice (see SharedBase), returning ("sample", SampleResult)."""
         self._drop_custom()
@@ -392,11 +389,12 @@ class TrainingSession:
         tok = self.base.tokenizer
         trainable = sum(p.numel() for p in self.base.adapter_parameters(self.session_id))
         msg = trainer_pb2.SessionInfo(
-            session_id=self.session_id, model_ref=cfg.model_ref, step=self.step, lora_config=cfg.lora_config,
+            session_id=self.session_id, model_ref=cfg.model_ref, step=self.step,
+            lora_config=lora_proto(cfg.lora_or_default),
             num_trainable_parameters=trainable, num_parameters=self.base.num_base_parameters + trainable,
             vocab_size=self.base.vocab_size, max_sequence_length=self.settings.max_length,
             pending_ops=self.book.pending_count() - 1, tokens_processed=self.tokens_processed,
-            metadata=cfg.metadata if cfg.HasField("metadata") else struct_pb2.Struct(),
+            metadata=struct(cfg.metadata) if cfg.metadata is not None else struct_pb2.Struct(),
             dp_enabled=self.dp is not None, budget_id=self.dp.budget_id if self.dp else "",
             total_epsilon=self.dp.total_epsilon if self.dp else 0.0,
             lineage=self.lineage.proto(self.session_id, self.dp),
@@ -406,6 +404,19 @@ class TrainingSession:
         if tok.pad_token_id is not None:
             msg.pad_token_id = int(tok.pad_token_id)
         return "info", msg
+
+    def saved(self, artifact: Any) -> tuple[str, Any]:
+        """SaveState's result, from the vault's record of the checkpoint just stored."""
+        return "save_state", trainer_pb2.SaveStateResult(
+            artifact_id=artifact.artifact_id, step=self.step, encryption=artifact.encryption,
+            size_bytes=artifact.size_bytes, sha256=artifact.plaintext_sha256, name=artifact.name,
+            metadata=artifact.metadata, create_time=artifact.create_time, lineage=artifact.lineage)
+
+    def loaded(self, artifact: Any, artifact_id: str, optimizer_restored: bool) -> tuple[str, Any]:
+        """LoadState's result, once the checkpoint is in the session."""
+        return "load_state", trainer_pb2.LoadStateResult(
+            step=self.step, artifact_id=artifact_id, optimizer_restored=optimizer_restored,
+            metadata=artifact.metadata, lineage=self.lineage.proto(self.session_id, self.dp))
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:

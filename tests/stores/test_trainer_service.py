@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BACKENDS
+from stores.backends import service_engine
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime import context as call_context
@@ -32,6 +34,7 @@ from tensafe.runtime.vault_client import VaultClient
 from tensafe.trainer.futures import Op
 from tensafe.trainer.service import Trainer
 from tensafe.trainer.servicer import batch_value
+from tensafe.trainer.store import TrainerStore
 from tensafe.trainer.values import (
     DPSpec,
     LoraSpec,
@@ -278,3 +281,33 @@ def test_tensor_values_decode_by_the_sdk_rules() -> None:
     with pytest.raises(InvalidArgument) as err:
         prepare_batch(bad, vocab_size=384, max_length=64)
     assert err.value.field == "batch.input_ids.data"
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path) -> TrainerStore:
+    return TrainerStore(service_engine(request, "trainer", tmp_path))
+
+
+class TestTrainerStore:
+    def test_an_op_entry_lands_in_the_outbox(self, store: TrainerStore) -> None:
+        import sqlalchemy as sa
+
+        from tensafe.api.ledger.v1 import ledger_pb2
+        from tensafe.runtime.audit import outbox
+        from tensafe.runtime.identity import Principal
+        from tensafe.trainer.audit_trail import DENIED, OpAudit
+
+        audit = OpAudit(store.engine)
+        caller = CallContext(Principal("t1", "key_1"), "req-9", "", "/tensafe.api.trainer.v1.TrainerService/OptimStep")
+        audit.record(caller, "t1", "trainer.OptimStep", DENIED, "ses_1", {"rows": 9, "reason": "DP_BATCH_IMPLAUSIBLE"})
+        OpAudit(None).record(caller, "t1", "trainer.OptimStep", DENIED, "ses_2", {})  # no database: nothing kept
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.select(outbox.c.entry_id, outbox.c.payload)).all()
+        assert len(rows) == 1
+        entry = ledger_pb2.AuditEntry.FromString(rows[0].payload)
+        assert entry.entry_id == rows[0].entry_id and entry.resource_id == "ses_1"
+        assert (entry.tenant_id, entry.key_id, entry.request_id) == ("t1", "key_1", "req-9")
+        assert entry.outcome == ledger_pb2.AUDIT_OUTCOME_DENIED
+        assert dict(entry.details) == {"phase": "run", "rows": "9", "reason": "DP_BATCH_IMPLAUSIBLE"}
+        with pytest.raises(sa.exc.IntegrityError):  # an entry id is queued once
+            store.queue_audit_entry(entry.entry_id, rows[0].payload)

@@ -4,18 +4,20 @@ The request pipeline writes one entry per call when the call ends; for the train
 when the future is created, before the op runs. What only the run knows (a DP step refused or
 spent without its update, the lineage of a saved checkpoint) is written here, into the same
 durable outbox the pipeline uses (delivered to the ledger by the service's own deliverer), with
-the call's tenant, key and request id, so that the entry sits beside the call's own.
+the call's tenant, key and request id, so that the entry sits beside the call's own. The insert
+itself is ``store.TrainerStore``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from sqlalchemy.engine import Engine
 
-from tensafe.runtime.audit import DENIED, FAILED, SUCCESS, build_entry, outbox
+from tensafe.runtime.audit import DENIED, FAILED, SUCCESS, build_entry
 from tensafe.runtime.context import CallContext
+
+from .store import TrainerStore
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -24,19 +26,17 @@ __all__ = ["DENIED", "FAILED", "SUCCESS", "OpAudit"]
 
 class OpAudit:
     def __init__(self, engine: Engine | None) -> None:
-        self.engine = engine
+        self.store = TrainerStore(engine) if engine is not None else None  # None: entries are not kept
 
     def record(self, caller: CallContext | None, tenant_id: str, action: str, outcome: int, resource: str,
                details: dict[str, str]) -> None:
-        if self.engine is None:
+        if self.store is None:
             return
         entry = build_entry(service="trainer", action=action, tenant_id=tenant_id,
                             key_id=caller.principal.key_id if caller else "", outcome=outcome,
                             request_id=caller.request_id if caller else "", resource=resource,
                             details={"phase": "run", **{k: str(v) for k, v in details.items()}})  # bounded there
         try:
-            with self.engine.begin() as conn:
-                conn.execute(outbox.insert().values(entry_id=entry.entry_id, payload=entry.SerializeToString(),
-                                                    created_at=time.time()))
+            self.store.queue_audit_entry(entry.entry_id, entry.SerializeToString())
         except Exception:  # as the pipeline: never fail the op because of the audit trail
             log.exception("could not record the audit entry of %s (%s)", action, resource)

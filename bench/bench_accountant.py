@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
@@ -46,7 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T | None]:
     times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -90,6 +95,7 @@ def main() -> int:
         env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING")
         server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),
                                    "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
         api_key = next(line.strip() for line in server.stdout if line.startswith("ts-"))
         try:
             from tg_tinker import ServiceClient
@@ -117,7 +123,7 @@ def main() -> int:
                 record_times.append(time.perf_counter() - t)
             fill = time.perf_counter() - t0
             at_delta, got = timed(lambda: call("GetEpsilon", pb.GetEpsilonRequest(budget_id=bid)), args.repeat)
-            assert got.num_steps == args.steps, got
+            assert got is not None and got.num_steps == args.steps, got
             t = time.perf_counter()
             other = call("GetEpsilon", pb.GetEpsilonRequest(budget_id=bid, delta=1e-6))
             other_first = time.perf_counter() - t

@@ -137,6 +137,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),
                                    "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
         api_key = next(line.strip() for line in server.stdout if line.startswith("ts-"))
         try:
             from tg_tinker import ServiceClient

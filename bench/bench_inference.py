@@ -94,7 +94,7 @@ def anchor_round(model, tokenizer, pad: int, tokens: int) -> tuple[float, float,
     return generated / elapsed, first, outputs
 
 
-def service_round(sc, tokens: int) -> tuple[float, float, list[list[int]]]:
+def service_round(sc, tokens: int) -> tuple[float, float | None, list[list[int]]]:
     outputs: dict[int, list[int]] = {}
     start = time.perf_counter()
     first = None

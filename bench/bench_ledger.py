@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 
 from tensafe.api.ledger.v1 import ledger_pb2
 from tensafe.ledger.log import MerkleLog, canonical_entry, leaves
@@ -135,7 +136,7 @@ def main() -> int:
     schema = f"bench_{secrets.token_hex(4)}"
     try:
         bench_appends("PostgreSQL", args.pg, schema, args.seconds, args.threads)
-    except sa.exc.OperationalError as exc:
+    except OperationalError as exc:
         print(f"PostgreSQL: skipped ({str(exc).splitlines()[0]})")
     finally:
         try:
@@ -143,7 +144,7 @@ def main() -> int:
             with engine.begin() as conn:
                 conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
             engine.dispose()
-        except sa.exc.OperationalError:
+        except OperationalError:
             pass
     bench_verify(args.seconds)
     return 0

@@ -80,6 +80,7 @@ class Server:
         self.data = tmp / "data"
         self.proc = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(self.data),
                                       "--port", str(self.port)], env=env, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith("ts-"):
                 self.api_key = line.strip()

@@ -51,7 +51,7 @@ def sha_alone(buffers: list[bytes], count: int) -> float:
     return time.perf_counter() - start
 
 
-def container_encrypt(buffers: list[bytes], count: int, key: bytes) -> tuple[float, bytes, int]:
+def container_encrypt(buffers: list[bytes], count: int, key: bytes) -> tuple[float, bytes | None, int]:
     # Segments are dropped as they come, as the vault drops them once written, so freed memory is reused.
     start = time.perf_counter()
     writer = ContainerWriter(key, "tnt_bench", "art_bench")
@@ -73,7 +73,7 @@ def container_bytes(buffers: list[bytes], count: int, key: bytes) -> bytes:
     return b"".join(segments)
 
 
-def container_decrypt(blob: bytes, key: bytes) -> tuple[float, bytes, int]:
+def container_decrypt(blob: bytes, key: bytes) -> tuple[float, bytes | None, int]:
     view = memoryview(blob)
     start = time.perf_counter()
     reader = ContainerReader(key, "tnt_bench", "art_bench")
@@ -87,7 +87,7 @@ def container_decrypt(blob: bytes, key: bytes) -> tuple[float, bytes, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="bytes per measurement, in MiB")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -102,10 +102,12 @@ def main() -> int:
         anchor_port, vault_port = free_port(), free_port()
         anchor = subprocess.Popen([sys.executable, "-c", ANCHOR_SERVER, str(anchor_port), str(Path(tmp) / "raw")],
                                   stdout=subprocess.PIPE, text=True)
+        assert anchor.stdout is not None
         anchor.stdout.readline()
         env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING")
         vault = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),
                                   "--port", str(vault_port)], env=env, stdout=subprocess.PIPE, text=True)
+        assert vault.stdout is not None
         api_key = next(line.strip() for line in vault.stdout if line.startswith("ts-"))
         try:
             from tg_tinker import ServiceClient

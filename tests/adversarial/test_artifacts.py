@@ -217,6 +217,48 @@ def test_the_he_service_refuses_the_same_configs() -> None:
     assert layers["model.layers.1.self_attn.v_proj"].rank == 2 and layers["model.layers.0.self_attn.v_proj"].rank == 4
 
 
+def test_the_three_readers_apply_one_set_of_rules() -> None:
+    """Inference, he and the trainer read adapter artifacts through tensafe.runtime.adapter_artifact: the same
+    artifact is refused by each, naming the same field."""
+    from tensafe.he import adapters as he_adapters
+    from tensafe.inference.adapter import read_adapter
+    from tensafe.runtime.adapter_artifact import MAX_MEMBERS, adapter_from_files, read_adapter_artifact
+    from tensafe.trainer import checkpoint
+
+    good = adapter_tar(config())
+    session = {"session.json": b"{}", "rng.safetensors": st_save({"cpu": torch.zeros(4, dtype=torch.uint8)})}
+    cases = {
+        "over the size cap": (good, 1024, "artifact_id", "TENSAFE_MAX_ARTIFACT_MB"),
+        "17 members": (adapter_tar(config(), **session, **{f"n{i}": b"x" for i in range(13)}), 1 << 30,
+                       "artifact_id", "more than 16 members"),
+        "no weights": (tar_of({"adapter_config.json": json.dumps(config()).encode(), **session}), 1 << 30,
+                       "artifact_id", "adapter_model.safetensors"),
+        "sparse member": (_header_member("adapter_config.json", json.dumps(config()).encode()) + gnu_sparse_bomb(),
+                          1 << 30, "artifact_id", "sparse"),
+        "pissa": (adapter_tar(config(init_lora_weights="pissa"), **session), 1 << 30,
+                  "adapter_config.init_lora_weights", ""),
+        "base weight": (adapter_tar(config(), BAD_WEIGHTS["base_layer_weight"], **session), 1 << 30,
+                        "adapter_model", "LoRA factor"),
+    }
+    readers = {
+        "inference": lambda data, cap: read_adapter(data, cap),
+        "he": lambda data, cap: he_adapters.layers(read_adapter_artifact(data, cap)),
+        # checkpoint.read, then the config and weights rules check_adapter applies (it needs a session).
+        "trainer": lambda data, cap: adapter_from_files(checkpoint.read(data, cap), what="checkpoint"),
+    }
+    for case, (data, cap, field, words) in cases.items():
+        for reader_name, reader in readers.items():
+            with pytest.raises(InvalidArgument) as err:
+                reader(data, cap)
+            assert (err.value.field, words in str(err.value)) == (field, True), (case, reader_name, str(err.value))
+    # What one accepts, all accept: 16 members (a checkpoint's six and others), a PEFT adapter alone.
+    assert MAX_MEMBERS == 16
+    for reader in readers.values():
+        reader(adapter_tar(config(), **session, **{f"n{i}": b"x" for i in range(12)}), 1 << 30)
+    for reader in ("inference", "he"):
+        readers[reader](good, len(good))
+
+
 # -- through a real `tensafe up` ------------------------------------------------------------------------------------
 def _tc_config(seed: int = 1, bias: str = "none") -> TrainingConfig:
     return TrainingConfig(model_ref="tiny", batch_size=2, seed=seed,

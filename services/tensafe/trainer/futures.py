@@ -1,4 +1,10 @@
-"""Futures of one training session: submitted in order, completed in order, watched over a stream."""
+"""Futures of one training session: submitted in order, completed in order, watched over a stream.
+
+An op's outcome is kept as the messages it is sent as (its result, its ``ErrorDetail``), built once
+when it ends, so that every watcher and every GetFuture is sent the same; ``Op.ref`` and ``Op.event``
+wrap them. With ``session``'s results, the one part of the trainer's logic that builds messages
+(see ``service``).
+"""
 
 from __future__ import annotations
 

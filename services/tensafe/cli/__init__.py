@@ -141,14 +141,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_vkey(args: argparse.Namespace) -> int:
-    from tensafe.ledger.servicer import load_signer
+    from tensafe.ledger.service import load_signer
 
     print(load_signer(_config(args)).vkey)
     return 0
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from tensafe.ledger.servicer import load_signer
+    from tensafe.ledger.service import load_signer
     from tensafe.ledger.verify import verify_log
     from tensafe.runtime.db import create_engine
     from tg_tinker.transparency import NoteVerifier

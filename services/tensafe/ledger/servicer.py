@@ -10,11 +10,8 @@ from tensafe.runtime.messages import timestamp
 from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
-from .service import MerkleLog, load_signer, load_signers
+from .service import MerkleLog, load_signers
 from .store import CheckpointRecord, LedgerStore
-
-# load_signer: still imported from here by the cli (until its import moves to .service).
-__all__ = ["LedgerServicer", "checkpoint_proto", "create", "load_signer"]
 
 
 def checkpoint_proto(record: CheckpointRecord, origin: str) -> ledger_pb2.Checkpoint:

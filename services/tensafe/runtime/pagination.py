@@ -29,7 +29,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar, overload
 
 import sqlalchemy as sa
 
@@ -44,6 +44,8 @@ MAX_TOKEN_CHARS = 512
 
 _PREFIX = "p1."
 Key = tuple[object, ...]
+# The sort key of one listing, e.g. tuple[float, str] (created_at, id); see page_request's overloads.
+KeyT = TypeVar("KeyT", bound=Key)
 
 
 def _scope(method: str, filters: dict[str, object]) -> str:
@@ -57,11 +59,11 @@ def _bad(message: str) -> InvalidArgument:
 
 
 @dataclass(frozen=True)
-class PageRequest:
+class PageRequest(Generic[KeyT]):
     """A parsed page request: ``size`` items wanted, after the key ``after`` (None: from the start)."""
 
     size: int
-    after: Key | None
+    after: KeyT | None
     scope: str
 
     @property
@@ -69,18 +71,27 @@ class PageRequest:
         """How many rows to fetch: one more than the page, to know whether another follows."""
         return self.size + 1
 
-    def token(self, key: Key) -> str:
+    def token(self, key: KeyT) -> str:
         raw = json.dumps([self.scope, list(key)], separators=(",", ":"), allow_nan=False).encode()
         return _PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
-    def page(self, rows: Sequence[T], key: Callable[[T], Key]) -> tuple[list[T], str]:
+    def page(self, rows: Sequence[T], key: Callable[[T], KeyT]) -> tuple[list[T], str]:
         """The page to send out of ``rows`` (fetched with :attr:`limit`), and its next_page_token."""
         page = list(rows[:self.size])
         return page, (self.token(key(page[-1])) if len(rows) > self.size and page else "")
 
 
+@overload
+def page_request(method: str, page_size: int, page_token: str, key_types: tuple[type[float], type[str]],
+                 **filters: object) -> PageRequest[tuple[float, str]]: ...
+@overload
+def page_request(method: str, page_size: int, page_token: str, key_types: tuple[type[int]],
+                 **filters: object) -> PageRequest[tuple[int]]: ...
+@overload
 def page_request(method: str, page_size: int, page_token: str, key_types: Sequence[type],
-                 **filters: object) -> PageRequest:
+                 **filters: object) -> PageRequest[Any]: ...
+def page_request(method: str, page_size: int, page_token: str, key_types: Sequence[type],
+                 **filters: object) -> PageRequest[Any]:
     """Validate ``page_size``/``page_token`` of ``method`` (e.g. "vault.ListArtifacts").
 
     ``key_types`` is the shape of the listing's sort key (e.g. ``(float, str)``); ``filters`` are

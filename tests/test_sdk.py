@@ -18,30 +18,35 @@ from conftest import REPO
 from tensafe.api.common.v1 import common_pb2
 from tg_tinker import FutureCancelledError, FutureHandle, FutureTimeoutError, TGTinkerError
 from tg_tinker._transport import _REASON_TO_ERROR
+from tg_tinker.futures import Outcome
 
 
 def test_future_result_after_completion_from_another_thread() -> None:
-    fut: FutureHandle[int] = FutureHandle("f1")
+    outcome: Outcome[int] = Outcome()
+    fut = FutureHandle("f1", outcome=outcome)
     seen = []
     fut.add_done_callback(lambda f: seen.append(f.future_id))
-    threading.Timer(0.05, fut._set_result, args=(42,)).start()
+    threading.Timer(0.05, outcome.set_result, args=(42,)).start()
     assert fut.result(timeout=5) == 42
     assert fut.done() and fut.exception() is None and seen == ["f1"]
 
 
 def test_future_timeout_leaves_it_pending() -> None:
-    fut: FutureHandle[int] = FutureHandle("f2")
+    outcome: Outcome[int] = Outcome()
+    fut = FutureHandle("f2", outcome=outcome)
     start = time.monotonic()
     with pytest.raises(FutureTimeoutError):
         fut.result(timeout=0.05)
     assert time.monotonic() - start < 2 and not fut.done()
-    fut._set_result(1)
+    outcome.set_result(1)
+    outcome.set_result(2)  # the first completion wins
     assert fut.result(0) == 1
 
 
 def test_future_error_is_raised_by_result() -> None:
-    fut: FutureHandle[int] = FutureHandle("f3")
-    fut._set_exception(tg_tinker.DPBudgetExceededError("spent", code="DP_BUDGET_EXCEEDED"))
+    outcome: Outcome[int] = Outcome()
+    fut = FutureHandle("f3", outcome=outcome)
+    outcome.set_exception(tg_tinker.DPBudgetExceededError("spent", code="DP_BUDGET_EXCEEDED"))
     with pytest.raises(tg_tinker.DPBudgetExceededError):
         fut.result()
     assert isinstance(fut.exception(), tg_tinker.DPBudgetExceededError)

@@ -8,11 +8,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import errors
@@ -64,31 +64,39 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.TGTinkerError]] = {
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
+def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` the server attached to the error (its details), if any."""
+    if not isinstance(err, grpc.Call):
+        return None
+    try:
+        # types-grpcio-status leaves from_call's result unannotated: it is a Status or None.
+        status = cast("status_pb2.Status | None", rpc_status.from_call(err))  # pyright: ignore[reportUnknownMemberType]
+    except (ValueError, AttributeError):
+        return None
+    return status
+
+
 def translate_error(err: grpc.RpcError) -> errors.TGTinkerError:
     """The single place where a gRPC error becomes an SDK exception."""
     code: grpc.StatusCode = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    message = err.details() if hasattr(err, "details") else str(err)
-    reason, metadata, retry_after, field = None, {}, None, None
-    try:
-        status = rpc_status.from_call(err)
-    except (ValueError, AttributeError):
-        status = None
+    message = (err.details() or "") if hasattr(err, "details") else str(err)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    retry_after: float | None = None
+    field: str | None = None
+    status = _rich_status(err)
     if status is not None:
         message = status.message
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
+            # Unpack is False when the detail is another message type.
+            info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
                 reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
+            elif detail.Unpack(retry):
                 retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                if bad.field_violations:
-                    field = bad.field_violations[0].field
+            elif detail.Unpack(bad) and bad.field_violations:
+                field = bad.field_violations[0].field
     return make_error(code.name, reason, message, metadata, retry_after=retry_after, field=field)
 
 

@@ -146,10 +146,11 @@ class Artifacts:
         return ArtifactInfo.from_proto(resp.artifact)
 
     def list(self, kind: str | None = None, session_id: str | None = None) -> list[ArtifactInfo]:
-        out, token = [], ""
+        out: list[ArtifactInfo] = []
+        token = ""
         while True:
             resp = self._t.unary("vault", "ListArtifacts", vault_pb2.ListArtifactsRequest(
-                kind=_KINDS[kind] if kind else 0, session_id=session_id or "", page_token=token))
+                kind=_KINDS[kind] if kind else None, session_id=session_id or "", page_token=token))
             out.extend(ArtifactInfo.from_proto(a) for a in resp.artifacts)
             token = resp.next_page_token
             if not token:

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from ._transport import _GRPC_NAMES, Transport
+from ._transport import Transport
 from .config import SERVICES, ClientConfig
 from .errors import ConflictError, TGTinkerError, ValidationError
+from .services import full_name
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactInfo, Artifacts
     from .audit import AuditRecord, AuditTrail
     from .configs import TrainingConfig
+    from .he.keys import HEKeyBundle
     from .he.remote import HeClient
     from .sampling import SamplingClient
     from .training import TrainingClient
+
+
+class SessionSummary(TypedDict):
+    """An entry of :meth:`ServiceClient.list_training_clients`; ``state`` is "active" or "closed"."""
+
+    session_id: str
+    model_ref: str
+    step: int
+    state: str
 
 
 class ServiceClient:
@@ -62,10 +73,12 @@ class ServiceClient:
         """
         report: dict[str, str] = {}
         for service in SERVICES:
-            stub = health_pb2_grpc.HealthStub(self._transport.channel(service))
-            name = f"tensafe.api.{service}.v1.{_GRPC_NAMES[service]}"
+            # grpc_health ships no types for its stub; this is its Check method, typed.
+            check = self._transport.channel(service).unary_unary(
+                "/grpc.health.v1.Health/Check", request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString)
             try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+                resp = check(health_pb2.HealthCheckRequest(service=full_name(service)), timeout=timeout)
                 report[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             except grpc.RpcError as err:
                 report[service] = "UNREACHABLE" if err.code() in (
@@ -111,17 +124,17 @@ class ServiceClient:
             raise ConflictError(f"session {session_id} is closed", code="FAILED_PRECONDITION")
         return TrainingClient(self._transport, session)
 
-    def list_training_clients(self, include_closed: bool = False) -> list[dict[str, Any]]:
+    def list_training_clients(self, include_closed: bool = False) -> list[SessionSummary]:
         """Your tenant's sessions: id, model, step and state of each."""
         from tensafe.api.trainer.v1 import trainer_pb2
 
-        out: list[dict[str, Any]] = []
+        out: list[SessionSummary] = []
         token = ""
         while True:
             resp = self._call("trainer", "ListSessions", trainer_pb2.ListSessionsRequest(
                 include_closed=include_closed, page_token=token))
-            out.extend({"session_id": s.session_id, "model_ref": s.config.model_ref, "step": s.step,
-                        "state": trainer_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_").lower()}
+            out.extend(SessionSummary(session_id=s.session_id, model_ref=s.config.model_ref, step=s.step,
+                                      state=trainer_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_").lower())
                        for s in resp.sessions)
             token = resp.next_page_token
             if not token:
@@ -130,7 +143,7 @@ class ServiceClient:
     # -- generation (the inference service) ------------------------------------------------------
     def create_sampling_client(self, artifact_id: str | None = None, *, model_ref: str | None = None,
                                base_model_ref: str | None = None, backend: str | None = None,
-                               enable_he_lora: bool = False, key_bundle: Any = None) -> SamplingClient:
+                               enable_he_lora: bool = False, key_bundle: HEKeyBundle | None = None) -> SamplingClient:
         """Load an adapter artifact (a checkpoint from ``save_state``) into the inference service and return
         a client generating with it; ``model_ref`` instead: the base model alone. With ``enable_he_lora``
         the base model (``base_model_ref``, a local path) runs here and the adapter under HE on the he

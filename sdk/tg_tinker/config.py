@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from dotenv import dotenv_values
 
@@ -15,6 +16,7 @@ from .errors import ValidationError
 from .services import SERVICE_NAMES as SERVICES
 
 DEFAULT_BASE_URL = "localhost:50051"
+_V = TypeVar("_V")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,7 @@ _PORT = re.compile(r"[0-9]+")
 
 def _shown(url: str) -> str:
     """The value as an error may show it: user-info (a password, perhaps) masked, long values cut."""
-    head, at, tail = url.rpartition("@")
+    _, at, tail = url.rpartition("@")
     shown = f"***@{tail}" if at else url
     return repr(shown if len(shown) <= 120 else shown[:120] + "...")
 
@@ -150,7 +152,7 @@ class ClientConfig:
             env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         env.update(os.environ if environ is None else environ)
 
-        def pick(arg, name):
+        def pick(arg: _V | None, name: str) -> _V | str | None:
             return arg if arg is not None else (env.get(name) or None)
 
         raw_timeout = pick(timeout, "TS_TIMEOUT")

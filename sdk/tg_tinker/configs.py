@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from google.protobuf import struct_pb2
 
@@ -19,8 +19,13 @@ _ACCOUNTANTS = {"pld": common_pb2.ACCOUNTANT_TYPE_PLD, "prv": common_pb2.ACCOUNT
                 "rdp": common_pb2.ACCOUNTANT_TYPE_RDP}
 
 
-def _fail(fld: str, message: str) -> None:
+def _fail(fld: str, message: str) -> NoReturn:
     raise ValidationError(f"{fld}: {message}", field=fld, code="INVALID_ARGUMENT")
+
+
+def _mapping(value: object) -> dict[str, Any] | None:
+    """``value`` as the mapping YAML made of it, or None when it is not one."""
+    return cast("dict[str, Any]", value) if isinstance(value, dict) else None
 
 
 def to_struct(values: dict[str, Any] | None, fld: str) -> struct_pb2.Struct:
@@ -36,16 +41,16 @@ def from_struct(msg: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as a dict; whole numbers come back as ints (Struct stores every number as a double)."""
     from google.protobuf import json_format
 
-    def fix(v: Any) -> Any:
+    def fix(v: object) -> object:
         if isinstance(v, float) and v.is_integer():
             return int(v)
-        if isinstance(v, list):
-            return [fix(x) for x in v]
+        if isinstance(v, list):  # JSON: the items are JSON values too
+            return [fix(x) for x in cast("list[object]", v)]
         if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
+            return {k: fix(x) for k, x in cast("dict[str, object]", v).items()}
         return v
 
-    return fix(json_format.MessageToDict(msg))
+    return {k: fix(x) for k, x in json_format.MessageToDict(msg).items()}
 
 
 @dataclass
@@ -130,12 +135,12 @@ class LossConfig:
 
         text = Path(source).read_text() if isinstance(source, Path) or (
             isinstance(source, str) and "\n" not in source and Path(source).is_file()) else str(source)
-        data = yaml.safe_load(text) or {}
-        section = data.get("loss", data) if isinstance(data, dict) else None
-        if not isinstance(section, dict) or "type" not in section:
+        data = _mapping(yaml.safe_load(text) or {})
+        section = _mapping(data.get("loss", data)) if data is not None else None
+        if section is None or "type" not in section:
             _fail("loss", "expected a mapping with 'type' (and optional 'kwargs') under 'loss:'")
-        kwargs = section.get("kwargs") or {}
-        if not isinstance(kwargs, dict):
+        kwargs = _mapping(section.get("kwargs") or {})
+        if kwargs is None:
             _fail("loss.kwargs", "must be a mapping")
         return cls(name=str(section["type"]), kwargs=dict(kwargs))
 

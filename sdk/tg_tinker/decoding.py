@@ -11,6 +11,7 @@ back until decided, so a reader never receives text that the final completion la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tensafe.api.common.v1 import common_pb2
 
@@ -19,13 +20,22 @@ LENGTH = common_pb2.FINISH_REASON_LENGTH
 CANCELLED = common_pb2.FINISH_REASON_CANCELLED
 
 
+class Tokenizer(Protocol):
+    """What decoding needs of a tokenizer (a Hugging Face one)."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
     """``text`` up to the earliest stop string, or None when none occurs (the trainer's rule)."""
     hits = [text.find(s) for s in stops if s and s in text]
     return text[: min(hits)] if hits else None
 
 
-def ids_within(tokenizer, ids: list[int], text: str) -> list[int]:
+def ids_within(tokenizer: Tokenizer, ids: list[int], text: str) -> list[int]:
     """The longest prefix of ``ids`` whose decoding is a prefix of ``text`` (the trainer's rule).
 
     A prefix ending inside a multi-byte character decodes with a replacement character and does
@@ -75,7 +85,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 class SequenceStream:
     """One sequence being generated: feed it tokens with :meth:`push`, end it with :meth:`finish`."""
 
-    def __init__(self, tokenizer, prompt_index: int, sample_index: int, stops: list[str],
+    def __init__(self, tokenizer: Tokenizer, prompt_index: int, sample_index: int, stops: list[str],
                  want_logprobs: bool) -> None:
         self.tokenizer = tokenizer
         self.prompt_index = prompt_index

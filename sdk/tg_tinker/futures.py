@@ -11,22 +11,42 @@ from .errors import FutureCancelledError, FutureTimeoutError
 T = TypeVar("T")
 
 
+class Outcome(Generic[T]):
+    """The completion side of a :class:`FutureHandle`: the SDK's result stream sets it, once.
+
+    The first :meth:`set_result` or :meth:`set_exception` wins; later ones are ignored (a result may
+    race with a cancellation or with the stream's end).
+    """
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()
+
+    def set_result(self, value: T) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 class FutureHandle(Generic[T]):
     """A handle on a queued operation.
 
     Training calls return one at once, so a client may queue ``forward_backward``
     and ``optim_step`` before waiting on either; the server applies them in the
     order they were submitted. ``result(timeout)`` blocks until the operation
-    ends and returns its result or raises its error.
+    ends and returns its result or raises its error. ``outcome`` is the side that completes it.
     """
 
     def __init__(self, future_id: str, *, session_id: str | None = None,
-                 canceller: Callable[[str], bool] | None = None) -> None:
+                 canceller: Callable[[str], bool] | None = None, outcome: Outcome[T] | None = None) -> None:
         self.future_id = future_id
         self.session_id = session_id
         self._canceller = canceller
-        self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._future.set_running_or_notify_cancel()
+        self._outcome: Outcome[T] = outcome if outcome is not None else Outcome()
+        self._future = self._outcome.future
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -70,19 +90,10 @@ class FutureHandle(Generic[T]):
             return False
         if self._canceller is None or not self._canceller(self.future_id):
             return False
-        self._set_exception(FutureCancelledError(f"operation {self.future_id} was cancelled",
-                                                 code="FUTURE_CANCELLED"))
+        self._outcome.set_exception(FutureCancelledError(f"operation {self.future_id} was cancelled",
+                                                         code="FUTURE_CANCELLED"))
         return True
 
     def add_done_callback(self, fn: Callable[[FutureHandle[T]], Any]) -> None:
         """Call ``fn(self)`` when the operation ends (at once if it already has)."""
         self._future.add_done_callback(lambda _f: fn(self))
-
-    # -- completion, used by the SDK's result stream ----------------------------------
-    def _set_result(self, value: T) -> None:
-        if not self._future.done():
-            self._future.set_result(value)
-
-    def _set_exception(self, exc: BaseException) -> None:
-        if not self._future.done():
-            self._future.set_exception(exc)

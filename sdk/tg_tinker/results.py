@@ -175,14 +175,31 @@ class LoadStateResult:
                    Lineage.from_proto(m.lineage) if m.HasField("lineage") else None)
 
 
-RESULT_TYPES = {
-    "forward_backward": ForwardBackwardResult.from_proto,
-    "forward": ForwardBackwardResult.from_proto,
-    "optim_step": OptimStepResult.from_proto,
-    "sample": SampleResult.from_proto,
-    "info": SessionInfo.from_proto,
-    "forward_custom": lambda m: m,
-    "backward_custom": lambda m: m,
-    "save_state": SaveStateResult.from_proto,
-    "load_state": LoadStateResult.from_proto,
-}
+OpResult = (ForwardBackwardResult | OptimStepResult | SampleResult | SessionInfo | SaveStateResult | LoadStateResult
+            | trainer_pb2.ForwardCustomResult | trainer_pb2.BackwardCustomResult)
+"""What a succeeded operation returns: the SDK's result objects; the custom-loss steps' messages as they are."""
+
+
+def event_result(event: trainer_pb2.FutureEvent) -> OpResult:
+    """The result carried by a succeeded :class:`FutureEvent` (its ``result`` oneof), as the SDK returns it."""
+    match event.WhichOneof("result"):
+        case "forward_backward":
+            return ForwardBackwardResult.from_proto(event.forward_backward)
+        case "forward":
+            return ForwardBackwardResult.from_proto(event.forward)
+        case "optim_step":
+            return OptimStepResult.from_proto(event.optim_step)
+        case "sample":
+            return SampleResult.from_proto(event.sample)
+        case "info":
+            return SessionInfo.from_proto(event.info)
+        case "forward_custom":
+            return event.forward_custom
+        case "backward_custom":
+            return event.backward_custom
+        case "save_state":
+            return SaveStateResult.from_proto(event.save_state)
+        case "load_state":
+            return LoadStateResult.from_proto(event.load_state)
+        case other:
+            raise KeyError(f"future {event.future_id} succeeded with an unknown result {other!r}")

@@ -25,6 +25,7 @@ from .results import Sample, SampleResult
 
 if TYPE_CHECKING:
     from ._transport import Transport
+    from .he.keys import HEKeyBundle
     from .two_plane import TwoPlaneGenerator
 
 _BACKENDS = {None: inference_pb2.BACKEND_UNSPECIFIED, "hf": inference_pb2.BACKEND_HF,
@@ -94,6 +95,22 @@ def _local_stream(chunks: Iterator[Any], cancelled: threading.Event) -> TokenStr
     return TokenStream(run(), cancelled.set)
 
 
+Prompts = Sequence[str] | Sequence[Sequence[int]]
+"""Text prompts, or prompts as token ids; one string is one prompt."""
+
+
+def split_prompts(prompts: Prompts | str) -> tuple[list[str], list[common_pb2.TokenSequence]]:
+    """The request fields for ``prompts``: ``prompts`` (all text) or ``prompt_token_ids`` (all token ids)."""
+    items: list[str | Sequence[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
+    texts = [p for p in items if isinstance(p, str)]
+    if len(texts) == len(items):
+        return texts, []
+    if texts:
+        raise ValidationError("prompts: give text prompts or token-id prompts, not both", field="prompts",
+                              code="INVALID_ARGUMENT")
+    return [], [common_pb2.TokenSequence(token_ids=list(p)) for p in items if not isinstance(p, str)]
+
+
 def sampling_params(max_tokens: int, temperature: float, top_p: float, top_k: int, stop: Sequence[str] | str | None,
                     seed: int | None, num_samples: int, return_logprobs: bool) -> common_pb2.SamplingParams:
     """The wire form of the sampling arguments; the server validates them (INVALID_ARGUMENT naming the field)."""
@@ -126,20 +143,15 @@ class SamplingClient:
     def artifact_id(self) -> str | None:
         return self.adapter.artifact_id if self.adapter is not None else None
 
-    def _request(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str,
-                 params: common_pb2.SamplingParams) -> inference_pb2.GenerateRequest:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        req = inference_pb2.GenerateRequest(adapter_id=self.adapter_id, sampling=params, backend=self._backend)
+    def _request(self, prompts: Prompts | str, params: common_pb2.SamplingParams) -> inference_pb2.GenerateRequest:
+        texts, token_ids = split_prompts(prompts)
+        req = inference_pb2.GenerateRequest(adapter_id=self.adapter_id, sampling=params, backend=self._backend,
+                                            prompts=texts, prompt_token_ids=token_ids)
         if not self.adapter_id:
             req.model_ref = self.model_ref
-        if prompts and all(isinstance(p, str) for p in prompts):
-            req.prompts.extend(prompts)
-        elif prompts:
-            req.prompt_token_ids.extend(common_pb2.TokenSequence(token_ids=list(p)) for p in prompts)
         return req
 
-    def stream(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_tokens: int = 128, *,
+    def stream(self, prompts: Prompts | str, max_tokens: int = 128, *,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | str | None = None,
                seed: int | None = None, num_samples: int = 1, return_logprobs: bool = False,
                timeout: float | None = None) -> TokenStream:
@@ -150,23 +162,23 @@ class SamplingClient:
                 raise ValidationError("two-plane HE-LoRA generation returns no log-probabilities",
                                       field="sampling.return_logprobs", code="INVALID_ARGUMENT")
             cancelled = threading.Event()
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            return _local_stream(self._two_plane.stream(prompts, params, cancelled), cancelled)
+            items: list[str | Sequence[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
+            return _local_stream(self._two_plane.stream(items, params, cancelled), cancelled)
         responses = self._transport.server_stream("inference", "Generate", self._request(prompts, params),
                                                   timeout=timeout)
         return _remote_stream(responses)
 
-    def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str, max_tokens: int = 128,
+    def sample(self, prompts: Prompts | str, max_tokens: int = 128,
                **kwargs: Any) -> SampleResult:
         """Generate and return the whole result, shaped like ``TrainingClient.sample``'s."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        items: list[str | Sequence[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
         pieces: dict[tuple[int, int], list[GenerationChunk]] = {}
         for chunk in self.stream(prompts, max_tokens, **kwargs):
             pieces.setdefault((chunk.prompt_index, chunk.sample_index), []).append(chunk)
-        samples = []
+        samples: list[Sample] = []
         for (p, s), chunks in sorted(pieces.items()):
-            prompt = prompts[p] if isinstance(prompts[p], str) else ""
+            item = items[p]
+            prompt = item if isinstance(item, str) else ""
             samples.append(Sample(prompt, "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
                                   [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason or "cancelled",
                                   p, s))
@@ -190,7 +202,7 @@ class SamplingClient:
 
 def create_sampling_client(transport: Transport, artifact_id: str | None, model_ref: str | None,
                            base_model_ref: str | None, backend: str | None, enable_he_lora: bool,
-                           key_bundle: Any = None) -> SamplingClient:
+                           key_bundle: HEKeyBundle | None = None) -> SamplingClient:
     """What ``ServiceClient.create_sampling_client`` does (kept here, beside the client it makes)."""
     if backend not in _BACKENDS:
         raise ValidationError(f"backend must be 'hf' or 'vllm', not {backend!r}", field="backend",

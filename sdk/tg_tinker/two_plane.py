@@ -12,27 +12,65 @@ Sequences end with the same rules as every other plane (``tg_tinker.decoding``).
 
 from __future__ import annotations
 
+import importlib
 import queue
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tensafe.api.common.v1 import common_pb2
 
-from .decoding import Chunk, SequenceStream
+from .decoding import Chunk, SequenceStream, Tokenizer
 from .errors import ValidationError
 from .sampling_rules import SamplingParamError, check_sampling
 
 if TYPE_CHECKING:
-    from ._transport import Transport
+    import torch
+    from torch.utils.hooks import RemovableHandle
 
-_END = object()
+    from ._transport import Transport
+    from .he.keys import HEKeyBundle
+
 # Prompts up to this many tokens go through the he service token by token (see _hook).
 PER_TOKEN_UP_TO = 16
 
 
 class _Halt(Exception):
     pass
+
+
+class _HFTokenizer(Tokenizer, Protocol):
+    """What generation here needs of the base model's (Hugging Face) tokenizer."""
+
+    pad_token_id: int | None
+    pad_token: str | None
+    eos_token: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class _CausalLM(Protocol):
+    """What generation here needs of the base model (a transformers causal LM)."""
+
+    def eval(self) -> object: ...
+
+    def requires_grad_(self, requires_grad: bool = ...) -> object: ...
+
+    def get_submodule(self, target: str) -> torch.nn.Module: ...
+
+    def generate(self, **kwargs: Any) -> object: ...
+
+
+def _load_base_model(path: str) -> tuple[_HFTokenizer, _CausalLM]:
+    """The tokenizer and model at ``path`` (local files only), in float32 for the HE plane's arithmetic."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # transformers leaves from_pretrained unannotated; the Protocols above are what is used of the results.
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)  # pyright: ignore[reportUnknownMemberType]
+    # and its own model class fails the self-type of its generate() (GenerativePreTrainedModel).
+    return tokenizer, model  # pyright: ignore[reportReturnType, reportUnknownVariableType]
 
 
 def _check(sp: common_pb2.SamplingParams) -> None:
@@ -47,11 +85,11 @@ class TwoPlaneGenerator:
     """Generation with ``artifact_id``'s adapter computed under HE; made by
     ``service.create_sampling_client(artifact_id, enable_he_lora=True, key_bundle=..., base_model_ref=PATH)``."""
 
-    def __init__(self, transport: Transport, artifact_id: str, key_bundle: Any, base_model_path: str) -> None:
+    def __init__(self, transport: Transport, artifact_id: str, key_bundle: HEKeyBundle | None,
+                 base_model_path: str) -> None:
         try:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
+            for needed in ("torch", "transformers"):  # say so now, not at the first token
+                importlib.import_module(needed)
             from .he import AdapterEncryptionConfig, EncryptedLoRARuntime, HeClient, create_private_inference_mode
         except ImportError as exc:
             raise ValidationError(f"two-plane HE-LoRA generation runs the base model here: it needs torch, "
@@ -64,9 +102,7 @@ class TwoPlaneGenerator:
             raise ValidationError("enable_he_lora runs the base model in this process: give base_model_ref, the "
                                   "local path of the base model", field="base_model_ref", code="INVALID_ARGUMENT")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(base_model_path, local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(base_model_path, local_files_only=True,
-                                                              dtype=torch.float32)
+            self.tokenizer, self.model = _load_base_model(base_model_path)
         except (OSError, ValueError) as exc:
             raise ValidationError(f"cannot load the base model from {base_model_path}: {exc}",
                                   field="base_model_ref", code="INVALID_ARGUMENT") from None
@@ -77,11 +113,11 @@ class TwoPlaneGenerator:
         # Every LoRA layer of the adapter runs encrypted: this process has no plaintext adapter weights.
         inference = create_private_inference_mode(key_bundle, client=HeClient(transport), adapter=artifact_id)
         self.runtime = EncryptedLoRARuntime(inference, AdapterEncryptionConfig(
-            rank=inference.layers[0].rank, encrypted_layers=[ly.name for ly in inference.layers]))
+            rank=inference.layers[0].rank, encrypted_layers=tuple(ly.name for ly in inference.layers)))
         self.he = inference.he
         self.he_adapter_id = inference.adapter.adapter_id
         self.lock = threading.Lock()
-        self._hooks = []
+        self._hooks: list[RemovableHandle] = []
         for layer in inference.layers:
             try:
                 module = self.model.get_submodule(layer.name)
@@ -90,15 +126,16 @@ class TwoPlaneGenerator:
                                       field="base_model_ref", code="INVALID_ARGUMENT") from None
             self._hooks.append(module.register_forward_hook(self._hook(layer.name)))
 
-    def _hook(self, name: str):
-        def add_delta(module, inputs, output):
+    def _hook(self, name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
+        def add_delta(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             if x.dim() == 3 and x.shape[0] == 1 and 1 < x.shape[1] <= PER_TOKEN_UP_TO:
                 # A short prompt: one-token (replicated) packing per token, two small rounds each, costs less
                 # than column packing, which encrypts one ciphertext per input dimension whatever the length.
                 import torch
 
-                delta = torch.cat([self.runtime.forward(x[:, t:t + 1], layer=name) for t in range(x.shape[1])], 1)
+                delta = torch.cat([self.runtime.forward(x[:, t:t + 1], layer=name)
+                                   for t in range(x.shape[1])], 1)
             else:
                 delta = self.runtime.forward(x, layer=name)
             return output + delta.to(output.dtype)
@@ -109,23 +146,23 @@ class TwoPlaneGenerator:
     def layers(self) -> tuple[str, ...]:
         return self.runtime.layers
 
-    def stream(self, prompts: list[str] | list[list[int]], params: common_pb2.SamplingParams,
+    def stream(self, prompts: Sequence[str | Sequence[int]], params: common_pb2.SamplingParams,
                cancelled: threading.Event) -> Iterator[Chunk]:
         """Increments of each prompt's samples, one sequence after another."""
         _check(params)
-        out: queue.Queue = queue.Queue()
+        out: queue.Queue[Chunk | BaseException | None] = queue.Queue()  # None: the end
         threading.Thread(target=self._run, args=(prompts, params, cancelled, out), daemon=True,
                          name="two-plane").start()
         while True:
             item = out.get()
-            if item is _END:
+            if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    def _run(self, prompts: list, params: common_pb2.SamplingParams, cancelled: threading.Event,
-             out: queue.Queue) -> None:
+    def _run(self, prompts: Sequence[str | Sequence[int]], params: common_pb2.SamplingParams,
+             cancelled: threading.Event, out: queue.Queue[Chunk | BaseException | None]) -> None:
         import torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -143,7 +180,7 @@ class TwoPlaneGenerator:
             def __init__(self, seq: SequenceStream) -> None:
                 self.seq, self.prompt_seen = seq, False
 
-            def put(self, value: Any) -> None:
+            def put(self, value: torch.Tensor) -> None:
                 if not self.prompt_seen:
                     self.prompt_seen = True
                     return
@@ -159,11 +196,12 @@ class TwoPlaneGenerator:
                 pass
 
         try:
-            with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
+            # torch leaves fork_rng's devices and manual_seed's seed unannotated.
+            with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):  # pyright: ignore[reportUnknownMemberType]
                 if params.HasField("seed"):
-                    torch.manual_seed(params.seed)
+                    torch.manual_seed(params.seed)  # pyright: ignore[reportUnknownMemberType]
                 for index, prompt in enumerate(prompts):
-                    ids = tok(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+                    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
                     for sample_index in range(max(1, params.num_samples)):
                         seq = SequenceStream(tok, index, sample_index, [s for s in params.stop if s], False)
                         x = torch.tensor([ids], dtype=torch.long)
@@ -178,7 +216,7 @@ class TwoPlaneGenerator:
         except BaseException as exc:  # noqa: BLE001 - raised to the reader
             out.put(exc)
         finally:
-            out.put(_END)
+            out.put(None)
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -96,7 +96,7 @@ class HEKeyBundle:
             self._codec = TokenCodec(self.context, self.params.global_scale)
         return self._codec
 
-    def save(self, path: str | os.PathLike, *, passphrase: str | None = None, key: bytes | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], *, passphrase: str | None = None, key: bytes | None = None) -> Path:
         """Write the bundle (secret key included) to ``path``, encrypted with AES-256-GCM under a key
         derived from ``passphrase`` (scrypt) or under ``key`` (32 bytes the tenant holds). File mode 0600."""
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -164,7 +164,7 @@ class HEKeyManager:
         return HEKeyBundle(tenant_id=self.tenant_id, key_id=key_id or "hek-" + secrets.token_hex(8), params=params,
                            context=ctx)
 
-    def load_key_bundle(self, path: str | os.PathLike, *, passphrase: str | None = None,
+    def load_key_bundle(self, path: str | os.PathLike[str], *, passphrase: str | None = None,
                         key: bytes | None = None) -> HEKeyBundle:
         """Read a bundle written by :meth:`HEKeyBundle.save`; a wrong passphrase or key, or a modified
         file, raises :class:`~tg_tinker.IntegrityError`."""

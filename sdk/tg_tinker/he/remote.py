@@ -100,7 +100,8 @@ class HeClient:
     def list_contexts(self) -> list[HEContextInfo]:
         from tensafe.api.he.v1 import he_pb2
 
-        out, token = [], ""
+        out: list[HEContextInfo] = []
+        token = ""
         while True:
             resp = self._call("ListContexts", he_pb2.ListContextsRequest(page_token=token))
             out.extend(_context_info(c) for c in resp.contexts)
@@ -132,7 +133,8 @@ class HeClient:
     def list_adapters(self) -> list[HEAdapterInfo]:
         from tensafe.api.he.v1 import he_pb2
 
-        out, token = [], ""
+        out: list[HEAdapterInfo] = []
+        token = ""
         while True:
             resp = self._call("ListAdapters", he_pb2.ListAdaptersRequest(page_token=token))
             out.extend(_adapter_info(a) for a in resp.adapters)

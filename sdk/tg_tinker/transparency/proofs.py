@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from .errors import VerificationError
 from .merkle import EMPTY_ROOT, HASH_SIZE, MAX_TREE_SIZE, node_hash
@@ -18,16 +18,20 @@ def _check_size(check: str, name: str, value: Any) -> int:
     return value
 
 
-def _check_hash(check: str, name: str, value: Any) -> bytes:
-    if not isinstance(value, bytes | bytearray | memoryview) or len(value) != HASH_SIZE:
-        size = len(value) if isinstance(value, bytes | bytearray | memoryview) else type(value).__name__
+def _check_hash(check: str, name: str, value: object) -> bytes:
+    kind = type(value).__name__
+    raw = bytes(cast("bytes | bytearray | memoryview[int]", value)) if isinstance(
+        value, bytes | bytearray | memoryview) else None
+    if raw is None or len(raw) != HASH_SIZE:
+        size = len(raw) if raw is not None else kind
         raise VerificationError(f"{check} proof: {name} is not a {HASH_SIZE}-byte hash (got {size})", check=check)
-    return bytes(value)
+    return raw
 
 
-def _check_proof(check: str, proof: Any, expected: int, what: str) -> list[bytes]:
+def _check_proof(check: str, proof: object, expected: int, what: str) -> list[bytes]:
     if isinstance(proof, bytes | bytearray | str) or not isinstance(proof, Sequence):
         raise VerificationError(f"{check} proof must be a sequence of hashes", check=check)
+    proof = cast("Sequence[object]", proof)  # each node is checked below
     if len(proof) != expected:
         raise VerificationError(f"{check} proof has {len(proof)} nodes; {what} needs {expected}",
                                 check=check, proof_length=len(proof), expected_length=expected)

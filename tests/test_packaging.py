@@ -50,18 +50,28 @@ def _shipped_sources(root: Path, package: str, suffixes: tuple[str, ...]) -> set
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the two distributions are built from, copied without build leftovers."""
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
     for name in ("services", "sdk"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy2(REPO / name, src / name)
-    out = tmp_path_factory.mktemp("wheels")
+    return src
+
+
+def _build_wheels(out: Path, *projects: Path) -> None:
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(out), str(src), str(src / "sdk")],
-                           capture_output=True, text=True, timeout=300, cwd=src)
+                            "-w", str(out), *map(str, projects)],
+                           capture_output=True, text=True, timeout=300, cwd=out)
     assert build.returncode == 0, build.stdout + build.stderr
+
+
+@pytest.fixture(scope="module")
+def wheels(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("wheels")
+    _build_wheels(out, source, source / "sdk")
     found = {w.name.split("-")[0]: w for w in out.glob("*.whl")}
     assert set(found) == {"tensafe", "tg_tinker"}, found
     return found
@@ -149,6 +159,19 @@ def test_server_install_has_the_server_dependencies(wheels) -> None:
     assert {"tg-tinker", "torch", "sqlalchemy", "alembic", "tenseal", "opacus"} <= base
     extras = set(_metadata(wheels["tensafe"], "Provides-Extra"))
     assert {"vllm", "ray", "mlops", "all", "dev", "demo"} <= extras
+
+
+def test_server_sdist_builds_the_same_wheel(source: Path, wheels, tmp_path: Path) -> None:
+    """The version source lives in the SDK's tree: the tensafe sdist must carry it (MANIFEST.in)."""
+    script = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"
+    build = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=source)
+    assert build.returncode == 0, build.stdout + build.stderr
+    sdist = tmp_path / build.stdout.strip().splitlines()[-1]
+    shutil.unpack_archive(sdist, tmp_path / "unpacked")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    _build_wheels(tmp_path, unpacked)
+    (rebuilt,) = tmp_path.glob("tensafe-*.whl")
+    assert _names(rebuilt) == _names(wheels["tensafe"])
 
 
 @pytest.mark.slow

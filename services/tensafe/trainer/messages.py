@@ -8,7 +8,7 @@ is its inverse): echoed in ``Session.config`` and ``SessionInfo``, and written i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import struct_pb2
 
@@ -68,8 +68,8 @@ def config_proto(cfg: SessionConfig) -> trainer_pb2.TrainingConfig:
         out = msg.dp_config
         out.SetInParent()
         out.enabled, out.max_grad_norm, out.budget_id = dp.enabled, dp.max_grad_norm, dp.budget_id
-        out.target_epsilon, out.target_delta, out.accountant_type = dp.target_epsilon, dp.target_delta, \
-            dp.accountant_type
+        out.target_epsilon, out.target_delta = dp.target_epsilon, dp.target_delta
+        out.accountant_type = cast("common_pb2.AccountantType", dp.accountant_type)
         for name in ("noise_multiplier", "dataset_size", "sample_rate", "max_steps"):
             if (value := getattr(dp, name)) is not None:
                 setattr(out, name, value)

@@ -151,7 +151,7 @@ class ContainerWriter:
             raise ValueError("the container writer is already finalized")
         self._pending.append(data)
         size = self.segment_size
-        out = []
+        out: list[bytes] = []
         while self._pending.size > size:
             out.append(self._encrypt(self._pending.take(size), last=False))
         return out
@@ -169,9 +169,10 @@ class ContainerWriter:
 
     def result(self) -> EncryptResult:
         """The recorded digest and sizes (after :meth:`finalize`)."""
-        if not self._done:
+        sha256, size, stored = self.plaintext_sha256, self.plaintext_size, self.stored_size
+        if not self._done or sha256 is None or size is None or stored is None:
             raise RuntimeError("the container writer is not finalized yet")
-        return EncryptResult(self.container_header, self.plaintext_sha256, self.plaintext_size, self.stored_size)
+        return EncryptResult(self.container_header, sha256, size, stored)
 
     def _encrypt(self, plaintext: bytes | memoryview, last: bool) -> bytes:
         self._digest.update(plaintext)  # hashed on a helper thread while this thread encrypts
@@ -231,8 +232,8 @@ class ContainerReader:
             self._start(header, bytes(self._head[:length]))
             data, self._head = bytes(self._head[length:]), None
         self._pending.append(data)
-        block = self.header.segment_size + TAG_SIZE
-        out = []
+        block = self._cipher().header.segment_size + TAG_SIZE
+        out: list[bytes] = []
         while self._pending.size > block:  # more bytes follow, so this segment is not the final one
             out.append(self._decrypt(self._pending.take(block), last=False))
         return out
@@ -247,7 +248,7 @@ class ContainerReader:
         if self._head is not None:
             raise self._error(f"truncated: the header is incomplete ({len(self._head)} bytes)")
         rest = self._pending.take(self._pending.size)
-        index = self._open.index
+        index = self._cipher().index
         if not rest:
             raise self._error(f"truncated: final segment missing (the stream ends after segment {index - 1})")
         if len(rest) < TAG_SIZE:
@@ -267,14 +268,20 @@ class ContainerReader:
         self.header = header
         self._open = _SegmentCipher(self._data_key, header, raw)
 
+    def _cipher(self) -> _SegmentCipher:
+        """The segment cipher, set with :attr:`header` once the header is parsed (callers check ``_head`` first)."""
+        if self._open is None:
+            raise RuntimeError("the container header has not been read yet")
+        return self._open
+
     def _decrypt(self, segment: bytes | memoryview, last: bool) -> bytes:
-        cipher = self._open
+        cipher = self._cipher()
         index = cipher.index
         try:
             plaintext = cipher.decrypt(segment, last)
         except InvalidTag:
             raise self._error(self._diagnose(segment, index, last)) from None
-        if not last and len(plaintext) != self.header.segment_size:  # unreachable with a valid tag; kept explicit
+        if not last and len(plaintext) != cipher.header.segment_size:  # unreachable with a valid tag; kept explicit
             raise self._error(f"segment {index} has the wrong length")
         self._digest.update(plaintext)
         return plaintext
@@ -282,7 +289,7 @@ class ContainerReader:
     def _diagnose(self, segment: bytes | memoryview, index: int, last: bool) -> str:
         # Only on the failure path: try the other last flag, which tells truncation and trailing data apart
         # from corruption. Neither outcome releases plaintext.
-        if self._open.authenticates(segment, index, not last):
+        if self._cipher().authenticates(segment, index, not last):
             if last:
                 return f"truncated: final segment missing (the stream ends after segment {index})"
             return f"trailing data after final segment {index}"
@@ -379,6 +386,7 @@ class _SegmentCipher:
         info = _KDF_LABEL + header.tenant_id.encode() + b"|" + header.artifact_id.encode()
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=header.salt, info=info).derive(data_key)
         self._aead = AESGCM(key)
+        self.header = header
         self._prefix = header.nonce_prefix
         self._aad = raw_header  # the whole header: binds version, segment size, prefix, salt, tenant and artifact
         self._last_seen = False
@@ -443,7 +451,8 @@ class _Pieces:
             else:
                 self._views[0] = first[n:]
         else:
-            parts, need = [], n
+            parts: list[bytes | memoryview] = []
+            need = n
             while need:
                 view = self._views.popleft()
                 if len(view) > need:
@@ -530,7 +539,8 @@ def _parse_header(buf: memoryview, artifact_id: str | None) -> tuple[ContainerHe
     _, version, segment_size, prefix, salt = _FIXED.unpack_from(buf)
     if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
         raise _integrity(artifact_id, f"bad header: segment size {segment_size} is outside 1..{MAX_SEGMENT_SIZE}")
-    offset, ids = _FIXED.size, []
+    offset = _FIXED.size
+    ids: list[str] = []
     for name in ("tenant id", "artifact id"):
         if len(buf) < offset + _LEN.size:
             return None

@@ -6,9 +6,10 @@ Accepts numpy arrays, torch tensors (without importing torch) and nested lists.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from tensafe.api.common.v1 import common_pb2
 
@@ -34,10 +35,10 @@ MAX_DIM = 2**31 - 1
 MAX_EXTENT = 2**40
 
 
-def as_numpy(value: Any, field: str = "tensor") -> np.ndarray:
+def as_numpy(value: Any, field: str = "tensor") -> NDArray[Any]:
     """A numpy view of a numpy array, a torch tensor (moved to CPU) or nested lists."""
     if isinstance(value, np.ndarray):
-        return value
+        return cast("NDArray[Any]", value)  # isinstance cannot recover the array's shape and dtype types
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
         if str(getattr(value, "dtype", "")) == "torch.bfloat16":
             value = value.float()
@@ -68,7 +69,7 @@ def to_proto(value: Any, field: str = "tensor", dtype: str | None = None) -> com
     return common_pb2.Tensor(dtype=code, shape=list(arr.shape), data=data)
 
 
-def from_proto(tensor: common_pb2.Tensor, field: str = "tensor") -> np.ndarray:
+def from_proto(tensor: common_pb2.Tensor, field: str = "tensor") -> NDArray[Any]:
     """Decode, checking that the byte length matches dtype and shape; raises ValidationError naming ``field``."""
     if tensor.dtype not in _TO_NUMPY:
         raise ValidationError(f"{field}.dtype: unsupported or unset dtype {tensor.dtype}", field=f"{field}.dtype",

@@ -19,9 +19,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..errors import ValidationError
 from .keys import HEKeyBundle
@@ -58,7 +59,7 @@ class CallStats:
         self.response_bytes += response.ByteSize()
 
 
-class ColumnCiphertexts(Sequence):
+class ColumnCiphertexts(Sequence[bytes]):
     """The serialised column ciphertexts of one token group, encrypted in order by a background thread.
 
     Reading ciphertext j waits until it is ready, so :meth:`PrivateInference.process` sends the first
@@ -66,7 +67,7 @@ class ColumnCiphertexts(Sequence):
     folds what it has received (on a 2-core machine about a third of the column path's time).
     """
 
-    def __init__(self, bundle: HEKeyBundle, columns: np.ndarray) -> None:
+    def __init__(self, bundle: HEKeyBundle, columns: NDArray[np.float64]) -> None:
         self._items: list[bytes] = []
         self._error: BaseException | None = None
         self._ready = threading.Condition()
@@ -75,7 +76,7 @@ class ColumnCiphertexts(Sequence):
                                         name="he-encrypt")
         self._thread.start()
 
-    def _encrypt(self, bundle: HEKeyBundle, columns: np.ndarray) -> None:
+    def _encrypt(self, bundle: HEKeyBundle, columns: NDArray[np.float64]) -> None:
         try:
             for column in columns:
                 data = bundle.encrypt_column(column)
@@ -90,7 +91,13 @@ class ColumnCiphertexts(Sequence):
     def __len__(self) -> int:
         return self._total
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self._total))]
         if index < 0:
@@ -100,9 +107,9 @@ class ColumnCiphertexts(Sequence):
         with self._ready:
             while len(self._items) <= index and self._error is None:
                 self._ready.wait()
-            if len(self._items) <= index:
-                raise self._error  # type: ignore[misc]
-            return self._items[index]
+            if len(self._items) > index:
+                return self._items[index]
+            raise self._error or IndexError(index)  # the encryption failed before reaching it
 
 
 @dataclass
@@ -132,7 +139,7 @@ class EncryptedOutput:
     stats: CallStats
 
 
-def _as_matrix(hidden_states: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+def _as_matrix(hidden_states: Any) -> tuple[NDArray[np.float64], tuple[int, ...]]:
     if hasattr(hidden_states, "detach"):
         hidden_states = hidden_states.detach().to("cpu").double().numpy()
     x = np.asarray(hidden_states, dtype=np.float64)
@@ -191,19 +198,19 @@ class PrivateInference:
         if packing != "column":
             raise ValidationError("packing must be 'auto', 'replicated' or 'column'", field="packing",
                                   code="INVALID_ARGUMENT")
-        groups = []
+        groups: list[tuple[int, Sequence[bytes]]] = []
         for start in range(0, tokens, slots):
             part = x[start:start + slots]
             groups.append((part.shape[0], ColumnCiphertexts(self.bundle, np.ascontiguousarray(part.T))))
         return EncryptedInput("column", shape, groups)
 
-    def decrypt_output(self, output: EncryptedOutput) -> dict[str, np.ndarray]:
+    def decrypt_output(self, output: EncryptedOutput) -> dict[str, NDArray[np.float64]]:
         """The decrypted delta of each layer: layer name -> array of shape [tokens, d_out] (or
         [batch, tokens, d_out] for a 3-D input), float64."""
-        result = {}
+        result: dict[str, NDArray[np.float64]] = {}
         for name, groups in output.layers.items():
             d_out = output.out_features[name]
-            parts = []
+            parts: list[NDArray[np.float64]] = []
             for tokens, cts, block in groups:
                 if output.packing == "replicated":
                     values = [v for c in cts for v in self._decrypt_blocks(c, block)]
@@ -214,7 +221,7 @@ class PrivateInference:
             result[name] = delta.reshape(*output.shape[:-1], d_out) if len(output.shape) > 1 else delta[0]
         return result
 
-    def _decrypt_blocks(self, data: bytes, block: int) -> np.ndarray:
+    def _decrypt_blocks(self, data: bytes, block: int) -> NDArray[np.float64]:
         values = self.bundle.decrypt_token(data)
         per = len(values) // block
         return values[: per * block].reshape(per, block).sum(axis=1)
@@ -247,7 +254,7 @@ class PrivateInference:
         return EncryptedOutput(encrypted.packing, encrypted.shape, out, {ly.name: ly.out_features for ly in chosen},
                                stats)
 
-    def _replicated(self, layers: list[HELayerInfo], cts: list[bytes], stats: CallStats
+    def _replicated(self, layers: list[HELayerInfo], cts: Sequence[bytes], stats: CallStats
                     ) -> dict[str, tuple[list[bytes], int]]:
         from tensafe.api.he.v1 import he_pb2
 
@@ -276,7 +283,8 @@ class PrivateInference:
         names = [ly.name for ly in layers]
         computation_id, offset = "", 0
         while offset < len(cts):
-            chunk, size = [], 0
+            chunk: list[bytes] = []
+            size = 0
             while offset + len(chunk) < len(cts):  # one at a time: later ones may still be encrypting
                 ct = cts[offset + len(chunk)]
                 if chunk and size + len(ct) > _CHUNK_BYTES:

@@ -17,27 +17,30 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from . import _sealapi as seal
+from ._sealapi import Ciphertext, ParmsId, Saveable, SEALContext, SecretKey, TenSEALContext
 
 # SEAL's Python binding saves and loads through file paths only: a private directory, in memory where
 # the system has one. Ciphertexts only ever pass through it, never a key.
-_DIR: str | None = None
-_DIR_LOCK = threading.Lock()
+_scratch_dir: str | None = None
+_scratch_lock = threading.Lock()
 
 
 def _scratch() -> str:
-    global _DIR
-    with _DIR_LOCK:
-        if _DIR is None or not os.path.isdir(_DIR):
+    global _scratch_dir
+    with _scratch_lock:
+        if _scratch_dir is None or not os.path.isdir(_scratch_dir):
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-            _DIR = tempfile.mkdtemp(prefix="tensafe-he-", dir=base)
-            atexit.register(shutil.rmtree, _DIR, True)
-        return os.path.join(_DIR, f"{os.getpid()}-{threading.get_ident()}.bin")
+            _scratch_dir = tempfile.mkdtemp(prefix="tensafe-he-", dir=base)
+            atexit.register(shutil.rmtree, _scratch_dir, True)
+        return os.path.join(_scratch_dir, f"{os.getpid()}-{threading.get_ident()}.bin")
 
 
-def to_bytes(obj: Any) -> bytes:
+def to_bytes(obj: Saveable) -> bytes:
     """SEAL's serialisation of a Ciphertext (or a seeded SerializableCiphertext)."""
     path = _scratch()
     obj.save(path)
@@ -45,14 +48,12 @@ def to_bytes(obj: Any) -> bytes:
         return fh.read()
 
 
-def load_ciphertext(seal_context: Any, data: bytes) -> Any:
+def load_ciphertext(seal_context: SEALContext, data: bytes) -> Ciphertext:
     """A SEAL Ciphertext from its bytes; SEAL checks it is valid for ``seal_context`` (ValueError if not)."""
-    from tenseal import sealapi
-
     path = _scratch()
     with open(path, "wb") as fh:
         fh.write(data)
-    ct = sealapi.Ciphertext(seal_context)
+    ct = seal.ciphertext(seal_context)
     try:
         ct.load(seal_context, path)
     except Exception as exc:  # noqa: BLE001 - SEAL raises plain exceptions for any malformed input
@@ -60,7 +61,7 @@ def load_ciphertext(seal_context: Any, data: bytes) -> Any:
     return ct
 
 
-def levels(seal_context: Any) -> tuple[Any, Any]:
+def levels(seal_context: SEALContext) -> tuple[ParmsId, ParmsId]:
     """(input level, output level): the parms ids with two data primes and with one. The key holder
     encrypts at the first, the he service's one rescale lands on the second."""
     data = seal_context.first_context_data()
@@ -76,34 +77,28 @@ class TokenCodec:
     seeded) and decrypt the service's outputs. Built from a TenSEAL context holding the secret key;
     lives with the key bundle."""
 
-    def __init__(self, context: Any, scale: float) -> None:
-        from tenseal import sealapi
-
-        self.seal_context = context.seal_context().data
+    def __init__(self, context: TenSEALContext, scale: float) -> None:
+        self.seal_context: SEALContext = context.seal_context().data
         self.scale = scale
-        self.encoder = sealapi.CKKSEncoder(self.seal_context)
-        secret = context.secret_key().data
-        self.encryptor = sealapi.Encryptor(self.seal_context, secret)
-        self.decryptor = sealapi.Decryptor(self.seal_context, secret)
+        self.encoder = seal.ckks_encoder(self.seal_context)
+        secret: SecretKey = context.secret_key().data
+        self.encryptor = seal.encryptor(self.seal_context, secret)
+        self.decryptor = seal.decryptor(self.seal_context, secret)
         self.input_level, self.output_level = levels(self.seal_context)
         self.top_level = self.seal_context.first_parms_id()
         self.slots = self.encoder.slot_count()
 
-    def encrypt(self, values: np.ndarray, *, top: bool = False) -> bytes:
+    def encrypt(self, values: ArrayLike, *, top: bool = False) -> bytes:
         """SEAL bytes of a seeded symmetric encryption of ``values``: at the level with two data primes
         (one token), or at the top level (``top``: a column, multiplied twice before any rescale)."""
-        from tenseal import sealapi
-
-        plain = sealapi.Plaintext()
+        plain = seal.plaintext()
         level = self.top_level if top else self.input_level
         self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), level, self.scale, plain)
         return to_bytes(self.encryptor.encrypt_symmetric(plain))
 
-    def decrypt(self, data: bytes) -> np.ndarray:
-        from tenseal import sealapi
-
+    def decrypt(self, data: bytes) -> NDArray[np.float64]:
         ct = load_ciphertext(self.seal_context, data)
-        plain = sealapi.Plaintext()
+        plain = seal.plaintext()
         self.decryptor.decrypt(ct, plain)
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 

@@ -32,7 +32,8 @@ node_modules/.bin/buf: package.json package-lock.json
 
 # The whole suite (about 30 minutes on two cores). The markers are set by tests/conftest.py from what each test
 # runs: unit = no TenSafe server; integration = starts one (a `tensafe` process or an in-process TensafeServer);
-# e2e = the examples (tests/test_examples.py).
+# e2e = the examples (tests/test_examples.py). Measured 2026-12-02: 711 unit tests of 968 ran in 9 min 10 s on two
+# cores shared with other work (1 min 52 s of CPU); integration 252, e2e 5.
 test: install
 	$(PYTEST)
 

@@ -60,7 +60,7 @@ class _Job:
     coarse_seen: bool = False
     done: bool = False
     value: tuple[float, float] | None = None
-    error: InvalidArgument | None = None
+    error: Exception | None = None        # an InvalidArgument is kept like a value; anything else is not
 
 
 class Calibrations:
@@ -109,7 +109,7 @@ class Calibrations:
         except ValueError as exc:
             error = InvalidArgument("target_epsilon", str(exc))
         except Exception as exc:  # noqa: BLE001 - unexpected: the waiters hear INTERNAL, nothing is kept
-            error = exc  # type: ignore[assignment]
+            error = exc
         with self._cond:
             job.done, job.value, job.error = True, value, error
             self._running.pop(job.key, None)

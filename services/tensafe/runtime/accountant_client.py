@@ -12,10 +12,13 @@ how long the tenant waits; a call from a worker (RecordStep during an optim_step
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from tensafe.api.accountant.v1 import accountant_pb2, accountant_pb2_grpc
+from tensafe.api.common.v1 import common_pb2
 
 from .context import CallContext
 from .errors import TensafeError
@@ -33,18 +36,19 @@ class AccountantClient:
     def _stub(self) -> accountant_pb2_grpc.AccountantServiceStub:
         return accountant_pb2_grpc.AccountantServiceStub(self.peers.channel("accountant"))
 
-    def _call(self, caller: CallContext, method: str, request, what: str,
-              budget_s: float = RPC_BUDGET_S):
+    def _call(self, caller: CallContext, method: str, request: Message, what: str,
+              budget_s: float = RPC_BUDGET_S) -> Any:
         timeout = call_timeout(budget_s, "accountant", what)
         try:
-            return getattr(self._stub(), method)(request, timeout=timeout, metadata=metadata_for(caller))
+            return getattr(self._stub(), method)(request, timeout=timeout, metadata=tuple(metadata_for(caller)))
         except grpc.RpcError as err:
             raise peer_error(err, "accountant", what) from None
 
     def create_budget(self, caller: CallContext, session_id: str, target_epsilon: float, target_delta: float,
                       accountant_type: int, sample_rate: float) -> accountant_pb2.Budget:
         req = accountant_pb2.CreateBudgetRequest(session_id=session_id, target_epsilon=target_epsilon,
-                                                 target_delta=target_delta, accountant_type=accountant_type,
+                                                 target_delta=target_delta,
+                                                 accountant_type=cast("common_pb2.AccountantType", accountant_type),
                                                  sample_rate=sample_rate)
         return self._call(caller, "CreateBudget", req, "creating the session's privacy budget").budget
 
@@ -56,7 +60,7 @@ class AccountantClient:
                   num_steps: int, accountant_type: int) -> accountant_pb2.CalibrateNoiseResponse:
         req = accountant_pb2.CalibrateNoiseRequest(target_epsilon=target_epsilon, target_delta=target_delta,
                                                    sample_rate=sample_rate, num_steps=num_steps,
-                                                   accountant_type=accountant_type)
+                                                   accountant_type=cast("common_pb2.AccountantType", accountant_type))
         return self._call(caller, "CalibrateNoise", req, "calibrating the noise multiplier", CALIBRATE_BUDGET_S)
 
     def record_step(self, caller: CallContext, budget_id: str, step_id: str, noise_multiplier: float,
@@ -68,7 +72,7 @@ class AccountantClient:
         for attempt in range(RECORD_ATTEMPTS):
             try:
                 timeout = call_timeout(RPC_BUDGET_S, "accountant", f"recording DP step {step_id}")
-                return self._stub().RecordStep(req, timeout=timeout, metadata=metadata_for(caller))
+                return self._stub().RecordStep(req, timeout=timeout, metadata=tuple(metadata_for(caller)))
             except grpc.RpcError as err:
                 transient = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
                 if not transient or attempt == RECORD_ATTEMPTS - 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -49,8 +49,9 @@ class VaultClient:
         """Stores the bytes; ``lineage`` with its MAC (tensafe.runtime.lineage) is what the vault records."""
         meta = struct_pb2.Struct()
         meta.update(metadata)
-        header = vault_pb2.PutArtifactHeader(kind=kind, name=name, metadata=meta, session_id=session_id,
-                                             content_type=content_type, lineage=lineage, lineage_mac=lineage_mac)
+        header = vault_pb2.PutArtifactHeader(kind=cast("vault_pb2.ArtifactKind", kind), name=name, metadata=meta,
+                                             session_id=session_id, content_type=content_type, lineage=lineage,
+                                             lineage_mac=lineage_mac)
 
         def requests() -> Iterator[vault_pb2.PutArtifactRequest]:
             yield vault_pb2.PutArtifactRequest(header=header)
@@ -61,7 +62,7 @@ class VaultClient:
             timeout = call_timeout(stream_budget(len(data), TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S), "vault",
                                    "storing the checkpoint")
             return self._stub().PutArtifact(requests(), timeout=timeout,
-                                            metadata=metadata_for(caller, uuid.uuid4().hex)).artifact
+                                            metadata=tuple(metadata_for(caller, uuid.uuid4().hex))).artifact
         except grpc.RpcError as err:
             raise _reraise(err, "storing the checkpoint") from None
 
@@ -74,7 +75,7 @@ class VaultClient:
             timeout = call_timeout(stream_budget(limit, TRANSFER_BASE_S, TRANSFER_MIN_BYTES_PER_S), "vault",
                                    "reading the checkpoint")
             call = self._stub().GetArtifact(vault_pb2.GetArtifactRequest(artifact_id=artifact_id), timeout=timeout,
-                                            metadata=metadata_for(caller))
+                                            metadata=tuple(metadata_for(caller)))
             for msg in call:
                 if msg.WhichOneof("part") == "artifact":
                     artifact = msg.artifact
@@ -89,6 +90,9 @@ class VaultClient:
         except grpc.RpcError as err:
             raise _reraise(err, "reading the checkpoint") from None
         except InvalidArgument:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise
+        if artifact is None:
+            raise TensafeError(f"the vault sent artifact {artifact_id} without its description")
         return artifact, bytes(out)

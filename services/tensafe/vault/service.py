@@ -129,10 +129,11 @@ class Vault:
                 for segment in writer.update(chunk):
                     out.write(segment)
             out.write(writer.finalize())
-            if header.expected_sha256 and header.expected_sha256 != writer.plaintext_sha256:
+            written = writer.result()
+            if header.expected_sha256 and header.expected_sha256 != written.plaintext_sha256:
                 raise IntegrityFailure(f"artifact {artifact_id}: the received bytes do not match expected_sha256",
                                        artifact_id=artifact_id)
-            lineage_json = self._attested_lineage(tenant_id, header, writer.plaintext_sha256)
+            lineage_json = self._attested_lineage(tenant_id, header, written.plaintext_sha256)
             out.commit()
         except BaseException:
             out.abort()
@@ -141,8 +142,8 @@ class Vault:
         record = ArtifactRecord(
             artifact_id=artifact_id, tenant_id=tenant_id, kind=header.kind, name=header.name,
             content_type=header.content_type or "application/octet-stream", session_id=header.session_id,
-            metadata=header.metadata, size_bytes=writer.plaintext_size, plaintext_sha256=writer.plaintext_sha256,
-            stored_size=writer.stored_size, format_version=FORMAT_VERSION, segment_size=self.segment_size,
+            metadata=header.metadata, size_bytes=written.plaintext_size, plaintext_sha256=written.plaintext_sha256,
+            stored_size=written.stored_size, format_version=FORMAT_VERSION, segment_size=self.segment_size,
             kek_version=kek_version, wrapped_dek=aead_wrap(kek, dek, dek_aad(tenant_id, artifact_id, kek_version)),
             blob_key=blob_key, state=AVAILABLE, created_at=time.time(), lineage_json=lineage_json)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from google.protobuf import json_format, struct_pb2
 
@@ -36,7 +37,8 @@ def artifact_proto(record: ArtifactRecord, key_id: str = "") -> vault_pb2.Artifa
     meta = struct_pb2.Struct()
     meta.update(record.metadata)
     return vault_pb2.Artifact(
-        artifact_id=record.artifact_id, tenant_id=record.tenant_id, kind=record.kind, name=record.name,
+        artifact_id=record.artifact_id, tenant_id=record.tenant_id, kind=cast("vault_pb2.ArtifactKind", record.kind),
+        name=record.name,
         size_bytes=record.size_bytes, plaintext_sha256=record.plaintext_sha256,
         create_time=timestamp(record.created_at),
         encryption=encryption_info(record, key_id), metadata=meta, content_type=record.content_type,

@@ -99,7 +99,7 @@ class ServiceClient:
         from .configs import TrainingConfig
         from .training import TrainingClient
 
-        if not isinstance(config, TrainingConfig):
+        if not isinstance(config, TrainingConfig):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise ValidationError("config must be a tg_tinker.TrainingConfig", field="config",
                                   code="INVALID_ARGUMENT")
         resp = self._call("trainer", "CreateSession", trainer_pb2.CreateSessionRequest(config=config.to_proto()))

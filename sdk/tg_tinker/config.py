@@ -68,7 +68,7 @@ class Endpoint:
             return ValidationError(f"{field}={_shown(str(url))}: {reason}; accepted forms: {ACCEPTED_FORMS}",
                                    field=field, code="INVALID_ARGUMENT")
 
-        if not isinstance(url, str):
+        if not isinstance(url, str):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise refuse(f"expected a string, not {type(url).__name__}")
         rest = url.strip()
         if not rest:

@@ -64,14 +64,14 @@ class LoRAConfig:
     bias: str = "none"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not isinstance(self.rank, int) or self.rank <= 0:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("lora_config.rank", "must be a positive integer")
         if not self.alpha > 0:
             _fail("lora_config.alpha", "must be > 0")
         if not 0 <= self.dropout < 1:
             _fail("lora_config.dropout", "must be in [0, 1)")
         if isinstance(self.target_modules, str) or not self.target_modules or not all(
-                isinstance(m, str) and m for m in self.target_modules):
+                isinstance(m, str) and m for m in self.target_modules):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("lora_config.target_modules", "must be a non-empty list of module names")
         if self.bias not in _BIAS:
             _fail("lora_config.bias", f"must be one of {sorted(_BIAS)}")
@@ -125,7 +125,7 @@ class LossConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
+        if not isinstance(self.name, str) or not self.name:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("loss.name", "must be a loss name")
 
     @classmethod
@@ -134,7 +134,7 @@ class LossConfig:
         import yaml
 
         text = Path(source).read_text() if isinstance(source, Path) or (
-            isinstance(source, str) and "\n" not in source and Path(source).is_file()) else str(source)
+            "\n" not in source and Path(source).is_file()) else source
         data = _mapping(yaml.safe_load(text) or {})
         section = _mapping(data.get("loss", data)) if data is not None else None
         if section is None or "type" not in section:
@@ -207,11 +207,11 @@ class TrainingConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_ref, str) or not self.model_ref.strip():
+        if not isinstance(self.model_ref, str) or not self.model_ref.strip():  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("model_ref", "must name a model of the server (a name in its model directory, not a path)")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("batch_size", "must be a positive integer")
-        if not isinstance(self.gradient_accumulation_steps, int) or self.gradient_accumulation_steps < 1:
+        if not isinstance(self.gradient_accumulation_steps, int) or self.gradient_accumulation_steps < 1:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             _fail("gradient_accumulation_steps", "must be an integer >= 1")
         if self.max_sequence_length < 0:
             _fail("max_sequence_length", "must be >= 0 (0: the model's limit)")

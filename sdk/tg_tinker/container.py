@@ -123,7 +123,7 @@ class ContainerWriter:
     def __init__(self, data_key: bytes, tenant_id: str, artifact_id: str,
                  segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
         _check_key(data_key)
-        if not isinstance(segment_size, int) or not 1 <= segment_size <= MAX_SEGMENT_SIZE:
+        if not isinstance(segment_size, int) or not 1 <= segment_size <= MAX_SEGMENT_SIZE:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise ValueError(f"segment_size must be an int in 1..{MAX_SEGMENT_SIZE}, got {segment_size!r}")
         self.container_header = ContainerHeader(FORMAT_VERSION, segment_size, os.urandom(NONCE_PREFIX_SIZE),
                                                 os.urandom(SALT_SIZE), tenant_id, artifact_id)
@@ -560,7 +560,7 @@ def _parse_header(buf: memoryview, artifact_id: str | None) -> tuple[ContainerHe
 
 
 def _id_bytes(value: str, name: str) -> bytes:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValueError(f"{name} must be a non-empty string")
     encoded = value.encode("utf-8")
     if len(encoded) > 0xFFFF:
@@ -569,7 +569,7 @@ def _id_bytes(value: str, name: str) -> bytes:
 
 
 def _check_key(data_key: bytes) -> None:
-    if not isinstance(data_key, bytes | bytearray) or len(data_key) != KEY_SIZE:
+    if not isinstance(data_key, bytes | bytearray) or len(data_key) != KEY_SIZE:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValueError(f"the data key must be {KEY_SIZE} bytes")
 
 

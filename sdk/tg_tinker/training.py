@@ -45,7 +45,7 @@ _BATCH_FIELDS = ("input_ids", "attention_mask", "labels", "advantages", "old_log
 
 def batch_to_proto(batch: Mapping[str, Any]) -> trainer_pb2.Batch:
     """``input_ids`` / ``attention_mask`` / ``labels`` (int, [batch, seq]), optional RL tensors and extras."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValidationError("batch: a mapping with at least 'input_ids' is required", field="batch.input_ids",
                               code="INVALID_ARGUMENT")
     msg = trainer_pb2.Batch()

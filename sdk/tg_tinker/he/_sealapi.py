@@ -6,7 +6,7 @@ the constructors below are the one place where its untyped values enter typed co
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 __all__ = ["CKKSEncoder", "Ciphertext", "ContextData", "Decryptor", "Encryptor", "ParmsId", "Plaintext",
            "SEALContext", "Saveable", "SecretKey", "TenSEALContext", "ciphertext", "ckks_encoder", "decryptor",
@@ -37,6 +37,7 @@ class SecretKey(Protocol):
     """A SEAL secret key (opaque here; it never leaves the key holder's process)."""
 
 
+@runtime_checkable
 class Saveable(Protocol):
     """A SEAL object that serialises itself to a file (SEAL's binding has no bytes API)."""
 
@@ -44,7 +45,15 @@ class Saveable(Protocol):
 
 
 class Ciphertext(Saveable, Protocol):
+    scale: float
+
     def load(self, context: SEALContext, path: str) -> None: ...
+
+    def size(self) -> int: ...
+
+    def parms_id(self) -> ParmsId: ...
+
+    def is_ntt_form(self) -> bool: ...
 
 
 class Plaintext(Protocol):

@@ -78,7 +78,7 @@ class HESchemeParams:
 
 def check_params(p: HESchemeParams) -> None:
     """Raise ValidationError unless ``p`` is secure at its level and deep enough for the LoRA delta."""
-    if not isinstance(p.scheme, HEScheme):
+    if not isinstance(p.scheme, HEScheme):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValidationError(f"unknown scheme {p.scheme!r}; only HEScheme.CKKS", field="params.scheme",
                               code="INVALID_ARGUMENT")
     if p.security_level not in SECURITY_LEVELS:

@@ -40,8 +40,10 @@ def _scratch() -> str:
         return os.path.join(_scratch_dir, f"{os.getpid()}-{threading.get_ident()}.bin")
 
 
-def to_bytes(obj: Saveable) -> bytes:
-    """SEAL's serialisation of a Ciphertext (or a seeded SerializableCiphertext)."""
+def to_bytes(obj: object) -> bytes:
+    """SEAL's serialisation of a Ciphertext (or a seeded SerializableCiphertext); TypeError for anything else."""
+    if not isinstance(obj, Saveable):
+        raise TypeError(f"not a SEAL object that can be serialised: {type(obj).__name__}")
     path = _scratch()
     obj.save(path)
     with open(path, "rb") as fh:
@@ -103,4 +105,4 @@ class TokenCodec:
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 
 
-__all__ = ["TokenCodec", "levels", "load_ciphertext", "to_bytes"]
+__all__ = ["Ciphertext", "ParmsId", "SEALContext", "Saveable", "TokenCodec", "levels", "load_ciphertext", "to_bytes"]

@@ -32,13 +32,13 @@ class Checkpoint:
 
 def format_checkpoint(origin: str, size: int, root: bytes, extensions: Sequence[str] = ()) -> str:
     """The checkpoint body: origin, decimal size and base64 root lines (then any extension lines)."""
-    if not isinstance(origin, str) or not origin or "\n" in origin or not valid_text(origin):
+    if not isinstance(origin, str) or not origin or "\n" in origin or not valid_text(origin):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValueError("checkpoint origin must be a non-empty single line")
     check_position("size", size)
-    if not isinstance(root, bytes) or len(root) != HASH_SIZE:
+    if not isinstance(root, bytes) or len(root) != HASH_SIZE:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise ValueError(f"checkpoint root must be {HASH_SIZE} bytes")
     for ext in extensions:
-        if not isinstance(ext, str) or not ext or "\n" in ext or not valid_text(ext):
+        if not isinstance(ext, str) or not ext or "\n" in ext or not valid_text(ext):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise ValueError("checkpoint extension lines must be non-empty single lines")
     return "".join(f"{line}\n" for line in (origin, str(size), b64encode(root), *extensions))
 
@@ -46,7 +46,7 @@ def format_checkpoint(origin: str, size: int, root: bytes, extensions: Sequence[
 def parse_checkpoint(body: str) -> Checkpoint:
     """Strictly parse a checkpoint body; raises :class:`VerificationError` when malformed."""
     c = "checkpoint"
-    if not isinstance(body, str) or not body.endswith("\n"):
+    if not isinstance(body, str) or not body.endswith("\n"):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise VerificationError("checkpoint must be text ending with a newline", check=c)
     lines = body[:-1].split("\n")
     if len(lines) < 3:

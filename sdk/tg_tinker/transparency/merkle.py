@@ -75,7 +75,7 @@ def root_from_leaves(leaf_hashes: Sequence[bytes]) -> bytes:
 
 
 def check_position(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not 0 <= value < MAX_TREE_SIZE:
         raise ValueError(f"{name} {value} is out of range [0, 2**63)")

@@ -63,7 +63,7 @@ class NoteSigner:
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
         if not _valid_key_name(name):
             raise ValueError(f"invalid key name {name!r}: it must be non-empty, without spaces or '+'")
-        if not isinstance(private_key, Ed25519PrivateKey):
+        if not isinstance(private_key, Ed25519PrivateKey):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise TypeError("private_key must be an Ed25519PrivateKey")
         self.name = name
         self._key = private_key
@@ -77,7 +77,7 @@ class NoteSigner:
     @classmethod
     def from_skey(cls, skey: str) -> NoteSigner:
         """Parse the ``PRIVATE+KEY+<name>+<hex id>+<base64(0x01 || seed)>`` form (Go ``sumdb/note``)."""
-        parts = skey.split("+", 4) if isinstance(skey, str) else []
+        parts = skey.split("+", 4) if isinstance(skey, str) else []  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         if len(parts) != 5 or parts[0] != "PRIVATE" or parts[1] != "KEY":
             raise ValueError("malformed signer key: expected PRIVATE+KEY+<name>+<id>+<key>")
         raw = b64decode(parts[4])
@@ -134,7 +134,7 @@ class NoteVerifier:
     def __init__(self, name: str, public_key: bytes) -> None:
         if not _valid_key_name(name):
             raise ValueError(f"invalid key name {name!r}")
-        if not isinstance(public_key, bytes) or len(public_key) != 32:
+        if not isinstance(public_key, bytes) or len(public_key) != 32:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise ValueError("an Ed25519 public key is 32 bytes")
         self.name = name
         self.public_key = public_key
@@ -144,7 +144,7 @@ class NoteVerifier:
     @classmethod
     def from_vkey(cls, vkey: str) -> NoteVerifier:
         """Parse ``<name>+<8 hex digits key id>+<base64(0x01 || 32-byte public key)>``."""
-        parts = vkey.split("+", 2) if isinstance(vkey, str) else []
+        parts = vkey.split("+", 2) if isinstance(vkey, str) else []  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         if len(parts) != 3:
             raise ValueError("malformed verifier key: expected <name>+<key id>+<key>")
         name, key_id, key = parts
@@ -188,7 +188,7 @@ def verify_note(note: str, verifiers: Iterable[NoteVerifier]) -> str:
             note = note.decode("utf-8")
         except UnicodeDecodeError:
             raise VerificationError("signed note is not UTF-8", check=c) from None
-    if not isinstance(note, str):
+    if not isinstance(note, str):  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
         raise VerificationError("signed note must be text", check=c)
     if not valid_text(note):
         raise VerificationError("signed note contains control characters", check=c)

@@ -217,7 +217,8 @@ class MaskPool:
             q = self._queues.setdefault(qkey, _Queue())
             q.target = max(q.target, min(2 * count, max(1, MAX_POOL_BYTES // (1 << 17))))
             ready = [q.ready.popleft() for _ in range(min(count, len(q.ready)))]
-        out = [(load_ciphertext(engine.seal_context, data), sums) for data, sums in ready]
+        out: list[tuple[object, np.ndarray]] = [(load_ciphertext(engine.seal_context, data), sums)
+                                                for data, sums in ready]
         out.extend(engine.masks(block, kind) for _ in range(count - len(out)))
         with self._lock:
             self.taken_ready += len(ready)

@@ -74,8 +74,11 @@ def test_tls_server_and_sdk(tmp_path, monkeypatch) -> None:
     server.start()
     try:
         monkeypatch.setenv("TS_CA_FILE", pki["ca"])
-        with ServiceClient(api_key=api_key, base_url=f"grpcs://localhost:{server.port}", retry_count=0) as c:
-            assert c.check_health(timeout=5)["vault"] == "SERVING"
+        # The forms users paste: https:// and grpcs:// both mean TLS.
+        for scheme in ("https", "grpcs"):
+            with ServiceClient(api_key=api_key, base_url=f"{scheme}://localhost:{server.port}", retry_count=0) as c:
+                assert c.check_health(timeout=5)["vault"] == "SERVING"
+                assert c.config.endpoint("vault").tls
         # A plaintext client cannot talk to a TLS server.
         with ServiceClient(api_key=api_key, base_url=f"localhost:{server.port}", retry_count=0) as c:
             assert c.check_health(timeout=2)["vault"] != "SERVING"

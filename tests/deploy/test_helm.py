@@ -270,6 +270,7 @@ def test_every_pod_is_non_root_with_probes_and_limits(rendered: Any, values: str
             else:
                 assert p["grpc"] == {"port": 50051, "service": full_name(name)}, (name, probe)
         assert env_of(dep)["TENSAFE_HOST"]["value"] == "0.0.0.0"
+        assert env_of(dep)["HOME"]["value"] == "/tmp" and mounts["/tmp"] == "tmp"
         grace = pod["terminationGracePeriodSeconds"]
         assert grace > 30, "must exceed TENSAFE_GRACE_SECONDS (30) so calls drain and the outbox flushes"
 
@@ -284,6 +285,7 @@ def test_the_health_server_registers_the_probed_names() -> None:
 def test_env_names_are_real_settings(rendered: Any, values: str) -> None:
     known = {s.env for s in SETTINGS} | {f"TENSAFE_{n.upper()}_{suffix}" for n in SERVICE_NAMES
                                          for suffix in ("ENDPOINT", "DB_URL")}
+    known |= {"HOME", "XDG_CACHE_HOME"}  # pointed at the /tmp volume: the root filesystem is read-only
     for name, dep in by_component(rendered, values, "Deployment").items():
         unknown = set(env_of(dep)) - known
         assert not unknown, f"{name}: {sorted(unknown)} are not TenSafe settings"
@@ -556,3 +558,22 @@ def test_service_monitor_behind_its_flag(rendered: Any) -> None:
         assert env_of(dep)["TENSAFE_METRICS_PORT"]["value"] == "9464"
     telemetry = (SERVICES_SRC / "runtime" / "telemetry.py").read_text()
     assert "start_http_server(port, addr=host)" in telemetry  # prometheus_client serves /metrics on it
+
+
+# -- NOTES.txt ---------------------------------------------------------------------------------------
+def test_notes_say_where_secrets_and_sessions_go(helm: Any, tmp_path: Path) -> None:
+    """NOTES.txt renders (helm template skips it, so it is rendered here through a copy of the chart)."""
+    chart = tmp_path / "tensafe"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "notes.yaml").write_text('text: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    res = helm("template", *VALUE_SETS["hpa"], "--show-only", "templates/notes.yaml", chart=chart)
+    assert res.returncode == 0, res.stderr
+    notes = yaml.safe_load(res.stdout)["text"]
+    for name in SERVICE_NAMES:
+        assert f"{RELEASE}-tensafe-{name}.{NAMESPACE}.svc:50051" in notes
+    for secret in ("tensafe-postgresql", "tensafe-vault-master-key", "tensafe-ledger-signing-key",
+                   "tensafe-service-api-key", "tensafe-issuer-public-key"):
+        assert secret in notes
+    assert "inference runs sticky" in notes and "trainer runs sticky" not in notes
+    assert "authorization" in notes and "save_state()" in notes

@@ -365,6 +365,15 @@ def test_network_policies_allow_exactly_the_edges(rendered: Any, values: str) ->
     assert ("he" in public) == (values != "external")
 
 
+def test_peer_host_suffix(helm: Any) -> None:
+    res = helm("template", "--set", "peerHostSuffix=-pod")
+    assert res.returncode == 0, res.stderr
+    trainer = next(d for d in yaml.safe_load_all(res.stdout) if d and d["kind"] == "Deployment"
+                   and component(d) == "trainer")
+    assert env_of(trainer)["TENSAFE_VAULT_ENDPOINT"]["value"] == f"{RELEASE}-tensafe-vault-pod:50051"
+    assert helm("template", "--set", "peerHostSuffix=:1/x").returncode != 0
+
+
 def test_network_policies_can_be_turned_off(helm: Any) -> None:
     res = helm("template", "--set", "networkPolicy.enabled=false")
     assert res.returncode == 0, res.stderr

@@ -69,7 +69,8 @@ app.kubernetes.io/component: {{ .service }}
 
 {{/* host:port a peer is called at, in the release's namespace. */}}
 {{- define "tensafe.endpoint" -}}
-{{- printf "%s.%s.svc:%d" (include "tensafe.serviceName" .) .root.Release.Namespace (int .root.Values.port) -}}
+{{- $suffix := .root.Values.peerHostSuffix | default (printf ".%s.svc" .root.Release.Namespace) -}}
+{{- printf "%s%s:%d" (include "tensafe.serviceName" .) $suffix (int .root.Values.port) -}}
 {{- end -}}
 
 {{- define "tensafe.serviceAccountName" -}}

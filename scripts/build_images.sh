@@ -1,0 +1,59 @@
+#!/bin/sh
+# Build TenSafe's container images with podman, offline: a wheelhouse built here on the host, then
+# Dockerfiles that install only from it (pip --no-index), FROM a local base image (scripts/make_base_image.sh).
+#   scripts/build_images.sh [wheelhouse|light|ml|postgres|all]...     (default: all)
+# Environment: BASE (default localhost/tensafe-base:bookworm), TAG (default dev), PYTHON (default python3: a
+# CPython 3.11 whose pip reaches the package index; torch==2.13.0 CPU comes from that index / find-links).
+# Prints each step's wall time and the image sizes.
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+: "${CONTAINERS_CONF:=$ROOT/deploy/podman/containers.conf}"
+export CONTAINERS_CONF
+BASE=${BASE:-localhost/tensafe-base:bookworm}
+TAG=${TAG:-dev}
+PYTHON=${PYTHON:-python3}
+CTX=$ROOT/build/image-context
+WHEELS=$CTX/wheels
+
+step() { printf '%s: %s s\n' "$1" "$(( $(date +%s) - $2 ))" | tee -a "$ROOT/build/image-times.txt"; }
+
+wheelhouse() {
+    t=$(date +%s)
+    mkdir -p "$WHEELS" "$CTX/local-wheels"
+    # This repository's two distributions, rebuilt every time (seconds).
+    rm -f "$CTX"/local-wheels/*.whl
+    "$PYTHON" -m pip wheel -q --no-deps -w "$CTX/local-wheels" ./sdk .
+    # Their dependencies: the light list, torch 2.13.0 (CPU) and everything `tensafe` requires. Downloaded again
+    # only when a requirement changes (the stamp hashes the requirement files).
+    stamp=$(cat deploy/docker/requirements-light.txt pyproject.toml sdk/pyproject.toml | sha256sum | cut -c1-16)
+    if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        "$PYTHON" -m pip download -q --only-binary=:all: -d "$WHEELS" --find-links "$CTX/local-wheels" \
+            -r deploy/docker/requirements-light.txt torch==2.13.0 "$CTX"/local-wheels/tensafe-*.whl
+        rm -f "$WHEELS"/tensafe-*.whl "$WHEELS"/tg_tinker-*.whl
+        echo "$stamp" > "$WHEELS/.stamp"
+    fi
+    cp deploy/docker/requirements-light.txt deploy/docker/tensafe-health deploy/docker/postgres-entrypoint.sh "$CTX"/
+    step wheelhouse "$t"
+    du -sh "$WHEELS"
+}
+
+image() {  # image NAME DOCKERFILE
+    t=$(date +%s)
+    nice -n 10 podman build -q --format docker --build-arg BASE="$BASE" -f "deploy/docker/$2" -t "localhost/tensafe-$1:$TAG" "$CTX"
+    step "image $1" "$t"
+}
+
+[ $# -gt 0 ] || set -- all
+mkdir -p "$ROOT/build"
+for what in "$@"; do
+    case $what in
+        wheelhouse) wheelhouse ;;
+        light) image light Dockerfile.light ;;
+        ml) image ml Dockerfile.ml ;;
+        postgres) image postgres Dockerfile.postgres ;;
+        all) wheelhouse; image light Dockerfile.light; image ml Dockerfile.ml; image postgres Dockerfile.postgres ;;
+        *) echo "unknown step $what" >&2; exit 2 ;;
+    esac
+done
+podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep tensafe || true

@@ -32,7 +32,8 @@ function envoy_on_request(handle)
   local name = service_name(body:getBytes(0, body:length()))
   local short = name and string.match(name, "^tensafe%.api%.([%w_]+)%.v1%.[%w_]+$")
   if short and SERVICES[short] then
-    headers:replace("x-tensafe-service", short)
+    -- A headers object does not outlive the wait for the body: ask for it again.
+    handle:headers():replace("x-tensafe-service", short)
     handle:clearRouteCache()
   end
 end

@@ -70,17 +70,15 @@ class PeerChannels:
             self._channels.clear()
 
 
-def forward_metadata(idempotency_key: str | None = None) -> list[tuple[str, str]]:
+def forward_metadata(idempotency_key: str | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for a call made on behalf of the current caller."""
     return metadata_for(call_context.current(), idempotency_key)
 
 
-def metadata_for(ctx: call_context.CallContext, idempotency_key: str | None = None) -> list[tuple[str, str]]:
+def metadata_for(ctx: call_context.CallContext, idempotency_key: str | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for a call made on behalf of ``ctx``'s caller (also later, from a worker thread)."""
-    md = [("authorization", f"Bearer {ctx.api_key}"), ("x-request-id", ctx.request_id)]
-    if idempotency_key:
-        md.append(("x-idempotency-key", idempotency_key))
-    return md
+    md = (("authorization", f"Bearer {ctx.api_key}"), ("x-request-id", ctx.request_id))
+    return (*md, ("x-idempotency-key", idempotency_key)) if idempotency_key else md
 
 
 # A peer call gets the caller's remaining time less this share of it (at least MIN, at most MAX seconds):

@@ -20,6 +20,11 @@ Written to OUT_DIR:
                       at its outbound listeners (``TENSAFE_ENV_FILE=<svc>.env tensafe serve <svc>``);
   ports.json          every port, as used.
 
+Hosts: everything on one machine by default (``--host``, 127.0.0.1). Apart (a pod per service, the
+sidecar beside its service): ``--listen 0.0.0.0`` and an ``address`` per service in ports.json (a DNS
+name is resolved by Envoy) where the others reach its inbound listener; the service and its outbound
+listeners stay on the pod's loopback.
+
 Ports: ``--ports`` names them (the layout of ports.json); otherwise from ``--base-port`` B: the edge
 listens on B (TLS B+1, admin B+9), the i-th service of the policy (0-based) has its app on B+10(i+1),
 inbound listener +1, admin +9 and its outbound listener to the j-th service at +2+j.
@@ -34,6 +39,7 @@ routes them to that service. Reflection: by the ``x-tensafe-service`` header (``
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -107,9 +113,17 @@ def _cert(certs: Path, name: str) -> dict[str, Any]:
             "private_key": {"filename": str(certs / f"{name}.key")}}
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _h2_cluster(name: str, host: str, port: int, tls: dict[str, Any] | None = None) -> dict[str, Any]:
     cluster: dict[str, Any] = {
-        "name": name, "type": "STATIC", "connect_timeout": "2s",
+        "name": name, "type": "STATIC" if _is_ip(host) else "STRICT_DNS", "connect_timeout": "2s",
         "load_assignment": {"cluster_name": name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -193,8 +207,13 @@ def _bootstrap(node: str, listeners: list[dict[str, Any]], clusters: list[dict[s
 
 
 # -- the two kinds of proxy -----------------------------------------------------------------------------------
-def sidecar(policy: Policy, certs: Path, service: str, ports: dict[str, Any], host: str, admin: bool
-            ) -> dict[str, Any]:
+def _address_of(ports: dict[str, Any], service: str, host: str) -> str:
+    """Where the others reach ``service``'s inbound listener: its ``address`` in the ports, else ``host``."""
+    return ports["services"][service].get("address", host)
+
+
+def sidecar(policy: Policy, certs: Path, service: str, ports: dict[str, Any], host: str, admin: bool,
+            listen: str | None = None) -> dict[str, Any]:
     mine = ports["services"][service]
     callers = policy.allowed_callers(service)
     rbac = {"name": "envoy.filters.http.rbac", "typed_config": {
@@ -204,7 +223,7 @@ def sidecar(policy: Policy, certs: Path, service: str, ports: dict[str, Any], ho
             "principals": [{"authenticated": {"principal_name": {"exact": policy.spiffe(c)}}} for c in callers],
         }}} if callers else {"action": "ALLOW", "policies": {}}}}
     inbound = _listener(
-        "inbound", host, mine["inbound"],
+        "inbound", listen or host, mine["inbound"],
         _hcm(f"inbound_{service}", [_route({"prefix": "/"}, "local_app")], [rbac],
              forward_client_cert_details="SANITIZE_SET", set_current_client_cert_details={"uri": True}),
         _downstream_tls(policy, certs, service, require_client=True))
@@ -213,13 +232,13 @@ def sidecar(policy: Policy, certs: Path, service: str, ports: dict[str, Any], ho
     for peer in policy.peers(service):
         listeners.append(_listener(f"outbound_{peer}", "127.0.0.1", mine["outbound"][peer],
                                    _hcm(f"outbound_{peer}", [_route({"prefix": "/"}, f"peer_{peer}")], [])))
-        clusters.append(_h2_cluster(f"peer_{peer}", host, ports["services"][peer]["inbound"],
+        clusters.append(_h2_cluster(f"peer_{peer}", _address_of(ports, peer, host), ports["services"][peer]["inbound"],
                                     _upstream_mtls(policy, certs, service, peer)))
     return _bootstrap(f"{service}-sidecar", listeners, clusters, mine.get("admin") if admin else None, host)
 
 
 def edge(policy: Policy, certs: Path, ports: dict[str, Any], host: str, admin: bool,
-         names: dict[str, str]) -> dict[str, Any]:
+         names: dict[str, str], listen: str | None = None) -> dict[str, Any]:
     routes: list[dict[str, Any]] = []
     health = {"prefix": "/grpc.health.v1.Health/"}
     for svc in policy.services:
@@ -238,11 +257,11 @@ def edge(policy: Policy, certs: Path, ports: dict[str, Any], host: str, admin: b
     lua = {"name": "envoy.filters.http.lua", "typed_config": {
         "@type": T + "filters.http.lua.v3.Lua", "default_source_code": {"inline_string": lua_source}}}
     edge_ports = ports["edge"]
-    listeners = [_listener("edge", host, edge_ports["listen"], _hcm("edge", routes, [lua]))]
+    listeners = [_listener("edge", listen or host, edge_ports["listen"], _hcm("edge", routes, [lua]))]
     if edge_ports.get("tls"):
-        listeners.append(_listener("edge_tls", host, edge_ports["tls"], _hcm("edge_tls", routes, [lua]),
+        listeners.append(_listener("edge_tls", listen or host, edge_ports["tls"], _hcm("edge_tls", routes, [lua]),
                                    _downstream_tls(policy, certs, "edge", require_client=False)))
-    clusters = [_h2_cluster(f"svc_{svc}", host, ports["services"][svc]["inbound"],
+    clusters = [_h2_cluster(f"svc_{svc}", _address_of(ports, svc, host), ports["services"][svc]["inbound"],
                             _upstream_mtls(policy, certs, "edge", svc)) for svc in policy.services]
     return _bootstrap("edge", listeners, clusters, edge_ports.get("admin") if admin else None, host)
 
@@ -257,7 +276,7 @@ def service_env(policy: Policy, service: str, ports: dict[str, Any]) -> str:
 
 
 def render(policy: Policy, certs: Path, out: Path, ports: dict[str, Any], host: str = "127.0.0.1",
-           admin: bool = False) -> list[Path]:
+           admin: bool = False, listen: str | None = None) -> list[Path]:
     names = grpc_services()
     if set(policy.services) != set(names):
         raise ValueError(f"policy services {sorted(policy.services)} differ from tensafe's {sorted(names)}")
@@ -271,10 +290,11 @@ def render(policy: Policy, certs: Path, out: Path, ports: dict[str, Any], host: 
         written.append(path)
 
     header = "# Generated by deploy/mesh/render.py from deploy/mesh/policy.yaml; edit those, not this file.\n"
-    dump("envoy-edge.yaml", header + yaml.safe_dump(edge(policy, certs, ports, host, admin, names), sort_keys=False))
+    dump("envoy-edge.yaml", header + yaml.safe_dump(edge(policy, certs, ports, host, admin, names, listen),
+                                                           sort_keys=False))
     for svc in policy.services:
         dump(f"envoy-{svc}.yaml",
-             header + yaml.safe_dump(sidecar(policy, certs, svc, ports, host, admin), sort_keys=False))
+             header + yaml.safe_dump(sidecar(policy, certs, svc, ports, host, admin, listen), sort_keys=False))
         dump(f"{svc}.env", service_env(policy, svc, ports))
     dump("ports.json", json.dumps(ports, indent=2) + "\n")
     return written
@@ -288,12 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--ports", type=Path, help="a ports.json naming every port")
     group.add_argument("--base-port", type=int, default=15000, help="lay the ports out from here (default 15000)")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the mTLS listeners and the edge")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="IP the edge, admin and inbound listeners bind (unless --listen), and where a "
+                             "service's inbound listener is reached unless ports.json gives its `address`")
+    parser.add_argument("--listen", help="bind the inbound and edge listeners here instead (0.0.0.0 in a container)")
     parser.add_argument("--admin", action="store_true", help="enable each Envoy's admin interface on --host")
     args = parser.parse_args(argv)
     policy = Policy.load(args.policy)
     ports = json.loads(args.ports.read_text()) if args.ports else default_ports(policy, args.base_port)
-    for path in render(policy, args.certs, args.out, ports, args.host, args.admin):
+    for path in render(policy, args.certs, args.out, ports, args.host, args.admin, args.listen):
         print(path)
     return 0
 

@@ -127,6 +127,29 @@ def test_every_config_validates_with_envoy(envoy, rendered) -> None:
     assert all("OK" in out for _, out in results.values())
 
 
+def test_configs_for_services_apart_validate(envoy, rendered, tmp_path) -> None:
+    """A pod per service: inbound and edge listeners on 0.0.0.0, peers reached by DNS name."""
+    ports = json.loads(json.dumps(rendered.ports))
+    for svc, entry in ports["services"].items():
+        entry["address"] = f"tensafe-{svc}.tensafe.svc"
+    (tmp_path / "ports.json").write_text(json.dumps(ports))
+    run = subprocess.run([sys.executable, str(MESH / "render.py"), "--certs", str(rendered.certs), "--out",
+                          str(tmp_path / "out"), "--ports", str(tmp_path / "ports.json"), "--listen", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    trainer = yaml.safe_load((tmp_path / "out" / "envoy-trainer.yaml").read_text())["static_resources"]
+    inbound = next(lst for lst in trainer["listeners"] if lst["name"] == "inbound")
+    assert inbound["address"]["socket_address"]["address"] == "0.0.0.0"
+    vault = next(c for c in trainer["clusters"] if c["name"] == "peer_vault")
+    assert vault["type"] == "STRICT_DNS"
+    assert vault["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "address"] == "tensafe-vault.tensafe.svc"
+    for name in ("edge", "trainer"):
+        out = subprocess.run([envoy, "--mode", "validate", "-c", str(tmp_path / "out" / f"envoy-{name}.yaml"),
+                              "--disable-hot-restart", "-l", "error"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_policy_is_the_table_the_configs_enforce(rendered) -> None:
     """Each inbound RBAC filter admits exactly the callers the policy lists for its service, and each service
     gets an outbound listener (and a TENSAFE_<PEER>_ENDPOINT) for exactly the peers it may call."""

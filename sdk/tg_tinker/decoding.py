@@ -21,12 +21,18 @@ CANCELLED = common_pb2.FINISH_REASON_CANCELLED
 
 
 class Tokenizer(Protocol):
-    """What decoding needs of a tokenizer (a Hugging Face one)."""
+    """What decoding needs of a tokenizer: a Hugging Face one (its ``eos_token_id`` is read if it has one).
 
-    @property
-    def eos_token_id(self) -> int | None: ...
+    ``decode`` of one sequence of ids returns a string; Hugging Face's signature also allows a list.
+    """
 
-    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str | list[str]: ...
+
+
+def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of ``ids`` without special tokens."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text if isinstance(text, str) else "".join(text)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
@@ -44,7 +50,7 @@ def ids_within(tokenizer: Tokenizer, ids: list[int], text: str) -> list[int]:
     """
     keep = 0
     for n in range(1, len(ids) + 1):
-        piece = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        piece = decode(tokenizer, ids[:n])
         if text.startswith(piece):
             keep = n
         elif len(piece) > len(text):
@@ -92,7 +98,8 @@ class SequenceStream:
         self.sample_index = sample_index
         self.stops = stops
         self.want_logprobs = want_logprobs
-        self.eos = tokenizer.eos_token_id
+        eos: object = getattr(tokenizer, "eos_token_id", None)
+        self.eos = eos if isinstance(eos, int) else None
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.sent_text = ""
@@ -100,7 +107,7 @@ class SequenceStream:
         self.stopped = False  # a stop string or EOS was produced: nothing more is needed
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)
 
     def _chunk(self, text: str, upto: int, finish: int = common_pb2.FINISH_REASON_UNSPECIFIED) -> Chunk:
         lps = self.logprobs[self.sent_ids:upto] if self.want_logprobs else []

@@ -42,6 +42,7 @@ class _Halt(Exception):
 class _HFTokenizer(Tokenizer, Protocol):
     """What generation here needs of the base model's (Hugging Face) tokenizer."""
 
+    eos_token_id: int | None
     pad_token_id: int | None
     pad_token: str | None
     eos_token: str | None

@@ -23,6 +23,7 @@ from .generation import Chunk, GenerationJob
 
 if TYPE_CHECKING:
     from tensafe.trainer.models import ModelLocation
+    from tg_tinker.decoding import Tokenizer
 
     from .adapter import AdapterFiles
 
@@ -81,7 +82,7 @@ class ChunkQueue:
 class ServedBase(ABC):
     """A loaded base model with tenants' adapters on it (named by adapter id)."""
 
-    tokenizer: object
+    tokenizer: Tokenizer
     vocab_size: int
     max_length: int
 

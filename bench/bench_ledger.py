@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from tensafe.api.ledger.v1 import ledger_pb2
-from tensafe.ledger.log import MerkleLog, canonical_entry, leaves
+from tensafe.ledger.service import MerkleLog, canonical_entry
+from tensafe.ledger.store import LedgerStore, leaves
 from tensafe.runtime.db import RUNTIME_VERSIONS, create_engine, migrate
 from tg_tinker.transparency import NoteSigner, inclusion_proof, leaf_hash, node_hash, verify_inclusion
 
@@ -62,7 +63,7 @@ def bench_appends(name: str, url: str, schema: str | None, seconds: float, threa
     sync = "FULL"
     engine = create_engine(url, schema=schema, sqlite_synchronous=sync)
     migrate(engine, [RUNTIME_VERSIONS, LEDGER_VERSIONS], version_table="alembic_version_ledger")
-    log = MerkleLog(engine, NoteSigner.generate("bench/ledger"), "bench/ledger")
+    log = MerkleLog(LedgerStore(engine), NoteSigner.generate("bench/ledger"), "bench/ledger")
     n = run_threads(seconds, threads, lambda: log.append([entry()]))
     log.close()
     # Anchor: the same rows, committed the way the log commits them (one transaction per group), no tree.

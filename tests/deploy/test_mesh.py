@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -231,8 +232,25 @@ def mesh(envoy, rendered, tiny_model, tmp_path_factory) -> Iterator[Mesh]:
             print(f"mesh up in {time.monotonic() - started:.1f}s")
         yield m
     finally:
-        codes = {n: p.stop() for n, p in m.procs.items()}
-        assert all(c == 0 for n, c in codes.items() if not n.startswith("envoy-")), (codes, m.logs())
+        # The services first, all at once (they deliver what audit entries they hold through their
+        # sidecars while stopping), then the Envoys.
+        codes = stop_all({n: p for n, p in m.procs.items() if not n.startswith("envoy-")})
+        codes |= stop_all({n: p for n, p in m.procs.items() if n.startswith("envoy-")})
+        assert codes == {n: 0 for n in m.procs}, (codes, m.logs())
+
+
+def stop_all(procs: dict[str, Process], timeout: float = 60) -> dict[str, int]:
+    for p in procs.values():
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            codes[name] = p.proc.wait()
+    return codes
 
 
 def _check(target: str, service: str, certs: Path | None, identity: str | None) -> int:
@@ -307,6 +325,30 @@ def test_the_edge_also_speaks_tls(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -
     url = f"https://127.0.0.1:{mesh.rendered.ports['edge']['tls']}"
     with ServiceClient(api_key=mesh.api_key, base_url=url, retry_count=0) as client:
         assert client.check_health() == {s: "SERVING" for s in SERVICE_NAMES}
+
+
+def test_reflection_by_header_and_unknown_paths_at_the_edge(mesh: Mesh) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    def listed(metadata: list[tuple[str, str]]) -> set[str]:
+        with grpc.insecure_channel(mesh.edge_url) as channel:
+            responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10)
+            return {s.name for s in next(iter(responses)).list_services_response.service}
+
+    for svc in ("vault", "trainer"):
+        assert full_name(svc) in listed([("x-tensafe-service", svc)])
+        assert not (set(map(full_name, SERVICE_NAMES)) - {full_name(svc)}) & listed([("x-tensafe-service", svc)])
+    with pytest.raises(grpc.RpcError) as err:
+        listed([])
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(mesh.edge_url) as channel, pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/tensafe.api.nothing.v1.NoService/Call")(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Health of a name no service has is answered (by the ledger's process): NOT_FOUND, not a hang.
+    with grpc.insecure_channel(mesh.edge_url) as channel, pytest.raises(grpc.RpcError) as err:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_peer_the_policy_does_not_allow_is_refused(mesh: Mesh) -> None:

@@ -15,12 +15,16 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
 # One component of a model name (a name may have up to MODEL_NAME_PARTS of them, joined by "/").
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MODEL_NAME_MAX = 128
+# The vault's S3 blob store (TENSAFE_BLOB_BUCKET, TENSAFE_BLOB_PREFIX).
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+S3_PREFIX = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/?")
 
 
 class ConfigError(ValueError):
@@ -60,7 +64,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_VLLM_MAX_LORA_RANK", "vllm_max_lora_rank", int, 64, "vllm backend: largest adapter rank accepted."),
     Setting("TENSAFE_MASTER_KEY_FILE", "master_key_file", str, "", "Vault master key: a file of 32 random bytes, mode 0600; empty means `master.key` in the data dir (created by `tensafe up`)."),
     Setting("TENSAFE_MASTER_KEY", "master_key", str, "", "Vault master key as base64 (32 bytes), instead of a file; wins over the file."),
-    Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs; empty means `blobs` in the data dir."),
+    Setting("TENSAFE_BLOB_DIR", "blob_dir", str, "", "Where the vault keeps encrypted artifact blobs (local blob store); empty means `blobs` in the data dir."),
+    Setting("TENSAFE_BLOB_STORE", "blob_store", str, "local", "Where the vault's blobs live: `local` (the blob dir) or `s3` (an S3-compatible bucket, shared by vault replicas; needs the `s3` extra)."),
+    Setting("TENSAFE_BLOB_BUCKET", "blob_bucket", str, "", "`s3` blob store: the bucket (required); it must exist."),
+    Setting("TENSAFE_BLOB_PREFIX", "blob_prefix", str, "blobs/", "`s3` blob store: key prefix of the vault's objects in the bucket."),
+    Setting("TENSAFE_BLOB_ENDPOINT_URL", "blob_endpoint_url", str, "", "`s3` blob store: endpoint of an S3-compatible server (MinIO, Ceph, ...); empty means AWS S3. Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, instance role, ...)."),
+    Setting("TENSAFE_BLOB_REGION", "blob_region", str, "", "`s3` blob store: region; empty means the AWS chain's (AWS_REGION, the profile)."),
     Setting("TENSAFE_LEDGER_KEY_FILE", "ledger_key_file", str, "", "Ed25519 key(s) that sign ledger checkpoints (comma-separated to rotate: every key signs); empty means `keys/ledger.key` in the data dir."),
     Setting("TENSAFE_LEDGER_ORIGIN", "ledger_origin", str, "tensafe.local/ledger", "Origin line (log name) of the ledger's signed checkpoints."),
     Setting("TENSAFE_SERVICE_API_KEY", "service_api_key", str, "", "The services' own API key for writing audit entries; empty means the `service_key` file in the data dir."),
@@ -139,6 +148,11 @@ class ServerConfig:
     master_key_file: str
     master_key: str
     blob_dir: str
+    blob_store: str
+    blob_bucket: str
+    blob_prefix: str
+    blob_endpoint_url: str
+    blob_region: str
     ledger_key_file: str
     ledger_origin: str
     service_api_key: str
@@ -242,7 +256,51 @@ class ServerConfig:
                            ("TENSAFE_HE_MAX_LAYERS", self.he_max_layers)):
             if value < 0:
                 raise ConfigError(f"{env}={value} must be >= 0 (0 turns it off)")
+        self._validate_blob_store()
         self.registered_models()  # raises ConfigError naming TENSAFE_MODELS when malformed
+
+    def _validate_blob_store(self) -> None:
+        """The blob store's settings, from the server's settings only (never from a tenant's request)."""
+        if self.blob_store not in ("local", "s3"):
+            raise ConfigError(f"TENSAFE_BLOB_STORE={self.blob_store!r}: use local or s3")
+        s3_settings = (("TENSAFE_BLOB_BUCKET", self.blob_bucket),
+                       ("TENSAFE_BLOB_ENDPOINT_URL", self.blob_endpoint_url),
+                       ("TENSAFE_BLOB_REGION", self.blob_region))
+        if self.blob_store == "local":  # (with s3, TENSAFE_BLOB_DIR is unused: a chart may set it anyway)
+            named = [env for env, value in s3_settings if value]
+            if named:
+                raise ConfigError(f"{', '.join(named)} set but TENSAFE_BLOB_STORE=local: set TENSAFE_BLOB_STORE=s3 "
+                                  "to keep the vault's blobs in S3, or unset them")
+            return
+        bucket = self.blob_bucket
+        if not bucket:
+            raise ConfigError("TENSAFE_BLOB_STORE=s3 needs TENSAFE_BLOB_BUCKET")
+        if not S3_BUCKET.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"[0-9.]+", bucket):
+            raise ConfigError(f"TENSAFE_BLOB_BUCKET={bucket!r} is not a bucket name (3 to 63 lower-case letters, "
+                              "digits, '.' and '-', starting and ending with a letter or digit)")
+        prefix = self.blob_prefix
+        if prefix and (len(prefix) > 512 or not S3_PREFIX.fullmatch(prefix)
+                       or any(part in (".", "..") for part in prefix.split("/"))):
+            raise ConfigError(f"TENSAFE_BLOB_PREFIX={prefix!r}: use letters, digits, '.', '_', '-' and '/' "
+                              "between non-empty parts (not '.' or '..'), at most 512 characters, no leading '/'")
+        url = self.blob_endpoint_url
+        if url:
+            parsed = urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or "@" in parsed.netloc \
+                    or parsed.query or parsed.fragment:
+                raise ConfigError(f"TENSAFE_BLOB_ENDPOINT_URL={url!r}: use http(s)://host[:port] (credentials "
+                                  "come from the AWS credential chain, never from the URL)")
+            try:
+                _ = parsed.port
+            except ValueError:
+                raise ConfigError(f"TENSAFE_BLOB_ENDPOINT_URL={url!r}: the port is not a number") from None
+        if self.blob_region and not re.fullmatch(r"[a-z0-9-]{1,64}", self.blob_region):
+            raise ConfigError(f"TENSAFE_BLOB_REGION={self.blob_region!r} is not a region name")
+
+    def blob_key_prefix(self) -> str:
+        """TENSAFE_BLOB_PREFIX with its trailing '/' (empty: the bucket's root)."""
+        prefix = self.blob_prefix
+        return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
     # -- derived values -------------------------------------------------
     def service_db_url(self, service: str) -> str:

@@ -1,30 +1,74 @@
-"""Where encrypted artifact bytes live: a small interface and the local filesystem store."""
+"""Where encrypted artifact bytes live: the blob-store interface and the local filesystem store.
+
+Two stores implement :class:`BlobStore`: :class:`LocalBlobStore` (a directory: the default, one host) and
+``blobstore_s3.S3BlobStore`` (an S3-compatible bucket that vault replicas share; the ``s3`` extra). Both give
+the vault the same guarantees:
+
+- a put is visible under its key only once every byte is stored: before :meth:`BlobWriter.commit` returns
+  nothing is there (a put that fails, is aborted or whose process is killed leaves nothing under the key; what
+  it left elsewhere is never read and is removed later);
+- a put under an existing key replaces it whole, at once (the vault never does: every put has a new key);
+- reads and writes stream (memory does not grow with the blob's size);
+- :meth:`BlobStore.delete` removes the blob; a missing blob reads as :class:`FileNotFoundError`.
+
+The store only keeps bytes: the vault authenticates them (AES-256-GCM, see ``tg_tinker.container``), so a blob
+altered in the store is refused on read whichever store holds it.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+# Blob keys are the vault's artifact ids ("art_" + hex); anything else is refused before it reaches a path or
+# an object key.
+_KEY = re.compile(r"[A-Za-z0-9_-]{3,128}")
+
+
+def check_key(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"{key!r} is not a blob key")
+    return key
+
+
+def blob_name(key: str) -> str:
+    """A blob's name under the store's root: ``<last two characters>/<key>`` (both stores)."""
+    return f"{key[-2:]}/{check_key(key)}"
+
 
 class BlobWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Make the blob visible under its key, whole; after an error nothing new is visible."""
+        ...
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """Drop what was written (idempotent; also after a failed commit)."""
+        ...
 
 
 class BlobStore(Protocol):
     def open_writer(self, key: str) -> BlobWriter: ...
 
-    def read(self, key: str, chunk_size: int = 1 << 20, first: int | None = None) -> Iterator[bytes]: ...
+    def read(self, key: str, chunk_size: int = 1 << 20, first: int | None = None) -> Iterator[bytes]:
+        """The blob's bytes in chunks of ``chunk_size`` (the last may be shorter), after a first chunk of
+        ``first`` bytes if given; :class:`FileNotFoundError` (when iterated) if there is no such blob."""
+        ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Remove the blob; nothing happens if there is none."""
+        ...
 
-    def path_of(self, key: str) -> Path: ...
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int:
+        """The blob's size in bytes; :class:`FileNotFoundError` if there is no such blob."""
+        ...
 
 
 class _LocalWriter:
@@ -60,6 +104,8 @@ class _LocalWriter:
 
 
 class LocalBlobStore:
+    """A directory: ``<root>/<last two characters of the key>/<key>``; puts in flight under ``<root>/tmp``."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
@@ -69,10 +115,10 @@ class LocalBlobStore:
             stale.unlink(missing_ok=True)
 
     def path_of(self, key: str) -> Path:
-        return self.root / key[-2:] / key
+        return self.root / blob_name(key)
 
     def open_writer(self, key: str) -> _LocalWriter:
-        return _LocalWriter(self.path_of(key), self.tmp / f"{key}.{secrets.token_hex(4)}.part")
+        return _LocalWriter(self.path_of(key), self.tmp / f"{check_key(key)}.{secrets.token_hex(4)}.part")
 
     def read(self, key: str, chunk_size: int = 1 << 20, first: int | None = None) -> Iterator[bytes]:
         """Chunks of ``chunk_size`` bytes, after a first chunk of ``first`` bytes if given (so that a
@@ -85,3 +131,9 @@ class LocalBlobStore:
 
     def delete(self, key: str) -> None:
         self.path_of(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self.path_of(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self.path_of(key).stat().st_size

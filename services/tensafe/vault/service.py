@@ -104,7 +104,7 @@ class Vault:
 
     # -- artifacts -------------------------------------------------------------------------------
     def put(self, tenant_id: str, header: ArtifactHeader, chunks: Iterable[bytes]) -> ArtifactRecord:
-        """Encrypt and store; visible only once every byte is on disk and the record is committed."""
+        """Encrypt and store; visible only once every byte is in the blob store and the record is committed."""
         if len(header.name) > MAX_NAME:
             raise InvalidArgument("header.name", f"must be at most {MAX_NAME} characters")
         if len(repr(header.metadata)) > MAX_METADATA_BYTES:

@@ -11,12 +11,13 @@ from tensafe.api.common.v1 import common_pb2
 from tensafe.api.vault.v1 import vault_pb2, vault_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime import lineage as lineage_codec
+from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import timestamp
 from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
-from .blobs import LocalBlobStore
+from .blobs import BlobStore, LocalBlobStore
 from .keys import load_master_key
 from .quotas import StorageLimits
 from .service import ALGORITHM, ArtifactHeader, KekInfo, Vault
@@ -130,9 +131,19 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             context.current_tenant())))
 
 
+def blob_store(cfg: ServerConfig) -> BlobStore:
+    """TENSAFE_BLOB_STORE: the blob dir (LocalBlobStore, the default), or an S3 bucket, checked now
+    (ConfigError: boto3 missing, bucket unusable). Never one in place of the other."""
+    if cfg.blob_store == "s3":
+        from .blobstore_s3 import S3BlobStore
+
+        return S3BlobStore(cfg.blob_bucket, cfg.blob_key_prefix(), endpoint_url=cfg.blob_endpoint_url,
+                           region=cfg.blob_region)
+    return LocalBlobStore(Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs")
+
+
 def create(env: ServiceEnvironment) -> VaultServicer:
     cfg = env.config
-    blob_root = Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs"
-    return VaultServicer(Vault(VaultStore(env.db), LocalBlobStore(blob_root), load_master_key(cfg),
+    return VaultServicer(Vault(VaultStore(env.db), blob_store(cfg), load_master_key(cfg),
                                service_key=cfg.service_key,
                                limits=StorageLimits.from_config(cfg.quota_stored_mb, cfg.quota_artifacts)))

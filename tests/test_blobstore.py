@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from stores.backends import service_engine
 
-from conftest import BACKENDS, REPO, free_port
+from conftest import BACKENDS, REPO, Process, base_env, free_port, spawn, tensafe_cmd, wait_serving
 from tensafe.runtime.config import ConfigError, ServerConfig
 from tensafe.runtime.db import create_engine
 from tensafe.runtime.errors import IntegrityFailure, NotFound
@@ -388,6 +388,48 @@ def test_s3_store_from_the_server_settings(s3_endpoint: str, tmp_path: Path) -> 
     # A bucket that is not there: a clear startup error, not a failure at the first put.
     with pytest.raises(ConfigError, match=r"TENSAFE_BLOB_BUCKET='tensafe-missing'.*no such bucket"):
         blob_store(ServerConfig.load(environ=dict(env, TENSAFE_BLOB_BUCKET="tensafe-missing"), env_file=none))
+
+
+def test_two_vault_servers_share_one_bucket(s3_endpoint: str, tmp_path: Path) -> None:
+    """Two `tensafe serve vault` processes, one database and one bucket: an artifact put through one is read
+    and deleted through the other, over gRPC with the SDK; nothing is written to a local blob dir."""
+    from tg_tinker import NotFoundError, ServiceClient
+
+    backend = s3_backend(s3_endpoint)
+    data_dir = tmp_path / "data"
+    env = base_env(**S3_ENV, TENSAFE_BLOB_STORE="s3", TENSAFE_BLOB_BUCKET=backend.child["bucket"],
+                   TENSAFE_BLOB_PREFIX=backend.child["prefix"], TENSAFE_BLOB_ENDPOINT_URL=s3_endpoint)
+    init = subprocess.run(tensafe_cmd("init", "--data-dir", str(data_dir)), env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert init.returncode == 0, init.stderr
+    api_key = (data_dir / "api_key").read_text().strip()
+    servers: list[tuple[Process, str]] = []
+    try:
+        for i in range(2):  # one after the other: the first runs the vault's migrations
+            port = free_port()
+            proc = spawn(tensafe_cmd("serve", "vault", "--data-dir", str(data_dir), "--port", str(port)), env,
+                         tmp_path / f"vault{i}.log")
+            servers.append((proc, f"127.0.0.1:{port}"))
+            wait_serving(servers[-1][1], ("vault",), proc)
+        (_, one), (_, two) = servers
+        data = pattern(PART + 2 * MIB + 3)
+        with ServiceClient(api_key=api_key, base_url=one, retry_count=0) as a, \
+                ServiceClient(api_key=api_key, base_url=two, retry_count=0) as b:
+            info = a.artifacts.put(data, name="shared")
+            assert b.get_artifact(info.artifact_id) == data
+            assert b.describe_artifact(info.artifact_id).sha256 == info.sha256
+            key = info.artifact_id
+            assert len(backend.raw_get(key)) == info.stored_size_bytes
+            b.delete_artifact(info.artifact_id)
+            with pytest.raises(NotFoundError):
+                a.describe_artifact(info.artifact_id)
+        with pytest.raises(Exception, match="NoSuchKey"):
+            backend.raw_get(key)
+        assert backend.strays() == []
+        assert not (data_dir / "blobs").exists()
+    finally:
+        for proc, _ in servers:
+            assert proc.stop() == 0, proc.output()
 
 
 # -- settings ------------------------------------------------------------------------------------------------

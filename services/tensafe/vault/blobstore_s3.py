@@ -155,9 +155,10 @@ class S3BlobStore:
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str = "", region: str = "",
                  part_size: int = DEFAULT_PART, stale_upload_seconds: float | None = STALE_UPLOAD_SECONDS,
-                 client: Any = None) -> None:
+                 connections: int = 64, client: Any = None) -> None:
         """Checks at once that the bucket is there and usable (:class:`ConfigError` if not), then aborts the
-        multipart uploads under ``prefix`` older than ``stale_upload_seconds`` (None: none)."""
+        multipart uploads under ``prefix`` older than ``stale_upload_seconds`` (None: none). ``connections``:
+        HTTP connections kept to the endpoint (one per stream in flight: the server's TENSAFE_MAX_STREAMS)."""
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's smallest part)")
         if prefix and not prefix.endswith("/"):
@@ -167,7 +168,7 @@ class S3BlobStore:
         self.exceptions: Any = _import("botocore.exceptions")
         if client is None:
             config = _import("botocore.config").Config(
-                retries={"mode": "standard", "max_attempts": 5},
+                retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=connections,
                 # S3-compatible servers on a host name of their own address buckets by path.
                 s3={"addressing_style": "path"} if endpoint_url else {})
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None,

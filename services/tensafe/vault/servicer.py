@@ -138,7 +138,7 @@ def blob_store(cfg: ServerConfig) -> BlobStore:
         from .blobstore_s3 import S3BlobStore
 
         return S3BlobStore(cfg.blob_bucket, cfg.blob_key_prefix(), endpoint_url=cfg.blob_endpoint_url,
-                           region=cfg.blob_region)
+                           region=cfg.blob_region, connections=cfg.max_streams + cfg.internal_workers)
     return LocalBlobStore(Path(cfg.blob_dir) if cfg.blob_dir else cfg.data_dir / "blobs")
 
 

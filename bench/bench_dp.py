@@ -177,7 +177,7 @@ def main() -> int:
 
                 bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.steps * 4, tmp)
             else:
-                from tensafe.trainer.models import prepare_smollm2
+                from tensafe.common.models import prepare_smollm2
 
                 bench("smollm2", prepare_smollm2(REPO / ".tensafe" / "models"), args.steps, tmp)
     return 0

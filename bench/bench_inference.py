@@ -193,7 +193,7 @@ def main() -> int:
 
                 bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.tokens, args.rounds, tmp, args.he_tokens)
                 continue
-            from tensafe.trainer.models import prepare_smollm2
+            from tensafe.common.models import prepare_smollm2
 
             try:
                 model_dir = prepare_smollm2(REPO / ".tensafe" / "models")

@@ -182,7 +182,7 @@ def main() -> int:
 
                 bench("tiny", build_tiny_model(tmp / "models" / "tiny"), 8, 64, args.steps * 3, tmp)
             else:
-                from tensafe.trainer.models import prepare_smollm2
+                from tensafe.common.models import prepare_smollm2
 
                 bench("smollm2", prepare_smollm2(REPO / ".tensafe" / "models"), 8, 64, args.steps, tmp)
     return 0

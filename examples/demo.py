@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--no-dp", dest="dp", action="store_false", help="fine-tune without differential privacy")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
-    from tensafe.trainer.models import prepare_smollm2
+    from tensafe.common.models import prepare_smollm2
 
     print("Preparing SmolLM2-135M-Instruct (converted once, then reused) ...", flush=True)
     model_dir = prepare_smollm2(data_dir / "models")

@@ -1,4 +1,4 @@
-"""Base-model resolution and loading (tensafe.trainer.models), on the tiny model built by tests/tiny_model.py."""
+"""Base-model resolution and loading (tensafe.common.models), on the tiny model built by tests/tiny_model.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_model import build_tiny_model
 
+from tensafe.common.models import ModelLocation, load_base_model, prepare_smollm2, resolve_model_ref
 from tensafe.runtime.errors import InvalidArgument, NotFound
-from tensafe.trainer.models import ModelLocation, load_base_model, prepare_smollm2, resolve_model_ref
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import builtins
 import json
 import subprocess
@@ -79,7 +78,6 @@ def test_every_server_reason_maps_to_an_sdk_exception() -> None:
 
 def test_runtime_reasons_are_declared_in_the_contract() -> None:
     import re
-    from pathlib import Path
 
     declared = {n.removeprefix("ERROR_REASON_") for n in common_pb2.ErrorReason.keys()}
     used = set()
@@ -103,74 +101,7 @@ def test_version_is_exposed() -> None:
     assert tg_tinker.__version__ == version("tensafe")
 
 
-SDK = REPO / "sdk" / "tg_tinker"
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(SDK.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def sdk_import_graph() -> dict[str, set[str]]:
-    """Module -> the tg_tinker modules it imports: at the top, under TYPE_CHECKING and inside functions alike."""
-    modules = {_module_name(p): p for p in SDK.rglob("*.py")}
-    graph: dict[str, set[str]] = {name: set() for name in modules}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
-                    base = ".".join([*anchor, *([base] if base else [])])
-                # `from . import errors` imports the module tg_tinker.errors, `from .x import Y` the module x.
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-            for target in targets:
-                while target and target not in modules:  # `import tg_tinker.he.keys` when only a prefix is ours
-                    target = target.rpartition(".")[0]
-                if target and target != name:
-                    graph[name].add(target)
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of ``graph`` as a path (first node repeated at the end), or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return None
-
-
-def test_the_cycle_finder_finds_cycles() -> None:
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
-
-
-def test_sdk_modules_import_each_other_without_cycles() -> None:
-    graph = sdk_import_graph()
-    # The graph is real: the parent client makes the sub-clients, which take only the transport.
-    assert {"tg_tinker.training", "tg_tinker.sampling", "tg_tinker._transport"} <= graph["tg_tinker.client"]
-    assert "tg_tinker._transport" in graph["tg_tinker.training"]
-    assert "tg_tinker.client" not in graph["tg_tinker.training"] | graph["tg_tinker.sampling"]
-    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+# The SDK's import graph (no cycle, nothing from the server): tests/test_import_graph.py.
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -4,7 +4,7 @@
     TS_API_KEY=$(cat .tensafe/api_key) python examples/training/lora_finetuning.py
 
 The model is looked up in the server's model directory (``<data dir>/models`` by default);
-``python -m tensafe.trainer.models prepare-smollm2 --models-dir .tensafe/models`` puts
+``python -m tensafe.common.models prepare-smollm2 --models-dir .tensafe/models`` puts
 SmolLM2-135M-Instruct there. The tokenizer is read on this side from the same directory
 (``--tokenizer``), because the client builds the token ids it sends.
 

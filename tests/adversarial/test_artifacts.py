@@ -134,8 +134,8 @@ def digest(model: torch.nn.Module, base_view: bool = False) -> str:
 
 @pytest.fixture(scope="module")
 def hf_base(tiny_model: Path):
+    from tensafe.common.models import ModelLocation
     from tensafe.inference.hf_backend import HFBase
-    from tensafe.trainer.models import ModelLocation
 
     base = HFBase(ModelLocation(tiny_model, None, str(tiny_model)))
     yield base

@@ -212,8 +212,8 @@ def test_closing_a_session_stops_its_running_sample(trainer: Trainer) -> None:
 # -- inference: jobs on one base take turns by sequence -----------------------------------------------
 @pytest.fixture(scope="module")
 def hf_base(tiny_model: Path):
+    from tensafe.common.models import resolve_model_ref
     from tensafe.inference.hf_backend import HFBackend
-    from tensafe.trainer.models import resolve_model_ref
 
     base = HFBackend().open(resolve_model_ref("tiny", tiny_model.parent))
     yield base

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .generation import Chunk, GenerationJob
 
 if TYPE_CHECKING:
-    from tensafe.trainer.models import ModelLocation
+    from tensafe.common.models import ModelLocation
     from tg_tinker.decoding import Tokenizer
 
     from .adapter import AdapterFiles

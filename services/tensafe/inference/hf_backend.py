@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tensafe.runtime.adapter_config import lora_kwargs
 from tensafe.runtime.errors import InvalidArgument
-from tensafe.trainer.models import ModelLocation, load_base_model
+from tensafe.common.models import ModelLocation, load_base_model
 
 from .adapter import AdapterFiles
 from .backend import Backend, ChunkQueue, ServedBase

@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from tensafe.common.models import ModelLocation, resolve_model_ref
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.runtime.pagination import after_key
+from tensafe.runtime.sample_work import check_sample_work
 from tensafe.runtime.vault_client import VaultClient
-from tensafe.trainer.models import ModelLocation, resolve_model_ref
-from tensafe.trainer.sampling import check_sample_work
 
 from .adapter import LoadedAdapter, read_adapter
 from .backend import Backend, ChunkQueue, ServedBase
@@ -58,7 +58,7 @@ class Inference:
             return self._backends[name]
 
     def _location(self, model_ref: str, field: str) -> ModelLocation:
-        """A model name (never a path: see tensafe.trainer.models), or InvalidArgument naming ``field``
+        """A model name (never a path: see tensafe.common.models), or InvalidArgument naming ``field``
         / the same NotFound for every name that is not a model."""
         return resolve_model_ref(model_ref, self.model_dir, self.models, field_name=field)
 

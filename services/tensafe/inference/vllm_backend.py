@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotImplementedYet
-from tensafe.trainer.models import ModelLocation
+from tensafe.common.models import ModelLocation
 
 from .adapter import CONFIG, WEIGHTS, AdapterFiles
 from .backend import Backend, ChunkQueue, ServedBase
@@ -291,7 +291,7 @@ class VLLMBackend(Backend):
         require_vllm()
         if location.gguf_file:
             raise FailedPrecondition("the vllm backend serves safetensors model directories, not GGUF files: "
-                                     "convert the model first (python -m tensafe.trainer.models)")
+                                     "convert the model first (python -m tensafe.common.models)")
         config = TenSafeVLLMConfig(model=str(location.path), gpu_memory_utilization=self.gpu_memory_utilization,
                                    max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
         return VLLMBase(location, config)

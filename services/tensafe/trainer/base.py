@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tensafe.runtime.errors import InvalidArgument, TensafeError
 
 from .futures import CANCELLED, PENDING, RUNNING, FutureBook, Op, OpCancelled
-from .models import ModelLocation, load_base_model
+from tensafe.common.models import ModelLocation, load_base_model
 
 log = logging.getLogger("tensafe.trainer")
 

@@ -2,7 +2,7 @@
 
 :func:`generate_steps` yields between sequences, so the base's worker can serve other
 sessions between two of them, and stops between tokens once its cancel event is set.
-:func:`check_sample_work` is the per-call cap on generated tokens, shared with inference. The
+The per-call cap on generated tokens is :mod:`tensafe.runtime.sample_work`, shared with inference. The
 parameters come in as a plain ``values.SamplingSpec``; the result goes out as the future's
 ``SampleResult`` message.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
-from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.decoding import cut_at_stop, ids_within
 
 from .futures import OpCancelled
@@ -26,30 +24,6 @@ from .values import SamplingSpec
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
-
-
-MAX_SAMPLE_TOKENS_SETTING = "TENSAFE_MAX_SAMPLE_TOKENS"
-
-
-class SampleWork(Protocol):
-    """What the work cap reads: a ``SamplingSpec`` or a ``SamplingParams`` message (inference's)."""
-
-    @property
-    def num_samples(self) -> int: ...
-
-    @property
-    def max_tokens(self) -> int: ...
-
-
-def check_sample_work(num_prompts: int, sampling: SampleWork, limit: int) -> None:
-    """Refuse a call whose prompts x samples x max_tokens exceeds ``limit`` (0: no limit), naming the field."""
-    work = num_prompts * max(1, sampling.num_samples) * sampling.max_tokens
-    if limit and work > limit:
-        raise InvalidArgument("sampling.max_tokens",
-                              f"{num_prompts} prompt(s) x {max(1, sampling.num_samples)} sample(s) x max_tokens "
-                              f"{sampling.max_tokens} = {work} tokens exceeds the per-call limit of {limit} "
-                              f"({MAX_SAMPLE_TOKENS_SETTING}); split the call", quota=MAX_SAMPLE_TOKENS_SETTING,
-                              limit=limit)
 
 
 class _Cancelled(StoppingCriteria):

@@ -22,12 +22,14 @@ from typing import Any
 
 from peft import LoraConfig
 
+from tensafe.common.models import resolve_model_ref
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
 from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.runtime.pagination import after_key
+from tensafe.runtime.sample_work import check_sample_work
 from tensafe.runtime.vault_client import VaultClient
 
 from . import checkpoint
@@ -51,8 +53,6 @@ from .messages import (
     budget_is_active,
     budget_state_name,
 )
-from .models import resolve_model_ref
-from .sampling import check_sample_work
 from .session import DPState, SessionSettings, TrainingSession
 from .values import LORA_BIASES, BatchInput, LossSpec, SamplingSpec, SessionConfig, TensorData
 

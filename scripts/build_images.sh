@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build TenSafe's container images with podman, offline: a wheelhouse built here on the host, then
 # Dockerfiles that install only from it (pip --no-index), FROM a local base image (scripts/make_base_image.sh).
-#   scripts/build_images.sh [wheelhouse|light|ml|postgres|all]...     (default: all)
+#   scripts/build_images.sh [wheelhouse|light|ml|postgres|prometheus|all]...     (default: all)
+# postgres and prometheus install Debian packages from deb.debian.org during the build (HTTP, apt-verified).
 # Environment: BASE (default localhost/tensafe-base:bookworm), TAG (default dev), PYTHON (default python3: a
 # CPython 3.11 whose pip reaches the package index; torch==2.13.0 CPU comes from that index / find-links).
 # Prints each step's wall time and the image sizes.
@@ -21,9 +22,10 @@ step() { printf '%s: %s s\n' "$1" "$(( $(date +%s) - $2 ))" | tee -a "$ROOT/buil
 wheelhouse() {
     t=$(date +%s)
     mkdir -p "$WHEELS" "$CTX/local-wheels"
-    # This repository's two distributions, rebuilt every time (seconds).
+    # This repository's two distributions, rebuilt every time (seconds). A fixed SOURCE_DATE_EPOCH makes the
+    # wheels byte-identical while the sources are, so the images' layer cache holds.
     rm -f "$CTX"/local-wheels/*.whl
-    "$PYTHON" -m pip wheel -q --no-deps -w "$CTX/local-wheels" ./sdk .
+    SOURCE_DATE_EPOCH=315532800 "$PYTHON" -m pip wheel -q --no-deps -w "$CTX/local-wheels" ./sdk .
     # Their dependencies: the light list, torch 2.13.0 (CPU) and everything `tensafe` requires. Downloaded again
     # only when a requirement changes (the stamp hashes the requirement files).
     stamp=$(cat deploy/docker/requirements-light.txt pyproject.toml sdk/pyproject.toml | sha256sum | cut -c1-16)
@@ -33,6 +35,20 @@ wheelhouse() {
         rm -f "$WHEELS"/tensafe-*.whl "$WHEELS"/tg_tinker-*.whl
         echo "$stamp" > "$WHEELS/.stamp"
     fi
+    # The ML image's third-party requirements: what the two wheels declare (no extras, not each other), so that
+    # its dependencies' layer is cached apart from this repository's code.
+    "$PYTHON" - "$CTX"/local-wheels/*.whl > "$CTX/requirements-ml.txt" <<'PY'
+import sys, zipfile
+from email.parser import Parser
+reqs = set()
+for wheel in sys.argv[1:]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        for r in Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []:
+            if "extra ==" not in r and not r.lower().startswith(("tg-tinker", "tg_tinker", "tensafe")):
+                reqs.add(r.strip())
+print("\n".join(sorted(reqs)))
+PY
     cp deploy/docker/requirements-light.txt deploy/docker/tensafe-health deploy/docker/postgres-entrypoint.sh "$CTX"/
     step wheelhouse "$t"
     du -sh "$WHEELS"
@@ -52,7 +68,9 @@ for what in "$@"; do
         light) image light Dockerfile.light ;;
         ml) image ml Dockerfile.ml ;;
         postgres) image postgres Dockerfile.postgres ;;
-        all) wheelhouse; image light Dockerfile.light; image ml Dockerfile.ml; image postgres Dockerfile.postgres ;;
+        prometheus) image prometheus Dockerfile.prometheus ;;
+        all) wheelhouse; image light Dockerfile.light; image ml Dockerfile.ml; image postgres Dockerfile.postgres
+             image prometheus Dockerfile.prometheus ;;
         *) echo "unknown step $what" >&2; exit 2 ;;
     esac
 done

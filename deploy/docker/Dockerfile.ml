@@ -2,21 +2,23 @@
 # the whole `tensafe` distribution, so it serves the light services too.
 #   podman build --build-arg BASE=localhost/tensafe-base:bookworm -f deploy/docker/Dockerfile.ml build/image-context
 # The build context is what scripts/build_images.sh prepares: wheels/ (a wheelhouse: the build needs no network),
-# local-wheels/ (this repository's two distributions), requirements-light.txt and tensafe-health.
-# BASE: any Debian bookworm with python3 (3.11) and python3-venv.
+# local-wheels/ (this repository's two distributions), requirements-light.txt, requirements-ml.txt and
+# tensafe-health. BASE: any Debian bookworm with python3 (3.11) and python3-venv.
 ARG BASE=localhost/tensafe-base:bookworm
 
 FROM ${BASE} AS build
-# torch first and pinned: the range `tensafe` declares is then met by the CPU build in the wheelhouse. The
-# dependencies' layer is cached apart from this repository's wheels (COPY local-wheels), which change most.
-COPY requirements-light.txt /tmp/requirements-light.txt
+# torch first and pinned: the range `tensafe` declares is then met by the CPU build in the wheelhouse. Then the
+# third-party requirements the two wheels declare (requirements-ml.txt, written by scripts/build_images.sh), and
+# last this repository's wheels with --no-deps: editing the code rebuilds only that small layer.
+COPY requirements-light.txt requirements-ml.txt /tmp/
 RUN --mount=type=bind,source=wheels,target=/wheels \
     python3 -m venv /opt/tensafe \
     && /opt/tensafe/bin/pip install --no-cache-dir --no-index --find-links /wheels torch==2.13.0 \
-         -r /tmp/requirements-light.txt
+    && /opt/tensafe/bin/pip install --no-cache-dir --no-index --find-links /wheels \
+         -r /tmp/requirements-light.txt -r /tmp/requirements-ml.txt
 COPY local-wheels /tmp/local-wheels
-RUN --mount=type=bind,source=wheels,target=/wheels \
-    /opt/tensafe/bin/pip install --no-cache-dir --no-index --find-links /wheels /tmp/local-wheels/*.whl \
+RUN /opt/tensafe/bin/pip install --no-cache-dir --no-index --no-deps /tmp/local-wheels/*.whl \
+    && /opt/tensafe/bin/pip check \
     && /opt/tensafe/bin/pip uninstall -y -q pip \
     && rm -rf /opt/tensafe/lib/python3.11/site-packages/setuptools \
     && find /opt/tensafe/lib/python3.11/site-packages -depth -type d -name tests \
@@ -24,7 +26,7 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
 
 FROM ${BASE}
 RUN useradd --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin tensafe \
-    && mkdir -p /data /models && chown 10001:10001 /data && chmod 0700 /data
+    && mkdir -p /data /secrets /models && chown 10001:10001 /data /secrets && chmod 0700 /data /secrets
 COPY --from=build /opt/tensafe /opt/tensafe
 COPY tensafe-health /usr/local/bin/tensafe-health
 # Writable paths: /data (a volume) and /tmp; base models are read from /models (mount them read-only).

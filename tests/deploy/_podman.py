@@ -51,22 +51,28 @@ def podman(*args: str, check: bool = True, timeout: float = 120, **kw) -> subpro
                           timeout=timeout, **kw)
 
 
+_BUILT: set[str] = set()
+
+
 def ensure_images(*steps: str) -> dict[str, float]:
-    """Build the base image if missing, then the wheelhouse and the named images; return each step's seconds."""
+    """Build the base image if missing, then the wheelhouse and the named images, each once per test session;
+    return each step's seconds."""
     tool("podman")
     times: dict[str, float] = {}
-    if os.environ.get("TENSAFE_SKIP_IMAGE_BUILD"):
+    steps = tuple(s for s in steps if s not in _BUILT)
+    if os.environ.get("TENSAFE_SKIP_IMAGE_BUILD") or (not steps and "wheelhouse" in _BUILT):
         return times
     t = time.monotonic()
     subprocess.run([str(ROOT / "scripts" / "make_base_image.sh")], env=env(), check=True, timeout=900,
                    capture_output=True)
     times["base"] = time.monotonic() - t
-    for step in ("wheelhouse", *steps):
+    for step in (*(() if "wheelhouse" in _BUILT else ("wheelhouse",)), *steps):
         t = time.monotonic()
         done = subprocess.run([str(ROOT / "scripts" / "build_images.sh"), step], env=env(), text=True,
                               capture_output=True, timeout=1800)
         assert done.returncode == 0, f"build_images.sh {step} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         times[step] = time.monotonic() - t
+        _BUILT.add(step)
     print("image build times (s):", {k: round(v, 1) for k, v in times.items()})
     return times
 

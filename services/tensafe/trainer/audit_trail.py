@@ -11,9 +11,11 @@ itself is ``store.TrainerStore``'s.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from sqlalchemy.engine import Engine
 
+from tensafe.api.ledger.v1 import ledger_pb2
 from tensafe.runtime.audit import DENIED, FAILED, SUCCESS, build_entry
 from tensafe.runtime.context import CallContext
 
@@ -28,8 +30,8 @@ class OpAudit:
     def __init__(self, engine: Engine | None) -> None:
         self.store = TrainerStore(engine) if engine is not None else None  # None: entries are not kept
 
-    def record(self, caller: CallContext | None, tenant_id: str, action: str, outcome: int, resource: str,
-               details: dict[str, str]) -> None:
+    def record(self, caller: CallContext | None, tenant_id: str, action: str, outcome: ledger_pb2.AuditOutcome,
+               resource: str, details: Mapping[str, object]) -> None:
         if self.store is None:
             return
         entry = build_entry(service="trainer", action=action, tenant_id=tenant_id,

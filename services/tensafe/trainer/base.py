@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from tensafe.common.models import ModelLocation, load_base_model
 from tensafe.runtime.errors import InvalidArgument, TensafeError
 
 from .futures import CANCELLED, PENDING, RUNNING, FutureBook, Op, OpCancelled
-from tensafe.common.models import ModelLocation, load_base_model
 
 log = logging.getLogger("tensafe.trainer")
 
@@ -125,7 +125,8 @@ class SharedBase:
         self.location = location
         self.model, self.tokenizer = load_base_model(location)
         self.peft: PeftModel | None = None
-        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        embeddings: torch.Tensor = self.model.get_input_embeddings().weight  # pyright: ignore[reportAssignmentType] - nn.Module attributes are typed Tensor | Module
+        self.vocab_size = int(embeddings.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.num_base_parameters = sum(p.numel() for p in self.model.parameters())
         self.lock = threading.RLock()  # held while an op (slice) runs, and while adapters change
@@ -159,13 +160,19 @@ class SharedBase:
                                                 daemon=True)
                 self._worker.start()
 
+    def peft_model(self) -> PeftModel:
+        """The PEFT model holding the sessions' adapters (None only while no session is attached)."""
+        assert self.peft is not None, "no session is attached to this base"
+        return self.peft
+
     def adapter_parameters(self, session_id: str) -> list[torch.nn.Parameter]:
         marker = f".{session_id}."
-        return [p for n, p in self.peft.named_parameters() if marker in n + "."]  # also ParameterDict entries
+        return [p for n, p in self.peft_model().named_parameters() if marker in n + "."]  # also ParameterDict entries
 
     def activate(self, session_id: str) -> PeftModel:
-        self.peft.set_adapter(session_id)
-        return self.peft
+        peft = self.peft_model()
+        peft.set_adapter(session_id)
+        return peft
 
     def detach(self, session_id: str) -> None:
         with self.lock:

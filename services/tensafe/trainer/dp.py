@@ -161,7 +161,7 @@ class PerSampleClipper:
         self._grad_samples = {}
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _forward_hook(self, module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         if not self._capturing or not torch.is_grad_enabled() or not output.requires_grad:
             return
         activations = inputs[0].detach()

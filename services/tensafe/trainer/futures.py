@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.errors import QuotaExceeded, TensafeError, to_rpc_status
-from tensafe.runtime.messages import timestamp
+from tensafe.runtime.messages import enum_value, timestamp
 
 PENDING = trainer_pb2.FUTURE_STATE_PENDING
 RUNNING = trainer_pb2.FUTURE_STATE_RUNNING
@@ -73,6 +73,7 @@ class Op:
     def advance(self) -> tuple[str, Any] | None:
         """Run the op's next slice: its (field, result) when it is done, None when more slices remain."""
         if self.stepper is None:
+            assert self.run is not None, "a finished op is not advanced again"
             out = self.run()
             if not isinstance(out, types.GeneratorType):
                 return out
@@ -90,12 +91,14 @@ class Op:
 
     def ref(self) -> trainer_pb2.FutureRef:
         return trainer_pb2.FutureRef(session_id=self.session_id, future_id=self.future_id,
-                                     sequence=self.sequence, op=self.op_type)
+                                     sequence=self.sequence, op=enum_value(trainer_pb2.OpType, self.op_type))
 
     def event(self) -> trainer_pb2.FutureEvent:
         ev = trainer_pb2.FutureEvent(session_id=self.session_id, future_id=self.future_id, sequence=self.sequence,
-                                     op=self.op_type, state=self.state, submit_time=_ts(self.submit_time),
-                                     start_time=_ts(self.start_time), end_time=_ts(self.end_time))
+                                     op=enum_value(trainer_pb2.OpType, self.op_type),
+                                     state=enum_value(trainer_pb2.FutureState, self.state),
+                                     submit_time=_ts(self.submit_time), start_time=_ts(self.start_time),
+                                     end_time=_ts(self.end_time))
         if self.result_field is not None:
             getattr(ev, self.result_field).CopyFrom(self.result)
         if self.error is not None:

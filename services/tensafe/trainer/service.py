@@ -114,7 +114,8 @@ def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]
                                weight_decay=opt.weight_decay, betas=(float(betas[0]), float(betas[1])), eps=eps,
                                momentum=momentum, accumulation=max(1, config.gradient_accumulation_steps),
                                seed=seed, max_length=config.max_sequence_length, default_loss=default_loss)
-    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha,  # pyright: ignore[reportArgumentType] - PEFT says int, takes any number
+                             lora_dropout=lora.dropout,
                              target_modules=target_modules, bias=lora.bias or "none")
     if config.dp_or_default.enabled:
         settings.dp = validate_dp(config, default_loss, peft_config)
@@ -297,7 +298,7 @@ class Trainer:
             base.attach(session, peft_config, settings.seed)
             try:
                 if session.dp is not None:
-                    session.dp.clipper = PerSampleClipper(lora_layers(base.peft, session_id),
+                    session.dp.clipper = PerSampleClipper(lora_layers(base.peft_model(), session_id),
                                                           session.dp.max_grad_norm,
                                                           base.adapter_parameters(session_id))
                 session.init_optimizer()
@@ -309,7 +310,8 @@ class Trainer:
                 self._open_budget(session)
             except Exception:
                 with base.lock:
-                    session.dp.clipper.close()
+                    if session.dp.clipper is not None:  # set above, with the adapter
+                        session.dp.clipper.close()
                     base.detach(session_id)
                 raise
         with self._lock:
@@ -322,8 +324,10 @@ class Trainer:
         """Create the session's accountant budget (or take over the one named in the config) and fix
         the noise multiplier, calibrating it from max_steps when it was not given."""
         dp, cfg, caller = session.dp, session.settings.config.dp_or_default, call_context.current()
+        accountant = self.accountant
+        assert dp is not None and accountant is not None, "a DP session (created only with the accountant)"
         if cfg.budget_id:
-            budget = self.accountant.get_budget(caller, cfg.budget_id)
+            budget = accountant.get_budget(caller, cfg.budget_id)
             if not budget_is_active(budget):
                 raise FailedPrecondition(f"budget {cfg.budget_id} takes no more steps (state "
                                          f"{budget_state_name(budget)})")
@@ -333,10 +337,10 @@ class Trainer:
             dp.budget_id = cfg.budget_id
             return
         if not dp.noise_multiplier:
-            dp.noise_multiplier = self.accountant.calibrate(caller, dp.target_epsilon, dp.target_delta,
+            dp.noise_multiplier = accountant.calibrate(caller, dp.target_epsilon, dp.target_delta,
                                                             dp.sample_rate, cfg.max_steps or 0,
                                                             dp.accountant_type).noise_multiplier
-        dp.budget_id = self.accountant.create_budget(caller, session.session_id, dp.target_epsilon,
+        dp.budget_id = accountant.create_budget(caller, session.session_id, dp.target_epsilon,
                                                      dp.target_delta, dp.accountant_type,
                                                      dp.sample_rate).budget_id
 
@@ -374,7 +378,7 @@ class Trainer:
         with self._lock:
             self._private.discard(session_id)  # its quota places are free again
             closed = sorted((s for s in self._sessions.values() if s.tenant_id == tenant and s.closed),
-                            key=lambda s: s.close_time)
+                            key=lambda s: s.close_time or 0.0)  # closed: close_time is set
             for old in closed[:-KEEP_CLOSED]:  # a create/close loop must not grow the trainer without end
                 del self._sessions[old.session_id]
         return session
@@ -488,7 +492,7 @@ class Trainer:
             field = "prompts"
         else:
             ids_list = [list(p) for p in prompt_token_ids]
-            texts = [tok.decode(p) for p in ids_list]
+            texts: list[str] = [tok.decode(p) for p in ids_list]  # pyright: ignore[reportAssignmentType] - one sequence decodes to a str
             field = "prompt_token_ids"
         for i, ids in enumerate(ids_list):
             if not ids:

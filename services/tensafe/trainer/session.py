@@ -24,6 +24,7 @@ from tensafe.api.trainer.v1 import trainer_pb2
 from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import DependencyUnavailable, FailedPrecondition, InvalidArgument, TensafeError
+from tensafe.runtime.messages import enum_value
 from tg_tinker.tensors import to_proto
 
 from .audit_trail import DENIED, FAILED, OpAudit
@@ -84,7 +85,8 @@ class DPState:
             noise_applied=applied, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             total_epsilon=self.total_epsilon, delta=self.target_delta, target_epsilon=self.target_epsilon,
             remaining_epsilon=max(0.0, self.target_epsilon - self.total_epsilon), sample_rate=self.sample_rate,
-            accounted_steps=self.accounted_steps, accountant_type=self.accountant_type, budget_id=self.budget_id,
+            accounted_steps=self.accounted_steps, budget_id=self.budget_id,
+            accountant_type=enum_value(common_pb2.AccountantType, self.accountant_type),
             spent_without_update=self.spent_without_update)
 
 
@@ -138,6 +140,16 @@ class TrainingSession:
     def closed(self) -> bool:
         return self.close_time is not None
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        assert self.optimizer is not None, "init_optimizer runs when the session is created"
+        return self.optimizer
+
+    def _dp_parts(self) -> tuple[DPState, PerSampleClipper, AccountantClient]:
+        """A DP session's state, clipper and accountant (all set when it is created)."""
+        dp = self.dp
+        assert dp is not None and dp.clipper is not None and self.accountant is not None, "not a DP session"
+        return dp, dp.clipper, self.accountant
+
     def error_detail(self, err: TensafeError) -> common_pb2.ErrorDetail:
         return error_detail(err)
 
@@ -150,6 +162,7 @@ class TrainingSession:
         for p in self.params:  # PEFT freezes inactive adapters; this session's own are trainable in its op
             p.requires_grad_(True)
         saved = torch.get_rng_state()
+        assert self.rng_state is not None, "init_optimizer runs when the session is created"
         torch.set_rng_state(self.rng_state)
         try:
             return op.advance()
@@ -159,7 +172,7 @@ class TrainingSession:
             model.eval()
 
     def _loss_output(self, batch: PreparedBatch, loss: Loss, train: bool):
-        model = self.base.peft
+        model = self.base.peft_model()
         model.train(train)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         return loss(LossInputs(logits=logits, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -185,7 +198,7 @@ class TrainingSession:
 
     def _dp_forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
         """Each row's loss on its own; each row's gradient clipped and added to the step's sum."""
-        model = self.base.peft
+        model = self.base.peft_model()
 
         def run_model() -> LossInputs:
             model.train(True)
@@ -194,7 +207,7 @@ class TrainingSession:
                               labels=batch.labels, advantages=batch.advantages, old_logprobs=batch.old_logprobs,
                               extra=batch.extra)
 
-        outs = self.dp.clipper.per_sample_backward(run_model, loss)
+        outs = self._dp_parts()[1].per_sample_backward(run_model, loss)
         merged = merge_rows(outs)
         self.micro_steps += 1
         self.tokens_since_update += merged.num_tokens
@@ -217,7 +230,7 @@ class TrainingSession:
     def forward_custom(self, op_id: str, batch: PreparedBatch) -> tuple[str, Any]:
         """Per-token log-probabilities of the labels, keeping the graph for the client's gradient."""
         self._drop_custom()
-        model = self.base.peft
+        model = self.base.peft_model()
         model.train(True)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         logprobs, mask = token_logprobs(logits, batch.labels)
@@ -251,24 +264,26 @@ class TrainingSession:
     def optim_step(self, caller: CallContext | None = None) -> tuple[str, Any]:
         self._drop_custom()
         if self.dp is not None:
+            assert caller is not None, "a DP step is made for its caller (the accountant is called as them)"
             return self._dp_optim_step(caller)
         params = self.base.adapter_parameters(self.session_id)
+        optimizer = self._optimizer()
         if self.micro_steps == 0:
             raise FailedPrecondition("optim_step without gradients: call forward_backward first")
         self.optim_calls += 1
         grad_norm = _norm([p.grad for p in params if p.grad is not None])
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = float(optimizer.param_groups[0]["lr"])
         if self.optim_calls < self.settings.accumulation:
             # Accumulating: gradients are kept until the configured number of micro-batches is reached.
             return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
                                                              num_tokens=self.tokens_since_update,
                                                              metrics={"applied": 0.0})
         if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             self._reset_accumulation()
             raise InvalidArgument("batch", "gradients are not finite; the step was skipped and gradients cleared")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.lineage.own_non_private_steps += 1
         tokens = self.tokens_since_update
@@ -276,7 +291,7 @@ class TrainingSession:
         return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
                                                          num_tokens=tokens, metrics={"applied": 1.0})
 
-    def _dp_optim_step(self, caller: CallContext | None) -> tuple[str, Any]:
+    def _dp_optim_step(self, caller: CallContext) -> tuple[str, Any]:
         """Check the batch, noise the update, record the step with the accountant, THEN apply it.
 
         Everything that can fail runs before the record (the batch-size check, drawing the noise,
@@ -286,8 +301,8 @@ class TrainingSession:
         changes nothing. An optimizer step with no forward_backward before it is allowed: under
         Poisson sampling a batch may be empty, and that step is still noised and accounted.
         """
-        dp, clipper = self.dp, self.dp.clipper
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        dp, clipper, accountant = self._dp_parts()
+        lr = float(self._optimizer().param_groups[0]["lr"])
         self.optim_calls += 1
         if self.optim_calls < self.settings.accumulation:
             return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr,
@@ -312,7 +327,7 @@ class TrainingSession:
         dp.updates += 1
         step_id = f"{self.session_id}:u{dp.updates}"
         try:
-            recorded = self.accountant.record_step(caller, dp.budget_id, step_id, dp.noise_multiplier,
+            recorded = accountant.record_step(caller, dp.budget_id, step_id, dp.noise_multiplier,
                                                    dp.sample_rate)
         except DependencyUnavailable:
             # Maybe recorded, maybe not: keep the logical batch and the step id, so that retrying
@@ -350,29 +365,30 @@ class TrainingSession:
             dp_metrics=dp.metrics(recorded.budget, applied=True))
 
     def _drop_logical_batch(self) -> None:
-        self.dp.clipper.reset()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._dp_parts()[1].reset()
+        self._optimizer().zero_grad(set_to_none=True)
         self._reset_accumulation()
 
     def _apply_atomically(self, grads: dict[torch.nn.Parameter, torch.Tensor]) -> None:
         """optimizer.step() with these gradients; on any failure weights and optimizer state are put back."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer = self._optimizer()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         saved_params = [p.detach().clone() for p in params]
         saved_state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                       for p, st in self.optimizer.state.items()}
+                       for p, st in optimizer.state.items()}
         try:
             for p, g in grads.items():
                 p.grad = g
-            self.optimizer.step()
+            optimizer.step()
         except BaseException:
             with torch.no_grad():
                 for p, saved in zip(params, saved_params, strict=True):
                     p.copy_(saved)
-            self.optimizer.state.clear()
-            self.optimizer.state.update(saved_state)
+            optimizer.state.clear()
+            optimizer.state.update(saved_state)
             raise
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
 
     def _reset_accumulation(self) -> None:
         self.micro_steps = self.optim_calls = self.tokens_since_update = 0
@@ -381,7 +397,8 @@ class TrainingSession:
                cancel: threading.Event | None = None) -> Iterator[None]:
         """A generator: one sequence per slice (see SharedBase), returning ("sample", SampleResult)."""
         self._drop_custom()
-        result = yield from generate_steps(self.base.peft, self.base.tokenizer, prompts, texts, sampling, cancel)
+        result = yield from generate_steps(self.base.peft_model(), self.base.tokenizer, prompts, texts, sampling,
+                                           cancel)
         return "sample", result
 
     def info(self) -> tuple[str, Any]:
@@ -400,9 +417,9 @@ class TrainingSession:
             lineage=self.lineage.proto(self.session_id, self.dp),
             spent_without_update=self.dp.spent_without_update if self.dp else 0)
         if tok.eos_token_id is not None:
-            msg.eos_token_id = int(tok.eos_token_id)
+            msg.eos_token_id = int(tok.eos_token_id)  # pyright: ignore[reportArgumentType] - transformers types it as any special token
         if tok.pad_token_id is not None:
-            msg.pad_token_id = int(tok.pad_token_id)
+            msg.pad_token_id = int(tok.pad_token_id)  # pyright: ignore[reportArgumentType] - as eos_token_id
         return "info", msg
 
     def saved(self, artifact: Any) -> tuple[str, Any]:

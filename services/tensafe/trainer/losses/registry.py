@@ -54,6 +54,9 @@ class Loss(Protocol):
 
     def __call__(self, inputs: LossInputs) -> LossOutput: ...
 
+    @property
+    def per_example(self) -> bool: ...
+
     def check_batch(self, shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None: ...
 
 
@@ -140,7 +143,8 @@ class ResolvedLoss:
                 dims = "BT"
             want = tuple({"B": batch_size, "T": seq_len}[d] for d in dims) if dims else None
             if (want is not None and shape != want) or (want is None and shape[:1] != (batch_size,)):
-                expected = f"[{', '.join(dims)}] = {list(want)}" if want else f"a leading dimension of {batch_size}"
+                expected = (f"[{', '.join(dims)}] = {list(want)}" if want and dims
+                            else f"a leading dimension of {batch_size}")
                 raise InvalidArgument(f"batch.{fld}", f"loss '{self.name}' expects shape {expected}, got {list(shape)}")
         if self._spec.check is not None:
             self._spec.check(shapes, batch_size, seq_len)

@@ -25,11 +25,12 @@ import threading
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as st_load
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from tensafe.common.models import ModelLocation, load_base_model
 from tensafe.runtime.adapter_config import lora_kwargs
 from tensafe.runtime.errors import InvalidArgument
-from tensafe.common.models import ModelLocation, load_base_model
 
 from .adapter import AdapterFiles
 from .backend import Backend, ChunkQueue, ServedBase
@@ -95,11 +96,15 @@ class _FairLock:
 
 
 class HFBase(ServedBase):
+    model: PreTrainedModel | None  # None once closed
+    tokenizer: PreTrainedTokenizerBase
+
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         self.model, self.tokenizer = load_base_model(location)
         self.peft: PeftModel | None = None
-        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        embeddings: torch.Tensor = self.model.get_input_embeddings().weight  # pyright: ignore[reportAssignmentType] - nn.Module attributes are typed Tensor | Module
+        self.vocab_size = int(embeddings.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.lock = _FairLock()
 
@@ -117,7 +122,7 @@ class HFBase(ServedBase):
         with self.lock, torch.random.fork_rng(devices=[]):  # PEFT initialises the new layers from the RNG
             try:
                 if self.peft is None:
-                    self.peft = get_peft_model(self.model, config, adapter_name=name)
+                    self.peft = get_peft_model(self._base(), config, adapter_name=name)
                 else:
                     self.peft.add_adapter(name, config)
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -155,6 +160,10 @@ class HFBase(ServedBase):
             self.peft = None
             self.model = None
 
+    def _base(self) -> PreTrainedModel:
+        assert self.model is not None, "the base is closed"
+        return self.model
+
     # -- generation ----------------------------------------------------------------------------
     def start(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
         threading.Thread(target=self._run, args=(adapter, job, out), name="inference-hf", daemon=True).start()
@@ -173,7 +182,7 @@ class HFBase(ServedBase):
             if self.peft is not None:
                 stack.enter_context(self.peft.disable_adapter())
                 return self.peft
-            return self.model
+            return self._base()
         if self.peft is None or adapter not in self.peft.peft_config:
             raise InvalidArgument("adapter_id", "the adapter is no longer loaded")
         self.peft.set_adapter(adapter)
@@ -222,6 +231,7 @@ class HFBase(ServedBase):
             last_logits: list[torch.Tensor] = []
             if want_logprobs:
                 head = model.get_output_embeddings()
+                assert head is not None, "a causal LM has an output head"
                 hook = head.register_forward_hook(lambda m, i, o: last_logits.__setitem__(slice(None), [o[:, -1]]))
                 stack.callback(hook.remove)
             seq = SequenceStream(self.tokenizer, where[0], where[1], job.stops, want_logprobs)
@@ -238,7 +248,8 @@ class HFBase(ServedBase):
 
             input_ids = torch.tensor([ids], dtype=torch.long)
             try:
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                model.generate(input_ids=input_ids,  # pyright: ignore[reportCallIssue] - PeftModel forwards generate() (typed via nn.Module.__getattr__)
+                               attention_mask=torch.ones_like(input_ids),
                                streamer=_TokenSink(on_token), **kwargs)
             except _Halt:
                 pass

@@ -115,8 +115,10 @@ class Inference:
 
     def _load_adapter(self, caller: CallContext, artifact_id: str, base_model_ref: str, tenant: str,
                       backend: Backend) -> LoadedAdapter:
-        _, data = self.vault.get(caller, artifact_id)
-        files = read_adapter(data, self.vault.max_artifact_bytes)
+        vault = self.vault
+        assert vault is not None, "load_adapter refuses the load when no vault is configured"
+        _, data = vault.get(caller, artifact_id)
+        files = read_adapter(data, vault.max_artifact_bytes)
         del data
         model_ref = base_model_ref or files.base_model_ref
         if not model_ref:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 
+from tensafe.api.common.v1 import common_pb2
 from tensafe.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.messages import enum_value
 from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 from tensafe.runtime.vault_client import VaultClient
@@ -26,7 +28,7 @@ BACKEND_ENUM = {"hf": inference_pb2.BACKEND_HF, "vllm": inference_pb2.BACKEND_VL
 BACKEND_NAME = {v: k for k, v in BACKEND_ENUM.items()}
 
 
-def backend_name(value: int) -> str:
+def backend_name(value: inference_pb2.Backend) -> str:
     """The backend a request names ("" for the server's default)."""
     if value and value not in BACKEND_NAME:
         raise InvalidArgument("backend", f"unknown backend {value}")
@@ -75,7 +77,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                                  sampling, cancelled):
                 yield inference_pb2.GenerateResponse(
                     prompt_index=chunk.prompt_index, sample_index=chunk.sample_index, text=chunk.text,
-                    token_ids=chunk.token_ids, logprobs=chunk.logprobs, finish_reason=chunk.finish_reason)
+                    token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+                    finish_reason=enum_value(common_pb2.FinishReason, chunk.finish_reason))
         finally:
             cancelled.set()
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotImplementedYet
 from tensafe.common.models import ModelLocation
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotImplementedYet
 
 from .adapter import CONFIG, WEIGHTS, AdapterFiles
 from .backend import Backend, ChunkQueue, ServedBase
@@ -47,7 +47,7 @@ SHM = Path("/dev/shm")
 def require_vllm() -> Any:
     """The vllm module, or FailedPrecondition naming the extra to install."""
     try:
-        import vllm
+        import vllm  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
     except Exception as exc:  # noqa: BLE001 - ImportError, or a vLLM that cannot load against this torch
         raise FailedPrecondition(f"the vllm backend needs vLLM, which cannot be imported here "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
@@ -96,7 +96,7 @@ class TenSafeVLLMConfig:
 
     def engine_args(self) -> Any:
         """vLLM's ``AsyncEngineArgs`` for this config."""
-        from vllm import AsyncEngineArgs
+        from vllm import AsyncEngineArgs  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
 
         return AsyncEngineArgs(model=self.model, tokenizer=self.tokenizer or self.model,
                                tensor_parallel_size=self.tensor_parallel_size,
@@ -124,7 +124,7 @@ class TenSafeAsyncEngine:
         """Start vLLM (loads the model onto the GPU); FailedPrecondition when vLLM or CUDA is missing."""
         require_vllm()
         import torch
-        from vllm import AsyncLLMEngine
+        from vllm import AsyncLLMEngine  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
 
         if not torch.cuda.is_available():
             raise FailedPrecondition("the vllm backend needs a CUDA GPU, and none is visible to this process")
@@ -138,7 +138,7 @@ class TenSafeAsyncEngine:
 
     async def add_adapter(self, name: str, adapter: AdapterFiles) -> Any:
         """Load a PEFT adapter held in memory; returns the ``LoRARequest`` that selects it."""
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
 
         if adapter.rank > self.config.max_lora_rank:
             raise FailedPrecondition(f"adapter rank {adapter.rank} exceeds this engine's max_lora_rank "
@@ -175,7 +175,7 @@ class TenSafeAsyncEngine:
     async def generate(self, prompt: str | dict[str, Any], request_id: str, sampling_params: Any = None,
                        lora_request: Any = None) -> AsyncIterator[Any]:
         """vLLM ``RequestOutput`` objects for ``prompt`` (text, or ``{"prompt_token_ids": [...]}``)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
 
         params = sampling_params if sampling_params is not None else SamplingParams()
         async for output in self.engine.generate(prompt, params, request_id, lora_request=lora_request):
@@ -192,8 +192,8 @@ class TenSafeAsyncEngine:
 
 def sampling_params(job: GenerationJob) -> Any:
     """vLLM's SamplingParams for a validated job (increments only: output_kind DELTA)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm import SamplingParams  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
+    from vllm.sampling_params import RequestOutputKind  # pyright: ignore[reportMissingImports] - the [vllm] extra, installed in its own environment
 
     kwargs: dict[str, Any] = dict(n=job.num_samples, temperature=job.temperature, top_p=job.top_p,
                                   top_k=job.top_k or 0, max_tokens=job.sampling.max_tokens, stop=job.stops or None,

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tenseal as ts
@@ -223,7 +224,7 @@ class SealEngine:
         self.evaluator.rescale_to_next_inplace(ct)
         return float(round(self.scale * self.scale / ct.scale))
 
-    def plaintext(self, values: np.ndarray, scale: float) -> object:
+    def plaintext(self, values: np.ndarray, scale: float) -> Any:  # a tenseal sealapi.Plaintext (untyped)
         from tenseal import sealapi
 
         plain = sealapi.Plaintext()

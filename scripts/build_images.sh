@@ -5,6 +5,8 @@
 # postgres and prometheus install Debian packages from deb.debian.org during the build (HTTP, apt-verified).
 # Environment: BASE (default localhost/tensafe-base:bookworm), TAG (default dev), PYTHON (default python3: a
 # CPython 3.11 whose pip reaches the package index; torch==2.13.0 CPU comes from that index / find-links).
+# TENSAFE_WHEELHOUSE: a directory outside the checkout that keeps the downloaded wheels between fresh clones
+# (CI); they are hard-linked (or copied) into the build context.
 # Prints each step's wall time and the image sizes.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,11 +31,17 @@ wheelhouse() {
     # Their dependencies: the light list, torch 2.13.0 (CPU) and everything `tensafe` requires. Downloaded again
     # only when a requirement changes (the stamp hashes the requirement files).
     stamp=$(cat deploy/docker/requirements-light.txt pyproject.toml sdk/pyproject.toml | sha256sum | cut -c1-16)
-    if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$stamp" ]; then
-        "$PYTHON" -m pip download -q --only-binary=:all: -d "$WHEELS" --find-links "$CTX/local-wheels" \
+    store=${TENSAFE_WHEELHOUSE:-$WHEELS}
+    mkdir -p "$store"
+    if [ "$(cat "$store/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        "$PYTHON" -m pip download -q --only-binary=:all: -d "$store" --find-links "$CTX/local-wheels" \
             -r deploy/docker/requirements-light.txt torch==2.13.0 "$CTX"/local-wheels/tensafe-*.whl
-        rm -f "$WHEELS"/tensafe-*.whl "$WHEELS"/tg_tinker-*.whl
-        echo "$stamp" > "$WHEELS/.stamp"
+        rm -f "$store"/tensafe-*.whl "$store"/tg_tinker-*.whl
+        echo "$stamp" > "$store/.stamp"
+    fi
+    if [ "$store" != "$WHEELS" ]; then
+        rm -rf "$WHEELS"; mkdir -p "$WHEELS"
+        cp -al "$store"/. "$WHEELS"/ 2>/dev/null || cp -a "$store"/. "$WHEELS"/
     fi
     # The ML image's third-party requirements: what the two wheels declare (no extras, not each other), so that
     # its dependencies' layer is cached apart from this repository's code.

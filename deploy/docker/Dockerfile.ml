@@ -45,8 +45,9 @@ ENV PATH=/opt/tensafe/bin:/usr/local/bin:/usr/bin:/bin \
     TENSAFE_PORT=50051 \
     TENSAFE_METRICS_PORT=9090
 USER 10001:10001
+# No VOLUME instruction: a container that mounts nothing at /data would get an anonymous volume that outlives
+# it (compose services that keep nothing there). Mount a volume at /data where a service writes (SQLite, blobs).
 WORKDIR /data
-VOLUME ["/data"]
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["tensafe-health"]
 ENTRYPOINT ["tensafe", "serve"]

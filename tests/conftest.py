@@ -243,7 +243,8 @@ def trainer_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
 #                process, or a TensafeServer in the test's own process);
 #   unit:        the rest: no TenSafe server (an SDK test may still answer itself from a stub gRPC server).
 STACK_FIXTURES = frozenset({"stack", "trainer_stack"})
-SERVER_STARTERS = frozenset({"start_stack", "spawn", "tensafe_cmd", "TensafeServer"})
+# tests/deploy: building and running containers (tests/deploy/_podman.py) counts as starting servers.
+SERVER_STARTERS = frozenset({"start_stack", "spawn", "tensafe_cmd", "TensafeServer", "ensure_images", "podman"})
 TESTS = Path(__file__).resolve().parent
 
 

@@ -5,6 +5,7 @@ Run with ``PYTHONPATH=sdk python -m pytest tests/test_contracts.py``.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import subprocess
@@ -227,3 +228,30 @@ def test_the_service_table_matches_the_protos():
         module = importlib.import_module(service_table.proto_module(name))
         (service,) = module.DESCRIPTOR.services_by_name.values()
         assert service.full_name == service_table.full_name(name)
+
+
+@pytest.mark.parametrize("svc", SERVICE_NAMES)
+def test_every_servicer_method_is_typed_with_its_messages(svc):
+    """servicer.py is typed: each RPC takes its request message (an iterator of them when the client streams)
+    and returns its response (an iterator when the server streams), so basedpyright checks the conversions."""
+    path = REPO_ROOT / "services" / "tensafe" / svc / "servicer.py"
+    methods = {node.name: node for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.FunctionDef)}
+    service = importlib.import_module(service_table.proto_module(svc)).DESCRIPTOR.services_by_name[SERVICES[svc]]
+    wrong = []
+    for method in service.methods:
+        def name(msg):
+            return f"{msg.file.name.rsplit('/', 1)[-1].removesuffix('.proto')}_pb2.{msg.name}"
+        want_req = f"Iterator[{name(method.input_type)}]" if method.client_streaming else name(method.input_type)
+        want_resp = f"Iterator[{name(method.output_type)}]" if method.server_streaming else name(method.output_type)
+        node = methods.get(method.name)
+        if node is None:
+            wrong.append(f"{method.name}: not in {path.name}")
+            continue
+        args = node.args.args
+        got = (ast.unparse(args[1].annotation) if len(args) > 1 and args[1].annotation else None,
+               ast.unparse(args[2].annotation) if len(args) > 2 and args[2].annotation else None,
+               ast.unparse(node.returns) if node.returns else None)
+        if got != (want_req, "grpc.ServicerContext", want_resp):
+            wrong.append(f"{method.name}: {got} != {(want_req, 'grpc.ServicerContext', want_resp)}")
+    assert not wrong, "\n".join(wrong)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from tensafe.api.accountant.v1 import accountant_pb2, accountant_pb2_grpc
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import context
@@ -52,24 +54,28 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
         self.budgets = budgets
         self.calibrations = calibrations
 
-    def CreateBudget(self, request, ctx):
+    def CreateBudget(self, request: accountant_pb2.CreateBudgetRequest,
+                     ctx: grpc.ServicerContext) -> accountant_pb2.CreateBudgetResponse:
         record = self.budgets.create(context.current_tenant(), request.session_id, request.target_epsilon,
                                      request.target_delta, accountant_name(request.accountant_type),
                                      request.sample_rate)
         return accountant_pb2.CreateBudgetResponse(budget=budget_proto(record))
 
-    def GetBudget(self, request, ctx):
+    def GetBudget(self, request: accountant_pb2.GetBudgetRequest,
+                  ctx: grpc.ServicerContext) -> accountant_pb2.GetBudgetResponse:
         return accountant_pb2.GetBudgetResponse(budget=budget_proto(
             self.budgets.get(context.current_tenant(), request.budget_id)))
 
-    def ListBudgets(self, request, ctx):
+    def ListBudgets(self, request: accountant_pb2.ListBudgetsRequest,
+                    ctx: grpc.ServicerContext) -> accountant_pb2.ListBudgetsResponse:
         req = page_request("accountant.ListBudgets", request.page_size, request.page_token, (float, str),
                            session_id=request.session_id)
         records, token = req.page(self.budgets.list(context.current_tenant(), request.session_id, req.after,
                                                     req.limit), key=lambda r: (r.created_at, r.budget_id))
         return accountant_pb2.ListBudgetsResponse(budgets=[budget_proto(r) for r in records], next_page_token=token)
 
-    def RecordStep(self, request, ctx):
+    def RecordStep(self, request: accountant_pb2.RecordStepRequest,
+                   ctx: grpc.ServicerContext) -> accountant_pb2.RecordStepResponse:
         step, budget, duplicate = self.budgets.record_step(
             context.current_tenant(), request.budget_id, request.step_id, request.noise_multiplier,
             request.sample_rate if request.HasField("sample_rate") else None,
@@ -77,7 +83,8 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
         return accountant_pb2.RecordStepResponse(step=step_proto(step), budget=budget_proto(budget),
                                                  duplicate=duplicate)
 
-    def ListSteps(self, request, ctx):
+    def ListSteps(self, request: accountant_pb2.ListStepsRequest,
+                  ctx: grpc.ServicerContext) -> accountant_pb2.ListStepsResponse:
         req = page_request("accountant.ListSteps", request.page_size, request.page_token, (int,),
                            budget_id=request.budget_id)
         after = req.after[0] if req.after else 0
@@ -85,20 +92,23 @@ class AccountantServicer(accountant_pb2_grpc.AccountantServiceServicer):
                                                           req.limit), key=lambda s: (s.seq,))
         return accountant_pb2.ListStepsResponse(steps=[step_proto(s) for s in records], next_page_token=token)
 
-    def GetEpsilon(self, request, ctx):
+    def GetEpsilon(self, request: accountant_pb2.GetEpsilonRequest,
+                   ctx: grpc.ServicerContext) -> accountant_pb2.GetEpsilonResponse:
         report = self.budgets.epsilon(context.current_tenant(), request.budget_id,
                                       request.delta if request.HasField("delta") else None)
         return accountant_pb2.GetEpsilonResponse(epsilon=report.epsilon, delta=report.delta,
                                                  num_steps=report.num_steps,
                                                  accountant_type=_TYPES[report.accountant])
 
-    def CalibrateNoise(self, request, ctx):
+    def CalibrateNoise(self, request: accountant_pb2.CalibrateNoiseRequest,
+                       ctx: grpc.ServicerContext) -> accountant_pb2.CalibrateNoiseResponse:
         noise, epsilon = calibrate_noise(self.calibrations, context.current_tenant(), request.target_epsilon,
                                          request.target_delta, request.sample_rate, request.num_steps,
                                          accountant_name(request.accountant_type), context.time_remaining())
         return accountant_pb2.CalibrateNoiseResponse(noise_multiplier=noise, epsilon=epsilon)
 
-    def CloseBudget(self, request, ctx):
+    def CloseBudget(self, request: accountant_pb2.CloseBudgetRequest,
+                    ctx: grpc.ServicerContext) -> accountant_pb2.CloseBudgetResponse:
         return accountant_pb2.CloseBudgetResponse(budget=budget_proto(
             self.budgets.close(context.current_tenant(), request.budget_id)))
 

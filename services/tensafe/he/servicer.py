@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from tensafe.api.he.v1 import he_pb2, he_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.adapter_artifact import AdapterArtifact, read_adapter_artifact
@@ -47,7 +49,8 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
         return msg
 
     # -- contexts ---------------------------------------------------------------------------------------
-    def RegisterContext(self, request, ctx):
+    def RegisterContext(self, request: he_pb2.RegisterContextRequest,
+                        ctx: grpc.ServicerContext) -> he_pb2.RegisterContextResponse:
         p = request.params
         if p.scheme not in (he_pb2.HE_SCHEME_CKKS,):
             raise InvalidArgument("params.scheme", "must be HE_SCHEME_CKKS")
@@ -57,43 +60,47 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
                                                params)
         return he_pb2.RegisterContextResponse(context=context_proto(record))
 
-    def GetContext(self, request, ctx):
+    def GetContext(self, request: he_pb2.GetContextRequest, ctx: grpc.ServicerContext) -> he_pb2.GetContextResponse:
         return he_pb2.GetContextResponse(context=context_proto(
             self.service.get_context(context.current_tenant(), request.key_id)))
 
-    def ListContexts(self, request, ctx):
+    def ListContexts(self, request: he_pb2.ListContextsRequest,
+                     ctx: grpc.ServicerContext) -> he_pb2.ListContextsResponse:
         req = page_request("he.ListContexts", request.page_size, request.page_token, (float, str))
         records, token = req.page(self.service.list_contexts(context.current_tenant(), req.after, req.limit),
                                   key=lambda r: (r.created_at, r.key_id))
         return he_pb2.ListContextsResponse(contexts=[context_proto(r) for r in records], next_page_token=token)
 
-    def DeleteContext(self, request, ctx):
+    def DeleteContext(self, request: he_pb2.DeleteContextRequest,
+                      ctx: grpc.ServicerContext) -> he_pb2.DeleteContextResponse:
         self.service.delete_context(context.current_tenant(), request.key_id)
         return he_pb2.DeleteContextResponse()
 
     # -- adapters ---------------------------------------------------------------------------------------
-    def LoadAdapter(self, request, ctx):
+    def LoadAdapter(self, request: he_pb2.LoadAdapterRequest, ctx: grpc.ServicerContext) -> he_pb2.LoadAdapterResponse:
         record, _ = self.service.load_adapter(context.current_tenant(), request.artifact_id, request.key_id,
                                               list(request.layers))
         return he_pb2.LoadAdapterResponse(adapter=self._adapter_proto(record))
 
-    def GetAdapter(self, request, ctx):
+    def GetAdapter(self, request: he_pb2.GetAdapterRequest, ctx: grpc.ServicerContext) -> he_pb2.GetAdapterResponse:
         return he_pb2.GetAdapterResponse(adapter=self._adapter_proto(
             self.service.get_adapter(context.current_tenant(), request.adapter_id)))
 
-    def ListAdapters(self, request, ctx):
+    def ListAdapters(self, request: he_pb2.ListAdaptersRequest,
+                     ctx: grpc.ServicerContext) -> he_pb2.ListAdaptersResponse:
         req = page_request("he.ListAdapters", request.page_size, request.page_token, (float, str))
         records, token = req.page(self.service.list_adapters(context.current_tenant(), req.after, req.limit),
                                   key=lambda r: (r.created_at, r.adapter_id))
         return he_pb2.ListAdaptersResponse(adapters=[self._adapter_proto(r) for r in records],
                                            next_page_token=token)
 
-    def UnloadAdapter(self, request, ctx):
+    def UnloadAdapter(self, request: he_pb2.UnloadAdapterRequest,
+                      ctx: grpc.ServicerContext) -> he_pb2.UnloadAdapterResponse:
         self.service.unload_adapter(context.current_tenant(), request.adapter_id)
         return he_pb2.UnloadAdapterResponse()
 
     # -- compute ----------------------------------------------------------------------------------------
-    def AppendInput(self, request, ctx):
+    def AppendInput(self, request: he_pb2.AppendInputRequest, ctx: grpc.ServicerContext) -> he_pb2.AppendInputResponse:
         comp, counts, timings = self.service.append_input(
             context.current_tenant(), request.computation_id, request.adapter_id, list(request.layers),
             request.num_tokens, request.offset, list(request.ciphertexts))
@@ -101,7 +108,8 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
                                           complete=comp.complete, counts=counts_proto(counts),
                                           timings=he_pb2.ComputeTimings(**timings))
 
-    def ComputeDelta(self, request, ctx):
+    def ComputeDelta(self, request: he_pb2.ComputeDeltaRequest,
+                     ctx: grpc.ServicerContext) -> he_pb2.ComputeDeltaResponse:
         packing = _PACKINGS.get(request.packing)
         if packing is None:
             raise InvalidArgument("packing", "must be PACKING_COLUMN or PACKING_REPLICATED")

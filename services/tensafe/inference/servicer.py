@@ -5,7 +5,7 @@ away cancels its generation); and `create`, which builds the service and its bac
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -47,26 +47,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
 
-    def LoadAdapter(self, request, ctx):
+    def LoadAdapter(self, request: inference_pb2.LoadAdapterRequest,
+                    ctx: grpc.ServicerContext) -> inference_pb2.LoadAdapterResponse:
         adapter = self.inference.load_adapter(context.current(), request.artifact_id, backend_name(request.backend),
                                               request.base_model_ref)
         return inference_pb2.LoadAdapterResponse(adapter=adapter_proto(adapter))
 
-    def GetAdapter(self, request, ctx):
+    def GetAdapter(self, request: inference_pb2.GetAdapterRequest,
+                   ctx: grpc.ServicerContext) -> inference_pb2.GetAdapterResponse:
         adapter = self.inference.get(context.current_tenant(), request.adapter_id)
         return inference_pb2.GetAdapterResponse(adapter=adapter_proto(adapter))
 
-    def ListAdapters(self, request, ctx):
+    def ListAdapters(self, request: inference_pb2.ListAdaptersRequest,
+                     ctx: grpc.ServicerContext) -> inference_pb2.ListAdaptersResponse:
         req = page_request("inference.ListAdapters", request.page_size, request.page_token, (float, str))
         page, token = req.page(self.inference.list(context.current_tenant(), req.after, req.limit),
                                key=lambda a: (a.load_time, a.adapter_id))
         return inference_pb2.ListAdaptersResponse(adapters=[adapter_proto(a) for a in page], next_page_token=token)
 
-    def UnloadAdapter(self, request, ctx):
+    def UnloadAdapter(self, request: inference_pb2.UnloadAdapterRequest,
+                      ctx: grpc.ServicerContext) -> inference_pb2.UnloadAdapterResponse:
         self.inference.unload(context.current_tenant(), request.adapter_id)
         return inference_pb2.UnloadAdapterResponse()
 
-    def Generate(self, request, ctx: grpc.ServicerContext):
+    def Generate(self, request: inference_pb2.GenerateRequest,
+                 ctx: grpc.ServicerContext) -> Iterator[inference_pb2.GenerateResponse]:
         sampling = sampling_from_proto(request.sampling)
         prompt_ids = [list(p.token_ids) for p in request.prompt_token_ids]
         cancelled = threading.Event()

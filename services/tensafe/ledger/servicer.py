@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from tensafe.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tensafe.runtime import context
 from tensafe.runtime.bootstrap import SYSTEM_TENANT
@@ -23,7 +25,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, log: MerkleLog) -> None:
         self.log = log
 
-    def AppendEntries(self, request, ctx):
+    def AppendEntries(self, request: ledger_pb2.AppendEntriesRequest,
+                      ctx: grpc.ServicerContext) -> ledger_pb2.AppendEntriesResponse:
         if context.current_tenant() != SYSTEM_TENANT:
             raise PermissionDenied("only TenSafe's services append to the ledger", reason="PERMISSION_DENIED")
         appended, size = self.log.append(list(request.entries))
@@ -31,7 +34,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             entries=[ledger_pb2.AppendedEntry(entry_id=a.entry_id, index=a.index, duplicate=a.duplicate)
                      for a in appended], tree_size=size)
 
-    def ListEntries(self, request, ctx):
+    def ListEntries(self, request: ledger_pb2.ListEntriesRequest,
+                    ctx: grpc.ServicerContext) -> ledger_pb2.ListEntriesResponse:
         start = request.start_time.ToNanoseconds() if request.HasField("start_time") else None
         end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
         req = page_request("ledger.ListEntries", request.page_size, request.page_token, (int,), start_time=start,
@@ -47,27 +51,32 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             entries=[ledger_pb2.LedgerEntry(index=i, entry=ledger_pb2.AuditEntry.FromString(data), leaf_hash=h)
                      for i, data, h in page], next_page_token=token)
 
-    def GetLatestCheckpoint(self, request, ctx):
+    def GetLatestCheckpoint(self, request: ledger_pb2.GetLatestCheckpointRequest,
+                            ctx: grpc.ServicerContext) -> ledger_pb2.GetLatestCheckpointResponse:
         return ledger_pb2.GetLatestCheckpointResponse(
             checkpoint=checkpoint_proto(self.log.latest_checkpoint(), self.log.origin))
 
-    def GetCheckpoint(self, request, ctx):
+    def GetCheckpoint(self, request: ledger_pb2.GetCheckpointRequest,
+                      ctx: grpc.ServicerContext) -> ledger_pb2.GetCheckpointResponse:
         return ledger_pb2.GetCheckpointResponse(
             checkpoint=checkpoint_proto(self.log.checkpoint(request.tree_size), self.log.origin))
 
-    def ListCheckpoints(self, request, ctx):
+    def ListCheckpoints(self, request: ledger_pb2.ListCheckpointsRequest,
+                        ctx: grpc.ServicerContext) -> ledger_pb2.ListCheckpointsResponse:
         req = page_request("ledger.ListCheckpoints", request.page_size, request.page_token, (int,))
         page, token = req.page(self.log.list_checkpoints(req.after[0] if req.after else 0, req.limit),
                                key=lambda r: (r.tree_size,))
         return ledger_pb2.ListCheckpointsResponse(
             checkpoints=[checkpoint_proto(r, self.log.origin) for r in page], next_page_token=token)
 
-    def GetInclusionProof(self, request, ctx):
+    def GetInclusionProof(self, request: ledger_pb2.GetInclusionProofRequest,
+                          ctx: grpc.ServicerContext) -> ledger_pb2.GetInclusionProofResponse:
         leaf, proof = self.log.inclusion(context.current_tenant(), request.leaf_index, request.tree_size)
         return ledger_pb2.GetInclusionProofResponse(leaf_index=request.leaf_index, tree_size=request.tree_size,
                                                     leaf_hash=leaf, hashes=proof)
 
-    def GetConsistencyProof(self, request, ctx):
+    def GetConsistencyProof(self, request: ledger_pb2.GetConsistencyProofRequest,
+                            ctx: grpc.ServicerContext) -> ledger_pb2.GetConsistencyProofResponse:
         proof = self.log.consistency(request.first_tree_size, request.second_tree_size)
         return ledger_pb2.GetConsistencyProofResponse(first_tree_size=request.first_tree_size,
                                                       second_tree_size=request.second_tree_size, hashes=proof)

@@ -4,6 +4,7 @@ accountant clients, op audit). The only module of the trainer that reads a reque
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -44,83 +45,96 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.trainer = trainer
 
     # -- sessions ---------------------------------------------------------------------------
-    def CreateSession(self, request, ctx):
+    def CreateSession(self, request: trainer_pb2.CreateSessionRequest,
+                      ctx: grpc.ServicerContext) -> trainer_pb2.CreateSessionResponse:
         session = self.trainer.create_session(context.current_tenant(), config_value(request.config))
         return trainer_pb2.CreateSessionResponse(session=session_proto(session))
 
-    def GetSession(self, request, ctx):
+    def GetSession(self, request: trainer_pb2.GetSessionRequest,
+                   ctx: grpc.ServicerContext) -> trainer_pb2.GetSessionResponse:
         return trainer_pb2.GetSessionResponse(
             session=session_proto(self.trainer.get(context.current_tenant(), request.session_id)))
 
-    def ListSessions(self, request, ctx):
+    def ListSessions(self, request: trainer_pb2.ListSessionsRequest,
+                     ctx: grpc.ServicerContext) -> trainer_pb2.ListSessionsResponse:
         req = page_request("trainer.ListSessions", request.page_size, request.page_token, (float, str),
                            include_closed=request.include_closed)
         page, token = req.page(self.trainer.list(context.current_tenant(), request.include_closed, req.after,
                                                  req.limit), key=lambda s: (s.create_time, s.session_id))
         return trainer_pb2.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
 
-    def CloseSession(self, request, ctx):
+    def CloseSession(self, request: trainer_pb2.CloseSessionRequest,
+                     ctx: grpc.ServicerContext) -> trainer_pb2.CloseSessionResponse:
         return trainer_pb2.CloseSessionResponse(
             session=session_proto(self.trainer.close(context.current_tenant(), request.session_id)))
 
     # -- ops: each returns its future at once ----------------------------------------------------
-    def ForwardBackward(self, request, ctx):
+    def ForwardBackward(self, request: trainer_pb2.ForwardBackwardRequest,
+                        ctx: grpc.ServicerContext) -> trainer_pb2.ForwardBackwardResponse:
         op = self.trainer.forward_backward(context.current_tenant(), request.session_id, batch_value(request.batch),
                                            loss_value(request), request.return_logprobs)
         return trainer_pb2.ForwardBackwardResponse(future=op.ref())
 
-    def Forward(self, request, ctx):
+    def Forward(self, request: trainer_pb2.ForwardRequest, ctx: grpc.ServicerContext) -> trainer_pb2.ForwardResponse:
         op = self.trainer.forward(context.current_tenant(), request.session_id, batch_value(request.batch),
                                   loss_value(request), request.return_logprobs)
         return trainer_pb2.ForwardResponse(future=op.ref())
 
-    def OptimStep(self, request, ctx):
+    def OptimStep(self, request: trainer_pb2.OptimStepRequest,
+                  ctx: grpc.ServicerContext) -> trainer_pb2.OptimStepResponse:
         noise = request.apply_dp_noise if request.HasField("apply_dp_noise") else None
         return trainer_pb2.OptimStepResponse(
             future=self.trainer.optim_step(context.current_tenant(), request.session_id, noise).ref())
 
-    def Sample(self, request, ctx):
+    def Sample(self, request: trainer_pb2.SampleRequest, ctx: grpc.ServicerContext) -> trainer_pb2.SampleResponse:
         sampling = sampling_value(request.sampling)
         op = self.trainer.sample(context.current_tenant(), request.session_id, sampling, list(request.prompts),
                                  [list(p.token_ids) for p in request.prompt_token_ids])
         return trainer_pb2.SampleResponse(future=op.ref())
 
-    def GetInfo(self, request, ctx):
+    def GetInfo(self, request: trainer_pb2.GetInfoRequest, ctx: grpc.ServicerContext) -> trainer_pb2.GetInfoResponse:
         return trainer_pb2.GetInfoResponse(
             future=self.trainer.get_info(context.current_tenant(), request.session_id).ref())
 
-    def ForwardCustom(self, request, ctx):
+    def ForwardCustom(self, request: trainer_pb2.ForwardCustomRequest,
+                      ctx: grpc.ServicerContext) -> trainer_pb2.ForwardCustomResponse:
         op = self.trainer.forward_custom(context.current_tenant(), request.session_id, batch_value(request.batch))
         return trainer_pb2.ForwardCustomResponse(future=op.ref())
 
-    def BackwardCustom(self, request, ctx):
+    def BackwardCustom(self, request: trainer_pb2.BackwardCustomRequest,
+                       ctx: grpc.ServicerContext) -> trainer_pb2.BackwardCustomResponse:
         grad = tensor_value(request.grad_logprobs) if request.HasField("grad_logprobs") else None
         op = self.trainer.backward_custom(context.current_tenant(), request.session_id, request.forward_future_id,
                                           grad, request.loss if request.HasField("loss") else None)
         return trainer_pb2.BackwardCustomResponse(future=op.ref())
 
-    def SaveState(self, request, ctx):
+    def SaveState(self, request: trainer_pb2.SaveStateRequest,
+                  ctx: grpc.ServicerContext) -> trainer_pb2.SaveStateResponse:
         metadata = from_struct(request.metadata) if request.HasField("metadata") else None
         op = self.trainer.save_state(context.current_tenant(), request.session_id, request.name,
                                      request.include_optimizer, metadata)
         return trainer_pb2.SaveStateResponse(future=op.ref())
 
-    def LoadState(self, request, ctx):
+    def LoadState(self, request: trainer_pb2.LoadStateRequest,
+                  ctx: grpc.ServicerContext) -> trainer_pb2.LoadStateResponse:
         return trainer_pb2.LoadStateResponse(
             future=self.trainer.load_state(context.current_tenant(), request.session_id, request.artifact_id).ref())
 
     # -- futures ---------------------------------------------------------------------------------
-    def WatchFutures(self, request, ctx: grpc.ServicerContext):
+    def WatchFutures(self, request: trainer_pb2.WatchFuturesRequest,
+                     ctx: grpc.ServicerContext) -> Iterator[trainer_pb2.WatchFuturesResponse]:
         events = self.trainer.watch(context.current_tenant(), request.session_id, request.after_sequence,
                                     request.future_ids, ctx.is_active)
         for event in events:
             yield trainer_pb2.WatchFuturesResponse(event=event)
 
-    def GetFuture(self, request, ctx):
+    def GetFuture(self, request: trainer_pb2.GetFutureRequest,
+                  ctx: grpc.ServicerContext) -> trainer_pb2.GetFutureResponse:
         op = self.trainer.future(context.current_tenant(), request.session_id, request.future_id)
         return trainer_pb2.GetFutureResponse(event=op.event())
 
-    def CancelFuture(self, request, ctx):
+    def CancelFuture(self, request: trainer_pb2.CancelFutureRequest,
+                     ctx: grpc.ServicerContext) -> trainer_pb2.CancelFutureResponse:
         cancelled, op = self.trainer.cancel(context.current_tenant(), request.session_id, request.future_id)
         return trainer_pb2.CancelFutureResponse(cancelled=cancelled, event=op.event())
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
+import grpc
 from google.protobuf import json_format, struct_pb2
 
 from tensafe.api.common.v1 import common_pb2
@@ -63,7 +65,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
 
-    def PutArtifact(self, request_iterator, ctx):
+    def PutArtifact(self, request_iterator: Iterator[vault_pb2.PutArtifactRequest],
+                    ctx: grpc.ServicerContext) -> vault_pb2.PutArtifactResponse:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "the first message of PutArtifact must be the header")
@@ -83,23 +86,27 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         record = self.vault.put(tenant, header, chunks())
         return vault_pb2.PutArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(tenant)))
 
-    def GetArtifact(self, request, ctx):
+    def GetArtifact(self, request: vault_pb2.GetArtifactRequest,
+                    ctx: grpc.ServicerContext) -> Iterator[vault_pb2.GetArtifactResponse]:
         record, plaintext = self.vault.read(context.current_tenant(), request.artifact_id)
         yield vault_pb2.GetArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in plaintext:
             yield vault_pb2.GetArtifactResponse(chunk=chunk)
 
-    def PullArtifact(self, request, ctx):
+    def PullArtifact(self, request: vault_pb2.PullArtifactRequest,
+                     ctx: grpc.ServicerContext) -> Iterator[vault_pb2.PullArtifactResponse]:
         record, stored = self.vault.pull(context.current_tenant(), request.artifact_id)
         yield vault_pb2.PullArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
         for chunk in stored:
             yield vault_pb2.PullArtifactResponse(chunk=chunk)
 
-    def DescribeArtifact(self, request, ctx):
+    def DescribeArtifact(self, request: vault_pb2.DescribeArtifactRequest,
+                         ctx: grpc.ServicerContext) -> vault_pb2.DescribeArtifactResponse:
         record = self.vault.describe(context.current_tenant(), request.artifact_id)
         return vault_pb2.DescribeArtifactResponse(artifact=artifact_proto(record, self.vault.key_id(record.tenant_id)))
 
-    def ListArtifacts(self, request, ctx):
+    def ListArtifacts(self, request: vault_pb2.ListArtifactsRequest,
+                      ctx: grpc.ServicerContext) -> vault_pb2.ListArtifactsResponse:
         req = page_request("vault.ListArtifacts", request.page_size, request.page_token, (float, str),
                            kind=request.kind, session_id=request.session_id)
         records, token = req.page(self.vault.list(context.current_tenant(), request.kind, request.session_id,
@@ -109,24 +116,29 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         return vault_pb2.ListArtifactsResponse(artifacts=[artifact_proto(r, key_id) for r in records],
                                                next_page_token=token)
 
-    def DeleteArtifact(self, request, ctx):
+    def DeleteArtifact(self, request: vault_pb2.DeleteArtifactRequest,
+                       ctx: grpc.ServicerContext) -> vault_pb2.DeleteArtifactResponse:
         self.vault.delete(context.current_tenant(), request.artifact_id)
         return vault_pb2.DeleteArtifactResponse()
 
-    def UnwrapDataKey(self, request, ctx):
+    def UnwrapDataKey(self, request: vault_pb2.UnwrapDataKeyRequest,
+                      ctx: grpc.ServicerContext) -> vault_pb2.UnwrapDataKeyResponse:
         record, dek = self.vault.unwrap_data_key(context.current_tenant(), request.artifact_id)
         return vault_pb2.UnwrapDataKeyResponse(artifact_id=record.artifact_id, data_key=dek,
                                                encryption=encryption_info(record, self.vault.key_id(record.tenant_id)))
 
-    def RotateTenantKey(self, request, ctx):
+    def RotateTenantKey(self, request: vault_pb2.RotateTenantKeyRequest,
+                        ctx: grpc.ServicerContext) -> vault_pb2.RotateTenantKeyResponse:
         info, count = self.vault.rotate(context.current_tenant())
         return vault_pb2.RotateTenantKeyResponse(key_info=key_info_proto(info), rewrapped_count=count)
 
-    def ShredTenant(self, request, ctx):
+    def ShredTenant(self, request: vault_pb2.ShredTenantRequest,
+                    ctx: grpc.ServicerContext) -> vault_pb2.ShredTenantResponse:
         info, count = self.vault.shred(context.current_tenant(), request.confirm_tenant_id)
         return vault_pb2.ShredTenantResponse(key_info=key_info_proto(info), artifact_count=count)
 
-    def GetTenantKeyInfo(self, request, ctx):
+    def GetTenantKeyInfo(self, request: vault_pb2.GetTenantKeyInfoRequest,
+                         ctx: grpc.ServicerContext) -> vault_pb2.GetTenantKeyInfoResponse:
         return vault_pb2.GetTenantKeyInfoResponse(key_info=key_info_proto(self.vault.key_info(
             context.current_tenant())))
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from tensafe.common import devices
+from tensafe.common.devices import Placement
 from tensafe.runtime.config import MODEL_NAME, MODEL_NAME_MAX
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -145,6 +145,37 @@ def resolve_model_ref(model_ref: str, model_dir: str | Path | None,
     return ModelLocation(loc.path, loc.gguf_file, loc.cache_key, name=model_ref)
 
 
+MAX_LISTED_MODELS = 1000
+
+
+def available_models(model_dir: str | Path | None, registered: Mapping[str, Path] | None = None) -> list[str]:
+    """The names of the base models a request can name, sorted (at most :data:`MAX_LISTED_MODELS`): the
+    operator's registered ones that are models, and the entries of ``model_dir`` that are (a model directory,
+    a directory holding one ``.gguf``, or a ``.gguf`` file). Names only: never a path."""
+    names: set[str] = set()
+    for name, path in (registered or {}).items():
+        try:
+            _classify(Path(path))
+            names.add(name)
+        except (_NotAModel, OSError):
+            continue
+    if model_dir is not None:
+        root = Path(model_dir).expanduser()
+        try:
+            entries = sorted(root.iterdir()) if root.is_dir() else []
+        except OSError:
+            entries = []
+        for entry in entries[:10 * MAX_LISTED_MODELS]:
+            if entry.name in names or not MODEL_NAME.fullmatch(entry.name) or len(entry.name) > MODEL_NAME_MAX:
+                continue
+            try:
+                _classify(entry)
+                names.add(entry.name)
+            except (_NotAModel, OSError):
+                continue
+    return sorted(names)[:MAX_LISTED_MODELS]
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     reason = text[0] if text else type(exc).__name__
@@ -152,9 +183,14 @@ def _short(exc: BaseException) -> str:
 
 
 def load_base_model(
-    loc: ModelLocation, dtype: torch.dtype = torch.float32
+    loc: ModelLocation, placement: Placement | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from ``loc``, offline; the model is in eval mode with every weight frozen."""
+    """Load model and tokenizer from ``loc``, offline; the model is in eval mode with every weight frozen.
+
+    ``placement``: the device and dtype of the weights (:mod:`tensafe.common.devices`); None means what
+    TENSAFE_DEVICE and TENSAFE_DTYPE say (checked when the service starts)."""
+    placement = placement if placement is not None else devices.from_env()
+    dtype = placement.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     path = loc.path / loc.gguf_file if loc.gguf_file else loc.path
@@ -188,6 +224,8 @@ def load_base_model(
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
+    if placement.device.type != "cpu":
+        model.to(placement.device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -220,7 +258,7 @@ def prepare_smollm2(models_dir: Path) -> Path:
         raise RuntimeError(f"transformers needs the `gguf` package to read GGUF files; run: {SMOLLM2_INSTALL}")
     loc = ModelLocation(path=gguf_path.parent, gguf_file=gguf_path.name, cache_key=str(gguf_path))
     log.info("converting %s to safetensors in %s", gguf_path, target)
-    model, tokenizer = load_base_model(loc)
+    model, tokenizer = load_base_model(loc, devices.CPU_FLOAT32)  # converted as it is stored: fp32
     models_dir.mkdir(parents=True, exist_ok=True)
     # Write to a sibling temp dir and rename, so a half-written model is never taken for a ready one.
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-", dir=models_dir))

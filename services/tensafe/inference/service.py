@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from tensafe.common.models import ModelLocation, resolve_model_ref
+from tensafe.common.models import ModelLocation, available_models, resolve_model_ref
 from tensafe.runtime.context import CallContext
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from tensafe.runtime.pagination import after_key
@@ -26,6 +27,14 @@ from .backend import Backend, ChunkQueue, ServedBase
 from .generation import Chunk, Sampling, validate
 
 ADAPTERS_QUOTA = "TENSAFE_QUOTA_ADAPTERS"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A started generation: its increments as they come, and each prompt's length in tokens."""
+
+    chunks: Iterator[Chunk]
+    prompt_tokens: list[int]
 
 
 class Inference:
@@ -165,10 +174,10 @@ class Inference:
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, tenant: str, adapter_id: str, model_ref: str, backend_name: str, prompts: list[str],
-                 prompt_token_ids: list[list[int]], sampling: Sampling, cancelled: threading.Event
-                 ) -> Iterator[Chunk]:
-        """Validate the prompts, start generating (with the tenant's adapter, or the base model
-        ``model_ref`` alone), and return the increments as they come."""
+                 prompt_token_ids: list[list[int]], sampling: Sampling, cancelled: threading.Event,
+                 chats: list[list[tuple[str, str]]] | None = None) -> Generation:
+        """Validate the prompts (text, token ids or conversations), start generating (with the tenant's
+        adapter, or the base model ``model_ref`` alone), and return the increments as they come."""
         if adapter_id:
             adapter = self.get(tenant, adapter_id)
             base = self._bases[adapter.base_key]
@@ -178,11 +187,15 @@ class Inference:
                 raise InvalidArgument("adapter_id", "give adapter_id, or model_ref to use the base model alone")
             _, base = self._base(self._backend(backend_name), self._location(model_ref, "model_ref"))
             name = None
-        check_sample_work(len(prompts) or len(prompt_token_ids), sampling, self.max_sample_tokens)
-        job = validate(base.tokenizer, prompts, prompt_token_ids, sampling, base.vocab_size, base.max_length)
+        check_sample_work(len(prompts) or len(prompt_token_ids) or len(chats or ()), sampling, self.max_sample_tokens)
+        job = validate(base.tokenizer, prompts, prompt_token_ids, sampling, base.vocab_size, base.max_length, chats)
         out = ChunkQueue(cancelled)
         base.start(name, job, out)
-        return iter(out)
+        return Generation(iter(out), [len(p) for p in job.prompts])
+
+    def base_models(self) -> list[str]:
+        """The base models this service can serve, by name (the same for every tenant)."""
+        return available_models(self.model_dir, self.models)
 
     def shutdown(self) -> None:
         with self._lock:

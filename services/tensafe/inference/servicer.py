@@ -12,6 +12,7 @@ import grpc
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from tensafe.common import devices
 from tensafe.runtime import context
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.messages import enum_value
@@ -77,15 +78,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         cancelled = threading.Event()
         ctx.add_callback(cancelled.set)  # the client went away (or the call ended): stop generating
         try:
-            for chunk in self.inference.generate(context.current_tenant(), request.adapter_id, request.model_ref,
+            chats = [[(m.role, m.content) for m in chat.messages] for chat in request.chats]
+            generation = self.inference.generate(context.current_tenant(), request.adapter_id, request.model_ref,
                                                  backend_name(request.backend), list(request.prompts), prompt_ids,
-                                                 sampling, cancelled):
+                                                 sampling, cancelled, chats)
+            for chunk in generation.chunks:
                 yield inference_pb2.GenerateResponse(
                     prompt_index=chunk.prompt_index, sample_index=chunk.sample_index, text=chunk.text,
                     token_ids=chunk.token_ids, logprobs=chunk.logprobs,
-                    finish_reason=enum_value(common_pb2.FinishReason, chunk.finish_reason))
+                    finish_reason=enum_value(common_pb2.FinishReason, chunk.finish_reason),
+                    prompt_tokens=generation.prompt_tokens[chunk.prompt_index] if chunk.finish_reason else 0)
         finally:
             cancelled.set()
+
+    def GetCapabilities(self, request: inference_pb2.GetCapabilitiesRequest,
+                        ctx: grpc.ServicerContext) -> inference_pb2.GetCapabilitiesResponse:
+        return inference_pb2.GetCapabilitiesResponse(
+            models=[inference_pb2.BaseModel(name=name) for name in self.inference.base_models()])
 
 
 def _backends(env: ServiceEnvironment) -> dict[str, Callable[[], Backend]]:
@@ -105,6 +114,7 @@ def _backends(env: ServiceEnvironment) -> dict[str, Callable[[], Backend]]:
 
 
 def create(env: ServiceEnvironment) -> InferenceServicer:
+    devices.from_env()  # the hf backend's TENSAFE_DEVICE / TENSAFE_DTYPE, checked when the service starts
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     vault = VaultClient(env.peers, env.config.max_artifact_mb << 20)
     inference = Inference(model_dir, vault, env.config.inference_backend, _backends(env),

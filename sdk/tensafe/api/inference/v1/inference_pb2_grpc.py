@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetCapabilities = channel.unary_unary(
+                '/tensafe.api.inference.v1.InferenceService/GetCapabilities',
+                request_serializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesRequest.SerializeToString,
+                response_deserializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -101,6 +106,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCapabilities(self, request, context):
+        """The base models this service can serve (by name: TENSAFE_MODELS and the
+        models of TENSAFE_MODEL_DIR). The same for every tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapabilities,
+                    request_deserializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesRequest.FromString,
+                    response_serializer=tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class InferenceService:
             '/tensafe.api.inference.v1.InferenceService/Generate',
             tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.api.inference.v1.InferenceService/GetCapabilities',
+            tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesRequest.SerializeToString,
+            tensafe_dot_api_dot_inference_dot_v1_dot_inference__pb2.GetCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

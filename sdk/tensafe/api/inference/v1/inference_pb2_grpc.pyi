@@ -51,6 +51,10 @@ class InferenceServiceStub:
     """Streams generated text for several prompts; cancelling the call stops
     generation. Read-only (nothing is stored).
     """
+    GetCapabilities: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetCapabilitiesRequest, _inference_pb2.GetCapabilitiesResponse]
+    """The base models this service can serve (by name: TENSAFE_MODELS and the
+    models of TENSAFE_MODEL_DIR). The same for every tenant.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -68,6 +72,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
     """Streams generated text for several prompts; cancelling the call stops
     generation. Read-only (nothing is stored).
+    """
+    GetCapabilities: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetCapabilitiesRequest, _inference_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
+    """The base models this service can serve (by name: TENSAFE_MODELS and the
+    models of TENSAFE_MODEL_DIR). The same for every tenant.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +121,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
         """Streams generated text for several prompts; cancelling the call stops
         generation. Read-only (nothing is stored).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCapabilities(
+        self,
+        request: _inference_pb2.GetCapabilitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetCapabilitiesResponse, _abc.Awaitable[_inference_pb2.GetCapabilitiesResponse]]:
+        """The base models this service can serve (by name: TENSAFE_MODELS and the
+        models of TENSAFE_MODEL_DIR). The same for every tenant.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -555,12 +555,30 @@ class ForwardResponse(_message.Message):
     def __init__(self, future: _Optional[_Union[FutureRef, _Mapping]] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("session_id", "apply_dp_noise")
+    __slots__ = ("session_id", "apply_dp_noise", "params")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     APPLY_DP_NOISE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     apply_dp_noise: bool
-    def __init__(self, session_id: _Optional[str] = ..., apply_dp_noise: _Optional[bool] = ...) -> None: ...
+    params: OptimizerParams
+    def __init__(self, session_id: _Optional[str] = ..., apply_dp_noise: _Optional[bool] = ..., params: _Optional[_Union[OptimizerParams, _Mapping]] = ...) -> None: ...
+
+class OptimizerParams(_message.Message):
+    __slots__ = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
+    def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("future",)

@@ -26,6 +26,19 @@ from .errors import DeadlineTooShort, DependencyUnavailable, TensafeError
 from .telemetry import traced_channel
 
 
+def open_channel(config: ServerConfig, endpoint: str) -> grpc.Channel:
+    """A channel to ``endpoint`` with the server's message limits, over mTLS when TLS is configured (the
+    server's certificate identifies the caller; the peer's is checked against the mesh CA)."""
+    options = [("grpc.max_send_message_length", config.max_message_mb << 20),
+               ("grpc.max_receive_message_length", config.max_message_mb << 20)]
+    if not config.tls_cert_file:
+        return grpc.insecure_channel(endpoint, options)
+    ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=Path(config.tls_key_file).read_bytes(),
+                                         certificate_chain=Path(config.tls_cert_file).read_bytes())
+    return grpc.secure_channel(endpoint, creds, options)
+
+
 class PeerChannels:
     def __init__(self, config: ServerConfig, owner: str, local_endpoint: str | None,
                  local_services: frozenset[str]) -> None:
@@ -49,16 +62,7 @@ class PeerChannels:
         endpoint = self.endpoint(service)
         with self._lock:
             if endpoint not in self._channels:
-                options = [("grpc.max_send_message_length", self.config.max_message_mb << 20),
-                           ("grpc.max_receive_message_length", self.config.max_message_mb << 20)]
-                if self.config.tls_cert_file:
-                    ca = Path(self.config.tls_client_ca_file).read_bytes() if self.config.tls_client_ca_file else None
-                    creds = grpc.ssl_channel_credentials(
-                        root_certificates=ca, private_key=Path(self.config.tls_key_file).read_bytes(),
-                        certificate_chain=Path(self.config.tls_cert_file).read_bytes())
-                    raw = grpc.secure_channel(endpoint, creds, options)
-                else:
-                    raw = grpc.insecure_channel(endpoint, options)
+                raw = open_channel(self.config, endpoint)
                 # Marked as a call between services: it runs on the peer's internal threads (runtime.capacity).
                 self._channels[endpoint] = traced_channel(marked_channel(raw, self.config.service_key))
             return self._channels[endpoint]

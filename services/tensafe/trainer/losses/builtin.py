@@ -1,4 +1,4 @@
-"""The built-in losses (token_ce, importance_sampling, ppo, margin_ranking, contrastive, mse) and
+"""The built-in losses (token_ce, importance_sampling, ppo, margin_ranking, contrastive, mse, policy_gradient) and
 the token helpers they share with plugins (:func:`token_logprobs`, :func:`sequence_scores`).
 
 Importing this module registers them; the package seals them as built-ins (see ``registry``).
@@ -180,3 +180,59 @@ def mse(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
     scores, logp, mask = sequence_scores(inputs, ignore_index)
     loss = ((scores - targets.to(scores.device, torch.float32)) ** 2).mean()
     return _output(loss, logp, mask, score_mean=float(scores.detach().mean()))
+
+
+def _token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """[B, T]: entropy of softmax(logits[:, t-1]), the distribution ``labels[:, t]`` is drawn from; 0 at t=0."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    h = -(logp.exp() * logp).sum(dim=-1)
+    return torch.cat([h.new_zeros(h.shape[0], 1), h], dim=1)
+
+
+@register_loss("policy_gradient", requires=("advantages", "old_logprobs"), per_example=True)
+def policy_gradient(inputs: LossInputs, clip_epsilon: float = 0.2, clip: bool = True, entropy_coef: float = 0.0,
+                    kl_coef: float = 0.0, scale: float = 1.0, ignore_index: int = -100) -> LossOutput:
+    """The RLVR objective of ``tensafe.rlvr`` (REINFORCE, PPO, GRPO): per label token t of row i,
+
+    term = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)   (without ``clip``: -ratio * A)
+           + kl_coef * (exp(ref - logp) - (ref - logp) - 1)      (k3 estimate of KL(policy || reference))
+           - entropy_coef * H_t                                  (entropy of the full next-token distribution)
+
+    with ratio = exp(logp - old_logp); the loss is ``scale`` x the mean over rows of each row's mean term
+    over its label tokens (a row without label tokens adds 0), so each trajectory weighs the same whatever
+    its length and a row's loss needs no other row (per-example: accepted in DP sessions). ``kl_coef`` > 0
+    needs ``extra.ref_logprobs`` [B, T] (the reference model's token log-probabilities). Metrics:
+    ``pg_loss``, ``ratio_mean``, ``clip_fraction``, ``approx_kl`` (to the sampling policy), ``entropy``,
+    ``kl_ref`` (when kl_coef > 0); token means over the batch."""
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    surrogate = ratio * adv
+    if clip:
+        surrogate = torch.minimum(surrogate, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
+    terms = -surrogate
+    pg_terms = terms
+    entropy = _token_entropy(inputs.logits)
+    if entropy_coef > 0:
+        terms = terms - entropy_coef * entropy
+    kl = None
+    if kl_coef > 0:
+        ref = inputs.extra.get("ref_logprobs")
+        if ref is None:
+            raise InvalidArgument("batch.extra.ref_logprobs", "required by loss 'policy_gradient' when kl_coef > 0")
+        ref = _token_input(ref, "extra.ref_logprobs", logp, mask)
+        diff = torch.where(mask, ref - logp, 0.0)
+        kl = diff.exp() - diff - 1
+        terms = terms + kl_coef * kl
+    counts = mask.sum(dim=1).clamp(min=1)
+    loss = scale * ((terms * mask).sum(dim=1) / counts).mean()
+    with torch.no_grad():
+        n = max(int(mask.sum()), 1)
+        metrics = {
+            "pg_loss": float(((pg_terms * mask).sum(dim=1) / counts).mean()),
+            "ratio_mean": float((ratio * mask).sum() / n),
+            "clip_fraction": float((((ratio - 1).abs() > clip_epsilon) & mask).sum() / n),
+            "approx_kl": float(((ratio - 1 - ratio.log()) * mask).sum() / n),
+            "entropy": float((entropy * mask).sum() / n),
+        }
+        if kl is not None:
+            metrics["kl_ref"] = float((kl * mask).sum() / n)
+    return _output(loss, logp, mask, **metrics)

@@ -83,6 +83,9 @@ _KWARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "margin": (lambda v: v >= 0, "must be >= 0"),
     "temperature": (lambda v: v > 0, "must be > 0"),
     "clip_epsilon": (lambda v: v > 0, "must be > 0"),
+    "entropy_coef": (lambda v: v >= 0, "must be >= 0"),
+    "kl_coef": (lambda v: v >= 0, "must be >= 0"),
+    "scale": (lambda v: v > 0, "must be > 0"),
 }
 
 

@@ -251,7 +251,8 @@ def test_resolve_defaults_and_kwargs():
     assert resolve_loss(None).name == resolve_loss("").name == "token_ce"
     assert resolve_loss("").kwargs == {"ignore_index": -100, "label_smoothing": 0.0}
     loss = resolve_loss("ppo", clip_epsilon=1)
-    assert loss.kwargs == {"clip_epsilon": 1.0, "ignore_index": -100}
+    assert loss.kwargs == {"clip_epsilon": 1.0, "ignore_index": -100, "reduction": "mean",
+                           "clip_low_threshold": 0.0, "clip_high_threshold": 0.0}
     assert loss.requires == ("advantages", "old_logprobs")
     assert set(BUILTINS) <= set(available_losses())
 
@@ -283,7 +284,7 @@ def test_bad_name_or_kwargs(name, kwargs, field):
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(InvalidArgument, match="unknown loss 'focal'; available: contrastive, importance_sampling"):
+    with pytest.raises(InvalidArgument, match="unknown loss 'focal'; available: cispo, contrastive, cross_entropy, dro, importance_sampling"):
         resolve_loss("focal")
 
 

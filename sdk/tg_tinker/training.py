@@ -288,11 +288,25 @@ class TrainingClient:
             req.loss.CopyFrom(lp)
         return self._submit("Forward", req, ForwardBackwardResult)
 
-    def optim_step(self, apply_dp_noise: bool | None = None) -> FutureHandle[OptimStepResult]:
-        """Queue an optimizer update with the accumulated gradients."""
+    def optim_step(self, apply_dp_noise: bool | None = None, *, learning_rate: float | None = None,
+                   beta1: float | None = None, beta2: float | None = None, eps: float | None = None,
+                   weight_decay: float | None = None, grad_clip_norm: float | None = None,
+                   ) -> FutureHandle[OptimStepResult]:
+        """Queue an optimizer update with the accumulated gradients.
+
+        The keyword arguments set the optimizer's hyperparameters from this step on (Tinker's
+        ``AdamParams``); one not given keeps its current value. ``grad_clip_norm`` clips the global
+        gradient norm of this step only (0: no clipping)."""
         req = trainer_pb2.OptimStepRequest(session_id=self.session_id)
         if apply_dp_noise is not None:
             req.apply_dp_noise = apply_dp_noise
+        given = {"learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
+                 "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}
+        if any(v is not None for v in given.values()):
+            req.params.SetInParent()
+            for name, value in given.items():
+                if value is not None:
+                    setattr(req.params, name, float(value))
         return self._submit("OptimStep", req, OptimStepResult)
 
     def forward_backward_custom(self, batch: Mapping[str, Any],

@@ -22,6 +22,7 @@ from typing import Any
 
 from peft import LoraConfig
 
+from tensafe.common.devices import model_device
 from tensafe.common.models import resolve_model_ref
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
@@ -39,6 +40,7 @@ from .batches import PreparedBatch, float_matrix, prepare_batch
 from .dp import PerSampleClipper, lora_layers, poisson_batch_limit
 from .futures import Op
 from .losses import Loss, resolve_loss
+from .passes import PassOp
 from .messages import (
     DEFAULT_ACCOUNTANT_TYPE,
     OP_BACKWARD_CUSTOM,
@@ -53,7 +55,7 @@ from .messages import (
     budget_is_active,
     budget_state_name,
 )
-from .session import DPState, SessionSettings, TrainingSession
+from .session import DPState, SessionSettings, StepParams, TrainingSession
 from .values import LORA_BIASES, BatchInput, LossSpec, SamplingSpec, SessionConfig, TensorData
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -66,6 +68,23 @@ def resolve_spec_loss(spec: LossSpec) -> Loss:
 def resolve_request_loss(default: Loss, loss: LossSpec | None) -> Loss:
     """The call's loss, or the session's default when the call names none."""
     return default if loss is None else resolve_spec_loss(loss)
+
+
+def check_step_params(step: StepParams | None, optimizer: str) -> None:
+    """INVALID_ARGUMENT naming ``params.<field>`` for a per-step hyperparameter out of range."""
+    if step is None:
+        return
+    rules = (("learning_rate", lambda v: v > 0, "must be > 0"), ("beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+             ("beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"), ("eps", lambda v: v > 0, "must be > 0"),
+             ("weight_decay", lambda v: v >= 0, "must be >= 0"), ("grad_clip_norm", lambda v: v >= 0, "must be >= 0"))
+    for name, ok, what in rules:
+        value = getattr(step, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or not ok(value):
+            raise InvalidArgument(f"params.{name}", f"{what} and finite, got {value!r}")
+        if optimizer == "sgd" and name in ("beta1", "beta2", "eps"):
+            raise InvalidArgument(f"params.{name}", "applies to Adam(W) only; this session's optimizer is sgd")
 
 
 def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
@@ -318,7 +337,22 @@ class Trainer:
             self._sessions[session_id] = session
             if private:
                 self._private.add(session_id)
+        self._note_session(session, config, peft_config)
         return session
+
+    @staticmethod
+    def _note_session(session: TrainingSession, config: SessionConfig, peft_config: LoraConfig) -> None:
+        """The session's settings, in its CreateSession ledger entry (evidence from the ledger alone)."""
+        dp = session.dp
+        facts: dict[str, object] = {"session_id": session.session_id, "model_ref": config.model_ref,
+                                    "lora_rank": peft_config.r, "dp": "true" if dp is not None else "false"}
+        if dp is not None:
+            facts.update(noise_multiplier=repr(dp.noise_multiplier), max_grad_norm=repr(dp.max_grad_norm),
+                         sample_rate=repr(dp.sample_rate), expected_batch_size=dp.expected_batch_size,
+                         target_epsilon=repr(dp.target_epsilon), target_delta=repr(dp.target_delta),
+                         budget_id=dp.budget_id, dataset_size=dp.dataset_size or "",
+                         sampling="client")  # declared: the client draws the batches (see docs/privacy.md)
+        call_context.note_audit(**facts)
 
     def _open_budget(self, session: TrainingSession) -> None:
         """Create the session's accountant budget (or take over the one named in the config) and fix
@@ -409,6 +443,7 @@ class Trainer:
         self._check_batch_work(batch)
         prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
                                  ignore_index=int(loss.kwargs.get("ignore_index", -100)))
+        prepared = prepared.to(model_device(session.base.model))  # TENSAFE_DEVICE: where the base runs
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
         return prepared
 
@@ -427,14 +462,14 @@ class Trainer:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD_BACKWARD, lambda: s.forward_backward(prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD_BACKWARD, PassOp(s, True, prepared, resolved, return_logprobs))
 
     def forward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
                 return_logprobs: bool = False) -> Op:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD, lambda: s.forward(prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD, PassOp(s, False, prepared, resolved, return_logprobs))
 
     def forward_custom(self, tenant: str, session_id: str, batch: BatchInput) -> Op:
         s = self.get(tenant, session_id, active=True)
@@ -457,19 +492,22 @@ class Trainer:
         grad = float_matrix(grad_logprobs, "grad_logprobs", shape)
         return self._submit(s, OP_BACKWARD_CUSTOM, lambda: s.backward_custom(forward_future_id, grad, loss))
 
-    def optim_step(self, tenant: str, session_id: str, apply_dp_noise: bool | None = None) -> Op:
-        """``apply_dp_noise`` None: not given (the session's DP setting applies)."""
+    def optim_step(self, tenant: str, session_id: str, apply_dp_noise: bool | None = None,
+                   step: StepParams | None = None) -> Op:
+        """``apply_dp_noise`` None: not given (the session's DP setting applies). ``step``: per-step
+        optimizer hyperparameters (OptimStep ``params``), checked here."""
         s = self.get(tenant, session_id, active=True)
+        check_step_params(step, s.settings.optimizer)
         if s.dp is not None:
             if apply_dp_noise is False:
                 raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
                                                         "noised and accounted; false is refused, not obeyed")
             caller = call_context.current()  # the accountant is called as this caller, from the worker
-            return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(caller))
+            return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(caller, step))
         if apply_dp_noise:
             raise InvalidArgument("apply_dp_noise", "this session has no DP configuration (dp_config.enabled is "
                                                     "false); create a DP session to train with noise")
-        return self._submit(s, OP_OPTIM_STEP, s.optim_step)
+        return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(None, step))
 
     def sample(self, tenant: str, session_id: str, sampling: SamplingSpec, prompts: Sequence[str] = (),
                prompt_token_ids: Sequence[Sequence[int]] = ()) -> Op:

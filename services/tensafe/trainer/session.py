@@ -39,6 +39,22 @@ from .sampling import generate_steps
 from .values import SamplingSpec, SessionConfig
 
 
+@dataclass(frozen=True)
+class StepParams:
+    """Per-step optimizer hyperparameters (OptimStep ``params``, validated by the service); None keeps the
+    session's current value. ``grad_clip_norm`` clips the gradient applied (0: off); it is not kept."""
+
+    learning_rate: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    grad_clip_norm: float | None = None
+
+
+STEP_PARAM_FIELDS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+
+
 @dataclass
 class SessionSettings:
     """A validated TrainingConfig (``config``: as given, echoed back; the rest: its resolved values)."""
@@ -187,13 +203,17 @@ class TrainingSession:
         if not torch.isfinite(out.loss):
             raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
         (out.loss / self.settings.accumulation).backward()
+        return self.fb_result(out, len(batch.input_ids), return_logprobs)
+
+    def fb_result(self, out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
+        """A ForwardBackward's counters and result, once its gradient is in (alone or in a batched pass)."""
         self.micro_steps += 1
         self.tokens_since_update += out.num_tokens
         self.tokens_processed += out.num_tokens
         res = trainer_pb2.ForwardBackwardResult(loss=float(out.loss.detach()), metrics=out.metrics,
-                                                num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
+                                                num_tokens=out.num_tokens, num_sequences=rows)
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward_backward", res
 
     def _dp_forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
@@ -208,23 +228,20 @@ class TrainingSession:
                               extra=batch.extra)
 
         outs = self._dp_parts()[1].per_sample_backward(run_model, loss)
-        merged = merge_rows(outs)
-        self.micro_steps += 1
-        self.tokens_since_update += merged.num_tokens
-        self.tokens_processed += merged.num_tokens
-        res = trainer_pb2.ForwardBackwardResult(loss=float(merged.loss), metrics=merged.metrics,
-                                                num_tokens=merged.num_tokens, num_sequences=len(batch.input_ids))
-        if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.numpy().astype(np.float32)))
-        return "forward_backward", res
+        return self.fb_result(merge_rows(outs), len(batch.input_ids), return_logprobs)
 
     def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
         with torch.no_grad():
             out = self._loss_output(batch, loss, train=False)
+        return self.forward_result(out, len(batch.input_ids), return_logprobs)
+
+    @staticmethod
+    def forward_result(out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
+        """A Forward's result (alone or in a batched pass)."""
         res = trainer_pb2.ForwardResult(loss=float(out.loss), metrics=out.metrics, num_tokens=out.num_tokens,
-                                        num_sequences=len(batch.input_ids))
+                                        num_sequences=rows)
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward", res
 
     def forward_custom(self, op_id: str, batch: PreparedBatch) -> tuple[str, Any]:
@@ -237,7 +254,7 @@ class TrainingSession:
         num_tokens = int(mask.sum())
         self.custom = CustomForward(op_id, logprobs, num_tokens)
         return "forward_custom", trainer_pb2.ForwardCustomResult(
-            logprobs=to_proto(logprobs.detach().numpy().astype(np.float32)), num_tokens=num_tokens)
+            logprobs=to_proto(logprobs.detach().cpu().numpy().astype(np.float32)), num_tokens=num_tokens)
 
     def backward_custom(self, forward_future_id: str, grad: torch.Tensor, loss: float | None) -> tuple[str, Any]:
         pending = self.custom
@@ -261,16 +278,33 @@ class TrainingSession:
     def _drop_custom(self) -> None:
         self.custom = None  # an abandoned custom forward frees its graph
 
-    def optim_step(self, caller: CallContext | None = None) -> tuple[str, Any]:
+    def apply_step_params(self, step: StepParams | None) -> float:
+        """Set the optimizer's hyperparameters from ``step`` (kept for later steps); return its clip norm (0: off)."""
+        if step is None:
+            return 0.0
+        for group in self._optimizer().param_groups:
+            if step.learning_rate is not None:
+                group["lr"] = step.learning_rate
+            if step.weight_decay is not None:
+                group["weight_decay"] = step.weight_decay
+            if "betas" in group and (step.beta1 is not None or step.beta2 is not None):
+                b1, b2 = group["betas"]
+                group["betas"] = (b1 if step.beta1 is None else step.beta1, b2 if step.beta2 is None else step.beta2)
+            if "eps" in group and step.eps is not None:
+                group["eps"] = step.eps
+        return step.grad_clip_norm or 0.0
+
+    def optim_step(self, caller: CallContext | None = None, step: StepParams | None = None) -> tuple[str, Any]:
         self._drop_custom()
         if self.dp is not None:
             assert caller is not None, "a DP step is made for its caller (the accountant is called as them)"
-            return self._dp_optim_step(caller)
+            return self._dp_optim_step(caller, step)
         params = self.base.adapter_parameters(self.session_id)
         optimizer = self._optimizer()
         if self.micro_steps == 0:
             raise FailedPrecondition("optim_step without gradients: call forward_backward first")
         self.optim_calls += 1
+        clip = self.apply_step_params(step)
         grad_norm = _norm([p.grad for p in params if p.grad is not None])
         lr = float(optimizer.param_groups[0]["lr"])
         if self.optim_calls < self.settings.accumulation:
@@ -282,6 +316,8 @@ class TrainingSession:
             optimizer.zero_grad(set_to_none=True)
             self._reset_accumulation()
             raise InvalidArgument("batch", "gradients are not finite; the step was skipped and gradients cleared")
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -291,7 +327,7 @@ class TrainingSession:
         return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr, grad_norm=grad_norm,
                                                          num_tokens=tokens, metrics={"applied": 1.0})
 
-    def _dp_optim_step(self, caller: CallContext) -> tuple[str, Any]:
+    def _dp_optim_step(self, caller: CallContext, step: StepParams | None = None) -> tuple[str, Any]:
         """Check the batch, noise the update, record the step with the accountant, THEN apply it.
 
         Everything that can fail runs before the record (the batch-size check, drawing the noise,
@@ -302,6 +338,7 @@ class TrainingSession:
         Poisson sampling a batch may be empty, and that step is still noised and accounted.
         """
         dp, clipper, accountant = self._dp_parts()
+        clip = self.apply_step_params(step)
         lr = float(self._optimizer().param_groups[0]["lr"])
         self.optim_calls += 1
         if self.optim_calls < self.settings.accumulation:
@@ -324,6 +361,8 @@ class TrainingSession:
         # The update, computed (and its noise drawn) before the record, released only after it.
         grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
         grad_norm = _norm(list(grads.values()))
+        if clip > 0 and grad_norm > clip:  # post-processing of the noised gradient: no privacy cost
+            grads = {p: g * (clip / grad_norm) for p, g in grads.items()}
         dp.updates += 1
         step_id = f"{self.session_id}:u{dp.updates}"
         try:
@@ -447,7 +486,8 @@ def merge_rows(outs: list[LossOutput]) -> LossOutput:
     mean over rows (the gradient is of their sum), num_tokens the total."""
     n = len(outs)
     keys = {k for o in outs for k in o.metrics}
-    metrics = {k: sum(o.metrics.get(k, 0.0) for o in outs) / n for k in keys}
+    sums = {k: sum(o.metrics.get(k, 0.0) for o in outs) for k in keys}
+    metrics = {k: v if k.endswith(":sum") else v / n for k, v in sums.items()}  # "name:sum" metrics add up
     tokens = sum(o.num_tokens for o in outs)
     metrics["num_tokens"] = float(tokens)
     loss = torch.stack([o.loss.detach() for o in outs]).mean()

@@ -1,4 +1,5 @@
-"""The built-in losses (token_ce, importance_sampling, ppo, margin_ranking, contrastive, mse, policy_gradient) and
+"""The built-in losses (token_ce, importance_sampling, ppo, margin_ranking, contrastive, mse, policy_gradient; with
+Tinker's semantics: cross_entropy, cispo, dro, and importance_sampling / ppo with ``reduction="sum"``) and
 the token helpers they share with plugins (:func:`token_logprobs`, :func:`sequence_scores`).
 
 Importing this module registers them; the package seals them as built-ins (see ``registry``).
@@ -96,33 +97,55 @@ def _ratio(inputs: LossInputs, ignore_index: int) -> tuple[torch.Tensor, ...]:
 
 
 @register_loss("importance_sampling", requires=("advantages", "old_logprobs"), per_example=True)
-def importance_sampling(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+def importance_sampling(inputs: LossInputs, ignore_index: int = -100, reduction: str = "mean") -> LossOutput:
     """Policy gradient with importance weights, for off-policy samples.
 
     Inputs: ``advantages`` A and ``old_logprobs`` (the sampler's log p), both [B, T] aligned with
-    ``token_logprobs``. ratio = exp(logp - old_logp); loss = -mean over label tokens of ratio * A.
+    ``token_logprobs``. ratio = exp(logp - old_logp); loss = -mean over label tokens of ratio * A
+    (``reduction="sum"``: the sum, as Tinker's ``importance_sampling``; metric ``loss:sum``).
     Metric ``ratio_mean``."""
     logp, mask, ratio, adv = _ratio(inputs, ignore_index)
     n = max(int(mask.sum()), 1)
-    loss = -(ratio * adv).sum() / n
-    return _output(loss, logp, mask, ratio_mean=float((ratio.detach() * mask).sum() / n))
+    loss, extra = _reduce(-(ratio * adv).sum(), n, reduction)
+    return _output(loss, logp, mask, ratio_mean=float((ratio.detach() * mask).sum() / n), **extra)
 
 
 @register_loss("ppo", requires=("advantages", "old_logprobs"), per_example=True)
-def ppo(inputs: LossInputs, clip_epsilon: float = 0.2, ignore_index: int = -100) -> LossOutput:
-    """PPO clipped surrogate. Inputs as ``importance_sampling``; eps = ``clip_epsilon``.
+def ppo(inputs: LossInputs, clip_epsilon: float = 0.2, ignore_index: int = -100, reduction: str = "mean",
+        clip_low_threshold: float = 0.0, clip_high_threshold: float = 0.0) -> LossOutput:
+    """PPO clipped surrogate. Inputs as ``importance_sampling``; the ratio is clipped to [1 - eps, 1 + eps]
+    with eps = ``clip_epsilon``, or to [``clip_low_threshold``, ``clip_high_threshold``] when those are
+    given (Tinker's ``ppo``; 0.8 and 1.2 by default there).
 
-    loss = -mean over label tokens of min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
-    Metrics: ``clip_fraction`` (label tokens with |ratio - 1| > eps), ``approx_kl`` (mean of
+    loss = -mean (``reduction="sum"``: sum) over label tokens of min(ratio * A, clip(ratio) * A).
+    Metrics: ``clip_fraction`` (label tokens whose ratio was clipped), ``approx_kl`` (mean of
     ratio - 1 - log ratio)."""
+    low, high = _clip_range(clip_epsilon, clip_low_threshold, clip_high_threshold)
     logp, mask, ratio, adv = _ratio(inputs, ignore_index)
     n = max(int(mask.sum()), 1)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
-    loss = -(surrogate * mask).sum() / n
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)
+    loss, extra = _reduce(-(surrogate * mask).sum(), n, reduction)
     with torch.no_grad():
-        clipped = float((((ratio - 1).abs() > clip_epsilon) & mask).sum() / n)
+        clipped = float((((ratio < low) | (ratio > high)) & mask).sum() / n)
         approx_kl = float(((ratio - 1 - ratio.log()) * mask).sum() / n)
-    return _output(loss, logp, mask, clip_fraction=clipped, approx_kl=approx_kl)
+    return _output(loss, logp, mask, clip_fraction=clipped, approx_kl=approx_kl, **extra)
+
+
+def _reduce(total: torch.Tensor, n: int, reduction: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(loss, metrics)``: the sum over label tokens, or their mean; a sum also reports ``loss:sum``."""
+    if reduction == "sum":
+        return total, {"loss:sum": float(total.detach())}
+    return total / max(n, 1), {}
+
+
+def _clip_range(eps: float, low: float, high: float) -> tuple[float, float]:
+    """The ratio's clip range: [1 - eps, 1 + eps], or [low, high] when either is given (> 0)."""
+    if low == 0.0 and high == 0.0:
+        return 1 - eps, 1 + eps
+    if not 0 < low <= 1 <= high:
+        raise InvalidArgument("loss.kwargs.clip_low_threshold",
+                              f"need 0 < clip_low_threshold <= 1 <= clip_high_threshold, got {low!r} and {high!r}")
+    return low, high
 
 
 def _pairs(shapes: dict[str, tuple[int, ...]], batch_size: int, seq_len: int) -> None:
@@ -236,3 +259,48 @@ def policy_gradient(inputs: LossInputs, clip_epsilon: float = 0.2, clip: bool = 
         if kl is not None:
             metrics["kl_ref"] = float((kl * mask).sum() / n)
     return _output(loss, logp, mask, **metrics)
+
+
+# ---------------------------------------------------------------------------------------------- Tinker's losses
+# Their `loss_fn` names in the `tinker` client (importance_sampling and ppo are the ones above, with
+# reduction="sum"): sums over target tokens, not means, and their metrics named "name:reduction".
+
+
+@register_loss("cross_entropy", per_example=True)
+def cross_entropy(inputs: LossInputs, ignore_index: int = -100) -> LossOutput:
+    """Tinker's ``cross_entropy``: loss = sum over label tokens of -logp * w, with per-token weights
+    ``extra.weights`` (float [B, T], aligned like the labels; absent: 1). Weights may be negative: the
+    ``tinker`` client's ``forward_backward_custom`` sends -d(loss)/d(logp). Metric ``loss:sum``."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    weights = inputs.extra.get("weights")
+    w = mask.float() if weights is None else _token_input(weights, "extra.weights", logp, mask)
+    loss = -(logp * w).sum()
+    return _output(loss, logp, mask, **{"loss:sum": float(loss.detach())})
+
+
+@register_loss("cispo", requires=("advantages", "old_logprobs"), per_example=True)
+def cispo(inputs: LossInputs, clip_low_threshold: float = 0.8, clip_high_threshold: float = 1.2,
+          ignore_index: int = -100) -> LossOutput:
+    """Tinker's ``cispo``: loss = -sum over label tokens of sg(clip(ratio, low, high)) * logp * A; the
+    clipped importance weight is a constant, the gradient flows through logp. Inputs as
+    ``importance_sampling``. Metrics ``loss:sum``, ``clip_fraction``."""
+    low, high = _clip_range(0.0, clip_low_threshold, clip_high_threshold)
+    logp, mask, ratio, adv = _ratio(inputs, ignore_index)
+    weight = ratio.detach().clamp(low, high)
+    loss = -(weight * logp * adv * mask).sum()
+    n = max(int(mask.sum()), 1)
+    clipped = float((((ratio.detach() < low) | (ratio.detach() > high)) & mask).sum() / n)
+    return _output(loss, logp, mask, clip_fraction=clipped, **{"loss:sum": float(loss.detach())})
+
+
+@register_loss("dro", requires=("advantages", "old_logprobs"), per_example=True)
+def dro(inputs: LossInputs, beta: float, ignore_index: int = -100) -> LossOutput:
+    """Tinker's ``dro``: loss = -sum over label tokens of logp * A - beta / 2 * (logp - old_logp)^2
+    (a quadratic penalty keeps the policy near the sampler's); ``beta`` (> 0) is required. Inputs as
+    ``importance_sampling``. Metric ``loss:sum``."""
+    logp, mask = token_logprobs(inputs.logits, inputs.labels, ignore_index)
+    old = _token_input(inputs.old_logprobs, "old_logprobs", logp, mask)
+    adv = _token_input(inputs.advantages, "advantages", logp, mask)
+    objective = logp * adv - 0.5 * beta * (logp - old) ** 2
+    loss = -(objective * mask).sum()
+    return _output(loss, logp, mask, **{"loss:sum": float(loss.detach())})

@@ -22,7 +22,6 @@ from typing import Any
 
 from peft import LoraConfig
 
-from tensafe.common.devices import model_device
 from tensafe.common.models import resolve_model_ref
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
@@ -40,7 +39,6 @@ from .batches import PreparedBatch, float_matrix, prepare_batch
 from .dp import PerSampleClipper, lora_layers, poisson_batch_limit
 from .futures import Op
 from .losses import Loss, resolve_loss
-from .passes import PassOp
 from .messages import (
     DEFAULT_ACCOUNTANT_TYPE,
     OP_BACKWARD_CUSTOM,
@@ -70,6 +68,8 @@ def resolve_request_loss(default: Loss, loss: LossSpec | None) -> Loss:
     return default if loss is None else resolve_spec_loss(loss)
 
 
+def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
+    lora = config.lora_or_default
 def check_step_params(step: StepParams | None, optimizer: str) -> None:
     """INVALID_ARGUMENT naming ``params.<field>`` for a per-step hyperparameter out of range."""
     if step is None:
@@ -87,8 +87,6 @@ def check_step_params(step: StepParams | None, optimizer: str) -> None:
             raise InvalidArgument(f"params.{name}", "applies to Adam(W) only; this session's optimizer is sgd")
 
 
-def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
-    lora = config.lora_or_default
     if lora.rank <= 0:
         raise InvalidArgument("config.lora_config.rank", "must be > 0")
     if lora.alpha <= 0:
@@ -337,22 +335,7 @@ class Trainer:
             self._sessions[session_id] = session
             if private:
                 self._private.add(session_id)
-        self._note_session(session, config, peft_config)
         return session
-
-    @staticmethod
-    def _note_session(session: TrainingSession, config: SessionConfig, peft_config: LoraConfig) -> None:
-        """The session's settings, in its CreateSession ledger entry (evidence from the ledger alone)."""
-        dp = session.dp
-        facts: dict[str, object] = {"session_id": session.session_id, "model_ref": config.model_ref,
-                                    "lora_rank": peft_config.r, "dp": "true" if dp is not None else "false"}
-        if dp is not None:
-            facts.update(noise_multiplier=repr(dp.noise_multiplier), max_grad_norm=repr(dp.max_grad_norm),
-                         sample_rate=repr(dp.sample_rate), expected_batch_size=dp.expected_batch_size,
-                         target_epsilon=repr(dp.target_epsilon), target_delta=repr(dp.target_delta),
-                         budget_id=dp.budget_id, dataset_size=dp.dataset_size or "",
-                         sampling="client")  # declared: the client draws the batches (see docs/privacy.md)
-        call_context.note_audit(**facts)
 
     def _open_budget(self, session: TrainingSession) -> None:
         """Create the session's accountant budget (or take over the one named in the config) and fix
@@ -443,7 +426,6 @@ class Trainer:
         self._check_batch_work(batch)
         prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
                                  ignore_index=int(loss.kwargs.get("ignore_index", -100)))
-        prepared = prepared.to(model_device(session.base.model))  # TENSAFE_DEVICE: where the base runs
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
         return prepared
 
@@ -462,14 +444,14 @@ class Trainer:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD_BACKWARD, PassOp(s, True, prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD_BACKWARD, lambda: s.forward_backward(prepared, resolved, return_logprobs))
 
     def forward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
                 return_logprobs: bool = False) -> Op:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD, PassOp(s, False, prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD, lambda: s.forward(prepared, resolved, return_logprobs))
 
     def forward_custom(self, tenant: str, session_id: str, batch: BatchInput) -> Op:
         s = self.get(tenant, session_id, active=True)
@@ -497,7 +479,6 @@ class Trainer:
         """``apply_dp_noise`` None: not given (the session's DP setting applies). ``step``: per-step
         optimizer hyperparameters (OptimStep ``params``), checked here."""
         s = self.get(tenant, session_id, active=True)
-        check_step_params(step, s.settings.optimizer)
         if s.dp is not None:
             if apply_dp_noise is False:
                 raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
@@ -516,6 +497,7 @@ class Trainer:
         this trainer (tokens per call, the vocabulary, the session's length) are checked here."""
         s = self.get(tenant, session_id, active=True)
         sp = sampling
+        check_step_params(step, s.settings.optimizer)
         if prompts and prompt_token_ids:
             raise InvalidArgument("prompts", "give prompts as text or as token ids, not both")
         if not prompts and not prompt_token_ids:

@@ -11,7 +11,6 @@ import grpc
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from tensafe.common import devices
 from tensafe.runtime import context
 from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.errors import InvalidArgument
@@ -84,12 +83,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def OptimStep(self, request: trainer_pb2.OptimStepRequest,
                   ctx: grpc.ServicerContext) -> trainer_pb2.OptimStepResponse:
         noise = request.apply_dp_noise if request.HasField("apply_dp_noise") else None
+        return trainer_pb2.OptimStepResponse(
         step = None
         if request.HasField("params"):
             p = request.params
             step = StepParams(**{f: getattr(p, f) if p.HasField(f) else None for f in STEP_PARAM_FIELDS})
-        return trainer_pb2.OptimStepResponse(
-            future=self.trainer.optim_step(context.current_tenant(), request.session_id, noise, step).ref())
+            future=self.trainer.optim_step(context.current_tenant(), request.session_id, noise).ref())
 
     def Sample(self, request: trainer_pb2.SampleRequest, ctx: grpc.ServicerContext) -> trainer_pb2.SampleResponse:
         sampling = sampling_value(request.sampling)
@@ -225,7 +224,6 @@ def session_proto(session: TrainingSession) -> trainer_pb2.Session:
 
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
-    devices.from_env()  # TENSAFE_DEVICE / TENSAFE_DTYPE: a device this process cannot use stops the start here
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     cfg = env.config
     limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,

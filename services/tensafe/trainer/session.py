@@ -203,17 +203,13 @@ class TrainingSession:
         if not torch.isfinite(out.loss):
             raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
         (out.loss / self.settings.accumulation).backward()
-        return self.fb_result(out, len(batch.input_ids), return_logprobs)
-
-    def fb_result(self, out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
-        """A ForwardBackward's counters and result, once its gradient is in (alone or in a batched pass)."""
         self.micro_steps += 1
         self.tokens_since_update += out.num_tokens
         self.tokens_processed += out.num_tokens
         res = trainer_pb2.ForwardBackwardResult(loss=float(out.loss.detach()), metrics=out.metrics,
-                                                num_tokens=out.num_tokens, num_sequences=rows)
+                                                num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
         return "forward_backward", res
 
     def _dp_forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
@@ -228,20 +224,23 @@ class TrainingSession:
                               extra=batch.extra)
 
         outs = self._dp_parts()[1].per_sample_backward(run_model, loss)
-        return self.fb_result(merge_rows(outs), len(batch.input_ids), return_logprobs)
+        merged = merge_rows(outs)
+        self.micro_steps += 1
+        self.tokens_since_update += merged.num_tokens
+        self.tokens_processed += merged.num_tokens
+        res = trainer_pb2.ForwardBackwardResult(loss=float(merged.loss), metrics=merged.metrics,
+                                                num_tokens=merged.num_tokens, num_sequences=len(batch.input_ids))
+        if return_logprobs:
+            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.numpy().astype(np.float32)))
+        return "forward_backward", res
 
     def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
         with torch.no_grad():
             out = self._loss_output(batch, loss, train=False)
-        return self.forward_result(out, len(batch.input_ids), return_logprobs)
-
-    @staticmethod
-    def forward_result(out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
-        """A Forward's result (alone or in a batched pass)."""
         res = trainer_pb2.ForwardResult(loss=float(out.loss), metrics=out.metrics, num_tokens=out.num_tokens,
-                                        num_sequences=rows)
+                                        num_sequences=len(batch.input_ids))
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
         return "forward", res
 
     def forward_custom(self, op_id: str, batch: PreparedBatch) -> tuple[str, Any]:
@@ -254,7 +253,7 @@ class TrainingSession:
         num_tokens = int(mask.sum())
         self.custom = CustomForward(op_id, logprobs, num_tokens)
         return "forward_custom", trainer_pb2.ForwardCustomResult(
-            logprobs=to_proto(logprobs.detach().cpu().numpy().astype(np.float32)), num_tokens=num_tokens)
+            logprobs=to_proto(logprobs.detach().numpy().astype(np.float32)), num_tokens=num_tokens)
 
     def backward_custom(self, forward_future_id: str, grad: torch.Tensor, loss: float | None) -> tuple[str, Any]:
         pending = self.custom
@@ -304,8 +303,8 @@ class TrainingSession:
         if self.micro_steps == 0:
             raise FailedPrecondition("optim_step without gradients: call forward_backward first")
         self.optim_calls += 1
-        clip = self.apply_step_params(step)
         grad_norm = _norm([p.grad for p in params if p.grad is not None])
+        clip = self.apply_step_params(step)
         lr = float(optimizer.param_groups[0]["lr"])
         if self.optim_calls < self.settings.accumulation:
             # Accumulating: gradients are kept until the configured number of micro-batches is reached.
@@ -316,9 +315,9 @@ class TrainingSession:
             optimizer.zero_grad(set_to_none=True)
             self._reset_accumulation()
             raise InvalidArgument("batch", "gradients are not finite; the step was skipped and gradients cleared")
+        optimizer.step()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.lineage.own_non_private_steps += 1
@@ -338,8 +337,8 @@ class TrainingSession:
         Poisson sampling a batch may be empty, and that step is still noised and accounted.
         """
         dp, clipper, accountant = self._dp_parts()
-        clip = self.apply_step_params(step)
         lr = float(self._optimizer().param_groups[0]["lr"])
+        clip = self.apply_step_params(step)
         self.optim_calls += 1
         if self.optim_calls < self.settings.accumulation:
             return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr,
@@ -361,9 +360,9 @@ class TrainingSession:
         # The update, computed (and its noise drawn) before the record, released only after it.
         grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
         grad_norm = _norm(list(grads.values()))
+        dp.updates += 1
         if clip > 0 and grad_norm > clip:  # post-processing of the noised gradient: no privacy cost
             grads = {p: g * (clip / grad_norm) for p, g in grads.items()}
-        dp.updates += 1
         step_id = f"{self.session_id}:u{dp.updates}"
         try:
             recorded = accountant.record_step(caller, dp.budget_id, step_id, dp.noise_multiplier,

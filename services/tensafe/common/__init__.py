@@ -5,4 +5,5 @@ may import torch and transformers: only the ML services (and the ML image) load 
 another service's package; what two of them need lives here or in the runtime.
 
 * :mod:`tensafe.common.models`: what a ``model_ref`` names, and loading a base model once, frozen.
+* :mod:`tensafe.common.devices`: the device and dtype of base models (TENSAFE_DEVICE, TENSAFE_DTYPE).
 """

@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from tensafe.common.devices import model_device
 from tensafe.common.models import ModelLocation, load_base_model
 from tensafe.runtime.adapter_config import lora_kwargs
 from tensafe.runtime.errors import InvalidArgument
@@ -246,7 +247,7 @@ class HFBase(ServedBase):
                 if seq.stopped:
                     raise _Halt
 
-            input_ids = torch.tensor([ids], dtype=torch.long)
+            input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
             try:
                 model.generate(input_ids=input_ids,  # pyright: ignore[reportCallIssue] - PeftModel forwards generate() (typed via nn.Module.__getattr__)
                                attention_mask=torch.ones_like(input_ids),

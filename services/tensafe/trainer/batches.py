@@ -32,6 +32,18 @@ class PreparedBatch:
     old_logprobs: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> PreparedBatch:
+        """The batch on ``device`` (the base model's: TENSAFE_DEVICE); itself when it is there already."""
+        if self.input_ids.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PreparedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                             move(self.advantages), move(self.old_logprobs),
+                             {k: v.to(device) for k, v in self.extra.items()})
+
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {f"extra.{k}": tuple(v.shape) for k, v in self.extra.items()}

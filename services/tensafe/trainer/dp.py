@@ -205,7 +205,7 @@ class PerSampleClipper:
         samples = self._grad_samples
         if not samples:
             raise InvalidArgument("batch", "no LoRA layer took part in this forward pass")
-        sq = torch.zeros(rows, dtype=torch.float64)
+        sq = torch.zeros(rows, dtype=torch.float64, device=next(iter(samples.values())).device)
         for gs in samples.values():
             sq += gs.reshape(rows, -1).to(torch.float64).pow(2).sum(dim=1)
         norms = sq.sqrt()
@@ -235,7 +235,7 @@ class PerSampleClipper:
         for p in self.params:
             g = self.clipped_sum(p).clone()
             if z is not None:
-                g += std * z[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                g += std * z[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype)
             offset += p.numel()
             out[p] = g / expected_batch_size
         return out

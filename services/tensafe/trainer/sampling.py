@@ -17,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.common.devices import model_device
 from tg_tinker.decoding import cut_at_stop, ids_within
 
 from .futures import OpCancelled
@@ -72,7 +73,7 @@ def generate_steps(model, tokenizer, prompts: list[list[int]], texts: list[str],
     result = trainer_pb2.SampleResult()
     first = True
     for index, (ids, text) in enumerate(zip(prompts, texts, strict=True)):
-        input_ids = torch.tensor([ids], dtype=torch.long)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
         for sample_index in range(max(1, sampling.num_samples)):
             if not first:
                 yield  # other sessions' ops may run here; the RNG state stays with this session

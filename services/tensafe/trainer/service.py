@@ -22,6 +22,7 @@ from typing import Any
 
 from peft import LoraConfig
 
+from tensafe.common.devices import model_device
 from tensafe.common.models import resolve_model_ref
 from tensafe.runtime import context as call_context
 from tensafe.runtime import lineage as lineage_mac
@@ -426,6 +427,7 @@ class Trainer:
         self._check_batch_work(batch)
         prepared = prepare_batch(batch, vocab_size=session.base.vocab_size, max_length=session.settings.max_length,
                                  ignore_index=int(loss.kwargs.get("ignore_index", -100)))
+        prepared = prepared.to(model_device(session.base.model))  # TENSAFE_DEVICE: where the base runs
         loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
         return prepared
 

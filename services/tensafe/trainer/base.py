@@ -14,6 +14,14 @@ Each session's own ops run strictly in submission order. A ``Sample`` runs one s
 slice: between two slices the worker may serve other sessions, so one tenant's long sample
 delays another tenant's small op by at most one sequence, and its RNG state is kept with the
 session so the output is the same however it was interleaved.
+
+Batching: when the op served next is a Forward or ForwardBackward, the worker takes with it the
+next op of other sessions on this base when that is of the same kind (up to ``pass_sessions``
+sessions and ``pass_tokens`` padded tokens), in the order the queue would serve them, and runs
+them as ONE pass of the base, each session's rows through its own adapter (``passes``, with
+``tensafe.common.multilora``). Only a session's own next op can join, so each session's ops still
+run in submission order; each session is charged its share of the pass's seconds (its tokens
+over the pass's tokens), so batching changes what a pass costs, not who is served first.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from tensafe.common import multilora
 from tensafe.common.models import ModelLocation, load_base_model
 from tensafe.runtime.errors import InvalidArgument, TensafeError
 
@@ -50,6 +59,30 @@ class WorkerSession(Protocol):
     def run_op(self, op: Op) -> tuple[str, Any] | None: ...
 
     def error_detail(self, err: TensafeError) -> Any: ...
+
+
+@runtime_checkable
+class PassPart(Protocol):
+    """An op that can share one pass of the base with other sessions' ops (``passes.PassOp``)."""
+
+    @property
+    def kind(self) -> str: ...  # ops of one kind can share a pass
+
+    @property
+    def weight(self) -> int: ...  # its share of a pass's cost (tokens)
+
+    @property
+    def shape(self) -> tuple[int, int]: ...  # rows, length
+
+    def batchable(self) -> bool: ...
+
+    def together(self, parts: list[Any]) -> list[Any]: ...  # one pass of these parts: their outcomes
+
+
+# A pass takes at most this many sessions' ops, and this many padded tokens (rows x the longest
+# length) unless the first op alone is larger.
+PASS_SESSIONS = 8
+PASS_TOKENS = 8192
 
 
 class FairQueue:
@@ -99,6 +132,17 @@ class FairQueue:
         self.clock = self.tenant_served.get(tenant, 0.0)
         return self.queues[sid][0]
 
+    def companions(self, head: tuple[WorkerSession, Op], limit: int,
+                   fits: Callable[[Op], bool]) -> list[tuple[WorkerSession, Op]]:
+        """Other sessions' next ops that ``fits`` accepts, in the order the queue would serve them
+        (tenant served, then session served, then waited), at most ``limit``."""
+        first = head[0].session_id
+        found = [q[0] for sid, q in self.queues.items()
+                 if q and sid != first and q[0][1].state == PENDING and fits(q[0][1])]
+        found.sort(key=lambda it: (self.tenant_served.get(it[0].tenant_id, 0.0),
+                                   self.session_served.get(it[0].session_id, 0.0), it[1].submit_time))
+        return found[:limit]
+
     def charge(self, session: WorkerSession, seconds: float, done: bool) -> None:
         tenant, sid = session.tenant_id, session.session_id
         self.tenant_served[tenant] = self.tenant_served.get(tenant, 0.0) + seconds
@@ -135,6 +179,10 @@ class SharedBase:
         self._fair = FairQueue()
         self._on_empty = on_empty
         self._worker: threading.Thread | None = None
+        self._routable: dict[str, bool] = {}  # session -> its adapter can share a pass (multilora.routable)
+        self.pass_sessions = PASS_SESSIONS
+        self.stats = {"passes": 0, "batched_ops": 0}  # batched passes run, and the ops they ran
+        self.pass_tokens = PASS_TOKENS
 
     # -- adapters ---------------------------------------------------------------------
     def attach(self, session: WorkerSession, lora: LoraConfig, seed: int) -> None:
@@ -154,6 +202,7 @@ class SharedBase:
             finally:
                 torch.set_rng_state(saved_rng)
             self.sessions[session.session_id] = session
+            self._routable[session.session_id] = multilora.routable(self.peft, session.session_id)
         with self._cond:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._work, name=f"trainer-{self.location.path.name}",
@@ -169,6 +218,10 @@ class SharedBase:
         marker = f".{session_id}."
         return [p for n, p in self.peft_model().named_parameters() if marker in n + "."]  # also ParameterDict entries
 
+    def is_routable(self, session_id: str) -> bool:
+        """Whether the session's ops can share a pass with other sessions' (plain LoRA on Linear layers)."""
+        return self._routable.get(session_id, False)
+
     def activate(self, session_id: str) -> PeftModel:
         peft = self.peft_model()
         peft.set_adapter(session_id)
@@ -177,6 +230,7 @@ class SharedBase:
     def detach(self, session_id: str) -> None:
         with self.lock:
             session = self.sessions.pop(session_id, None)
+            self._routable.pop(session_id, None)
             if self.peft is not None and session_id in self.peft.peft_config:
                 self.peft.delete_adapter(session_id)
             empty = not self.sessions
@@ -197,49 +251,119 @@ class SharedBase:
         with self._cond:
             return self._fair.pending()
 
-    def _next(self) -> tuple[WorkerSession, Op] | None:
-        """Wait for the next op to run; None when no session is left and nothing is queued."""
+    def _next(self) -> list[tuple[WorkerSession, Op]] | None:
+        """Wait for the next op to run, with the other sessions' ops that share its pass; None when
+        no session is left and nothing is queued."""
         with self._cond:
             while True:
                 item = self._fair.peek()
                 if item is not None:
-                    return item
+                    return [item, *self._companions(item)]
                 if not self.sessions:
                     self._worker = None
                     return None
                 self._cond.wait(1.0)
 
+    def _companions(self, head: tuple[WorkerSession, Op]) -> list[tuple[WorkerSession, Op]]:
+        first = head[1].run
+        if head[1].state != PENDING or not isinstance(first, PassPart) or not first.batchable():
+            return []
+        rows, length = first.shape
+        budget = max(self.pass_tokens, rows * length)
+
+        def fits(op: Op) -> bool:
+            part = op.run
+            if not isinstance(part, PassPart) or part.kind != first.kind or not part.batchable():
+                return False
+            r, t = part.shape
+            return (rows + r) * max(length, t) <= budget
+
+        out: list[tuple[WorkerSession, Op]] = []
+        for session, op in self._fair.companions(head, self.pass_sessions - 1, fits):
+            part = op.run
+            assert isinstance(part, PassPart)
+            r, t = part.shape
+            if (rows + r) * max(length, t) > budget:  # the budget is shared: re-check as the pass grows
+                continue
+            rows, length = rows + r, max(length, t)
+            out.append((session, op))
+        return out
+
     def _work(self) -> None:
         while True:
-            item = self._next()
-            if item is None:
+            items = self._next()
+            if items is None:
                 return
-            session, op = item
+            if len(items) > 1:
+                self._run_pass(items)
+            else:
+                self._run_one(*items[0])
+
+    def _run_pass(self, items: list[tuple[WorkerSession, Op]]) -> None:
+        """Several sessions' ops in one pass; each op ends with its own outcome, each session is charged
+        its share of the pass's seconds. If the shared pass itself fails, the ops run one at a time."""
+        started = time.monotonic()
+        running: list[tuple[WorkerSession, Op]] = []
+        for session, op in items:
             if op.state == PENDING and not session.book.start(op):
                 with self._cond:
                     self._fair.charge(session, 0.0, done=True)  # cancelled while queued
                 continue
-            started = time.monotonic()
-            done = True
-            try:
-                if op.cancel_requested:
-                    raise OpCancelled(f"operation {op.future_id} was cancelled while running")
-                with self.lock:
-                    out = session.run_op(op)
-                if out is None:
-                    done = False  # a slice of a longer op (a Sample): more to do, maybe after others
-                else:
-                    field, result = out
-                    session.book.finish(op, result_field=field, result=result)
-            except OpCancelled as exc:
-                session.book.finish(op, error=session.error_detail(exc), state=CANCELLED)
-            except TensafeError as exc:
-                session.book.finish(op, error=session.error_detail(exc))
-            except Exception as exc:  # an op failure must not kill the worker
-                log.exception("op %s of session %s failed", op.future_id, session.session_id)
-                session.book.finish(op, error=session.error_detail(
-                    TensafeError(f"operation failed: {type(exc).__name__}", reason="INTERNAL")))
+            running.append((session, op))
+        if len(running) < 2:
+            for session, op in running:
+                self._run_one(session, op)
+            return
+        parts: list[PassPart] = [op.run for _, op in running]  # pyright: ignore[reportAssignmentType] - checked by _companions
+        try:
+            with self.lock:
+                outcomes = parts[0].together(parts)
+        except Exception:
+            log.exception("a batched pass of %d sessions failed; its ops run one at a time", len(running))
+            for session, op in running:
+                self._run_one(session, op)
+            return
+        elapsed = time.monotonic() - started
+        self.stats["passes"] += 1
+        self.stats["batched_ops"] += len(running)
+        total = sum(p.weight for p in parts) or 1
+        for (session, op), part, out in zip(running, parts, outcomes, strict=True):
+            if isinstance(out, TensafeError):
+                session.book.finish(op, error=session.error_detail(out))
+            else:
+                field, result = out
+                session.book.finish(op, result_field=field, result=result)
             with self._cond:
-                self._fair.charge(session, time.monotonic() - started, done=done or op.state != RUNNING)
+                self._fair.charge(session, elapsed * part.weight / total, done=True)
                 if session.session_id not in self.sessions:
-                    self._fair.forget(session)  # closed while its last op ran
+                    self._fair.forget(session)
+
+    def _run_one(self, session: WorkerSession, op: Op) -> None:
+        if op.state == PENDING and not session.book.start(op):
+            with self._cond:
+                self._fair.charge(session, 0.0, done=True)  # cancelled while queued
+            return
+        started = time.monotonic()
+        done = True
+        try:
+            if op.cancel_requested:
+                raise OpCancelled(f"operation {op.future_id} was cancelled while running")
+            with self.lock:
+                out = session.run_op(op)
+            if out is None:
+                done = False  # a slice of a longer op (a Sample): more to do, maybe after others
+            else:
+                field, result = out
+                session.book.finish(op, result_field=field, result=result)
+        except OpCancelled as exc:
+            session.book.finish(op, error=session.error_detail(exc), state=CANCELLED)
+        except TensafeError as exc:
+            session.book.finish(op, error=session.error_detail(exc))
+        except Exception as exc:  # an op failure must not kill the worker
+            log.exception("op %s of session %s failed", op.future_id, session.session_id)
+            session.book.finish(op, error=session.error_detail(
+                TensafeError(f"operation failed: {type(exc).__name__}", reason="INTERNAL")))
+        with self._cond:
+            self._fair.charge(session, time.monotonic() - started, done=done or op.state != RUNNING)
+            if session.session_id not in self.sessions:
+                self._fair.forget(session)  # closed while its last op ran

@@ -54,6 +54,7 @@ from .messages import (
     budget_is_active,
     budget_state_name,
 )
+from .passes import PassOp
 from .session import DPState, SessionSettings, StepParams, TrainingSession
 from .values import LORA_BIASES, BatchInput, LossSpec, SamplingSpec, SessionConfig, TensorData
 
@@ -446,14 +447,14 @@ class Trainer:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD_BACKWARD, lambda: s.forward_backward(prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD_BACKWARD, PassOp(s, True, prepared, resolved, return_logprobs))
 
     def forward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
                 return_logprobs: bool = False) -> Op:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
         prepared = self._batch(s, batch, resolved)
-        return self._submit(s, OP_FORWARD, lambda: s.forward(prepared, resolved, return_logprobs))
+        return self._submit(s, OP_FORWARD, PassOp(s, False, prepared, resolved, return_logprobs))
 
     def forward_custom(self, tenant: str, session_id: str, batch: BatchInput) -> Op:
         s = self.get(tenant, session_id, active=True)

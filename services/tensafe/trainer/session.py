@@ -203,11 +203,15 @@ class TrainingSession:
         if not torch.isfinite(out.loss):
             raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
         (out.loss / self.settings.accumulation).backward()
+        return self.fb_result(out, len(batch.input_ids), return_logprobs)
+
+    def fb_result(self, out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
+        """A ForwardBackward's counters and result, once its gradient is in (alone or in a batched pass)."""
         self.micro_steps += 1
         self.tokens_since_update += out.num_tokens
         self.tokens_processed += out.num_tokens
         res = trainer_pb2.ForwardBackwardResult(loss=float(out.loss.detach()), metrics=out.metrics,
-                                                num_tokens=out.num_tokens, num_sequences=len(batch.input_ids))
+                                                num_tokens=out.num_tokens, num_sequences=rows)
         if return_logprobs:
             res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward_backward", res
@@ -224,21 +228,18 @@ class TrainingSession:
                               extra=batch.extra)
 
         outs = self._dp_parts()[1].per_sample_backward(run_model, loss)
-        merged = merge_rows(outs)
-        self.micro_steps += 1
-        self.tokens_since_update += merged.num_tokens
-        self.tokens_processed += merged.num_tokens
-        res = trainer_pb2.ForwardBackwardResult(loss=float(merged.loss), metrics=merged.metrics,
-                                                num_tokens=merged.num_tokens, num_sequences=len(batch.input_ids))
-        if return_logprobs:
-            res.logprobs.CopyFrom(to_proto(merged.token_logprobs.cpu().numpy().astype(np.float32)))
-        return "forward_backward", res
+        return self.fb_result(merge_rows(outs), len(batch.input_ids), return_logprobs)
 
     def forward(self, batch: PreparedBatch, loss: Loss, return_logprobs: bool) -> tuple[str, Any]:
         with torch.no_grad():
             out = self._loss_output(batch, loss, train=False)
+        return self.forward_result(out, len(batch.input_ids), return_logprobs)
+
+    @staticmethod
+    def forward_result(out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
+        """A Forward's result (alone or in a batched pass)."""
         res = trainer_pb2.ForwardResult(loss=float(out.loss), metrics=out.metrics, num_tokens=out.num_tokens,
-                                        num_sequences=len(batch.input_ids))
+                                        num_sequences=rows)
         if return_logprobs:
             res.logprobs.CopyFrom(to_proto(out.token_logprobs.cpu().numpy().astype(np.float32)))
         return "forward", res

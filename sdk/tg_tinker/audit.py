@@ -32,12 +32,14 @@ class AuditRecord:
     request_id: str
     trace_id: str
     details: dict[str, str] = field(default_factory=dict)
+    key_id: str = ""
+    leaf_hash: bytes = b""  # SHA-256(0x00 || canonical entry): what the inclusion proof proved
 
     @classmethod
-    def from_proto(cls, index: int, e: ledger_pb2.AuditEntry) -> AuditRecord:
+    def from_proto(cls, index: int, e: ledger_pb2.AuditEntry, leaf: bytes = b"") -> AuditRecord:
         return cls(index, e.time.ToNanoseconds() / 1e9, e.tenant_id, e.actor, e.service, e.action, e.resource_id,
                    ledger_pb2.AuditOutcome.Name(e.outcome).removeprefix("AUDIT_OUTCOME_").lower(), e.request_id,
-                   e.trace_id, dict(e.details))
+                   e.trace_id, dict(e.details), e.key_id, leaf)
 
 
 class AuditTrail:
@@ -80,7 +82,7 @@ class AuditTrail:
                 proof = self._t.unary("ledger", "GetInclusionProof", ledger_pb2.GetInclusionProofRequest(
                     leaf_index=item.index, tree_size=checkpoint.size))
                 self.verifier.verify_inclusion(leaf, item.index, list(proof.hashes), checkpoint)
-                out.append(AuditRecord.from_proto(item.index, item.entry))
+                out.append(AuditRecord.from_proto(item.index, item.entry, leaf))
             token = resp.next_page_token
             if not token:
                 break

@@ -16,6 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from tensafe.runtime.context import note_audit
 from tensafe.runtime.errors import AlreadyExists, DPBudgetExceeded, FailedPrecondition, InvalidArgument, NotFound
 
 from . import accounting
@@ -109,6 +110,9 @@ class Budgets:
                               target_epsilon=float(target_epsilon), target_delta=float(target_delta),
                               accountant=accountant, sample_rate=float(sample_rate), spent_epsilon=0.0, num_steps=0,
                               state=ACTIVE, version=0, created_at=now, updated_at=now)
+        note_audit(session_id=session_id, target_epsilon=repr(record.target_epsilon),
+                   target_delta=repr(record.target_delta), accountant=accountant,
+                   sample_rate=repr(record.sample_rate))
         try:
             self.store.insert_budget(record)
         except Exception:
@@ -159,6 +163,8 @@ class Budgets:
                 budget = self.get(tenant_id, budget_id)
                 existing = self.store.get_step(budget_id, step_id)
                 if existing is not None:
+                    note_audit(session_id=budget.session_id, step_id=step_id, duplicate="true",
+                               epsilon_after=repr(existing.epsilon_after))
                     return self._duplicate(existing, budget, noise_multiplier, sample_rate, n), budget, True
                 if budget.state == CLOSED:
                     raise FailedPrecondition(f"budget {budget_id} is closed: it takes no more steps",
@@ -169,6 +175,10 @@ class Budgets:
                                                              self.store.counts(budget_id).items()])
                 acct.compose(noise_multiplier, rate, n)
                 eps_after = acct.epsilon(budget.target_delta)
+                note_audit(session_id=budget.session_id, step_id=step_id, noise_multiplier=repr(noise_multiplier),
+                           sample_rate=repr(rate), num_steps=n, epsilon_before=repr(budget.spent_epsilon),
+                           epsilon_after=repr(eps_after), target_epsilon=repr(budget.target_epsilon),
+                           target_delta=repr(budget.target_delta))
                 if eps_after > budget.target_epsilon:
                     raise DPBudgetExceeded(
                         f"step {step_id!r} would bring epsilon to {eps_after:.6g} at delta {budget.target_delta:g}, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from .errors import Unauthenticated
@@ -24,6 +24,8 @@ class CallContext:
     # acting for tenant T is exactly as privileged as T (no escalation).
     api_key: str
     method: str
+    # Facts the service logic adds to this call's ledger entry (see :func:`note_audit`).
+    audit_details: dict[str, str] = field(default_factory=dict[str, str], compare=False, repr=False)
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("tensafe_call", default=None)
@@ -39,6 +41,16 @@ def current() -> CallContext:
 
 def current_tenant() -> str:
     return current().principal.tenant_id
+
+
+def note_audit(**details: object) -> None:
+    """Add facts to the ledger entry of the call being served (e.g. the DP settings of a budget, the
+    epsilon after a step, the key version of an artifact), so that evidence built from the verified
+    ledger alone can state them. Values become strings; the entry bounds them (``runtime.audit.LIMITS``).
+    Outside a call (worker threads, tests) it does nothing."""
+    ctx = _current.get()
+    if ctx is not None:
+        ctx.audit_details.update({k: str(v) for k, v in details.items()})
 
 
 # time.monotonic() by which the call being served must be answered; None: no deadline.

@@ -96,6 +96,7 @@ class Call:
     error_reason: str = ""
     admission: Admission | None = None  # when the capacity router saw the call
     edge_refused: bool = False   # refused by the pipeline's own checks (audited even on a read)
+    audit_details: dict[str, str] = field(default_factory=dict[str, str])  # context.note_audit, once admitted
 
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
@@ -266,7 +267,8 @@ class Auditing:
                 service=call.info.service, action=action, tenant_id="" if call.tenant == "-" else call.tenant,
                 key_id=call.key_id, outcome=outcome_for(code, call.error_reason), request_id=call.request_id,
                 resource=resource_id(response, request), digest=audit_digest(request),
-                details={"code": code.name, **({"reason": call.error_reason} if call.error_reason else {})}))
+                details={**call.audit_details, "code": code.name,
+                         **({"reason": call.error_reason} if call.error_reason else {})}))
         except Exception:  # never fail the user's call because of the audit trail
             log.exception("could not record the audit entry of %s", call.request_id)
 
@@ -321,6 +323,7 @@ class CallPipeline(grpc.ServerInterceptor):
 
     def _admit(self, call: Call) -> call_context.Binding:
         ctx = self.auth.admit(call)
+        call.audit_details = ctx.audit_details
         self.rate_limit.admit(call)
         if call.admission is not None and call.admission.service_marker:
             self.auth.verify_service_marker(call.admission.service_marker)

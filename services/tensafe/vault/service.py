@@ -12,6 +12,7 @@ from typing import Any
 
 from tensafe.api.common.v1 import common_pb2
 from tensafe.runtime import lineage as lineage_mac
+from tensafe.runtime.context import note_audit
 from tensafe.runtime.errors import IntegrityFailure, InvalidArgument, NotFound, PermissionDenied, TenantShredded
 from tg_tinker import errors as sdk_errors
 from tg_tinker.container import DEFAULT_SEGMENT_SIZE, FORMAT_VERSION, TAG_SIZE, ContainerReader, ContainerWriter
@@ -152,6 +153,9 @@ class Vault:
         except BaseException:
             self.blobs.delete(blob_key)
             raise
+        note_audit(kind=record.kind, session_id=record.session_id, cipher=ALGORITHM, kek_version=kek_version,
+                   format_version=FORMAT_VERSION, size_bytes=record.size_bytes,
+                   plaintext_sha256=record.plaintext_sha256.hex(), lineage_attested=str(lineage_json is not None))
         return record
 
     def _attested_lineage(self, tenant_id: str, header: ArtifactHeader, plaintext_sha256: bytes) -> str | None:
@@ -253,6 +257,7 @@ class Vault:
                 rewrapped[art_id] = (version, aead_wrap(new_kek, dek, dek_aad(tenant_id, art_id, new_version)))
             self.store.rotate(tenant_id, new_version, self.master.wrap(new_kek, kek_aad(tenant_id, new_version)),
                               rewrapped)
+        note_audit(kek_version_before=row.current_version, kek_version=new_version, rewrapped=len(rewrapped))
         return self.key_info(tenant_id), len(rewrapped)
 
     def shred(self, tenant_id: str, confirm_tenant_id: str) -> tuple[KekInfo, int]:
@@ -261,4 +266,5 @@ class Vault:
             raise InvalidArgument("confirm_tenant_id", "must equal your tenant id: shredding cannot be undone")
         with self._tenant_lock:
             count = self.store.shred(tenant_id, "kek_" + secrets.token_hex(8))
+        note_audit(artifacts_made_unreadable=count)
         return self.key_info(tenant_id), count

@@ -283,6 +283,69 @@ def test_bad_input_names_the_field(service, checkpoints, bundle) -> None:
     assert err.value.field == "config.rank"
 
 
+def test_compute_tokens_batches_tokens_and_layers_sharing_their_input(service, checkpoints, peft_model,
+                                                                      bundle) -> None:
+    """q_proj and v_proj of a block and several tokens in one ComputeTokens call per round: each token's
+    deltas equal PEFT's, each output is a fresh public-key encryption of its masks, round 2 runs once."""
+    from tensafe.api.he.v1 import he_pb2
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    inference = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["attn"],
+                                              layers=names)
+    x = np.random.default_rng(5).normal(0, 1, (3, 64))
+    deltas = inference.process_tokens(x)
+    stats = inference.last_stats
+    assert stats.rpcs == 2  # both rounds of all three tokens and both layers
+    # d = 64: the 16 rank rows fit one output; round 2 (q: 64 outputs, v: 32, in blocks of r = 8) one too.
+    assert stats.counts["encryptions"] + stats.counts["prepared_encryptions"] == 3 * 2
+    assert stats.counts["plaintext_multiplies"] == 3 * 2 and stats.counts["rotations"] == 0
+    for module in names:
+        for t in range(3):
+            want = peft_delta(peft_model["attn"], module, torch.tensor(x[t], dtype=torch.float32))
+            assert rel_err(deltas[module][t], want) < 1e-4, (module, t)
+    # A [batch, tokens, d] input keeps its shape; one token as [d].
+    x3 = x.reshape(3, 1, 64)
+    assert inference.process_tokens(x3)[names[1]].shape == (3, 1, 32)
+    assert inference.process_tokens(x[0])[names[0]].shape == (64,)
+
+    first = service.he.compute_tokens(he_pb2.ComputeTokensRequest(
+        adapter_id=inference.adapter.adapter_id, layers=["q_proj", "v_proj"],
+        ciphertexts=[bundle.encrypt_token(np.tile(x[0], 64)), bundle.encrypt_token(np.tile(x[1], 64))]))
+    assert [s.layer for s in first.spans] == names and first.block_size == 64
+    assert [(s.first_block, s.blocks) for s in first.spans] == [(0, 8), (8, 8)]
+    assert [(s.first_block, s.blocks) for s in first.round_two_spans] == [(0, 64), (64, 32)]
+    with pytest.raises(ValidationError) as err:  # one round-2 ciphertext per token of round 1
+        service.he.compute_tokens(he_pb2.ComputeTokensRequest(computation_id=first.computation_id,
+                                                              ciphertexts=[bundle.encrypt_token(np.zeros(8))]))
+    assert err.value.field == "ciphertexts"
+    second = he_pb2.ComputeTokensRequest(computation_id=first.computation_id,
+                                         ciphertexts=[bundle.encrypt_token(np.zeros(8))] * 2)
+    assert len(service.he.compute_tokens(second).tokens) == 2
+    with pytest.raises(ConflictError):
+        service.he.compute_tokens(second)
+    # Bad requests name their field, before any work.
+    adapter = inference.adapter.adapter_id
+    ok = bundle.encrypt_token(np.tile(x[0], 64))
+    cases = [
+        (he_pb2.ComputeTokensRequest(adapter_id=adapter), "ciphertexts"),
+        (he_pb2.ComputeTokensRequest(adapter_id=adapter, ciphertexts=[ok] * 65), "ciphertexts"),
+        (he_pb2.ComputeTokensRequest(adapter_id=adapter, ciphertexts=[ok, b"junk"]), "ciphertexts[1]"),
+        (he_pb2.ComputeTokensRequest(adapter_id=adapter, layers=["k_proj"], ciphertexts=[ok]), "layers"),
+        (he_pb2.ComputeTokensRequest(computation_id=first.computation_id.replace("hec_", "hed_"),
+                                     ciphertexts=[ok]), None),  # NOT_FOUND
+    ]
+    for request, field in cases:
+        with pytest.raises((ValidationError, NotFoundError)) as err:
+            service.he.compute_tokens(request)
+        assert getattr(err.value, "field", None) == field, (field, err.value)
+    mlp = create_private_inference_mode(key_bundle=bundle, client=service, adapter=checkpoints["mlp"])
+    with pytest.raises(ValidationError) as err:  # gate_proj reads 64 features, down_proj 128: not one input
+        service.he.compute_tokens(he_pb2.ComputeTokensRequest(
+            adapter_id=mlp.adapter.adapter_id, layers=["layers.0.mlp.gate_proj", "layers.0.mlp.down_proj"],
+            ciphertexts=[ok]))
+    assert err.value.field == "layers"
+
+
 def test_examples_run_against_tensafe_up(trainer_stack, tmp_path) -> None:
     import subprocess
     import sys

@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from ._transport import Transport
     from .he.keys import HEKeyBundle
 
-# Prompts up to this many tokens go through the he service token by token (see _hook).
-PER_TOKEN_UP_TO = 16
-
-
 class _Halt(Exception):
     pass
 
@@ -59,6 +55,8 @@ class _CausalLM(Protocol):
 
     def get_submodule(self, target: str) -> torch.nn.Module: ...
 
+    def __call__(self, **kwargs: Any) -> object: ...
+
     def generate(self, **kwargs: Any) -> object: ...
 
 
@@ -80,6 +78,33 @@ def _check(sp: common_pb2.SamplingParams) -> None:
         check_sampling(sp)
     except SamplingParamError as err:
         raise ValidationError(str(err), field=err.field, code="INVALID_ARGUMENT") from None
+
+
+def _shared_inputs(model: _CausalLM, modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, ...]]:
+    """Which of ``modules`` read the very same input tensor (q_proj, k_proj and v_proj of a Llama block
+    do), from one forward pass of the base model on one token: name -> its group, in call order."""
+    import torch
+
+    seen: list[tuple[torch.Tensor, str]] = []
+
+    def record(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        return lambda _module, inputs: seen.append((inputs[0], name))
+
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for x, name in seen:
+        group = next((g for g in groups if g[0] is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group[1]:
+            group[1].append(name)
+    return {name: tuple(names) for _, names in groups for name in names}
 
 
 class TwoPlaneGenerator:
@@ -118,27 +143,34 @@ class TwoPlaneGenerator:
         self.he = inference.he
         self.he_adapter_id = inference.adapter.adapter_id
         self.lock = threading.Lock()
-        self._hooks: list[RemovableHandle] = []
+        modules: dict[str, torch.nn.Module] = {}
         for layer in inference.layers:
             try:
-                module = self.model.get_submodule(layer.name)
+                modules[layer.name] = self.model.get_submodule(layer.name)
             except AttributeError:
                 raise ValidationError(f"the base model at {base_model_path} has no module {layer.name} of the adapter",
                                       field="base_model_ref", code="INVALID_ARGUMENT") from None
-            self._hooks.append(module.register_forward_hook(self._hook(layer.name)))
+        self.groups = _shared_inputs(self.model, modules)
+        # A group's deltas computed at its first layer's hook wait here for the others: name -> (input, delta).
+        self._ready: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks: list[RemovableHandle] = [module.register_forward_hook(self._hook(name))
+                                              for name, module in modules.items()]
 
     def _hook(self, name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
         def add_delta(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
-            if x.dim() == 3 and x.shape[0] == 1 and 1 < x.shape[1] <= PER_TOKEN_UP_TO:
-                # A short prompt: one-token (replicated) packing per token, two small rounds each, costs less
-                # than column packing, which encrypts one ciphertext per input dimension whatever the length.
-                import torch
-
-                delta = torch.cat([self.runtime.forward(x[:, t:t + 1], layer=name)
-                                   for t in range(x.shape[1])], 1)
+            ready = self._ready.pop(name, None)
+            if ready is not None and ready[0] is x:  # computed with the group's first layer, on this very input
+                delta = ready[1]
             else:
-                delta = self.runtime.forward(x, layer=name)
+                # The layers reading this input (q_proj and v_proj of a block) in one call per round, all
+                # the tokens of x together; the others' deltas wait for their hooks.
+                group = self.groups.get(name, (name,))
+                deltas = self.runtime.forward_group(x, group)
+                for other in group:
+                    if other != name:
+                        self._ready[other] = (x, deltas[other])
+                delta = deltas[name]
             return output + delta.to(output.dtype)
 
         return add_delta
@@ -211,6 +243,8 @@ class TwoPlaneGenerator:
                                                 **kwargs)
                         except _Halt:
                             pass
+                        finally:
+                            self._ready.clear()  # nothing of one sequence's pass is used in another's
                         if cancelled.is_set():
                             return
                         out.put(seq.finish())

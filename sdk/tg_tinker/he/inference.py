@@ -34,6 +34,9 @@ _CHUNK_BYTES = 8 << 20
 _COUNT_FIELDS = ("plaintext_multiplies", "additions", "rotations", "rescales", "encryptions",
                  "prepared_encryptions")
 _TIMING_FIELDS = ("deserialize_ms", "compute_ms", "serialize_ms", "total_ms", "load_ms")
+# ComputeTokens: tokens per call (the he service's limits: 64 tokens, 256 tokens x layers).
+MAX_TOKENS_PER_CALL = 16
+MAX_TOKEN_LAYERS = 256
 
 
 @dataclass
@@ -47,6 +50,25 @@ class CallStats:
     request_bytes: int = 0
     response_bytes: int = 0
     wall_ms: float = 0.0
+    rpc_ms: float = 0.0          # waiting for the he service (its server_ms["total_ms"] and the transport)
+    encrypt_ms: float = 0.0      # here, by the key holder
+    decrypt_ms: float = 0.0
+
+    def merge(self, other: CallStats) -> None:
+        """Add ``other`` (another call's stats) to these."""
+        for name in _COUNT_FIELDS:
+            self.counts[name] += other.counts[name]
+        self.counts["multiplicative_depth"] = max(self.counts["multiplicative_depth"],
+                                                  other.counts["multiplicative_depth"])
+        for name in _TIMING_FIELDS:
+            self.server_ms[name] += other.server_ms[name]
+        self.rpcs += other.rpcs
+        self.request_bytes += other.request_bytes
+        self.response_bytes += other.response_bytes
+        self.wall_ms += other.wall_ms
+        self.rpc_ms += other.rpc_ms
+        self.encrypt_ms += other.encrypt_ms
+        self.decrypt_ms += other.decrypt_ms
 
     def add(self, counts: Any, timings: Any, request: Any, response: Any) -> None:
         for name in _COUNT_FIELDS:
@@ -164,10 +186,14 @@ class PrivateInference:
         self.he = he
         self.adapter = adapter
         self.last_stats: CallStats | None = None
+        self.total_stats = CallStats()      # every call's, summed (bench/bench_inference.py reads them)
 
     @property
     def layers(self) -> tuple[HELayerInfo, ...]:
         return self.adapter.layers
+
+    def layers_named(self, names: Sequence[str]) -> list[HELayerInfo]:
+        return [self.adapter.layer(n) for n in names]
 
     def _layers(self, layers: list[str] | None) -> list[HELayerInfo]:
         chosen = [self.adapter.layer(n) for n in layers] if layers else list(self.adapter.layers)
@@ -251,8 +277,90 @@ class PrivateInference:
                     out[name].append((tokens, cts_out, 0))
         stats.wall_ms = (time.perf_counter() - t0) * 1e3
         self.last_stats = stats
+        self.total_stats.merge(stats)
         return EncryptedOutput(encrypted.packing, encrypted.shape, out, {ly.name: ly.out_features for ly in chosen},
                                stats)
+
+    def process_tokens(self, hidden_states: Any, layers: list[str] | None = None) -> dict[str, NDArray[np.float64]]:
+        """The deltas of ``layers`` (default all; they must share their input size) for each token of
+        ``hidden_states`` ([d], [tokens, d] or [batch, tokens, d]): every token and every layer in one
+        ComputeTokens call per round (at most MAX_TOKENS_PER_CALL tokens a call). Returns layer name ->
+        array [..., d_out], float64. The single-token protocol, batched: encrypted here, blinded
+        projections summed and re-encrypted here, deltas decrypted here."""
+        chosen = self._layers(layers)
+        flat = (hidden_states.dim() if hasattr(hidden_states, "dim") else np.ndim(hidden_states)) == 1
+        x, shape = _as_matrix(hidden_states)
+        d = chosen[0].in_features
+        if x.shape[1] != d:
+            raise ValidationError(f"the input has {x.shape[1]} features; the layers take {d}", field="hidden_states",
+                                  code="INVALID_ARGUMENT")
+        if d > self.bundle.slot_count:
+            raise ValidationError(f"d = {d} exceeds the {self.bundle.slot_count} slots of the context; use column "
+                                  "packing or a larger poly_modulus_degree", field="hidden_states",
+                                  code="INVALID_ARGUMENT")
+        stats = CallStats()
+        t0 = time.perf_counter()
+        per_call = max(1, min(MAX_TOKENS_PER_CALL, MAX_TOKEN_LAYERS // len(chosen)))
+        parts = [self._tokens(chosen, x[i:i + per_call], stats) for i in range(0, x.shape[0], per_call)]
+        stats.wall_ms = (time.perf_counter() - t0) * 1e3
+        self.last_stats = stats
+        self.total_stats.merge(stats)
+        out: dict[str, NDArray[np.float64]] = {}
+        for ly in chosen:
+            delta = np.concatenate([p[ly.name] for p in parts], axis=0)
+            out[ly.name] = delta[0] if flat else delta.reshape(*shape[:-1], ly.out_features)
+        return out
+
+    def _rpc(self, method: Any, request: Any, stats: CallStats) -> Any:
+        t0 = time.perf_counter()
+        response = method(request)
+        stats.rpc_ms += (time.perf_counter() - t0) * 1e3
+        stats.add(response.counts, response.timings, request, response)
+        return response
+
+    def _tokens(self, layers: list[HELayerInfo], x: NDArray[np.float64], stats: CallStats
+                ) -> dict[str, NDArray[np.float64]]:
+        from tensafe.api.he.v1 import he_pb2
+
+        slots, d = self.bundle.slot_count, x.shape[1]
+        t0 = time.perf_counter()
+        cts = [self.bundle.encrypt_token(np.tile(row, slots // d)) for row in x]
+        stats.encrypt_ms += (time.perf_counter() - t0) * 1e3
+        first = self._rpc(self.he.compute_tokens, he_pb2.ComputeTokensRequest(
+            adapter_id=self.adapter.adapter_id, layers=[ly.name for ly in layers], ciphertexts=cts), stats)
+        if len(first.tokens) != len(cts) or len(first.round_two_spans) != len(layers):
+            raise ValidationError("the he service answered for other tokens or layers", field="ciphertexts",
+                                  code="INTERNAL")
+        block2 = first.round_two_block_size
+        per2 = slots // block2
+        second = he_pb2.ComputeTokensRequest(computation_id=first.computation_id)
+        for token in first.tokens:
+            t1 = time.perf_counter()
+            sums = np.concatenate([self._decrypt_blocks(c, first.block_size) for c in token.ciphertexts])
+            stats.decrypt_ms += (time.perf_counter() - t1) * 1e3
+            # The key holder's step: each layer's blinded projections, into its blocks of round 2's input.
+            values = np.zeros((per2, block2))
+            for span, two in zip(first.spans, first.round_two_spans, strict=True):
+                values[two.first_block:two.first_block + two.blocks, :span.blocks] = \
+                    sums[span.first_block:span.first_block + span.blocks]
+            t1 = time.perf_counter()
+            second.ciphertexts.append(self.bundle.encrypt_token(values.ravel()))
+            stats.encrypt_ms += (time.perf_counter() - t1) * 1e3
+        final = self._rpc(self.he.compute_tokens, second, stats)
+        spans = {span.layer: span for span in final.spans}
+        if len(final.tokens) != len(cts) or set(spans) != {ly.name for ly in layers}:
+            raise ValidationError("the he service answered for other tokens or layers", field="ciphertexts",
+                                  code="INTERNAL")
+        t0 = time.perf_counter()
+        out: dict[str, list[NDArray[np.float64]]] = {ly.name: [] for ly in layers}
+        for token in final.tokens:
+            sums = np.stack([self._decrypt_blocks(c, final.block_size) for c in token.ciphertexts])  # [P, per2]
+            for ly in layers:
+                span = spans[ly.name]
+                rows = sums[:, span.first_block:span.first_block + span.blocks].reshape(-1)
+                out[ly.name].append(rows[:ly.out_features])
+        stats.decrypt_ms += (time.perf_counter() - t0) * 1e3
+        return {name: np.stack(rows) for name, rows in out.items()}
 
     def _replicated(self, layers: list[HELayerInfo], cts: Sequence[bytes], stats: CallStats
                     ) -> dict[str, tuple[list[bytes], int]]:
@@ -378,14 +486,50 @@ class EncryptedLoRARuntime:
         info = self.inference.adapter.layer(layer)
         enc = self.inference.encrypt_input(hidden_states)
         out = self.inference.process(enc, layers=[info.name])
-        delta = self.inference.decrypt_output(out)[info.name]
-        if hasattr(hidden_states, "detach"):
-            import torch
-
-            return torch.as_tensor(delta, dtype=hidden_states.dtype, device=hidden_states.device)
-        return delta
+        return _like(self.inference.decrypt_output(out)[info.name], hidden_states)
 
     __call__ = forward
+
+    def forward_group(self, hidden_states: Any, layers: Sequence[str]) -> dict[str, Any]:
+        """The deltas of several encrypted ``layers`` that share their input (q_proj and v_proj of one
+        block) for ``hidden_states`` of shape [tokens, d] or [batch, tokens, d], computed together: up to
+        ``replicated_up_to(...)`` tokens with the single-token protocol batched (one ComputeTokens call
+        per round for all tokens and layers), more with column packing. Layer name -> delta, shaped and
+        typed as :meth:`forward`'s."""
+        names = [self.inference.adapter.layer(n).name for n in layers]
+        x, _ = _as_matrix(hidden_states)
+        if x.shape[0] <= replicated_up_to(self.inference.layers_named(names), self.inference.bundle.slot_count):
+            deltas = self.inference.process_tokens(hidden_states, layers=names)
+        else:
+            out = self.inference.process(self.inference.encrypt_input(hidden_states, packing="column"), layers=names)
+            deltas = self.inference.decrypt_output(out)
+        return {n: _like(d, hidden_states) for n, d in deltas.items()}
+
+
+def _like(delta: NDArray[np.float64], hidden_states: Any) -> Any:
+    """A torch tensor of the input's dtype and device for a torch input, else the float64 array."""
+    if hasattr(hidden_states, "detach"):
+        import torch
+
+        return torch.as_tensor(delta, dtype=hidden_states.dtype, device=hidden_states.device)
+    return delta
+
+
+def replicated_up_to(layers: Sequence[HELayerInfo], slots: int) -> int:
+    """Up to how many tokens the batched single-token protocol costs less than column packing for these
+    layers (sharing their input). Counted in ciphertexts made or taken apart, the dominant costs: per
+    token one input and one round-2 encryption here plus the output ciphertexts of both rounds (each a
+    fresh public-key encryption of masks there, a decryption here); column packing encrypts one
+    ciphertext per input dimension and returns one per output dimension, whatever the tokens (up to
+    N/2). 0 when one token's input does not fit the slots."""
+    d = layers[0].in_features
+    if d > slots:
+        return 0
+    rows = sum(ly.rank for ly in layers)
+    block2 = max(ly.rank for ly in layers)
+    per_token = 2 + -(-rows // (slots // d)) + -(-sum(ly.out_features for ly in layers) // (slots // block2))
+    column = d + sum(ly.out_features for ly in layers)
+    return max(1, column // per_token)
 
 
 def create_encrypted_runtime(config: AdapterEncryptionConfig, key_bundle: HEKeyBundle, *,

@@ -153,3 +153,6 @@ class HeClient:
 
     def compute_delta(self, request: Any) -> Any:
         return self._call("ComputeDelta", request, timeout=600)
+
+    def compute_tokens(self, request: Any) -> Any:
+        return self._call("ComputeTokens", request, timeout=600)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tensafe.runtime.errors import InvalidArgument, NotFound, QuotaExceeded
 
-from .compute import ColumnProjection, Counts, LoraLayer, Timer, TokenBlinding
+from .compute import ColumnProjection, Counts, GroupBlinding, GroupLayout, LoraLayer, Timer, TokenBlinding
 
 COMPUTATION_TTL_S = 600.0
 
@@ -26,7 +26,7 @@ class Computation:
     tenant_id: str
     adapter_id: str
     layers: list[str]
-    packing: str                                 # "column" or "replicated"
+    packing: str                                 # "column", "replicated" or "tokens" (ComputeTokens)
     num_tokens: int
     expires: float
     in_features: int
@@ -36,11 +36,13 @@ class Computation:
     read_to: dict[str, int] = field(default_factory=dict)   # column: output ciphertexts read, per layer
     projections: dict[str, ColumnProjection] = field(default_factory=dict)
     blindings: dict[str, TokenBlinding] = field(default_factory=dict)
+    layout: GroupLayout | None = None                        # tokens: the layers' layout
+    token_blindings: list[GroupBlinding] = field(default_factory=list)  # tokens: one per token until round 2
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def complete(self) -> bool:
-        return self.packing == "replicated" or self.received == self.in_features
+        return self.packing != "column" or self.received == self.in_features
 
     @property
     def finished(self) -> bool:
@@ -48,6 +50,8 @@ class Computation:
         (once at least). Finished computations give way to new ones under the tenant's quota."""
         if self.packing == "replicated":
             return not self.blindings
+        if self.packing == "tokens":
+            return not self.token_blindings
         return self.complete and all(self.read_to.get(n, 0) >= p.layer.out_features
                                      for n, p in self.projections.items())
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import compute
-from .compute import Counts, LoraLayer, SealEngine, TokenBlinding
+from .compute import Counts, GroupBlinding, GroupLayout, LoraLayer, SealEngine, TokenBlinding
 from .masks import MaskPool
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,26 @@ class Activity:
                 self._cond.wait(timeout=max(until - now, 0) + 1e-3)
 
 
+Blinding = TokenBlinding | GroupBlinding
+
+
 @dataclass
 class _Entry:
     pool_key: tuple
     engine: SealEngine
     engine_args: tuple[bytes, bytes, float]
-    layer: LoraLayer
-    ready: deque[TokenBlinding] = field(default_factory=deque)
+    needs: tuple[tuple[int, str, int], ...]           # (block, kind, count) of the masks one blinding takes
+    make: Callable[[compute.MaskSource, Callable[[], None]], Blinding]
+    name: str
+    ready: deque[Blinding] = field(default_factory=deque)
 
 
 class Preparer:
     def __init__(self, masks: MaskPool, activity: Activity) -> None:
         self.masks = masks
         self.activity = activity
-        self._entries: dict[tuple[str, str], _Entry] = {}   # (adapter id, layer) -> its ready blindings
+        # (adapter id, layer name or a group's names) -> its ready blindings
+        self._entries: dict[tuple[str, str | tuple[str, ...]], _Entry] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -103,17 +109,46 @@ class Preparer:
     def want(self, adapter_id: str, pool_key: tuple, engine: SealEngine, engine_args: tuple[bytes, bytes, float],
              layer: LoraLayer) -> None:
         """Keep blindings of ``layer`` ready (up to READY_PER_LAYER, within MAX_BYTES in all)."""
+        slots = engine.slots
+        needs = ((layer.in_features, compute.BLIND, compute.ciphertexts_needed(layer.rank, layer.in_features, slots)),
+                 (layer.rank, compute.ZERO, compute.ciphertexts_needed(layer.out_features, layer.rank, slots)))
+
+        def make(source: compute.MaskSource, pause: Callable[[], None]) -> Blinding:
+            return compute.prepare_token(engine, layer, source, Counts(), pause=pause)
+
+        self._want((adapter_id, layer.name), _Entry(pool_key, engine, engine_args, needs, make, layer.name))
+
+    def want_group(self, adapter_id: str, pool_key: tuple, engine: SealEngine,
+                   engine_args: tuple[bytes, bytes, float], layout: GroupLayout) -> None:
+        """Keep one-token blindings of ``layout``'s layers together (ComputeTokens) ready; its layers'
+        own entries, and any other group holding one of them, give way (a client calling them as a group
+        takes no single-layer blinding)."""
+        needs = ((layout.block, compute.BLIND, layout.first), (layout.block2, compute.ZERO, layout.second))
+
+        def make(source: compute.MaskSource, pause: Callable[[], None]) -> Blinding:
+            return compute.prepare_group(engine, layout, source, Counts(), pause=pause)
+
+        names = set(layout.names)
+        with self._cond:
+            # A layer is prepared in one entry at most: so an adapter has no more entries than layers.
+            for key in [k for k in self._entries if k[0] == adapter_id and k[1] != layout.names
+                        and names.intersection((k[1],) if isinstance(k[1], str) else k[1])]:
+                self.bytes -= sum(b.nbytes for b in self._entries.pop(key).ready)
+        self._want((adapter_id, layout.names), _Entry(pool_key, engine, engine_args, needs, make,
+                                                      "+".join(layout.names)))
+
+    def _want(self, key: tuple, entry: _Entry) -> None:
         with self._cond:
             if self._closed:
                 return
-            if (adapter_id, layer.name) not in self._entries:
-                self._entries[(adapter_id, layer.name)] = _Entry(pool_key, engine, engine_args, layer)
+            if key not in self._entries:
+                self._entries[key] = entry
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="he-prepare")
                 self._thread.start()
             self._cond.notify_all()
 
-    def take(self, adapter_id: str, layer: str) -> TokenBlinding | None:
+    def take(self, adapter_id: str, layer: str | tuple[str, ...]) -> Blinding | None:
         with self._cond:
             entry = self._entries.get((adapter_id, layer))
             if entry is None or not entry.ready:
@@ -123,7 +158,12 @@ class Preparer:
             self._cond.notify_all()
             return blinding
 
-    def ready(self, adapter_id: str, layer: str) -> int:
+    def groups(self, adapter_id: str) -> int:
+        """How many groups of layers (want_group) of the adapter are kept ready."""
+        with self._cond:
+            return sum(1 for k in self._entries if k[0] == adapter_id and isinstance(k[1], tuple))
+
+    def ready(self, adapter_id: str, layer: str | tuple[str, ...]) -> int:
         with self._cond:
             entry = self._entries.get((adapter_id, layer))
             return len(entry.ready) if entry else 0
@@ -151,11 +191,7 @@ class Preparer:
                 continue
             waiting = True
             if best is None or len(entry.ready) < len(best.ready):
-                layer, slots = entry.layer, entry.engine.slots
-                first = compute.ciphertexts_needed(layer.rank, layer.in_features, slots)
-                second = compute.ciphertexts_needed(layer.out_features, layer.rank, slots)
-                if (self.masks.ready(entry.pool_key, layer.in_features, compute.BLIND) >= first
-                        and self.masks.ready(entry.pool_key, layer.rank, compute.ZERO) >= second):
+                if all(self.masks.ready(entry.pool_key, block, kind) >= count for block, kind, count in entry.needs):
                     best = entry
         return best, waiting
 
@@ -176,10 +212,9 @@ class Preparer:
                     continue
             try:
                 self.activity.wait_idle()
-                blinding = compute.prepare_token(entry.engine, entry.layer, self._source(entry), Counts(),
-                                                 pause=self.activity.wait_idle)
+                blinding = entry.make(self._source(entry), self.activity.wait_idle)
             except Exception:  # a request prepares its own blinding instead
-                log.exception("he: preparing a single-token blinding for %s failed", entry.layer.name)
+                log.exception("he: preparing a single-token blinding for %s failed", entry.name)
                 with self._cond:
                     self._entries = {k: e for k, e in self._entries.items() if e is not entry}
                 continue

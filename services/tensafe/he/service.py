@@ -19,6 +19,7 @@ from tensafe.runtime.errors import InvalidArgument
 from tg_tinker.he.params import HESchemeParams
 
 from .adapter_cache import Adapters, HeLimits, ReadArtifact
+from .batch import BatchProtocol, TokensResult
 from .column import ColumnProtocol
 from .compute import Counts, LoraLayer
 from .contexts import MAX_CONTEXT_BYTES, Contexts, check_params, inspect_context
@@ -47,6 +48,8 @@ class HeService:
         self.column = ColumnProtocol(self.contexts, self.adapters, self.pending, self.response_budget)
         self.token = TokenProtocol(self.contexts, self.adapters, self.pending, self.masks, self.activity,
                                    self.preparer)
+        self.batch = BatchProtocol(self.contexts, self.adapters, self.pending, self.masks, self.activity,
+                                   self.preparer, self.response_budget)
 
     def close(self) -> None:
         self.preparer.close()
@@ -115,6 +118,10 @@ class HeService:
             raise InvalidArgument("packing", "must be PACKING_COLUMN or PACKING_REPLICATED")
         return self.token.compute(tenant, adapter_id, layers, data, num_tokens, computation_id, layer_inputs)
 
+    def compute_tokens(self, tenant: str, adapter_id: str, layers: list[str], data: list[bytes],
+                       computation_id: str) -> TokensResult:
+        return self.batch.compute(tenant, adapter_id, layers, data, computation_id)
+
 
 __all__ = ["COMPUTATION_TTL_S", "MAX_CONTEXT_BYTES", "ComputeResult", "DeltaResult", "HeLimits", "HeService",
-           "check_params", "inspect_context"]
+           "TokensResult", "check_params", "inspect_context"]

@@ -13,7 +13,7 @@ from tensafe.runtime.pagination import page_request
 from tensafe.runtime.registry import ServiceEnvironment
 
 from .compute import Counts
-from .service import ComputeResult, HeLimits, HeService, check_params
+from .service import ComputeResult, HeLimits, HeService, TokensResult, check_params
 from .store import AdapterRecord, ContextRecord, HeStore
 
 _PACKINGS = {he_pb2.PACKING_COLUMN: "column", he_pb2.PACKING_REPLICATED: "replicated"}
@@ -124,6 +124,30 @@ class HeServicer(he_pb2_grpc.HeServiceServicer):
         for d in result.deltas:
             resp.deltas.add(layer=d.layer, ciphertexts=d.ciphertexts, counts=counts_proto(d.counts),
                             block_size=d.block_size, output_offset=d.output_offset, round=d.round)
+        return resp
+
+    def ComputeTokens(self, request: he_pb2.ComputeTokensRequest,
+                      ctx: grpc.ServicerContext) -> he_pb2.ComputeTokensResponse:
+        result: TokensResult = self.service.compute_tokens(
+            context.current_tenant(), request.adapter_id, list(request.layers), list(request.ciphertexts),
+            request.computation_id)
+        lay = result.layout
+        resp = he_pb2.ComputeTokensResponse(computation_id=result.computation_id, round=result.round,
+                                            counts=counts_proto(result.counts),
+                                            timings=he_pb2.ComputeTimings(**result.timings))
+        two = [he_pb2.TokenLayerSpan(layer=ly.name, first_block=start, blocks=span)
+               for ly, start, span in zip(lay.layers, lay.starts, lay.spans, strict=True)]
+        if result.round == 1:
+            resp.block_size, resp.blocks_per_ciphertext = lay.block, lay.per
+            resp.spans.extend(he_pb2.TokenLayerSpan(layer=ly.name, first_block=row, blocks=ly.rank)
+                              for ly, row in zip(lay.layers, lay.rows, strict=True))
+            resp.round_two_block_size = lay.block2
+            resp.round_two_spans.extend(two)
+        else:
+            resp.block_size, resp.blocks_per_ciphertext = lay.block2, lay.per2
+            resp.spans.extend(two)
+        for cts in result.tokens:
+            resp.tokens.add(ciphertexts=cts)
         return resp
 
 

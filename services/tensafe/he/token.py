@@ -82,7 +82,7 @@ class TokenProtocol:
             counts = Counts()
             t0 = time.perf_counter()
             blinding = self.preparer.take(adapter_id, name)
-            if blinding is not None:
+            if isinstance(blinding, compute.TokenBlinding):
                 counts.prepared_encryptions += len(blinding.first_masks)
             else:
                 blinding = compute.prepare_token(loaded.token, weights[name], self._mask_source(loaded), counts)

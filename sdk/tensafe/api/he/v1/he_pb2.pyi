@@ -321,3 +321,55 @@ class ComputeDeltaResponse(_message.Message):
     timings: ComputeTimings
     computation_id: str
     def __init__(self, deltas: _Optional[_Iterable[_Union[LayerDelta, _Mapping]]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., timings: _Optional[_Union[ComputeTimings, _Mapping]] = ..., computation_id: _Optional[str] = ...) -> None: ...
+
+class ComputeTokensRequest(_message.Message):
+    __slots__ = ("adapter_id", "layers", "ciphertexts", "computation_id")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    computation_id: str
+    def __init__(self, adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., computation_id: _Optional[str] = ...) -> None: ...
+
+class TokenLayerSpan(_message.Message):
+    __slots__ = ("layer", "first_block", "blocks")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    first_block: int
+    blocks: int
+    def __init__(self, layer: _Optional[str] = ..., first_block: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
+
+class TokenCiphertexts(_message.Message):
+    __slots__ = ("ciphertexts",)
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ComputeTokensResponse(_message.Message):
+    __slots__ = ("computation_id", "round", "block_size", "blocks_per_ciphertext", "spans", "round_two_block_size", "round_two_spans", "tokens", "counts", "timings")
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PER_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TWO_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TWO_SPANS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    round: int
+    block_size: int
+    blocks_per_ciphertext: int
+    spans: _containers.RepeatedCompositeFieldContainer[TokenLayerSpan]
+    round_two_block_size: int
+    round_two_spans: _containers.RepeatedCompositeFieldContainer[TokenLayerSpan]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenCiphertexts]
+    counts: OperationCounts
+    timings: ComputeTimings
+    def __init__(self, computation_id: _Optional[str] = ..., round: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks_per_ciphertext: _Optional[int] = ..., spans: _Optional[_Iterable[_Union[TokenLayerSpan, _Mapping]]] = ..., round_two_block_size: _Optional[int] = ..., round_two_spans: _Optional[_Iterable[_Union[TokenLayerSpan, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[TokenCiphertexts, _Mapping]]] = ..., counts: _Optional[_Union[OperationCounts, _Mapping]] = ..., timings: _Optional[_Union[ComputeTimings, _Mapping]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class HeServiceStub:
                 request_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaRequest.SerializeToString,
                 response_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaResponse.FromString,
                 _registered_method=True)
+        self.ComputeTokens = channel.unary_unary(
+                '/tensafe.api.he.v1.HeService/ComputeTokens',
+                request_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensRequest.SerializeToString,
+                response_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensResponse.FromString,
+                _registered_method=True)
 
 
 class HeServiceServicer:
@@ -166,6 +171,24 @@ class HeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeTokens(self, request, context):
+        """The single-token protocol batched: several tokens (one per sequence, or
+        a short prompt's) through several layers that share their input (e.g.
+        q_proj and v_proj of one block), one call per round. Round 1 (no
+        computation_id): one ciphertext of x per token; per token, masked
+        products whose block sums are every layer's blinded rank projections
+        (layout in spans). Round 2 (computation_id): per token one ciphertext
+        holding all the layers' blinded projections, laid out as round 1's
+        round_two_spans say; per token, masked products whose block sums are
+        every layer's delta. Every token and layer has its own fresh rotation,
+        blinding and masks, each output a fresh public-key encryption of its
+        masks. Round 2 runs once per computation: a repeat is
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +241,11 @@ def add_HeServiceServicer_to_server(servicer, server):
                     servicer.ComputeDelta,
                     request_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaRequest.FromString,
                     response_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaResponse.SerializeToString,
+            ),
+            'ComputeTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeTokens,
+                    request_deserializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensRequest.FromString,
+                    response_serializer=tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +519,33 @@ class HeService:
             '/tensafe.api.he.v1.HeService/ComputeDelta',
             tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaRequest.SerializeToString,
             tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeDeltaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensafe.api.he.v1.HeService/ComputeTokens',
+            tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensRequest.SerializeToString,
+            tensafe_dot_api_dot_he_dot_v1_dot_he__pb2.ComputeTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,20 @@ class HeServiceStub:
     token's round 2 runs once per computation and layer (its masks are fixed
     by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
     """
+    ComputeTokens: _grpc.UnaryUnaryMultiCallable[_he_pb2.ComputeTokensRequest, _he_pb2.ComputeTokensResponse]
+    """The single-token protocol batched: several tokens (one per sequence, or
+    a short prompt's) through several layers that share their input (e.g.
+    q_proj and v_proj of one block), one call per round. Round 1 (no
+    computation_id): one ciphertext of x per token; per token, masked
+    products whose block sums are every layer's blinded rank projections
+    (layout in spans). Round 2 (computation_id): per token one ciphertext
+    holding all the layers' blinded projections, laid out as round 1's
+    round_two_spans say; per token, masked products whose block sums are
+    every layer's delta. Every token and layer has its own fresh rotation,
+    blinding and masks, each output a fresh public-key encryption of its
+    masks. Round 2 runs once per computation: a repeat is
+    FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class HeServiceAsyncStub(HeServiceStub):
@@ -101,6 +115,20 @@ class HeServiceAsyncStub(HeServiceStub):
     pure function of the request and pending state (safe to retry). A single
     token's round 2 runs once per computation and layer (its masks are fixed
     by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
+    """
+    ComputeTokens: _aio.UnaryUnaryMultiCallable[_he_pb2.ComputeTokensRequest, _he_pb2.ComputeTokensResponse]  # type: ignore[assignment]
+    """The single-token protocol batched: several tokens (one per sequence, or
+    a short prompt's) through several layers that share their input (e.g.
+    q_proj and v_proj of one block), one call per round. Round 1 (no
+    computation_id): one ciphertext of x per token; per token, masked
+    products whose block sums are every layer's blinded rank projections
+    (layout in spans). Round 2 (computation_id): per token one ciphertext
+    holding all the layers' blinded projections, laid out as round 1's
+    round_two_spans say; per token, masked products whose block sums are
+    every layer's delta. Every token and layer has its own fresh rotation,
+    blinding and masks, each output a fresh public-key encryption of its
+    masks. Round 2 runs once per computation: a repeat is
+    FAILED_PRECONDITION.
     """
 
 class HeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -193,6 +221,26 @@ class HeServiceServicer(metaclass=_abc_1.ABCMeta):
         pure function of the request and pending state (safe to retry). A single
         token's round 2 runs once per computation and layer (its masks are fixed
         by round 1): a repeat is FAILED_PRECONDITION; start again from round 1.
+        """
+
+    @_abc_1.abstractmethod
+    def ComputeTokens(
+        self,
+        request: _he_pb2.ComputeTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_he_pb2.ComputeTokensResponse, _abc.Awaitable[_he_pb2.ComputeTokensResponse]]:
+        """The single-token protocol batched: several tokens (one per sequence, or
+        a short prompt's) through several layers that share their input (e.g.
+        q_proj and v_proj of one block), one call per round. Round 1 (no
+        computation_id): one ciphertext of x per token; per token, masked
+        products whose block sums are every layer's blinded rank projections
+        (layout in spans). Round 2 (computation_id): per token one ciphertext
+        holding all the layers' blinded projections, laid out as round 1's
+        round_two_spans say; per token, masked products whose block sums are
+        every layer's delta. Every token and layer has its own fresh rotation,
+        blinding and masks, each output a fresh public-key encryption of its
+        masks. Round 2 runs once per computation: a repeat is
+        FAILED_PRECONDITION.
         """
 
 def add_HeServiceServicer_to_server(servicer: HeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

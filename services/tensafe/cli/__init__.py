@@ -28,6 +28,8 @@ SERVER_EXTRA_MODULES = frozenset({
     "transformers",
 })
 SERVER_EXTRA_HINT = "pip install 'tensafe[server]'"
+# HTTP edges `tensafe serve` runs besides the six services, and the services each one calls.
+HTTP_EDGES = {"openai": ("inference", "ledger")}
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -55,6 +57,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     word = "created" if created else "reusing"
     print(f"TenSafe is up on {config.host}:{server.port} (data dir {config.data_dir.resolve()})")
     print(f"services: {', '.join(SERVICE_NAMES)}")
+    if config.openai_port:
+        from tensafe.openai import openai_server
+
+        front = openai_server(config, local_endpoint=server.local_endpoint, local_services=frozenset(SERVICE_NAMES))
+        server.add_edge(front)
+        print(f"OpenAI-compatible API: {front.url}/v1 (docs/openai.md)")
     print(f"{word} API key of tenant '{DEFAULT_TENANT}', stored in {config.data_dir / 'api_key'}:")
     print(api_key, flush=True)
     server.serve_until_signal()
@@ -66,9 +74,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _logging(config)
+    if args.service in HTTP_EDGES:
+        return _serve_edge(args, config)
     server = TensafeServer(config, [args.service])
     print(f"tensafe {args.service} serving on {config.host}:{server.port}", flush=True)
     server.serve_until_signal()
+    return 0
+
+
+def _serve_edge(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`tensafe serve openai`: the HTTP edge alone, on --port (default its TENSAFE_*_PORT), calling the services
+    at their TENSAFE_<SERVICE>_ENDPOINT."""
+    missing = [f"TENSAFE_{s.upper()}_ENDPOINT" for s in HTTP_EDGES[args.service] if not config.peer_endpoint(s)]
+    if missing:
+        print(f"error: `tensafe serve {args.service}` needs {' and '.join(missing)}", file=sys.stderr)
+        return 2
+    from tensafe.openai import openai_server
+
+    port = args.port if args.port is not None else config.openai_port
+    front = openai_server(config, port=port)
+    print(f"tensafe {args.service} serving on {front.url}/v1", flush=True)
+    front.serve_until_signal()
     return 0
 
 
@@ -184,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_server(sub.add_parser("up", help="run all six services in one process (the embedded default)")
                 ).set_defaults(func=cmd_up)
     serve = with_server(sub.add_parser("serve", help="run one service (the split form)"))
-    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("service", choices=[*SERVICE_NAMES, *HTTP_EDGES])
     serve.set_defaults(func=cmd_serve)
     with_data_dir(sub.add_parser("init", help="create the data dir, keys and the default tenant, then exit")
                   ).set_defaults(func=cmd_init)

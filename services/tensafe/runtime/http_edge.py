@@ -11,18 +11,21 @@ call in its own durable outbox, delivered to the ledger like every service's (``
   shows (code, reason, field named, message).
 * :class:`AsgiServer`: an ASGI app served by uvicorn on its own thread, on a socket bound at once (so a
   busy port fails at start, and port 0 gives a free port that :attr:`AsgiServer.port` tells).
+* :class:`EdgeServer`: the two together, what ``tensafe up`` and ``tensafe serve <edge>`` run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -247,3 +250,49 @@ class AsgiServer:
         if self._thread is not None:
             self._thread.join(self._server.config.timeout_graceful_shutdown or 30)
         self._socket.close()
+
+
+class EdgeServer:
+    """An HTTP edge and the server of its app: ``make_app(edge)`` on ``port`` (``tensafe up`` runs each edge
+    beside the gRPC server; ``tensafe serve <edge>`` alone, finding the services by their endpoints)."""
+
+    def __init__(self, config: ServerConfig, name: str, port: int, make_app: Callable[[HttpEdge], Any],
+                 local_endpoint: str | None = None, local_services: frozenset[str] = frozenset()) -> None:
+        self.name = name
+        self.edge = HttpEdge(config, name, local_endpoint, local_services)
+        try:
+            self.http = AsgiServer(make_app(self.edge), config, port, name)
+        except BaseException:
+            self.edge.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def start(self) -> None:
+        self.edge.start()
+        self.http.start()
+
+    def stop(self) -> None:
+        """Requests in flight finish first, then the audit outbox is delivered and closed."""
+        self.http.stop()
+        self.edge.stop()
+
+    def serve_until_signal(self) -> None:
+        """Run in the foreground until SIGTERM or SIGINT (``tensafe serve <edge>``)."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            done.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,6 +50,14 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+class Edge(Protocol):
+    """What the server needs of an HTTP edge it runs (``runtime.http_edge.EdgeServer``)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class TensafeServer:
     """A gRPC server hosting one or more services, with health, reflection and a clean stop."""
 
@@ -88,6 +97,9 @@ class TensafeServer:
         if not self.port:
             raise OSError(f"cannot bind {address}")
         local = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::', '') else config.host}:{self.port}"
+        self.local_endpoint = local
+        # HTTP edges served beside the services (runtime.http_edge): started after them, stopped before them.
+        self.edges: list[Edge] = []
         self.units: list[ServiceUnit] = [
             build_unit(n, config, local_endpoint=local, local_services=frozenset(self.service_names))
             for n in self.service_names]
@@ -110,6 +122,11 @@ class TensafeServer:
             self._server)
         self._stopped = threading.Event()
 
+    def add_edge(self, edge: Edge) -> None:
+        """Serve ``edge`` (an HTTP front on the services) with this server: it starts once the services
+        serve, and stops first, while they still answer (its audit entries reach the ledger)."""
+        self.edges.append(edge)
+
     @property
     def grpc_server(self) -> grpc.Server:
         """The underlying server, for adding handlers before :meth:`start`."""
@@ -129,6 +146,8 @@ class TensafeServer:
         if self.identity_audit is not None:
             self.identity_audit.start()
         start_metrics_server(self.config.metrics_port, self.config.host)
+        for edge in self.edges:
+            edge.start()
         log.info("serving %s on %s:%d", ", ".join(self.service_names), self.config.host, self.port)
 
     def stop(self, grace: float | None = None) -> None:
@@ -137,6 +156,11 @@ class TensafeServer:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        for edge in self.edges:
+            try:
+                edge.stop()
+            except Exception:  # the services still stop
+                log.exception("could not stop the %s edge", type(edge).__name__)
         outboxes = [u.audit for u in self.units] + ([self.identity_audit] if self.identity_audit else [])
         for outbox in outboxes:  # background delivery ends first, so only this thread delivers from here on
             outbox.stop()

@@ -201,6 +201,8 @@ def test_another_tenants_context_adapter_and_computation_are_not_found(service, 
     first = service.he.compute_delta(he_pb2.ComputeDeltaRequest(
         adapter_id=inference.adapter.adapter_id, packing=he_pb2.PACKING_REPLICATED, num_tokens=1,
         ciphertexts=inference.encrypt_input(np.ones(64)).groups[0][1]))
+    tokens = service.he.compute_tokens(he_pb2.ComputeTokensRequest(
+        adapter_id=inference.adapter.adapter_id, ciphertexts=[bundle.encrypt_token(np.ones(4096))]))
     key = trainer_stack.cli("keys", "create", "--tenant", "mallory").stdout.strip().splitlines()[-1]
     with trainer_stack.client(api_key=key) as mallory:
         mine = HEKeyManager("mallory").generate_key_bundle(key_id="m1")
@@ -215,7 +217,11 @@ def test_another_tenants_context_adapter_and_computation_are_not_found(service, 
                          ciphertexts=[b"x"])),
                      lambda: mallory.he.compute_delta(he_pb2.ComputeDeltaRequest(
                          packing=he_pb2.PACKING_REPLICATED, computation_id=first.computation_id,
-                         layer_inputs=[he_pb2.LayerInput(layer="q_proj", ciphertexts=[b"x"])]))):
+                         layer_inputs=[he_pb2.LayerInput(layer="q_proj", ciphertexts=[b"x"])])),
+                     lambda: mallory.he.compute_tokens(he_pb2.ComputeTokensRequest(
+                         adapter_id=inference.adapter.adapter_id, ciphertexts=[b"x"])),
+                     lambda: mallory.he.compute_tokens(he_pb2.ComputeTokensRequest(
+                         computation_id=tokens.computation_id, ciphertexts=[b"x"]))):
             with pytest.raises(NotFoundError):
                 call()
         assert [c.key_id for c in mallory.he.list_contexts()] == ["m1"] and mallory.he.list_adapters() == []

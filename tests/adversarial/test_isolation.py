@@ -140,6 +140,8 @@ CASES: dict[tuple[str, str], tuple[Callable[[Owned], Any], str]] = {
     ("he", "ComputeDelta"): (lambda o: he.ComputeDeltaRequest(adapter_id=o.he_adapter_id,
                                                               packing=he.PACKING_REPLICATED, num_tokens=1,
                                                               ciphertexts=[b"x"]), NOT_FOUND),
+    ("he", "ComputeTokens"): (lambda o: he.ComputeTokensRequest(adapter_id=o.he_adapter_id, ciphertexts=[b"x"]),
+                              NOT_FOUND),
     ("vault", "PutArtifact"): (lambda o: va.PutArtifactRequest(), OWN),
     ("vault", "GetArtifact"): (lambda o: va.GetArtifactRequest(artifact_id=o.artifact_id), NOT_FOUND),
     ("vault", "PullArtifact"): (lambda o: va.PullArtifactRequest(artifact_id=o.artifact_id), NOT_FOUND),

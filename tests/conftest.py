@@ -120,6 +120,7 @@ def tensafe_cmd(*args: str) -> list[str]:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_"))}
+    env["TENSAFE_TINKER_PORT"] = "0"  # the Tinker-compatible API is off unless a test gives it a free port
     # No HTTP edges unless a test asks for one (on a free port): stacks in parallel would share 8001.
     env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
                 "TENSAFE_GRACE_SECONDS": "10", "TENSAFE_OPENAI_PORT": "0"})

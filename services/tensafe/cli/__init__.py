@@ -29,7 +29,7 @@ SERVER_EXTRA_MODULES = frozenset({
 })
 SERVER_EXTRA_HINT = "pip install 'tensafe[server]'"
 # HTTP edges `tensafe serve` runs besides the six services, and the services each one calls.
-HTTP_EDGES = {"openai": ("inference", "ledger")}
+HTTP_EDGES = {"openai": ("inference", "ledger"), "tinker": ("trainer", "inference", "vault", "ledger")}
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -63,6 +63,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         front = openai_server(config, local_endpoint=server.local_endpoint, local_services=frozenset(SERVICE_NAMES))
         server.add_edge(front)
         print(f"OpenAI-compatible API: {front.url}/v1 (docs/openai.md)")
+    if config.tinker_port:
+        from tensafe.tinker import TinkerServer
+
+        tinker = TinkerServer(config, local_endpoint=server.local_endpoint)
+        server.add_edge(tinker)
+        print(f"Tinker-compatible API: {tinker.url} (TINKER_BASE_URL; API key tml-<key>; docs/tinker.md)")
     print(f"{word} API key of tenant '{DEFAULT_TENANT}', stored in {config.data_dir / 'api_key'}:")
     print(api_key, flush=True)
     server.serve_until_signal()
@@ -74,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _logging(config)
+    if args.service == "tinker":
+        return _serve_tinker(args, config)
     if args.service in HTTP_EDGES:
         return _serve_edge(args, config)
     server = TensafeServer(config, [args.service])
@@ -95,6 +103,18 @@ def _serve_edge(args: argparse.Namespace, config: ServerConfig) -> int:
     front = openai_server(config, port=port)
     print(f"tensafe {args.service} serving on {front.url}/v1", flush=True)
     front.serve_until_signal()
+    return 0
+
+
+def _serve_tinker(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`tensafe serve tinker`: the Tinker-compatible API alone, on --port (default TENSAFE_TINKER_PORT), calling
+    the services at their TENSAFE_<SERVICE>_ENDPOINT, else a stack on TENSAFE_PORT of this host."""
+    from tensafe.tinker import TinkerServer
+
+    port = args.port if args.port is not None else config.tinker_port
+    server = TinkerServer(config, local_endpoint=f"127.0.0.1:{ServerConfig.load().port}", port=port)
+    print(f"tensafe tinker serving on {server.url}", flush=True)
+    server.serve_until_signal()
     return 0
 
 

@@ -77,7 +77,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_PORT", "port", int, 50051, "gRPC port (`tensafe up`, or the service of `tensafe serve`)."),
     Setting("TENSAFE_METRICS_PORT", "metrics_port", int, 9090, "Prometheus metrics port; 0 turns the endpoint off."),
     Setting("TENSAFE_OPENAI_PORT", "openai_port", int, 8001, "OpenAI-compatible HTTP API port (`tensafe up`, `tensafe serve openai`; docs/openai.md); 0 turns it off in `tensafe up`."),
-    Setting("TENSAFE_TINKER_PORT", "tinker_port", int, 8000, "HTTP port of the Tinker-compatible API (`tensafe up`, `tensafe serve tinker`); 0 means any free port (the URL is printed at start), -1 turns it off in `tensafe up`."),
+    Setting("TENSAFE_TINKER_PORT", "tinker_port", int, 8000, "Tinker-compatible HTTP API port (`tensafe up`, `tensafe serve tinker`; docs/tinker.md); 0 turns it off in `tensafe up`."),
     Setting("TENSAFE_TINKER_MODELS", "tinker_models", str, "", "Base-model names `tinker` clients may ask for, mapped to local models: `hub/name=local-name,...` (e.g. `meta-llama/Llama-3.2-1B=smollm2`); local names as for TENSAFE_MODELS / TENSAFE_MODEL_DIR."),
     Setting("TENSAFE_TINKER_POLICY_FILE", "tinker_policy_file", str, "", "JSON file of per-tenant (or per-API-key) policies of the Tinker-compatible API, e.g. DP for every model a tenant creates; see docs/tinker.md."),
     Setting("TENSAFE_DB_URL", "db_url", str, "", "SQLAlchemy URL for every service; empty means one SQLite file per service in the data dir. `TENSAFE_<SERVICE>_DB_URL` overrides it per service."),
@@ -229,8 +229,8 @@ class ServerConfig:
             raise ConfigError(f"TENSAFE_METRICS_PORT={self.metrics_port} must be between 0 and 65535")
         if not (0 <= self.openai_port < 65536):
             raise ConfigError(f"TENSAFE_OPENAI_PORT={self.openai_port} must be between 0 (off) and 65535")
-        if not (-1 <= self.tinker_port < 65536):
-            raise ConfigError(f"TENSAFE_TINKER_PORT={self.tinker_port} must be -1 (off), 0 (any free port) or a port")
+        if not (0 <= self.tinker_port < 65536):
+            raise ConfigError(f"TENSAFE_TINKER_PORT={self.tinker_port} must be between 0 (off) and 65535")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ConfigError("TENSAFE_RATE_LIMIT_RPS must be >= 0 and TENSAFE_RATE_LIMIT_BURST >= 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -1,0 +1,773 @@
+"""The Tinker-compatible gateway's logic: the ``tinker`` client's sessions, models, futures and samplers, each
+op done by calling the TenSafe services over gRPC (through ``tg_tinker``) *as the caller's tenant*.
+
+It keeps no data of its own: a model is a trainer session, a checkpoint a vault artifact (found again by its
+session and name, so ``tinker://<session>/weights/<name>`` paths need no table), a sampler an adapter of the
+inference service. What it holds in memory is the client's protocol state: which futures are pending, the
+``seq_id`` each model expects next, heartbeats. Ops of one model are submitted to the trainer in ``seq_id``
+order (the client may send them out of order: chunks of one call in parallel, retries), and the trainer
+applies them in submission order.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensafe.runtime.config import ServerConfig
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensafe.runtime.http_edge import EdgeCaller
+from tg_tinker import ServiceClient
+from tg_tinker.configs import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
+from tg_tinker.errors import TGTinkerError, ValidationError
+from tg_tinker.sampling import SamplingClient
+from tg_tinker.training import TrainingClient
+
+from . import wire
+
+log = logging.getLogger("tensafe.tinker")
+
+SESSION_TTL_SECONDS = 600.0  # a session whose client stopped heartbeating is closed (its models released)
+FUTURE_TTL_SECONDS = 900.0  # a finished future is kept this long for retrieval
+MAX_NAME = 128
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ID_MAX = 200
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+USER_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+              "NOT_FOUND", "ALREADY_EXISTS", "DP_BUDGET_EXCEEDED", "UNAUTHENTICATED"}
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+
+
+def check_name(name: str, field_name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise InvalidArgument(field_name, "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
+                                          "letter or digit")
+    return name
+
+
+def check_id(value: object, field_name: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= ID_MAX or not value.isprintable():
+        raise InvalidArgument(field_name, f"must be an id of at most {ID_MAX} printable characters")
+    return value
+
+
+def parse_models(text: str) -> dict[str, str]:
+    """TENSAFE_TINKER_MODELS: ``hub/name=local,...`` -> {hub name: local model name}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        hub, sep, local = item.partition("=")
+        if not sep or not hub.strip() or not local.strip():
+            raise ValueError(f"TENSAFE_TINKER_MODELS: {item!r} is not hub-name=local-name")
+        out[hub.strip()] = local.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class DPPolicy:
+    """DP settings every model of a tenant (or API key) gets; the ``tinker`` client cannot send them."""
+
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    batch_size: int
+    dataset_size: int | None = None
+    sample_rate: float | None = None
+    max_steps: int | None = None
+    noise_multiplier: float | None = None
+    accountant_type: str = "pld"
+
+    def config(self) -> DPConfig:
+        return DPConfig(enabled=True, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                        target_epsilon=self.target_epsilon, target_delta=self.target_delta,
+                        accountant_type=self.accountant_type, dataset_size=self.dataset_size,
+                        sample_rate=self.sample_rate, max_steps=self.max_steps)
+
+
+def load_policies(path: str) -> tuple[dict[str, DPPolicy], dict[str, DPPolicy]]:
+    """TENSAFE_TINKER_POLICY_FILE -> (DP policy by tenant id, by API key id). Operator input: checked at start.
+
+    ``{"tenants": {"<tenant>": {"dp": {...}}}, "keys": {"<key id>": {"dp": {...}}}}``; ``dp`` takes
+    target_epsilon, target_delta, max_grad_norm, batch_size (expected rows per step), dataset_size or
+    sample_rate, and optionally max_steps, noise_multiplier, accountant_type."""
+    if not path:
+        return {}, {}
+    raw = json.loads(Path(path).read_text())
+    out: list[dict[str, DPPolicy]] = []
+    for section in ("tenants", "keys"):
+        entries: dict[str, DPPolicy] = {}
+        for who, policy in (raw.get(section) or {}).items():
+            dp = policy.get("dp")
+            if dp is None:
+                continue
+            try:
+                entries[who] = DPPolicy(**dp)
+                entries[who].config()  # the SDK's own checks of the values
+            except (TypeError, TGTinkerError) as exc:
+                raise ValueError(f"TENSAFE_TINKER_POLICY_FILE {section}.{who}.dp: {exc}") from None
+        out.append(entries)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------------- futures
+
+
+@dataclass
+class Outcome:
+    """What ``retrieve_future`` answers once the op is done: a JSON body, protobuf bytes, or a failure."""
+
+    json: dict[str, Any] | None = None
+    proto: bytes | None = None
+    error: str | None = None
+    category: str = "server"
+
+
+@dataclass
+class Box:
+    request_id: str
+    tenant: str
+    future: concurrent.futures.Future[Outcome] = field(default_factory=concurrent.futures.Future[Outcome])
+    done_at: float = 0.0
+
+
+def failure(exc: BaseException) -> Outcome:
+    """An op's exception as the client's RequestFailedResponse: its category says whose fault it was."""
+    if isinstance(exc, TGTinkerError):
+        code = exc.code
+        msg = exc.message
+        fld = getattr(exc, "field", None)
+        if fld:
+            msg = f"{msg} (field {fld})"
+        return Outcome(error=f"{code}: {msg}", category="user" if code in USER_CODES else "server")
+    if isinstance(exc, InvalidArgument | FailedPrecondition | NotFound):
+        return Outcome(error=f"{exc.code.name}: {exc.message}", category="user")
+    log.exception("op failed", exc_info=exc)
+    return Outcome(error=f"INTERNAL: {type(exc).__name__}: {exc}", category="server")
+
+
+class FutureTable:
+    """Pending and finished futures by request id; a finished one is dropped FUTURE_TTL_SECONDS after it ended,
+    and its id is then remembered as expired (``retrieve_future`` answers 410 Gone, as the client expects)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._boxes: dict[str, Box] = {}
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def new(self, tenant: str) -> Box:
+        box = Box(uuid.uuid4().hex, tenant)
+        box.future.add_done_callback(lambda _f: setattr(box, "done_at", time.monotonic()))
+        with self._lock:
+            self._boxes[box.request_id] = box
+        return box
+
+    def peek(self, request_id: str) -> Box | None:
+        with self._lock:
+            return self._boxes.get(request_id)
+
+    def get(self, tenant: str, request_id: str) -> Box | None:
+        """The box, None when expired (410); NotFound when unknown or another tenant's."""
+        now = time.monotonic()
+        with self._lock:
+            for rid in [r for r, b in self._boxes.items() if b.done_at and now - b.done_at > FUTURE_TTL_SECONDS]:
+                del self._boxes[rid]
+                self._expired[rid] = None
+            while len(self._expired) > 100_000:
+                self._expired.popitem(last=False)
+            box = self._boxes.get(request_id)
+            if box is None and request_id in self._expired:
+                return None
+        if box is None or box.tenant != tenant:
+            raise NotFound(f"no future {request_id!r}")
+        return box
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Model:
+    model_id: str
+    tenant: str
+    key_id: str
+    session_id: str  # the client's session
+    base_model: str  # as the client named it
+    local_ref: str
+    rank: int
+    train: tuple[bool, bool, bool]  # mlp, attn, unembed
+    tc: TrainingClient | None = None
+    dp: bool = False
+    next_seq: int = 1
+    waiting: dict[int, Callable[[], None]] = field(default_factory=dict[int, Callable[[], None]])
+    seen: dict[int, str] = field(default_factory=dict[int, str])
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def run_id(self) -> str:
+        """The training run in ``tinker://`` paths: the trainer session's id."""
+        assert self.tc is not None
+        return self.tc.session_id
+
+
+@dataclass
+class Sampler:
+    sampler_id: str
+    tenant: str
+    base_model: str
+    local_ref: str
+    model_path: str | None
+    artifact_id: str | None
+    client: SamplingClient
+    scorer: TrainingClient | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class ClientSession:
+    session_id: str
+    tenant: str
+    last_seen: float
+    models: list[str] = field(default_factory=list[str])
+    samplers: list[str] = field(default_factory=list[str])
+    finished: bool = False
+
+
+class Gateway:
+    """Everything the HTTP routes call; every method takes the verified caller and checks ownership."""
+
+    def __init__(self, config: ServerConfig, endpoints: dict[str, str]) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.models_by_name = parse_models(config.tinker_models)
+        self.dp_tenants, self.dp_keys = load_policies(config.tinker_policy_file)
+        self.futures = FutureTable()
+        self.pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="tinker-op")
+        self._lock = threading.Lock()
+        self._clients: dict[str, ServiceClient] = {}
+        self._sessions: dict[str, ClientSession] = {}
+        self._models: dict[str, Model] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="tinker-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def client(self, caller: EdgeCaller) -> ServiceClient:
+        with self._lock:
+            sc = self._clients.get(caller.api_key)
+            if sc is None:
+                sc = self._clients[caller.api_key] = ServiceClient(
+                    api_key=caller.api_key, base_url=self.endpoints["trainer"], endpoints=self.endpoints,
+                    retry_count=2)
+            return sc
+
+    def _run(self, box: Box, fn: Callable[[], Outcome]) -> None:
+        """Run ``fn`` on the op pool; its outcome (or its failure) completes ``box``."""
+        def work() -> None:
+            try:
+                box.future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - every failure is the future's outcome
+                box.future.set_result(failure(exc))
+        self.pool.submit(work)
+
+    @staticmethod
+    def _chain(box: Box, handle: Any, then: Callable[[Any], Outcome]) -> None:
+        """When the trainer future ``handle`` is done, ``then(result)`` (or its failure) completes ``box``."""
+        def done(h: Any) -> None:
+            try:
+                err = h.exception()
+                box.future.set_result(failure(err) if err is not None else then(h.result()))
+            except BaseException as exc:  # noqa: BLE001
+                box.future.set_result(failure(exc))
+        handle.add_done_callback(done)
+
+    def resolve_model(self, base_model: str) -> str:
+        """The local model for a base-model name: the operator's mapping, else the name itself."""
+        check_id(base_model, "base_model")
+        return self.models_by_name.get(base_model, base_model)
+
+    def dp_policy(self, caller: EdgeCaller) -> DPPolicy | None:
+        return self.dp_keys.get(caller.key_id) or self.dp_tenants.get(caller.tenant_id)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def create_session(self, caller: EdgeCaller) -> str:
+        sid = f"tsess-{uuid.uuid4().hex[:24]}"
+        with self._lock:
+            self._sessions[sid] = ClientSession(sid, caller.tenant_id, time.monotonic())
+        return sid
+
+    def session(self, caller: EdgeCaller, session_id: str) -> ClientSession:
+        with self._lock:
+            s = self._sessions.get(check_id(session_id, "session_id"))
+        if s is None or s.tenant != caller.tenant_id:
+            raise NotFound(f"no session {session_id!r}")
+        return s
+
+    def heartbeat(self, caller: EdgeCaller, session_id: str) -> bool:
+        """False when the session has finished (the client then stops heartbeating: 410)."""
+        s = self.session(caller, session_id)
+        s.last_seen = time.monotonic()
+        return not s.finished
+
+    def finish_session(self, caller: EdgeCaller, session_id: str) -> None:
+        s = self.session(caller, session_id)
+        s.finished = True
+        self.pool.submit(self._release, s)
+
+    def _release(self, s: ClientSession) -> None:
+        with self._lock:
+            models = [self._models.pop(m) for m in s.models if m in self._models]
+            samplers = [self._samplers.pop(x) for x in s.samplers if x in self._samplers]
+        for m in models:
+            if m.tc is not None:
+                try:
+                    m.tc.close()
+                except TGTinkerError as exc:
+                    log.warning("closing %s: %s", m.model_id, exc)
+        for sp in samplers:
+            self._close_sampler(sp)
+
+    @staticmethod
+    def _close_sampler(sp: Sampler) -> None:
+        for close in (sp.client.unload, sp.scorer.close if sp.scorer else None):
+            if close is not None:
+                try:
+                    close()
+                except TGTinkerError as exc:
+                    log.warning("closing sampler %s: %s", sp.sampler_id, exc)
+
+    def _reap(self) -> None:
+        while not self._stop.wait(30):
+            now = time.monotonic()
+            with self._lock:
+                stale = [s for s in self._sessions.values() if now - s.last_seen > SESSION_TTL_SECONDS]
+                for s in stale:
+                    del self._sessions[s.session_id]
+            for s in stale:
+                log.info("session %s stopped heartbeating; releasing its models", s.session_id)
+                self._release(s)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for s in sessions:
+            self._release(s)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for sc in clients:
+            sc.close()
+
+    # -- models -------------------------------------------------------------------------------------
+    def model(self, caller: EdgeCaller, model_id: str) -> Model:
+        with self._lock:
+            m = self._models.get(check_id(model_id, "model_id"))
+        if m is None or m.tenant != caller.tenant_id:
+            raise NotFound(f"no model {model_id!r}")
+        return m
+
+    def _training_config(self, caller: EdgeCaller, local_ref: str, rank: int, train: tuple[bool, bool, bool],
+                         seed: int | None, base_model: str) -> TrainingConfig:
+        targets = (MLP if train[0] else []) + (ATTN if train[1] else []) + (["lm_head"] if train[2] else [])
+        if not targets:
+            raise InvalidArgument("lora_config", "at least one of train_mlp, train_attn, train_unembed must be true")
+        if not 0 < rank <= 256:
+            raise InvalidArgument("lora_config.rank", f"must be in 1..256, got {rank}")
+        policy = self.dp_policy(caller)
+        try:
+            return TrainingConfig(
+                model_ref=local_ref, lora_config=LoRAConfig(rank=rank, alpha=32.0, dropout=0.0, target_modules=targets),
+                optimizer=OptimizerConfig(name="adamw", learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-12),
+                batch_size=policy.batch_size if policy else 8, seed=seed,
+                dp_config=policy.config() if policy else None,
+                metadata={"tinker_base_model": base_model, "tinker_rank": rank,
+                          "tinker_train": ",".join("1" if t else "0" for t in train)})
+        except ValidationError as exc:
+            raise InvalidArgument(exc.field or "lora_config", exc.message) from None
+
+    def create_model(self, caller: EdgeCaller, session_id: str, model_seq_id: int, base_model: str,
+                     lora: dict[str, Any], seed: int | None) -> Box:
+        s = self.session(caller, session_id)
+        model_id = f"{session_id}:train:{model_seq_id}"
+        train = (bool(lora.get("train_mlp", True)), bool(lora.get("train_attn", True)),
+                 bool(lora.get("train_unembed", True)))
+        rank = int(lora.get("rank", 0))
+        local = self.resolve_model(base_model)
+        config = self._training_config(caller, local, rank, train, seed, base_model)
+        m = Model(model_id, caller.tenant_id, caller.key_id, session_id, base_model, local, rank, train,
+                  dp=config.dp_config is not None)
+        with self._lock:
+            if model_id in self._models:
+                raise FailedPrecondition(f"model {model_id} exists already")
+            self._models[model_id] = m
+            s.models.append(model_id)
+        box = self.futures.new(caller.tenant_id)
+
+        def create() -> Outcome:
+            try:
+                m.tc = self.client(caller).create_training_client(config)
+            except BaseException:
+                with self._lock:
+                    self._models.pop(model_id, None)
+                raise
+            return Outcome(json={"model_id": model_id, "type": "create_model"})
+        self._run(box, create)
+        return box
+
+    def get_info(self, caller: EdgeCaller, model_id: str) -> dict[str, Any]:
+        m = self.model(caller, model_id)
+        return {"type": "get_info", "model_id": m.model_id, "is_lora": True, "lora_rank": m.rank,
+                "model_name": m.base_model, "optimizer_config": {"type": "adamw"},
+                "model_data": {"arch": m.local_ref, "model_name": m.base_model, "tokenizer_id": m.base_model}}
+
+    def submit(self, caller: EdgeCaller, model_id: str, seq_id: int | None, op: Callable[[Model, Box], None]) -> Box:
+        """Queue ``op`` for ``seq_id``: it runs (submits to the trainer) once every lower seq_id has. A retry of
+        a seq_id already taken gets the same future."""
+        m = self.model(caller, model_id)
+        if m.tc is None:
+            raise FailedPrecondition(f"model {model_id} is still being created")
+        with m.lock:
+            seq = m.next_seq + len(m.waiting) if seq_id is None else seq_id
+            if seq in m.seen:
+                box = self.futures.peek(m.seen[seq])
+                if box is not None:
+                    return box
+            if seq < m.next_seq or seq in m.waiting or seq > m.next_seq + 10_000:
+                raise InvalidArgument("seq_id", f"{seq} is not the next op of model {model_id} "
+                                                f"(expected {m.next_seq} or later)")
+            box = self.futures.new(caller.tenant_id)
+            m.seen[seq] = box.request_id
+
+            def run(box: Box = box) -> None:
+                try:
+                    op(m, box)
+                except BaseException as exc:  # noqa: BLE001 - a refused submission fails its future
+                    box.future.set_result(failure(exc))
+            m.waiting[seq] = run
+            while m.next_seq in m.waiting:
+                m.waiting.pop(m.next_seq)()
+                m.seen = {k: v for k, v in m.seen.items() if k > m.next_seq - 1000}
+                m.next_seq += 1
+        return box
+
+    # -- training ops ---------------------------------------------------------------------------------
+    def forward_backward(self, caller: EdgeCaller, call: wire.FwdBwdCall) -> Box:
+        name, kwargs = wire.loss_spec(call.loss_fn, call.loss_config)
+        batch = wire.to_batch(call.data)
+
+        def op(m: Model, box: Box) -> None:
+            assert m.tc is not None
+            run = m.tc.forward if call.forward_only else m.tc.forward_backward
+            handle = run(batch, name, return_logprobs=True, **kwargs)
+
+            def result(res: Any) -> Outcome:
+                lps = wire.per_datum_logprobs(call.data, np.asarray(res.logprobs))
+                fields: dict[str, list[np.ndarray]] = {"logprobs": lps}
+                if call.loss_fn == "cross_entropy":
+                    ws = [d.inputs.get("weights", np.ones(len(d.tokens), np.float32)) for d in call.data]
+                    fields["elementwise_loss"] = [(-lp * w).astype(np.float32) for lp, w in zip(lps, ws, strict=True)]
+                metrics = wire.metric_names(res.metrics)
+                return Outcome(proto=wire.forward_backward_output(fields, metrics, len(call.data)))
+            self._chain(box, handle, result)
+        return self.submit(caller, call.model_id, call.seq_id, op)
+
+    def optim_step(self, caller: EdgeCaller, model_id: str, seq_id: int | None, adam: dict[str, Any]) -> Box:
+        params = {"learning_rate": adam.get("learning_rate", 1e-4), "beta1": adam.get("beta1", 0.9),
+                  "beta2": adam.get("beta2", 0.95), "eps": adam.get("eps", 1e-12),
+                  "weight_decay": adam.get("weight_decay", 0.0), "grad_clip_norm": adam.get("grad_clip_norm", 0.0)}
+        for k, v in params.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise InvalidArgument(f"adam_params.{k}", "must be a number")
+        unknown = set(adam) - set(params) - {"type"}
+        if unknown:
+            raise InvalidArgument(f"adam_params.{sorted(unknown)[0]}", "unknown field (only AdamParams are supported)")
+
+        def op(m: Model, box: Box) -> None:
+            assert m.tc is not None
+            handle = m.tc.optim_step(**{k: float(v) for k, v in params.items()})
+
+            def result(res: Any) -> Outcome:
+                metrics = {"step:unique": float(res.step), "learning_rate:unique": float(res.learning_rate),
+                           "grad_norm:mean": float(res.grad_norm)}
+                if res.dp_metrics is not None:
+                    metrics |= {"dp_epsilon:unique": float(res.dp_metrics.total_epsilon),
+                                "dp_delta:unique": float(res.dp_metrics.delta)}
+                return Outcome(json={"metrics": metrics})
+            self._chain(box, handle, result)
+        return self.submit(caller, model_id, seq_id, op)
+
+    def save_weights(self, caller: EdgeCaller, model_id: str, seq_id: int | None, name: str | None,
+                     for_sampler: bool, sampling_session_seq_id: int | None) -> Box:
+        kind = "sampler_weights" if for_sampler else "weights"
+        if name is not None:
+            check_name(name, "path")
+        elif not for_sampler or sampling_session_seq_id is None:
+            raise InvalidArgument("path", "a checkpoint name is required")
+
+        def op(m: Model, box: Box) -> None:
+            assert m.tc is not None
+            label = name if name is not None else f"ephemeral-{uuid.uuid4().hex[:12]}"
+            handle = m.tc.save_state_async(include_optimizer=not for_sampler, name=label, metadata={
+                "tinker_kind": kind, "tinker_base_model": m.base_model, "tinker_rank": m.rank,
+                "tinker_train": ",".join("1" if t else "0" for t in m.train)})
+
+            def result(res: Any) -> Outcome:
+                path = f"tinker://{m.run_id}/{kind}/{label}"
+                if name is not None:
+                    return Outcome(json={"path": path, "type": "save_weights_for_sampler" if for_sampler
+                                         else "save_weights"})
+                sid = f"{m.session_id}:sample:{sampling_session_seq_id}"
+                self._open_sampler(caller, sid, m.session_id, m.base_model, path, res.artifact_id)
+                return Outcome(json={"sampling_session_id": sid, "type": "save_weights_for_sampler"})
+            self._chain(box, handle, result)
+        return self.submit(caller, model_id, seq_id, op)
+
+    def artifact_of(self, caller: EdgeCaller, path: str) -> tuple[str, Any]:
+        """``tinker://<run>/<weights|sampler_weights>/<name>`` -> (kind, the vault's ArtifactInfo)."""
+        if not isinstance(path, str) or not path.startswith("tinker://"):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidArgument("path", "must be a tinker:// path")
+        parts = path[len("tinker://"):].split("/")
+        if len(parts) != 3 or parts[1] not in KINDS:
+            raise InvalidArgument("path", "must be tinker://<training run>/<weights|sampler_weights>/<name>")
+        run, kind, name = check_id(parts[0], "path"), parts[1], check_name(parts[2], "path")
+        found = [a for a in self.client(caller).list_artifacts(session_id=run)
+                 if a.name == name and a.metadata.get("tinker_kind") == kind and a.state == "available"]
+        if not found:
+            raise NotFound(f"no checkpoint {path}")
+        return kind, max(found, key=lambda a: a.create_time)
+
+    def load_weights(self, caller: EdgeCaller, body: dict[str, Any]) -> Box:
+        path, optimizer = body.get("path"), bool(body.get("optimizer", False))
+        if body.get("session_id") is not None:
+            return self._create_from_state(caller, body, str(path))
+        model_id = check_id(body.get("model_id"), "model_id")
+
+        def op(m: Model, box: Box) -> None:
+            assert m.tc is not None
+            _kind, art = self.artifact_of(caller, str(path))
+            handle = m.tc.load_state_async(art.artifact_id)
+            self._chain(box, handle, lambda res: Outcome(json={"path": path, "model_id": m.model_id,
+                                                               "type": "load_weights"}))
+        del optimizer  # TenSafe restores a checkpoint's optimizer state whenever it holds one
+        return self.submit(caller, model_id, body.get("seq_id"), op)
+
+    def _create_from_state(self, caller: EdgeCaller, body: dict[str, Any], path: str) -> Box:
+        session_id = check_id(body.get("session_id"), "session_id")
+        s = self.session(caller, session_id)
+        seq = body.get("model_seq_id")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise InvalidArgument("model_seq_id", "must be an integer")
+        _kind, art = self.artifact_of(caller, path)
+        meta = art.metadata
+        base_model = str(body.get("base_model") or meta.get("tinker_base_model") or "")
+        rank = int(meta.get("tinker_rank") or 0)
+        train = tuple(flag == "1" for flag in str(meta.get("tinker_train", "1,1,1")).split(","))
+        if not base_model or rank <= 0 or len(train) != 3:
+            raise FailedPrecondition(f"{path} was not saved through the Tinker API (no base model and LoRA rank)")
+        local = self.resolve_model(base_model)
+        t3 = (train[0], train[1], train[2])
+        config = self._training_config(caller, local, rank, t3, None, base_model)
+        model_id = f"{session_id}:train:{seq}"
+        m = Model(model_id, caller.tenant_id, caller.key_id, session_id, base_model, local, rank, t3,
+                  dp=config.dp_config is not None)
+        with self._lock:
+            if model_id in self._models:
+                raise FailedPrecondition(f"model {model_id} exists already")
+            self._models[model_id] = m
+            s.models.append(model_id)
+        box = self.futures.new(caller.tenant_id)
+
+        def create() -> Outcome:
+            try:
+                m.tc = self.client(caller).create_training_client(config)
+                m.tc.load_state(art.artifact_id)
+            except BaseException:
+                with self._lock:
+                    self._models.pop(model_id, None)
+                raise
+            return Outcome(json={"path": path, "model_id": model_id, "type": "load_weights"})
+        self._run(box, create)
+        return box
+
+    # -- checkpoints (REST) -----------------------------------------------------------------------------
+    def _run_id(self, caller: EdgeCaller, run: str) -> str:
+        check_id(run, "training_run_id")
+        with self._lock:
+            m = self._models.get(run)
+        if m is not None and m.tenant == caller.tenant_id and m.tc is not None:
+            return m.run_id
+        return run
+
+    def list_checkpoints(self, caller: EdgeCaller, run: str) -> list[dict[str, Any]]:
+        run_id = self._run_id(caller, run)
+        out = []
+        for a in self.client(caller).list_artifacts(session_id=run_id):
+            kind = a.metadata.get("tinker_kind")
+            if kind not in KINDS or a.state != "available" or a.name.startswith("ephemeral-"):
+                continue
+            out.append({"checkpoint_id": f"{kind}/{a.name}", "checkpoint_type": KINDS[kind],
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.create_time)),
+                        "tinker_path": f"tinker://{run_id}/{kind}/{a.name}", "size_bytes": a.size_bytes})
+        return sorted(out, key=lambda c: c["time"])
+
+    def delete_checkpoint(self, caller: EdgeCaller, run: str, checkpoint_id: str) -> None:
+        kind, _, name = checkpoint_id.partition("/")
+        _kind, art = self.artifact_of(caller, f"tinker://{self._run_id(caller, run)}/{kind}/{name}")
+        self.client(caller).delete_artifact(art.artifact_id)
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def _open_sampler(self, caller: EdgeCaller, sampler_id: str, session_id: str, base_model: str,
+                      model_path: str | None, artifact_id: str | None) -> Sampler:
+        local = self.resolve_model(base_model)
+        sc = self.client(caller)
+        client = (sc.create_sampling_client(artifact_id) if artifact_id
+                  else sc.create_sampling_client(model_ref=local))
+        sp = Sampler(sampler_id, caller.tenant_id, base_model, local, model_path, artifact_id, client)
+        with self._lock:
+            self._samplers[sampler_id] = sp
+            s = self._sessions.get(session_id)
+            if s is not None:
+                s.samplers.append(sampler_id)
+        return sp
+
+    def create_sampling_session(self, caller: EdgeCaller, session_id: str, seq: int, model_path: str | None,
+                                base_model: str | None) -> str:
+        self.session(caller, session_id)
+        sid = f"{session_id}:sample:{seq}"
+        with self._lock:
+            if sid in self._samplers:
+                return sid
+        if model_path:
+            _kind, art = self.artifact_of(caller, model_path)
+            base = str(art.metadata.get("tinker_base_model") or base_model or "")
+            if not base:
+                raise FailedPrecondition(f"{model_path} was not saved through the Tinker API (no base model)")
+            self._open_sampler(caller, sid, session_id, base, model_path, art.artifact_id)
+        elif base_model:
+            self._open_sampler(caller, sid, session_id, base_model, None, None)
+        else:
+            raise InvalidArgument("base_model", "give model_path or base_model")
+        return sid
+
+    def sampler(self, caller: EdgeCaller, sampler_id: str) -> Sampler:
+        with self._lock:
+            sp = self._samplers.get(check_id(sampler_id, "sampling_session_id"))
+        if sp is None or sp.tenant != caller.tenant_id:
+            raise NotFound(f"no sampler {sampler_id!r}")
+        return sp
+
+    def sample(self, caller: EdgeCaller, body: dict[str, Any]) -> tuple[Box, list[str]]:
+        sid = body.get("sampling_session_id")
+        if sid is None:
+            raise InvalidArgument("sampling_session_id", "required (create a sampling session first)")
+        sp = self.sampler(caller, sid)
+        prompt = model_input_tokens(body.get("prompt"), "prompt")
+        n = body.get("num_samples", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise InvalidArgument("num_samples", "must be an integer in 1..64")
+        params = body.get("sampling_params") or {}
+        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if body.get(unsupported):
+                raise InvalidArgument(unsupported, "is not supported by TenSafe")
+        if body.get("target_prompt_logprobs") is not None or body.get("prompt_logprobs_last_n") is not None:
+            raise InvalidArgument("target_prompt_logprobs", "is not supported by TenSafe")
+        kwargs = sampling_kwargs(params)
+        want_prompt = bool(body.get("prompt_logprobs"))
+        box = self.futures.new(caller.tenant_id)
+        seq_ids = [f"{sid}:{body.get('seq_id', 0)}:{i}" for i in range(n)]
+
+        def run() -> Outcome:
+            res = sp.client.sample([prompt], num_samples=n, return_logprobs=True, **kwargs)
+            seqs = [wire.SampledSeq(s.token_ids, list(s.logprobs), "length" if s.finish_reason == "length"
+                                    else "stop") for s in sorted(res.samples, key=lambda s: s.sample_index)]
+            prompt_lps = self._prompt_logprobs(caller, sp, prompt) if want_prompt else None
+            return Outcome(proto=wire.sample_response(seqs, prompt_lps))
+        self._run(box, run)
+        return box, seq_ids
+
+    def _prompt_logprobs(self, caller: EdgeCaller, sp: Sampler, prompt: list[int]) -> list[float]:
+        """log p(prompt[i] | prompt[:i]) under the sampler's weights (NaN at 0), computed by a scoring session of
+        the trainer holding the same adapter (the inference service returns no prompt log-probabilities)."""
+        with sp.lock:
+            if sp.scorer is None:
+                config = TrainingConfig(model_ref=sp.local_ref, optimizer=OptimizerConfig(name="adamw"),
+                                        lora_config=LoRAConfig(rank=1, dropout=0.0, target_modules=["q_proj"]),
+                                        metadata={"tinker_role": "prompt_logprobs", "sampler": sp.sampler_id})
+                if sp.artifact_id:
+                    art = self.client(caller).describe_artifact(sp.artifact_id)
+                    rank = int(art.metadata.get("tinker_rank") or 1)
+                    train = tuple(f == "1" for f in str(art.metadata.get("tinker_train", "1,1,1")).split(","))
+                    config = self._training_config(caller, sp.local_ref, rank, (train[0], train[1], train[2]),
+                                                   None, sp.base_model)
+                    config.dp_config = None  # it only scores (Forward, no gradient): nothing to account
+                    config.metadata["tinker_role"] = "prompt_logprobs"
+                scorer = self.client(caller).create_training_client(config)
+                if sp.artifact_id:
+                    scorer.load_state(sp.artifact_id)
+                sp.scorer = scorer
+            scorer = sp.scorer
+        ids = np.asarray([prompt], np.int64)
+        labels = ids.copy()
+        labels[0, 0] = wire.IGNORE
+        res = scorer.forward({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels},
+                             "token_ce", return_logprobs=True).result()
+        lps = np.asarray(res.logprobs)[0].astype(float).tolist()
+        lps[0] = float("nan")
+        return lps
+
+    def sampler_info(self, caller: EdgeCaller, sampler_id: str) -> dict[str, Any]:
+        sp = self.sampler(caller, sampler_id)
+        return {"sampler_id": sp.sampler_id, "base_model": sp.base_model, "model_path": sp.model_path}
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        names = list(self.models_by_name) or sorted(self.config.registered_models())
+        return [{"model_name": n, "trainable": True, "sampleable": True} for n in names]
+
+
+def model_input_tokens(value: object, where: str) -> list[int]:
+    """A ModelInput JSON (``{"chunks": [{"type": "encoded_text", "tokens": [...]}]}``) as token ids."""
+    if not isinstance(value, dict) or not isinstance(value.get("chunks"), list):
+        raise InvalidArgument(where, "must be a ModelInput with chunks")
+    tokens: list[int] = []
+    for i, chunk in enumerate(value["chunks"]):  # pyright: ignore[reportUnknownVariableType]
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            raise InvalidArgument(f"{where}.chunks[{i}]", "only encoded_text chunks are supported")
+        toks = chunk.get("tokens")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in toks):  # pyright: ignore[reportUnknownVariableType]
+            raise InvalidArgument(f"{where}.chunks[{i}].tokens", "must be a list of token ids")
+        tokens.extend(toks)  # pyright: ignore[reportUnknownArgumentType]
+    if not 0 < len(tokens) <= wire.MAX_TOKENS:
+        raise InvalidArgument(where, f"must hold 1 to {wire.MAX_TOKENS} tokens")
+    return tokens
+
+
+def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Tinker's SamplingParams as ``tg_tinker`` sampling arguments (the inference service checks the values)."""
+    max_tokens = params.get("max_tokens") or 16
+    stop = params.get("stop")
+    if isinstance(stop, list) and stop and not all(isinstance(x, str) for x in stop):  # pyright: ignore[reportUnknownVariableType]
+        raise InvalidArgument("sampling_params.stop", "stop token ids are not supported; give stop strings")
+    out: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(params.get("temperature", 1.0)),
+                           "top_p": float(params.get("top_p", 1.0)),
+                           "top_k": max(int(params.get("top_k", -1)), 0)}
+    if stop:
+        out["stop"] = [stop] if isinstance(stop, str) else list(stop)  # pyright: ignore[reportUnknownArgumentType]
+    if params.get("seed") is not None:
+        out["seed"] = int(params["seed"])
+    return out

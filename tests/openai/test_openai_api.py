@@ -9,7 +9,12 @@ request: the same text, token ids and log-probabilities.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,7 +22,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import eventually, free_port, start_stack
+from conftest import REPO, eventually, free_port, start_stack
 from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
 
 PROMPTS = ["Once upon a time", "The clinic opens at"]
@@ -259,3 +264,32 @@ def test_every_call_is_in_the_ledger(api, client, other, adapter, grpc_client) -
     eventually(lambda: [e for e in grpc_client.get_audit_logs(service="inference", vkey=vkey)
                         if e.action == "inference.Generate" and e.request_id == rid], 20, interval=0.2,
                message="the inference.Generate entry of the same request")
+
+
+DOC_MODEL = "smollm2-135m-instruct"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", (REPO / "docs" / "openai.md").read_text(), re.S)
+
+
+def test_the_documented_curl_and_openai_snippets_work(api) -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": api[1], "OPENAI_API_KEY": api[0].api_key}
+    (curl,) = [b for b in _doc_blocks("bash") if "curl" in b]
+    assert DOC_MODEL in curl
+    script = "\n".join(ln for ln in curl.splitlines() if not ln.startswith("export ")).replace(DOC_MODEL, "tiny")
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    decoder, text, replies = json.JSONDecoder(), out.stdout.strip(), []
+    while text:
+        reply, end = decoder.raw_decode(text)
+        replies.append(reply)
+        text = text[end:].strip()
+    assert [r["object"] for r in replies] == ["list", "chat.completion"], replies
+    assert "tiny" in {m["id"] for m in replies[0]["data"]} and replies[1]["choices"][0]["message"]["role"]
+    (snippet,) = _doc_blocks("python")
+    out = subprocess.run([sys.executable, "-c", snippet.replace(DOC_MODEL, "tiny")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'tiny'" in out.stdout.splitlines()[0]

@@ -46,10 +46,12 @@ def trained(service):
                 tc.optim_step()
             greedy = tc.sample(PROMPTS, max_tokens=24, temperature=0, return_logprobs=True)
             ids = tc.sample([PROMPT_IDS[0][:6]], max_tokens=16, temperature=0)
+            pair = tc.sample([PROMPT_IDS[0][:6], PROMPT_IDS[1][:6]], max_tokens=8, temperature=0)
             stop = next(s.completion[len(s.completion) // 2:][:2] for s in greedy.samples if len(s.completion) > 4)
             stopped = tc.sample(PROMPTS, max_tokens=24, temperature=0, stop=[stop])
             ckpt = tc.save_state(include_optimizer=False)
-        out.append({"artifact": ckpt.artifact_id, "greedy": greedy, "ids": ids, "stop": stop, "stopped": stopped})
+        out.append({"artifact": ckpt.artifact_id, "greedy": greedy, "ids": ids, "stop": stop, "stopped": stopped,
+                    "pair": pair})
     return out
 
 
@@ -242,8 +244,19 @@ def test_two_plane_he_lora_greedy_equals_the_plaintext_adapter(service, trained,
         expected = trained[0]["greedy"].samples[0].token_ids[:16]
         assert [t for c in chunks for t in c.token_ids] == expected
         assert len(chunks) >= 2 and chunks[-1].finish_reason in ("length", "stop")
-        stats = he_sc._two_plane.runtime.inference.last_stats  # the he service computed the last delta
+        inference = he_sc._two_plane.runtime.inference
+        stats = inference.last_stats  # the he service computed the last delta
         assert stats.rpcs == 2 and stats.counts["plaintext_multiplies"] > 0 and stats.counts["rotations"] == 0
+        # q_proj and v_proj of a block in one call per round: 2 blocks x 2 rounds per forward pass, the
+        # prompt's tokens in one pass. Sequences of one prompt length generate together, same tokens.
+        assert he_sc._two_plane.groups["model.layers.0.self_attn.q_proj"] == ("model.layers.0.self_attn.q_proj",
+                                                                             "model.layers.0.self_attn.v_proj")
+        before = inference.total_stats.rpcs
+        prompts = [PROMPT_IDS[0][:6], PROMPT_IDS[1][:6]]
+        chunks = list(he_sc.stream(prompts, max_tokens=8, temperature=0))
+        got = [[t for c in chunks if c.prompt_index == i for t in c.token_ids] for i in range(2)]
+        assert got == [s.token_ids[:8] for s in trained[0]["pair"].samples]
+        assert inference.total_stats.rpcs - before == 4 * max(map(len, got))  # one pass per token, both sequences
         with pytest.raises(ValidationError) as info:
             he_sc.sample(PROMPTS[:1], max_tokens=4, top_p=1.5)
         assert info.value.field == "sampling.top_p"

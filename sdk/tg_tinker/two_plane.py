@@ -31,6 +31,19 @@ if TYPE_CHECKING:
     from ._transport import Transport
     from .he.keys import HEKeyBundle
 
+# Sequences generated together (one row each of one generate call).
+MAX_BATCH = 8
+
+
+def _batches(jobs: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, int, list[int]]]]:
+    """Jobs (prompt index, sample index, token ids) in batches of one prompt length, in order of first
+    appearance, at most MAX_BATCH each."""
+    by_length: dict[int, list[tuple[int, int, list[int]]]] = {}
+    for job in jobs:
+        by_length.setdefault(len(job[2]), []).append(job)
+    return [group[i:i + MAX_BATCH] for group in by_length.values() for i in range(0, len(group), MAX_BATCH)]
+
+
 class _Halt(Exception):
     pass
 
@@ -181,7 +194,8 @@ class TwoPlaneGenerator:
 
     def stream(self, prompts: Sequence[str | Sequence[int]], params: common_pb2.SamplingParams,
                cancelled: threading.Event) -> Iterator[Chunk]:
-        """Increments of each prompt's samples, one sequence after another."""
+        """Increments of each prompt's samples. Sequences whose prompts have the same length generate
+        together (up to MAX_BATCH, in order), so their chunks interleave; the others one batch after another."""
         _check(params)
         out: queue.Queue[Chunk | BaseException | None] = queue.Queue()  # None: the end
         threading.Thread(target=self._run, args=(prompts, params, cancelled, out), daemon=True,
@@ -210,8 +224,10 @@ class TwoPlaneGenerator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
 
         class Sink(BaseStreamer):
-            def __init__(self, seq: SequenceStream) -> None:
-                self.seq, self.prompt_seen = seq, False
+            """The tokens of a batch of sequences (one row each), as generate picks them."""
+
+            def __init__(self, seqs: list[SequenceStream]) -> None:
+                self.seqs, self.prompt_seen = seqs, False
 
             def put(self, value: torch.Tensor) -> None:
                 if not self.prompt_seen:
@@ -219,10 +235,14 @@ class TwoPlaneGenerator:
                     return
                 if cancelled.is_set():
                     raise _Halt
-                chunk = self.seq.push(int(value.reshape(-1)[0]))
-                if chunk is not None:
-                    out.put(chunk)
-                if self.seq.stopped:
+                tokens: list[int] = value.reshape(-1).tolist()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+                for seq, token in zip(self.seqs, tokens, strict=True):
+                    if seq.stopped:
+                        continue  # this row is done; generate goes on for the others
+                    chunk = seq.push(token)
+                    if chunk is not None:
+                        out.put(chunk)
+                if all(seq.stopped for seq in self.seqs):
                     raise _Halt
 
             def end(self) -> None:
@@ -233,20 +253,24 @@ class TwoPlaneGenerator:
             with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):  # pyright: ignore[reportUnknownMemberType]
                 if params.HasField("seed"):
                     torch.manual_seed(params.seed)  # pyright: ignore[reportUnknownMemberType]
-                for index, prompt in enumerate(prompts):
-                    ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                    for sample_index in range(max(1, params.num_samples)):
-                        seq = SequenceStream(tok, index, sample_index, [s for s in params.stop if s], False)
-                        x = torch.tensor([ids], dtype=torch.long)
-                        try:
-                            self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=Sink(seq),
-                                                **kwargs)
-                        except _Halt:
-                            pass
-                        finally:
-                            self._ready.clear()  # nothing of one sequence's pass is used in another's
-                        if cancelled.is_set():
-                            return
+                jobs = [(index, sample_index, tok.encode(prompt) if isinstance(prompt, str) else list(prompt))
+                        for index, prompt in enumerate(prompts) for sample_index in range(max(1, params.num_samples))]
+                for batch in _batches(jobs):
+                    seqs = [SequenceStream(tok, index, sample_index, [s for s in params.stop if s], False)
+                            for index, sample_index, _ in batch]
+                    # Sequences of one prompt length generate together, without padding: every block's
+                    # HE call carries all their tokens (one ComputeTokens call per round).
+                    x = torch.tensor([ids for _, _, ids in batch], dtype=torch.long)
+                    try:
+                        self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=Sink(seqs),
+                                            **kwargs)
+                    except _Halt:
+                        pass
+                    finally:
+                        self._ready.clear()  # nothing of one batch's pass is used in another's
+                    if cancelled.is_set():
+                        return
+                    for seq in seqs:
                         out.put(seq.finish())
         except BaseException as exc:  # noqa: BLE001 - raised to the reader
             out.put(exc)

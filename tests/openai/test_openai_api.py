@@ -248,6 +248,31 @@ def test_the_api_key_is_the_bearer_token(api) -> None:
     assert httpx.get(api[1] + "/models").json()["error"]["code"] == "api_key_missing"
 
 
+def test_leaving_a_stream_early_cancels_its_generation(api, client, grpc_client) -> None:
+    # 16 x 240 tokens take seconds on the tiny model; the client leaves after the first event.
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=PROMPTS[0], max_tokens=240, n=16,
+                                                      seed=1, stream=True)
+    stream = raw.parse()
+    next(iter(stream))
+    stream.close()
+    vkey = api[0].cli("ledger", "vkey").stdout.strip()
+    (entry,) = eventually(lambda: [e for e in grpc_client.get_audit_logs(service="openai", vkey=vkey)
+                                   if e.request_id == raw.headers["x-request-id"]], 30, interval=0.2,
+                          message="the audit entry of the abandoned stream")
+    assert entry.details["code"] == "CANCELLED" and int(entry.details["completion_tokens"]) < 16 * 240
+
+
+def test_a_huge_body_and_unknown_paths_are_answered_in_openais_shape(api) -> None:
+    headers = {"authorization": f"Bearer {api[0].api_key}", "content-type": "application/json"}
+    big = httpx.post(api[1] + "/completions", headers=headers, content=b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    for method, path in (("GET", "/nothing"), ("DELETE", "/models")):
+        reply = httpx.request(method, api[1] + path, headers=headers)
+        assert reply.status_code in (404, 405) and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    not_json = httpx.post(api[1] + "/completions", headers=headers, content=b"{nope")
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
+
+
 def test_every_call_is_in_the_ledger(api, client, other, adapter, grpc_client) -> None:
     reply = client.completions.with_raw_response.create(model=adapter.adapter_id, prompt="Hi", max_tokens=2)
     rid = reply.headers["x-request-id"]

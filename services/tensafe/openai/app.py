@@ -19,6 +19,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tensafe.runtime.errors import InvalidArgument, NotFound, TensafeError
 from tensafe.runtime.http_edge import EdgeCaller, Failure, HttpEdge, domain_failure, grpc_failure, request_id
@@ -51,9 +52,9 @@ class ApiError(Exception):
                                        "code": code}}, status_code=self.status, headers={"x-request-id": request})
 
 
-def invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+def invalid(param: str | None, message: str, code: str = "invalid_value", status: int | None = None) -> ApiError:
     exc = InvalidArgument(param or "body", message)
-    return ApiError(domain_failure(exc), param, code)
+    return ApiError(domain_failure(exc), param, code, status)
 
 
 # Error types that only say the input is not one member of a union (``stop``: a string, or a list of them):
@@ -90,13 +91,13 @@ async def _body(request: Request) -> bytes:
     """The request body, refused (413) past MAX_BODY_BYTES while it arrives."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise invalid(None, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
+        raise invalid(None, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large", 413)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise invalid(None, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
+            raise invalid(None, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -131,6 +132,15 @@ def create_app(edge: HttpEdge) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible front on ``edge``."""
     service = OpenAIService(edge)
     app = FastAPI(title="TenSafe OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """A path or method this API does not have, in OpenAI's error shape."""
+        code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
+                                                                                         grpc.StatusCode.UNKNOWN)
+        message = f"{request.method} {request.url.path[:200]}: {exc.detail}"
+        return ApiError(Failure(code, "UNKNOWN_ROUTE", message), None, "unknown_url", exc.status_code).response(
+            request_id(request.headers.get("x-request-id")))
 
     async def handle(request: Request, action: str, work: Callable[[EdgeCaller, bytes], Awaitable[Response]],
                      resource: str = "") -> Response:

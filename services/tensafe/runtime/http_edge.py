@@ -37,7 +37,6 @@ from .db import RUNTIME_VERSIONS, create_engine, migrate
 from .errors import TensafeError, Unauthenticated, call_status, reason_metadata
 from .identity import KeyRegistry, KeyVerifier, load_public_key
 from .peers import PeerChannels, open_channel
-from .telemetry import traced_channel
 
 log = logging.getLogger("tensafe.http_edge")
 
@@ -154,12 +153,13 @@ class HttpEdge:
         return EdgeCaller(principal.tenant_id, principal.key_id, api_key, request)
 
     def channel(self, service: str) -> grpc.Channel:
-        """A tenant channel to ``service`` (TLS as the services use it, when configured)."""
+        """A tenant channel to ``service`` (TLS as the services use it, when configured). Not wrapped by the
+        tracing interceptor: its streams would lose ``cancel()``, and a client that leaves a streamed
+        response must cancel the generation behind it."""
         endpoint = self.peers.endpoint(service)
         with self._lock:
             if endpoint not in self._channels:
-                raw = open_channel(self.config, endpoint)
-                self._channels[endpoint] = traced_channel(raw)
+                self._channels[endpoint] = open_channel(self.config, endpoint)
             return self._channels[endpoint]
 
     # -- the audit trail -------------------------------------------------------------------

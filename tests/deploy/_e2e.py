@@ -53,7 +53,8 @@ def train_save_sample(client: Any, steps: int = 2) -> tuple[Any, Any]:
         expected = tc.sample(PROMPTS, max_tokens=8, temperature=0)
         ckpt = tc.save_state(include_optimizer=False)
     got = client.create_sampling_client(artifact_id=ckpt.artifact_id).sample(PROMPTS, max_tokens=8, temperature=0)
-    assert [s.token_ids for s in got.samples] == [s.token_ids for s in expected.samples]
+    assert [s.token_ids for s in got.samples] == [s.token_ids for s in expected.samples], (
+        f"inference {[s.token_ids for s in got.samples]} != trainer {[s.token_ids for s in expected.samples]}")
     return ckpt, expected
 
 

@@ -270,7 +270,7 @@ def test_six_serving_and_the_sdk_through_the_pods(kube: KubePlay, monkeypatch, t
     with ServiceClient(api_key=api_key, base_url=f"127.0.0.1:{free_port()}", retry_count=3,
                        endpoints=endpoints) as client:
         assert client.check_health() == {s: "SERVING" for s in SERVICE_NAMES}
-        train_save_sample(client, steps=1)
+        train_save_sample(client)
         entries = audit_entries(client, vkey)
     assert {e.service for e in entries} >= {"trainer", "inference", "vault"}, {e.service for e in entries}
     assert kube.tensafe("ledger", "verify").startswith("ok:")

@@ -1,18 +1,25 @@
-"""The transformers backend (the default): PEFT named adapters on one base model, CPU.
+"""The transformers backend (the default): PEFT named adapters on one base model.
 
-Generation is transformers' own ``generate`` called with the arguments the trainer's
-``sample`` uses, one prompt (and sample) at a time with no padding, so an adapter's greedy
-output here is the training session's greedy output, token for token. A streamer receives
-each token as it is chosen; a forward hook on the output layer keeps the raw logits of that
-step, from which the token's log-probability is taken exactly as the trainer takes it.
+Generation is continuous batching across tenants: one decode loop per base runs every active
+sequence, whatever its adapter, in ONE forward pass per step, each row through its own adapter
+(``tensafe.common.multilora``: segmented LoRA over the PEFT layers, the base computed once).
+Sequences join and leave between two steps: a new one is prefilled alone (its prompt, its
+adapter, no padding) and its key/value cache joins the batch's, left-padded to the longest
+(masked columns, each row at its own positions); a finished or cancelled one leaves, its rows
+dropped. Each row's next token is chosen as transformers' ``generate`` chooses it with the
+arguments the trainer's ``sample`` uses (argmax for greedy; temperature, top-k, top-p warpers and
+a multinomial draw otherwise), so an adapter's greedy output is the training session's greedy
+output and the same as generating it alone. A token's log-probability is taken from that step's
+raw logits exactly as the trainer takes it.
 
-Jobs on one base take turns one sequence at a time: the base's lock is granted in request
-order (first come, first served) and a job takes it for one sequence, so a job with many
-prompts or samples does not hold the base for its whole length: another tenant's short call
-waits for at most one sequence. The active adapter, the logits hook and the seeded RNG are
-set for each sequence under the lock (a seeded job carries its RNG state from one sequence to
-the next, so its output does not depend on the interleaving). A job waiting for the lock
-gives up when cancelled.
+Fairness: a job (one request) has at most one sequence in the batch at a time, its sequences in
+order, and jobs are admitted in arrival order, round robin: a job with many prompts or samples
+goes to the back of the queue after each of its sequences, so another tenant's short call waits
+for at most one sequence of it, never for the whole job. At most ``max_active`` sequences share
+a step. A seeded job draws from its own generator, carried from one of its sequences to the
+next, so its output does not depend on what else was in the batch. The base's lock (granted in
+request order) is taken for each step, so adapters are added and removed between steps; a
+sequence whose adapter was removed ends with an error, a cancelled one at the next step.
 """
 
 from __future__ import annotations
@@ -21,42 +28,36 @@ import collections
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as st_load
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.streamers import BaseStreamer
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from tensafe.common import multilora
 from tensafe.common.devices import model_device
 from tensafe.common.models import ModelLocation, load_base_model
 from tensafe.runtime.adapter_config import lora_kwargs
-from tensafe.runtime.errors import InvalidArgument
+from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .adapter import AdapterFiles
 from .backend import Backend, ChunkQueue, ServedBase
 from .generation import GenerationJob, SequenceStream
 
+# Sequences that share one decode step (the batch), at most.
+MAX_ACTIVE = 16
+
 log = logging.getLogger("tensafe.inference.hf")
-
-
-class _Halt(Exception):
-    """Raised from the streamer to end ``generate`` early (stop string seen, or cancelled)."""
-
-
-class _TokenSink(BaseStreamer):
-    def __init__(self, on_token) -> None:
-        self.on_token = on_token
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt itself
-            self.prompt_seen = True
-            return
-        self.on_token(int(value.reshape(-1)[0]))
-
-    def end(self) -> None:
-        pass
 
 
 class _FairLock:
@@ -108,6 +109,15 @@ class HFBase(ServedBase):
         self.vocab_size = int(embeddings.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.lock = _FairLock()
+        self.max_active = MAX_ACTIVE
+        self.stats = {"steps": 0, "rows": 0}  # decode steps run, and the rows they decoded
+        self._cond = threading.Condition()  # guards the waiting jobs, the batch's rows and the loop handle
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._active: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, [rows, heads, length, dim]
+        self._mask: torch.Tensor | None = None  # [rows, length]: 1 where a row has a token
+        self._loop: threading.Thread | None = None
+        self._closed = False
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: AdapterFiles) -> None:
@@ -160,6 +170,11 @@ class HFBase(ServedBase):
         with self.lock:
             self.peft = None
             self.model = None
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._loop is None:
+            self._end_all(FailedPrecondition("the base model was closed"))
 
     def _base(self) -> PreTrainedModel:
         assert self.model is not None, "the base is closed"
@@ -167,94 +182,239 @@ class HFBase(ServedBase):
 
     # -- generation ----------------------------------------------------------------------------
     def start(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
-        threading.Thread(target=self._run, args=(adapter, job, out), name="inference-hf", daemon=True).start()
-
-    def _run(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
-        try:
-            self._generate(adapter, job, out)  # takes the lock for one sequence at a time
+        if job.sampling.max_tokens <= 0:  # validate() refuses these; nothing to generate
             out.close()
-        except Exception as exc:  # handed to the caller, who reports it
-            if not isinstance(exc, InvalidArgument):
-                log.exception("generation failed")
-            out.close(exc)
+            return
+        with self._cond:
+            if self._closed:
+                out.close(FailedPrecondition("the base model was closed"))
+                return
+            self._waiting.append(_Job(adapter, job, out))
+            self._cond.notify_all()
+            if self._loop is None or not self._loop.is_alive():
+                self._loop = threading.Thread(target=self._decode_loop, name="inference-hf", daemon=True)
+                self._loop.start()
 
-    def _model(self, adapter: str | None, stack: contextlib.ExitStack):
-        if adapter is None:
-            if self.peft is not None:
-                stack.enter_context(self.peft.disable_adapter())
-                return self.peft
-            return self._base()
-        if self.peft is None or adapter not in self.peft.peft_config:
-            raise InvalidArgument("adapter_id", "the adapter is no longer loaded")
-        self.peft.set_adapter(adapter)
-        return self.peft
-
-    def _generate(self, adapter: str | None, job: GenerationJob, out: ChunkQueue) -> None:
-        tok = self.tokenizer
-        greedy = job.temperature == 0.0
-        kwargs: dict = dict(max_new_tokens=job.sampling.max_tokens, do_sample=not greedy,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                            return_dict_in_generate=True)
-        if greedy:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k or None)
-        rng: torch.Tensor | None = None  # a seeded job's RNG state between two of its sequences
-        for index, ids in enumerate(job.prompts):
-            for sample_index in range(job.num_samples):
-                if out.cancelled.is_set() or not self.lock.acquire(out.cancelled):
+    def _decode_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._active and not self._closed:
+                    if not self._cond.wait(5.0) and not self._waiting and not self._active:
+                        self._loop = None  # idle: the next job starts a new loop
+                        return
+                if self._closed:
+                    self._loop = None
+                    self._end_all(FailedPrecondition("the base model was closed"))
                     return
+            with self.lock:  # for one step: adapters are added and removed between steps
+                if self.model is None:
+                    continue  # closed meanwhile: the next round ends the jobs
                 try:
-                    seq, rng = self._sequence(adapter, job, out, ids, (index, sample_index), kwargs, rng)
-                finally:
-                    self.lock.release()
-                if out.cancelled.is_set():
-                    return
-                out.put(seq.finish())
+                    self._step()
+                except Exception as exc:  # the batch's failure ends its jobs, never the loop
+                    log.exception("generation failed")
+                    self._end_all(exc)
 
-    def _sequence(self, adapter: str | None, job: GenerationJob, out: ChunkQueue, ids: list[int],
-                  where: tuple[int, int], kwargs: dict,
-                  rng: torch.Tensor | None) -> tuple[SequenceStream, torch.Tensor | None]:
-        """One sequence, under the lock: the adapter, the RNG and the logits hook are set for it alone.
-        Returns its stream and, for a seeded job, the RNG state to continue from."""
-        want_logprobs = job.sampling.return_logprobs
-        seeded = job.sampling.seed is not None
-        with contextlib.ExitStack() as stack:
-            model = self._model(adapter, stack)
-            model.eval()
-            stack.enter_context(torch.no_grad())
-            if seeded:
-                stack.enter_context(torch.random.fork_rng(devices=[]))
-                if rng is None:
-                    torch.manual_seed(job.sampling.seed)  # once per request, as the trainer's sample does
-                else:
-                    torch.set_rng_state(rng)
-            last_logits: list[torch.Tensor] = []
-            if want_logprobs:
-                head = model.get_output_embeddings()
-                assert head is not None, "a causal LM has an output head"
-                hook = head.register_forward_hook(lambda m, i, o: last_logits.__setitem__(slice(None), [o[:, -1]]))
-                stack.callback(hook.remove)
-            seq = SequenceStream(self.tokenizer, where[0], where[1], job.stops, want_logprobs)
+    def _end_all(self, exc: BaseException) -> None:
+        """Every job in the batch or waiting ends with ``exc``; the batch's cache is dropped."""
+        with self._cond:
+            jobs = [r.job for r in self._active] + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        self._kv, self._mask = None, None
+        for j in jobs:
+            j.out.close(exc)
 
-            def on_token(token: int) -> None:
-                if out.cancelled.is_set():
-                    raise _Halt
-                lp = float(torch.log_softmax(last_logits[0][0].float(), -1)[token]) if want_logprobs else 0.0
-                chunk = seq.push(token, lp)
-                if chunk is not None:
-                    out.put(chunk)
-                if seq.stopped:
-                    raise _Halt
+    def _step(self) -> None:
+        """One step: rows that ended leave, waiting jobs' next sequences join (prefilled), then one
+        decode step for all."""
+        self._drop_rows([i for i, r in enumerate(self._active) if self._gone(r.job)])
+        while len(self._active) < self.max_active:
+            with self._cond:
+                if not self._waiting:
+                    break
+                job = self._waiting.popleft()
+            if self._gone(job):
+                continue
+            self._admit(job)
+        if self._active:
+            self._decode()
 
-            input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
-            try:
-                model.generate(input_ids=input_ids,  # pyright: ignore[reportCallIssue] - PeftModel forwards generate() (typed via nn.Module.__getattr__)
-                               attention_mask=torch.ones_like(input_ids),
-                               streamer=_TokenSink(on_token), **kwargs)
-            except _Halt:
-                pass
-            return seq, (torch.get_rng_state() if seeded else None)
+    def _gone(self, job: _Job) -> bool:
+        """True (and the job ended) when it was cancelled or its adapter is no longer loaded."""
+        if job.out.cancelled.is_set():
+            job.out.close()
+            return True
+        if job.adapter is not None and (self.peft is None or job.adapter not in self.peft.peft_config):
+            job.out.close(InvalidArgument("adapter_id", "the adapter is no longer loaded"))
+            return True
+        return False
+
+    def _model(self):
+        return self.peft if self.peft is not None else self._base()
+
+    def _routed(self, rows: list[_Row]):
+        if self.peft is None:
+            return contextlib.nullcontext()
+        segments = [multilora.Segment(r.job.adapter, i, i + 1, r.step_length) for i, r in enumerate(rows)]
+        return multilora.routed(self.peft, segments)
+
+    def _admit(self, job: _Job) -> None:
+        """Prefill the job's next sequence alone; it joins the batch unless its first token ends it."""
+        index, sample_index, ids = next(job.sequences)
+        row = _Row(job, SequenceStream(self.tokenizer, index, sample_index, job.job.stops,
+                                       job.job.sampling.return_logprobs), len(ids))
+        model = self._model()
+        model.eval()
+        input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
+        row.step_length = len(ids)
+        with torch.no_grad(), self._routed([row]):
+            out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+                        logits_to_keep=1)
+        if self._take(row, out.logits[:, -1].float()):
+            return
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._join(kv, len(ids))
+        self._active.append(row)
+
+    def _join(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Add one sequence's cache to the batch's, left-padding whichever is shorter."""
+        device = kv[0][0].device
+        ones = torch.ones((1, length), dtype=torch.long, device=device)
+        if self._kv is None or self._mask is None:
+            self._kv, self._mask = kv, ones
+            return
+        have = self._mask.shape[1]
+        if length < have:
+            kv = [(F.pad(k, (0, 0, have - length, 0)), F.pad(v, (0, 0, have - length, 0))) for k, v in kv]
+            ones = F.pad(ones, (have - length, 0))
+        elif length > have:
+            self._kv = [(F.pad(k, (0, 0, length - have, 0)), F.pad(v, (0, 0, length - have, 0))) for k, v in self._kv]
+            self._mask = F.pad(self._mask, (length - have, 0))
+        self._kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(self._kv, kv, strict=True)]
+        self._mask = torch.cat([self._mask, ones])
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        """Rows leave the batch; leading columns no row uses any more are trimmed."""
+        if not rows:
+            return
+        keep = [i for i in range(len(self._active)) if i not in set(rows)]
+        self._active[:] = [self._active[i] for i in keep]
+        if not keep or self._kv is None or self._mask is None:
+            self._kv, self._mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        used = mask.sum(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        self._mask = mask[:, first:]
+        self._kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                    for k, v in self._kv]
+
+    def _decode(self) -> None:
+        """One token for every row of the batch, in one pass (each row through its own adapter)."""
+        assert self._kv is not None and self._mask is not None, "rows in the batch have their cache"
+        rows = self._active
+        model = self._model()
+        device = self._mask.device
+        last = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=device)
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
+        for r in rows:
+            r.step_length = 1
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        with torch.no_grad(), self._routed(rows):
+            out = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True)
+        self._kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._mask = mask
+        self.stats["steps"] += 1
+        self.stats["rows"] += len(rows)
+        for r in rows:
+            r.length += 1  # the token fed in is in the cache now
+        logits = out.logits[:, -1].float()
+        done = [i for i, r in enumerate(rows) if self._take(r, logits[i:i + 1])]
+        self._drop_rows(done)
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Choose the row's next token from its logits [1, V]; True when its sequence is over (then it
+        was sent and its job moved on)."""
+        job = row.job
+        sampling = job.job.sampling
+        if job.out.cancelled.is_set():  # stopped between two tokens: nothing more is sent
+            job.out.close()
+            return True
+        if job.greedy:
+            token = int(logits.argmax(dim=-1))
+        else:
+            no_ids = torch.empty((1, 0), dtype=torch.long, device=logits.device)  # the warpers read scores only
+            scores = job.warpers(no_ids, logits)  # pyright: ignore[reportArgumentType] - typed LongTensor, takes a long Tensor
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, num_samples=1, generator=job.generator))
+        lp = float(torch.log_softmax(logits[0], -1)[token]) if sampling.return_logprobs else 0.0
+        row.generated += 1
+        row.last = token
+        chunk = row.seq.push(token, lp)
+        if chunk is not None:
+            job.out.put(chunk)
+        if not row.seq.stopped and row.generated < sampling.max_tokens:
+            return False
+        job.out.put(row.seq.finish())
+        with self._cond:
+            if job.more():
+                self._waiting.append(job)  # its next sequence, behind the jobs already waiting
+            else:
+                job.out.close()
+        return True
+
+
+@dataclass
+class _Job:
+    """A request: its sequences in order (prompt, then sample), its sampling rule and generator."""
+
+    adapter: str | None
+    job: GenerationJob
+    out: ChunkQueue
+    sequences: Iterator[tuple[int, int, list[int]]] = field(init=False)
+    remaining: int = field(init=False)
+    greedy: bool = field(init=False)
+    warpers: LogitsProcessorList = field(init=False)
+    generator: torch.Generator | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        job = self.job
+        self.sequences = iter([(i, k, ids) for i, ids in enumerate(job.prompts) for k in range(job.num_samples)])
+        self.remaining = len(job.prompts) * job.num_samples
+        self.greedy = job.temperature == 0.0
+        # As generate() builds them for temperature / top_k / top_p (in that order), when sampling.
+        warpers = LogitsProcessorList()
+        if not self.greedy:
+            if job.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(job.temperature))
+            if job.top_k:
+                warpers.append(TopKLogitsWarper(job.top_k))
+            if job.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(job.top_p))
+        self.warpers = warpers
+        # A seeded job: seeded once per request, as the trainer's sample does, and carried across its sequences.
+        seed = job.sampling.seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def more(self) -> bool:
+        self.remaining -= 1
+        return self.remaining > 0
+
+
+@dataclass
+class _Row:
+    """One sequence in the batch: its stream, its length in the cache, its last token."""
+
+    job: _Job
+    seq: SequenceStream
+    length: int            # tokens in the cache: the position of the next token fed in
+    generated: int = 0
+    last: int = 0
+    step_length: int = 1   # positions this row feeds in the current forward (its prompt, then 1)
 
 
 class HFBackend(Backend):

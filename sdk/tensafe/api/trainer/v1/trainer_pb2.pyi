@@ -19,6 +19,12 @@ class LoraBias(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LORA_BIAS_ALL: _ClassVar[LoraBias]
     LORA_BIAS_LORA_ONLY: _ClassVar[LoraBias]
 
+class DPSampling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DP_SAMPLING_UNSPECIFIED: _ClassVar[DPSampling]
+    DP_SAMPLING_CLIENT: _ClassVar[DPSampling]
+    DP_SAMPLING_SERVER: _ClassVar[DPSampling]
+
 class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
@@ -50,6 +56,9 @@ LORA_BIAS_UNSPECIFIED: LoraBias
 LORA_BIAS_NONE: LoraBias
 LORA_BIAS_ALL: LoraBias
 LORA_BIAS_LORA_ONLY: LoraBias
+DP_SAMPLING_UNSPECIFIED: DPSampling
+DP_SAMPLING_CLIENT: DPSampling
+DP_SAMPLING_SERVER: DPSampling
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_ACTIVE: SessionState
 SESSION_STATE_CLOSED: SessionState
@@ -109,7 +118,7 @@ class LossConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class DPConfig(_message.Message):
-    __slots__ = ("enabled", "noise_multiplier", "max_grad_norm", "target_epsilon", "target_delta", "accountant_type", "dataset_size", "sample_rate", "max_steps", "budget_id")
+    __slots__ = ("enabled", "noise_multiplier", "max_grad_norm", "target_epsilon", "target_delta", "accountant_type", "dataset_size", "sample_rate", "max_steps", "budget_id", "sampling", "dataset_artifact_id")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +129,8 @@ class DPConfig(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     noise_multiplier: float
     max_grad_norm: float
@@ -130,7 +141,9 @@ class DPConfig(_message.Message):
     sample_rate: float
     max_steps: int
     budget_id: str
-    def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., target_delta: _Optional[float] = ..., accountant_type: _Optional[_Union[_common_pb2.AccountantType, str]] = ..., dataset_size: _Optional[int] = ..., sample_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., budget_id: _Optional[str] = ...) -> None: ...
+    sampling: DPSampling
+    dataset_artifact_id: str
+    def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., target_delta: _Optional[float] = ..., accountant_type: _Optional[_Union[_common_pb2.AccountantType, str]] = ..., dataset_size: _Optional[int] = ..., sample_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., budget_id: _Optional[str] = ..., sampling: _Optional[_Union[DPSampling, str]] = ..., dataset_artifact_id: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
     __slots__ = ("model_ref", "lora_config", "optimizer", "batch_size", "gradient_accumulation_steps", "seed", "max_sequence_length", "dp_config", "loss", "metadata")

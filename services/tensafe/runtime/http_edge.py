@@ -135,6 +135,8 @@ class HttpEdge:
         self.audit = AuditOutbox(self.engine, lambda: self.peers.channel("ledger"), config.service_key)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        # What the edge's app holds and must release when the edge stops (run first, newest first).
+        self.closers: list[Callable[[], None]] = []
 
     def _open_db(self) -> Engine:
         engine = create_engine(self.config.service_db_url(self.name),
@@ -185,7 +187,13 @@ class HttpEdge:
         self.audit.start()
 
     def stop(self) -> None:
-        """Stop delivery, deliver what waits while the ledger still answers, close (idempotent)."""
+        """Run the closers, stop delivery, deliver what waits while the ledger still answers, close (idempotent)."""
+        while self.closers:
+            close = self.closers.pop()
+            try:
+                close()
+            except Exception:  # the edge still stops
+                log.exception("could not close %r of the %s edge", close, self.name)
         self.audit.stop()
         self.audit.flush()
         with self._lock:

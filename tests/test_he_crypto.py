@@ -204,6 +204,57 @@ def test_single_token_masks_cancel_in_block_sums_and_hide_the_products(bundle) -
     assert np.abs(sums - sums_b).min() > 1e-2 and np.abs(slots2 - slots2b).min() > 1e-3
 
 
+def _group(bundle, layers: list[LoraLayer], x: np.ndarray):
+    """Both rounds of one token through ``layers`` as the SDK's process_tokens runs them."""
+    engine = _engine(bundle)
+    slots = bundle.slot_count
+    layout = compute.group_layout(layers, slots, "layers")
+    counts = Counts()
+    ct = engine.load_input(bundle.encrypt_token(np.tile(x, layout.per)), "x")
+    blinding = compute.prepare_group(engine, layout, _fresh_masks(engine), counts)
+    first = compute.serialize_seal(compute.project_group(engine, blinding, ct, counts), Timer())
+    sums = np.concatenate([bundle.decrypt_token(c)[: layout.per * layout.block].reshape(layout.per, -1).sum(1)
+                           for c in first])
+    values = np.zeros((layout.per2, layout.block2))
+    for ly, row, start, span in zip(layers, layout.rows, layout.starts, layout.spans, strict=True):
+        values[start:start + span, : ly.rank] = sums[row:row + ly.rank]
+    ct2 = engine.load_input(bundle.encrypt_token(values.ravel()), "u")
+    second = compute.serialize_seal(compute.expand_group(engine, blinding, ct2, counts), Timer())
+    blocks = np.stack([bundle.decrypt_token(c).reshape(layout.per2, -1).sum(1) for c in second])
+    deltas = [blocks[:, start:start + span].reshape(-1)[: ly.out_features]
+              for ly, start, span in zip(layers, layout.starts, layout.spans, strict=True)]
+    return layout, sums, deltas, counts, first, second
+
+
+def test_layers_sharing_an_input_share_each_tokens_ciphertexts(bundle) -> None:
+    """q_proj (576 -> 576) and v_proj (576 -> 192) of SmolLM2 at r = 16, and layers of other ranks: their
+    rows share one token's outputs (5 + 3 at d = 576, against 6 + 4 one layer at a time), each layer keeps
+    its own Q and rho, the deltas are the LoRA deltas, and a second token gets fresh everything."""
+    rng = np.random.default_rng(11)
+    q, v = _layer(rng, 576, 16, 576), _layer(rng, 576, 16, 192)
+    x = rng.normal(0, 1, 576)
+    layout, sums, deltas, counts, first, second = _group(bundle, [q, v], x)
+    assert (layout.first, layout.second, layout.spans) == (5, 3, (192, 64))
+    assert counts.encryptions == 8 and counts.rotations == 0 and counts.multiplicative_depth == 1
+    for layer, delta in zip((q, v), deltas, strict=True):
+        assert _rel(delta, layer.scaling * layer.B @ layer.A @ x) < 1e-4
+    assert np.abs(sums[:16] - q.A @ x).min() > 1.0  # blinded (rho of order 2^14)
+    _, sums_b, deltas_b, _, first_b, second_b = _group(bundle, [q, v], x)
+    assert np.allclose(deltas[1], deltas_b[1], rtol=0, atol=1e-6 * np.abs(deltas[1]).max())
+    assert np.abs(sums - sums_b).min() > 1e-2
+    assert all(a != b for a, b in zip(first + second, first_b + second_b, strict=True))
+    rng = np.random.default_rng(12)
+    mixed = [_layer(rng, 100, 4, 300), _layer(rng, 100, 8, 40), _layer(rng, 100, 2, 7)]
+    x = rng.normal(0, 1, 100)
+    layout, _, deltas, *_ = _group(bundle, mixed, x)
+    assert layout.block2 == 8 and sum(layout.spans) <= layout.per2
+    for layer, delta in zip(mixed, deltas, strict=True):
+        assert _rel(delta, layer.scaling * layer.B @ layer.A @ x) < 1e-4
+    with pytest.raises(InvalidArgument) as err:  # more layers than round 2 has blocks
+        compute.group_layout([_layer(rng, 8, 64, 8)] * 65, bundle.slot_count, "layers")
+    assert err.value.field == "layers"
+
+
 def test_block_masks_sum_exactly_and_are_fresh() -> None:
     sums = np.array([3.0, -1.0, 0.0])
     m = compute.block_masks(40, 10, 3, sums)
@@ -242,7 +293,7 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
     engine.evaluator.multiply_plain(ct, engine.plaintext(rows.ravel(), engine.weight_scale), bare)
     engine.evaluator.rescale_to_next_inplace(bare)
     plains = compute._encoded_rows(engine, rows, 576, lambda: None)
-    outs = [compute._masked_products(engine, ct, plains, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]],
+    outs = [compute.masked_products(engine, ct, plains, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]],
                                      Counts())[0] for _ in range(2)]
     c1_bare, c1_a, c1_b = (_second_component(c) for c in (bare, *outs))
     assert outs[0].parms_id() == engine.output_level and outs[0].scale == engine.scale
@@ -250,7 +301,7 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
     # ... and an all-zero weight block (an untrained B) still returns a fresh encryption, of the masks.
     zeros = compute._encoded_rows(engine, np.zeros((7, 576)), 576, lambda: None)
     assert zeros == [None]
-    zero = compute._masked_products(engine, ct, zeros, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]], Counts())[0]
+    zero = compute.masked_products(engine, ct, zeros, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]], Counts())[0]
     values = bundle.decrypt_token(compute.serialize_seal([zero], Timer())[0])
     assert np.allclose(values[:4032].reshape(7, 576).sum(1), 0, atol=1e-6) and values.std() > 1000
 

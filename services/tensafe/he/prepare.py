@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ ROUND_GAP_S = 0.5
 # Quiet time after a request before preparing: tokens sent back to back (a few ms apart) then find
 # the preparing thread asleep instead of competing with the key holder for the cores.
 QUIET_S = 0.01
+SWITCH_INTERVAL_S = 0.001
 
 
 class Activity:
@@ -69,11 +71,25 @@ class Activity:
     def wait_idle(self) -> None:
         """Return when no request runs, no token waits for its second round and the last request ended
         QUIET_S ago."""
+        self._wait(eager=False)
+
+    def wait_no_request(self) -> None:
+        """Return when no request runs: a group's blindings (ComputeTokens, two-plane generation) are
+        prepared while the key holder works between rounds and while its plaintext plane runs, which is
+        when the next block's are needed."""
+        self._wait(eager=True)
+
+    def _wait(self, eager: bool) -> None:
         with self._cond:
             while True:
                 now = time.monotonic()
                 for cid in [c for c, until in self._between.items() if until <= now]:
                     del self._between[cid]
+                if eager:
+                    if not self._active:
+                        return
+                    self._cond.wait(timeout=0.1)
+                    continue
                 quiet_at = self._last + QUIET_S
                 if not self._active and not self._between and now >= quiet_at:
                     return
@@ -92,6 +108,7 @@ class _Entry:
     needs: tuple[tuple[int, str, int], ...]           # (block, kind, count) of the masks one blinding takes
     make: Callable[[compute.MaskSource, Callable[[], None]], Blinding]
     name: str
+    eager: bool = False                               # prepared whenever no request runs (groups)
     ready: deque[Blinding] = field(default_factory=deque)
 
 
@@ -135,7 +152,7 @@ class Preparer:
                         and names.intersection((k[1],) if isinstance(k[1], str) else k[1])]:
                 self.bytes -= sum(b.nbytes for b in self._entries.pop(key).ready)
         self._want((adapter_id, layout.names), _Entry(pool_key, engine, engine_args, needs, make,
-                                                      "+".join(layout.names)))
+                                                      "+".join(layout.names), eager=True))
 
     def _want(self, key: tuple, entry: _Entry) -> None:
         with self._cond:
@@ -144,6 +161,9 @@ class Preparer:
             if key not in self._entries:
                 self._entries[key] = entry
             if self._thread is None:
+                # SEAL holds the GIL: a request arriving while this thread encodes waits for the interpreter's
+                # switch interval (5 ms by default) before it may run; 1 ms bounds that wait.
+                sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
                 self._thread = threading.Thread(target=self._run, daemon=True, name="he-prepare")
                 self._thread.start()
             self._cond.notify_all()
@@ -211,8 +231,9 @@ class Preparer:
                     self._cond.wait(timeout=0.02 if waiting else None)
                     continue
             try:
-                self.activity.wait_idle()
-                blinding = entry.make(self._source(entry), self.activity.wait_idle)
+                wait = self.activity.wait_no_request if entry.eager else self.activity.wait_idle
+                wait()
+                blinding = entry.make(self._source(entry), wait)
             except Exception:  # a request prepares its own blinding instead
                 log.exception("he: preparing a single-token blinding for %s failed", entry.name)
                 with self._cond:

@@ -51,7 +51,9 @@ def objective(model, batch, clip_eps: float | None, entropy_coef: float, kl_coef
             logp = lsm[label]
             ratio = torch.exp(logp - float(batch["old_logprobs"][b, t]))
             a = float(batch["advantages"][b, t])
-            surr = ratio * a if clip_eps is None else torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+            surr = ratio * a
+            if clip_eps is not None:
+                surr = torch.minimum(surr, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
             term = -surr - entropy_coef * -(lsm.exp() * lsm).sum()
             if kl_coef:
                 d = float(batch["ref_logprobs"][b, t]) - logp

@@ -97,6 +97,11 @@ def build_app(edge: HttpEdge, gateway: Gateway) -> FastAPI:
             edge.record(action, caller, caller.request_id if caller else rid, failure, body=raw)
             msg = failure.message + (f" (field {failure.field})" if failure.field else "")
             return _error(failure.status, f"{failure.code.name}: {msg}", field=failure.field, reason=failure.reason)
+        except Exception as exc:  # a bug: answered (and logged), so that the caller sees it
+            log.exception("%s failed", action)
+            failure = Failure(grpc.StatusCode.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}")
+            edge.record(action, caller, caller.request_id if caller else rid, failure, body=raw)
+            return _error(500, f"INTERNAL: {failure.message}")
         edge.record(action, caller, caller.request_id if caller else rid, body=raw)
         return response
 

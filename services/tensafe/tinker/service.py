@@ -190,7 +190,7 @@ class FutureTable:
             if box is None and request_id in self._expired:
                 return None
         if box is None or box.tenant != tenant:
-            raise NotFound(f"no future {request_id!r}")
+            raise NotFound("future", request_id)
         return box
 
 
@@ -312,7 +312,7 @@ class Gateway:
         with self._lock:
             s = self._sessions.get(check_id(session_id, "session_id"))
         if s is None or s.tenant != caller.tenant_id:
-            raise NotFound(f"no session {session_id!r}")
+            raise NotFound("session", session_id)
         return s
 
     def heartbeat(self, caller: EdgeCaller, session_id: str) -> bool:
@@ -378,7 +378,7 @@ class Gateway:
         with self._lock:
             m = self._models.get(check_id(model_id, "model_id"))
         if m is None or m.tenant != caller.tenant_id:
-            raise NotFound(f"no model {model_id!r}")
+            raise NotFound("model", model_id)
         return m
 
     def _training_config(self, caller: EdgeCaller, local_ref: str, rank: int, train: tuple[bool, bool, bool],
@@ -548,7 +548,7 @@ class Gateway:
         found = [a for a in self.client(caller).list_artifacts(session_id=run)
                  if a.name == name and a.metadata.get("tinker_kind") == kind and a.state == "available"]
         if not found:
-            raise NotFound(f"no checkpoint {path}")
+            raise NotFound("checkpoint", path)
         return kind, max(found, key=lambda a: a.create_time)
 
     def load_weights(self, caller: EdgeCaller, body: dict[str, Any]) -> Box:
@@ -668,7 +668,7 @@ class Gateway:
         with self._lock:
             sp = self._samplers.get(check_id(sampler_id, "sampling_session_id"))
         if sp is None or sp.tenant != caller.tenant_id:
-            raise NotFound(f"no sampler {sampler_id!r}")
+            raise NotFound("sampler", sampler_id)
         return sp
 
     def sample(self, caller: EdgeCaller, body: dict[str, Any]) -> tuple[Box, list[str]]:

@@ -22,7 +22,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import REPO, eventually, free_port, start_stack
+from conftest import REPO, eventually, free_port, spawn, start_stack, tensafe_cmd
 from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig
 
 PROMPTS = ["Once upon a time", "The clinic opens at"]
@@ -246,6 +246,21 @@ def test_the_api_key_is_the_bearer_token(api) -> None:
             openai.OpenAI(base_url=api[1], api_key=key or "x", max_retries=0).models.list()
         assert err.value.status_code == 401
     assert httpx.get(api[1] + "/models").json()["error"]["code"] == "api_key_missing"
+
+
+def test_tensafe_serve_openai_alone_calls_the_services_at_their_endpoints(api, tmp_path, adapter) -> None:
+    stack = api[0]
+    args = tensafe_cmd("serve", "openai", "--data-dir", str(stack.data_dir))
+    port = free_port()
+    env = {**stack.env, "TENSAFE_INFERENCE_ENDPOINT": stack.target, "TENSAFE_LEDGER_ENDPOINT": stack.target}
+    proc = spawn([*args, "--port", str(port)], env, tmp_path / "serve-openai.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        eventually(lambda: f"tensafe openai serving on {url}" in proc.output(), 30, message="the start line")
+        alone = openai.OpenAI(base_url=url, api_key=stack.api_key, max_retries=0)
+        assert adapter.adapter_id in {m.id for m in alone.models.list()}
+    finally:
+        assert proc.stop() == 0, proc.output()
 
 
 def test_leaving_a_stream_early_cancels_its_generation(api, client, grpc_client) -> None:

@@ -103,3 +103,14 @@ def test_available_models_are_names_of_models_only(tmp_path: Path) -> None:
     names = available_models(models, {"registered": elsewhere, "missing": tmp_path / "nothing"})
     assert names == ["good", "one-gguf", "registered"]
     assert available_models(None) == [] and available_models(tmp_path / "absent") == []
+
+
+def test_tensafe_serve_openai_needs_the_services_endpoints(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tensafe.cli import main
+
+    for name in ("TENSAFE_INFERENCE_ENDPOINT", "TENSAFE_LEDGER_ENDPOINT", "TENSAFE_ENV_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    assert main(["serve", "openai", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "TENSAFE_INFERENCE_ENDPOINT and TENSAFE_LEDGER_ENDPOINT" in err

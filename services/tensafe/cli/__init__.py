@@ -23,9 +23,9 @@ from tg_tinker.services import SERVICE_NAMES
 # Top-level modules the `server` extra of pyproject.toml installs: a command that finds one missing says what to
 # install instead of tracing back.
 SERVER_EXTRA_MODULES = frozenset({
-    "alembic", "cryptography", "dp_accounting", "grpc_reflection", "opacus", "opentelemetry", "peft",
-    "prometheus_client", "psycopg", "safetensors", "sqlalchemy", "tenseal", "tokenizers", "torch", "tqdm",
-    "transformers",
+    "alembic", "cryptography", "dp_accounting", "fastapi", "grpc_reflection", "opacus", "opentelemetry", "peft",
+    "prometheus_client", "psycopg", "pydantic", "safetensors", "sqlalchemy", "starlette", "tenseal", "tokenizers",
+    "torch", "tqdm", "transformers", "uvicorn",
 })
 SERVER_EXTRA_HINT = "pip install 'tensafe[server]'"
 # HTTP edges `tensafe serve` runs besides the six services, and the services each one calls.

@@ -46,6 +46,13 @@ test-integration: install
 test-e2e: install
 	$(PYTEST) -m e2e
 
+# The TypeScript client (clients/node): npm ci, then its node test suite (unit tests, then a `tensafe up` of its own
+# with the tiny model; TS_BASE_URL + TS_API_KEY name a running stack instead). `make test` runs the same through
+# tests/test_node_client.py, which also checks that the generated code is fresh.
+.PHONY: test-node
+test-node: install
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && npm test
+
 # The whole suite under coverage, servers started as subprocesses included ([tool.coverage] in pyproject.toml);
 # HTML report in build/coverage/.
 test-cov: install
@@ -66,11 +73,21 @@ types: install
 
 qa: lint test
 
-proto: install
-	$(PY) scripts/gen_protos.py
+# The Python stubs (sdk/tensafe/api) and, where npm is installed, the TypeScript client's code (clients/node/src/gen).
+HAVE_NPM := $(shell command -v npm 2>/dev/null)
+NODE_GEN  = $(if $(HAVE_NPM),node_modules/.bin/buf clients/node/node_modules/.bin/protoc-gen-es)
 
-proto-check: install
+proto: install $(NODE_GEN)
+	$(PY) scripts/gen_protos.py
+	$(if $(HAVE_NPM),cd clients/node && npm run --silent generate,@echo "npm is not installed: clients/node/src/gen not regenerated" >&2)
+
+proto-check: install $(NODE_GEN)
 	$(PY) scripts/gen_protos.py --check
+	$(if $(HAVE_NPM),cd clients/node && npm run --silent generate:check,@echo "npm is not installed: clients/node/src/gen not checked" >&2)
+
+clients/node/node_modules/.bin/protoc-gen-es: clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 bench: install
 	@echo "Running every bench/bench_*.py; each prints ratios against an anchor (see bench/README.md)."
@@ -84,4 +101,4 @@ demo: install
 
 clean:
 	rm -rf $(VENV) node_modules build dist *.egg-info services/*.egg-info sdk/*.egg-info sdk/build .pytest_cache \
-	       .coverage .coverage.*
+	       .coverage .coverage.* clients/node/node_modules clients/node/dist

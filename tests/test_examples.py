@@ -64,3 +64,22 @@ def test_mlflow_tracking_and_export(trainer_stack, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "step 2: loss=" in out.stdout and (tmp_path / "mlflow" / "mlflow.db").is_file()
     assert "differential privacy" in (tmp_path / "hub" / "README.md").read_text()
+
+
+def _rlvr(trainer_stack, tiny_model, script: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_example(trainer_stack, f"examples/rlvr/{script}", "--model", "tiny", "--tokenizer", str(tiny_model),
+                       "--iterations", "2", "--prompts", "4", "--max-new-tokens", "4", *extra)
+
+
+def test_rlvr_reinforce_ppo_grpo(trainer_stack, tiny_model) -> None:
+    """The three RLVR examples, two iterations each on the tiny model (which learns nothing in two: they run)."""
+    for script, extra in (("reinforce.py", ()), ("ppo.py", ("--epochs", "2")), ("grpo.py", ("--num-samples", "2"))):
+        out = _rlvr(trainer_stack, tiny_model, script, *extra)
+        assert out.returncode == 0, out.stderr
+        assert "Iteration 2: mean_reward=" in out.stdout and "2 updates (completed)" in out.stdout, out.stdout
+
+
+def test_rlvr_reinforce_with_dp(trainer_stack, tiny_model) -> None:
+    out = _rlvr(trainer_stack, tiny_model, "reinforce.py", "--dp")
+    assert out.returncode == 0, out.stderr
+    assert "privacy: epsilon" in out.stdout, out.stdout

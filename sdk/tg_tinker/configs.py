@@ -17,6 +17,7 @@ _BIAS = {"none": trainer_pb2.LORA_BIAS_NONE, "all": trainer_pb2.LORA_BIAS_ALL,
          "lora_only": trainer_pb2.LORA_BIAS_LORA_ONLY}
 _ACCOUNTANTS = {"pld": common_pb2.ACCOUNTANT_TYPE_PLD, "prv": common_pb2.ACCOUNTANT_TYPE_PRV,
                 "rdp": common_pb2.ACCOUNTANT_TYPE_RDP}
+_SAMPLING = {"client": trainer_pb2.DP_SAMPLING_CLIENT, "server": trainer_pb2.DP_SAMPLING_SERVER}
 
 
 def _fail(fld: str, message: str) -> NoReturn:
@@ -162,8 +163,18 @@ class DPConfig:
     sample_rate: float | None = None
     max_steps: int | None = None
     budget_id: str = ""
+    # "client": you Poisson-sample the batches (tg_tinker.data) and the epsilon assumes you did (declared).
+    # "server": the trainer samples ``dataset_artifact_id`` (a JSONL dataset you put in the vault) itself, at
+    # q = batch_size / its rows, so the epsilon does not rest on you (attested); forward_backward then takes no
+    # batch. See docs/privacy.md.
+    sampling: str = "client"
+    dataset_artifact_id: str = ""
 
     def __post_init__(self) -> None:
+        if self.sampling not in _SAMPLING:
+            _fail("dp_config.sampling", f"must be one of {sorted(_SAMPLING)}")
+        if self.sampling == "server" and not self.dataset_artifact_id:
+            _fail("dp_config.dataset_artifact_id", "is required with sampling='server'")
         if self.accountant_type not in _ACCOUNTANTS:
             _fail("dp_config.accountant_type", f"must be one of {sorted(_ACCOUNTANTS)}")
         if not self.max_grad_norm > 0:
@@ -182,7 +193,8 @@ class DPConfig:
     def to_proto(self) -> trainer_pb2.DPConfig:
         msg = trainer_pb2.DPConfig(enabled=self.enabled, max_grad_norm=self.max_grad_norm,
                                    target_epsilon=self.target_epsilon, target_delta=self.target_delta,
-                                   accountant_type=_ACCOUNTANTS[self.accountant_type], budget_id=self.budget_id)
+                                   accountant_type=_ACCOUNTANTS[self.accountant_type], budget_id=self.budget_id,
+                                   sampling=_SAMPLING[self.sampling], dataset_artifact_id=self.dataset_artifact_id)
         for name in ("noise_multiplier", "dataset_size", "sample_rate", "max_steps"):
             if getattr(self, name) is not None:
                 setattr(msg, name, getattr(self, name))

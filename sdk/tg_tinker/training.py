@@ -268,11 +268,15 @@ class TrainingClient:
             self._step = max(self._step, result.step)
 
     # -- training -------------------------------------------------------------------------------
-    def forward_backward(self, batch: Mapping[str, Any], loss: str | LossConfig | None = None, *,
+    def forward_backward(self, batch: Mapping[str, Any] | None, loss: str | LossConfig | None = None, *,
                          return_logprobs: bool = False, **loss_kwargs: Any) -> FutureHandle[ForwardBackwardResult]:
-        """Queue a forward and backward pass; gradients accumulate until :meth:`optim_step`."""
-        req = trainer_pb2.ForwardBackwardRequest(session_id=self.session_id, batch=batch_to_proto(batch),
-                                                 return_logprobs=return_logprobs)
+        """Queue a forward and backward pass; gradients accumulate until :meth:`optim_step`.
+
+        ``batch`` None: in a session with ``DPConfig(sampling="server")`` the trainer draws the batch from the
+        session's dataset itself (and refuses one sent)."""
+        req = trainer_pb2.ForwardBackwardRequest(session_id=self.session_id, return_logprobs=return_logprobs)
+        if batch is not None:
+            req.batch.CopyFrom(batch_to_proto(batch))
         lp = _loss_proto(loss, loss_kwargs)
         if lp is not None:
             req.loss.CopyFrom(lp)

@@ -85,7 +85,11 @@ def build(session: Any, include_optimizer: bool, metadata: dict[str, Any],
         record["dp"] = {"budget_id": dp.budget_id, "noise_multiplier": dp.noise_multiplier,
                         "max_grad_norm": dp.max_grad_norm, "sample_rate": dp.sample_rate,
                         "spent_epsilon": dp.total_epsilon, "delta": dp.target_delta,
-                        "accounted_steps": dp.accounted_steps, "spent_without_update": dp.spent_without_update}
+                        "accounted_steps": dp.accounted_steps, "spent_without_update": dp.spent_without_update,
+                        "sampling": dp.sampling}
+        if dp.dataset is not None:
+            record["dp"].update(dataset_artifact_id=dp.dataset.artifact_id, dataset_sha256=dp.dataset.sha256,
+                                dataset_size=len(dp.dataset))
     if lineage is not None:
         record["lineage"] = json.loads(lineage_codec.to_json(lineage))
     buf = io.BytesIO()

@@ -70,6 +70,8 @@ def config_proto(cfg: SessionConfig) -> trainer_pb2.TrainingConfig:
         out.enabled, out.max_grad_norm, out.budget_id = dp.enabled, dp.max_grad_norm, dp.budget_id
         out.target_epsilon, out.target_delta = dp.target_epsilon, dp.target_delta
         out.accountant_type = cast("common_pb2.AccountantType", dp.accountant_type)
+        out.sampling = cast("trainer_pb2.DPSampling", dp.sampling)
+        out.dataset_artifact_id = dp.dataset_artifact_id
         for name in ("noise_multiplier", "dataset_size", "sample_rate", "max_steps"):
             if (value := getattr(dp, name)) is not None:
                 setattr(out, name, value)

@@ -9,6 +9,7 @@ this module reads fields (``budget.state``, ``artifact.lineage``) but builds non
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -37,6 +38,10 @@ from . import checkpoint
 from .audit_trail import SUCCESS, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
+from .dataset import FIELD as DATASET_FIELD
+from .dataset import PoissonSampler, ServerDataset, check_tokens
+from .dataset import batch as draw_batch
+from .dataset import parse as parse_dataset
 from .dp import PerSampleClipper, lora_layers, poisson_batch_limit
 from .futures import Op
 from .losses import Loss, resolve_loss
@@ -56,7 +61,16 @@ from .messages import (
 )
 from .passes import PassOp
 from .session import DPState, SessionSettings, StepParams, TrainingSession
-from .values import LORA_BIASES, BatchInput, LossSpec, SamplingSpec, SessionConfig, TensorData
+from .values import (
+    DP_SAMPLING_CLIENT,
+    DP_SAMPLING_SERVER,
+    LORA_BIASES,
+    BatchInput,
+    LossSpec,
+    SamplingSpec,
+    SessionConfig,
+    TensorData,
+)
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -70,8 +84,6 @@ def resolve_request_loss(default: Loss, loss: LossSpec | None) -> Loss:
     return default if loss is None else resolve_spec_loss(loss)
 
 
-def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
-    lora = config.lora_or_default
 def check_step_params(step: StepParams | None, optimizer: str) -> None:
     """INVALID_ARGUMENT naming ``params.<field>`` for a per-step hyperparameter out of range."""
     if step is None:
@@ -89,6 +101,8 @@ def check_step_params(step: StepParams | None, optimizer: str) -> None:
             raise InvalidArgument(f"params.{name}", "applies to Adam(W) only; this session's optimizer is sgd")
 
 
+def validate_config(config: SessionConfig) -> tuple[SessionSettings, LoraConfig]:
+    lora = config.lora_or_default
     if lora.rank <= 0:
         raise InvalidArgument("config.lora_config.rank", "must be > 0")
     if lora.alpha <= 0:
@@ -292,18 +306,53 @@ class Trainer:
                 del self._reserved[tenant]
 
     def create_session(self, tenant: str, config: SessionConfig) -> TrainingSession:
+        dataset = self._server_dataset(config)
+        if dataset is not None:  # N is the dataset's: q = expected batch / N follows in validate_dp
+            assert config.dp is not None
+            config = dataclasses.replace(config, dp=dataclasses.replace(config.dp, dataset_size=len(dataset)))
         settings, peft_config = validate_config(config)
         if settings.dp is not None and self.accountant is None:
             raise FailedPrecondition("this trainer has no accountant configured: set TENSAFE_ACCOUNTANT_ENDPOINT")
         private = peft_config.bias != "none"
         self._reserve(tenant, private)
         try:
-            return self._create_session(tenant, config, settings, peft_config, private)
+            return self._create_session(tenant, config, settings, peft_config, private, dataset)
         finally:
             self._release(tenant, private)
 
+    def _server_dataset(self, config: SessionConfig) -> ServerDataset | None:
+        """DPConfig.sampling = SERVER: the session's dataset, read from the vault as the caller and checked."""
+        dp = config.dp
+        if dp is None or dp.sampling not in (0, DP_SAMPLING_CLIENT, DP_SAMPLING_SERVER):
+            if dp is not None:
+                raise InvalidArgument("config.dp_config.sampling", f"unknown sampling {dp.sampling}")
+            return None
+        if dp.sampling != DP_SAMPLING_SERVER:
+            if dp.dataset_artifact_id:
+                raise InvalidArgument(DATASET_FIELD, "is only read with sampling = SERVER")
+            return None
+        if not dp.enabled:
+            raise InvalidArgument("config.dp_config.sampling", "server sampling is for DP sessions (enabled = true)")
+        if not dp.dataset_artifact_id:
+            raise InvalidArgument(DATASET_FIELD, "is required with sampling = SERVER: the trainer samples it")
+        if dp.sample_rate is not None:
+            raise InvalidArgument("config.dp_config.sample_rate", "is the trainer's with server sampling (expected "
+                                                                  "batch / the dataset's rows): omit it")
+        if config.gradient_accumulation_steps > 1:
+            raise InvalidArgument("config.gradient_accumulation_steps", "server sampling draws a whole logical "
+                                                                        "batch per ForwardBackward: use 1")
+        if self.vault is None:
+            raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
+        _, data = self.vault.get(call_context.current(), dp.dataset_artifact_id)
+        dataset = parse_dataset(data, dp.dataset_artifact_id)
+        if dp.dataset_size is not None and dp.dataset_size != len(dataset):
+            raise InvalidArgument("config.dp_config.dataset_size", f"is {dp.dataset_size}, but the dataset has "
+                                                                   f"{len(dataset)} rows: omit it")
+        return dataset
+
     def _create_session(self, tenant: str, config: SessionConfig, settings: SessionSettings,
-                        peft_config: LoraConfig, private: bool) -> TrainingSession:
+                        peft_config: LoraConfig, private: bool,
+                        dataset: ServerDataset | None = None) -> TrainingSession:
         session_id = "ses_" + uuid.uuid4().hex[:16]
         # Training base biases would change weights other sessions share: such a session gets its own copy.
         base = self._base_for(config.model_ref, session_id if private else None)
@@ -311,6 +360,8 @@ class Trainer:
         if settings.max_length > limit:
             raise InvalidArgument("config.max_sequence_length", f"exceeds the model's limit of {limit} tokens")
         settings.max_length = settings.max_length or limit
+        if dataset is not None:
+            check_tokens(dataset, base.vocab_size, settings.max_length)
         session = TrainingSession(session_id, tenant, settings, base, dp=settings.dp, accountant=self.accountant,
                                   audit=self.audit)
         with base.lock:
@@ -324,6 +375,8 @@ class Trainer:
             except Exception:
                 base.detach(session_id)
                 raise
+        if session.dp is not None and dataset is not None:
+            session.dp.dataset, session.dp.sampler = dataset, PoissonSampler(len(dataset), session.dp.sample_rate)
         if session.dp is not None:
             try:
                 self._open_budget(session)
@@ -337,7 +390,24 @@ class Trainer:
             self._sessions[session_id] = session
             if private:
                 self._private.add(session_id)
+        self._note_session(session, config, peft_config)
         return session
+
+    @staticmethod
+    def _note_session(session: TrainingSession, config: SessionConfig, peft_config: LoraConfig) -> None:
+        """The session's settings, in its CreateSession ledger entry (evidence from the ledger alone)."""
+        dp = session.dp
+        facts: dict[str, object] = {"session_id": session.session_id, "model_ref": config.model_ref,
+                                    "lora_rank": peft_config.r, "dp": "true" if dp is not None else "false"}
+        if dp is not None:
+            facts.update(noise_multiplier=repr(dp.noise_multiplier), max_grad_norm=repr(dp.max_grad_norm),
+                         sample_rate=repr(dp.sample_rate), expected_batch_size=dp.expected_batch_size,
+                         target_epsilon=repr(dp.target_epsilon), target_delta=repr(dp.target_delta),
+                         budget_id=dp.budget_id, dataset_size=dp.dataset_size or "",
+                         sampling=dp.sampling)  # server: attested; client: declared (docs/privacy.md)
+            if dp.dataset is not None:
+                facts.update(dataset_artifact_id=dp.dataset.artifact_id, dataset_sha256=dp.dataset.sha256)
+        call_context.note_audit(**facts)
 
     def _open_budget(self, session: TrainingSession) -> None:
         """Create the session's accountant budget (or take over the one named in the config) and fix
@@ -446,8 +516,34 @@ class Trainer:
                          return_logprobs: bool = False) -> Op:
         s = self.get(tenant, session_id, active=True)
         resolved = resolve_request_loss(s.settings.default_loss, loss)
-        prepared = self._batch(s, batch, resolved)
+        if s.dp is not None and s.dp.dataset is not None:
+            drawn = self._server_batch(s, batch, resolved)
+            if drawn is None:
+                return self._submit(s, OP_FORWARD_BACKWARD, s.empty_draw)
+            prepared = drawn
+        else:
+            prepared = self._batch(s, batch, resolved)
         return self._submit(s, OP_FORWARD_BACKWARD, PassOp(s, True, prepared, resolved, return_logprobs))
+
+    def _server_batch(self, session: TrainingSession, batch: BatchInput, loss: Loss) -> PreparedBatch | None:
+        """A server-sampled session's logical batch: every dataset row in with probability q (CSPRNG); None when
+        the draw took no row."""
+        dp = session.dp
+        assert dp is not None and dp.dataset is not None and dp.sampler is not None
+        sent = (batch.input_ids, batch.attention_mask, batch.labels, batch.advantages, batch.old_logprobs)
+        if any(t is not None for t in sent) or batch.extra:
+            raise InvalidArgument("batch", "this session samples its own batches from its dataset "
+                                           "(dp_config.sampling = SERVER): send ForwardBackward without a batch")
+        if not loss.per_example:
+            raise InvalidArgument("loss.name", f"loss '{loss.name}' compares rows with each other, so a row's "
+                                               "gradient is not its own; DP sessions need a per-example loss")
+        indices = dp.sampler.draw()
+        if not indices:
+            return None
+        prepared = draw_batch(dp.dataset, indices, int(loss.kwargs.get("ignore_index", -100)))
+        prepared = prepared.to(model_device(session.base.model))
+        loss.check_batch(prepared.shapes, int(prepared.input_ids.shape[0]), int(prepared.input_ids.shape[1]))
+        return prepared
 
     def forward(self, tenant: str, session_id: str, batch: BatchInput, loss: LossSpec | None = None,
                 return_logprobs: bool = False) -> Op:
@@ -482,6 +578,7 @@ class Trainer:
         """``apply_dp_noise`` None: not given (the session's DP setting applies). ``step``: per-step
         optimizer hyperparameters (OptimStep ``params``), checked here."""
         s = self.get(tenant, session_id, active=True)
+        check_step_params(step, s.settings.optimizer)
         if s.dp is not None:
             if apply_dp_noise is False:
                 raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
@@ -500,7 +597,6 @@ class Trainer:
         this trainer (tokens per call, the vocabulary, the session's length) are checked here."""
         s = self.get(tenant, session_id, active=True)
         sp = sampling
-        check_step_params(step, s.settings.optimizer)
         if prompts and prompt_token_ids:
             raise InvalidArgument("prompts", "give prompts as text or as token ids, not both")
         if not prompts and not prompt_token_ids:

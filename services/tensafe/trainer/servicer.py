@@ -84,12 +84,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def OptimStep(self, request: trainer_pb2.OptimStepRequest,
                   ctx: grpc.ServicerContext) -> trainer_pb2.OptimStepResponse:
         noise = request.apply_dp_noise if request.HasField("apply_dp_noise") else None
-        return trainer_pb2.OptimStepResponse(
         step = None
         if request.HasField("params"):
             p = request.params
             step = StepParams(**{f: getattr(p, f) if p.HasField(f) else None for f in STEP_PARAM_FIELDS})
-            future=self.trainer.optim_step(context.current_tenant(), request.session_id, noise).ref())
+        return trainer_pb2.OptimStepResponse(
+            future=self.trainer.optim_step(context.current_tenant(), request.session_id, noise, step).ref())
 
     def Sample(self, request: trainer_pb2.SampleRequest, ctx: grpc.ServicerContext) -> trainer_pb2.SampleResponse:
         sampling = sampling_value(request.sampling)
@@ -190,7 +190,7 @@ def config_value(msg: trainer_pb2.TrainingConfig) -> SessionConfig:
                     max_grad_norm=d.max_grad_norm, target_epsilon=d.target_epsilon, target_delta=d.target_delta,
                     accountant_type=d.accountant_type, dataset_size=_optional(d, "dataset_size"),
                     sample_rate=_optional(d, "sample_rate"), max_steps=_optional(d, "max_steps"),
-                    budget_id=d.budget_id)
+                    budget_id=d.budget_id, sampling=d.sampling, dataset_artifact_id=d.dataset_artifact_id)
     return SessionConfig(model_ref=msg.model_ref, lora=lora, optimizer=opt, batch_size=msg.batch_size,
                          gradient_accumulation_steps=msg.gradient_accumulation_steps, seed=_optional(msg, "seed"),
                          max_sequence_length=msg.max_sequence_length, dp=dp,

@@ -93,6 +93,15 @@ class DPState:
     total_epsilon: float = 0.0
     accounted_steps: int = 0
     spent_without_update: int = 0  # steps recorded by the accountant whose update could not be applied
+    # DPConfig.sampling = SERVER: the vault dataset this session draws its batches from, and its sampler
+    # (trainer.dataset); None: the client samples.
+    dataset: Any = None
+    sampler: Any = None
+
+    @property
+    def sampling(self) -> str:
+        """"server" (attested: the trainer samples) or "client" (declared)."""
+        return "server" if self.dataset is not None else "client"
 
     def metrics(self, budget: Any = None, applied: bool = False) -> trainer_pb2.DPMetrics:
         if budget is not None:
@@ -205,6 +214,13 @@ class TrainingSession:
         (out.loss / self.settings.accumulation).backward()
         return self.fb_result(out, len(batch.input_ids), return_logprobs)
 
+    def empty_draw(self) -> tuple[str, Any]:
+        """A server-sampled ForwardBackward whose Poisson draw took no row: no gradient, still a micro-step
+        (its OptimStep is noised and accounted like any other)."""
+        self._drop_custom()
+        self.micro_steps += 1
+        return "forward_backward", trainer_pb2.ForwardBackwardResult()
+
     def fb_result(self, out: LossOutput, rows: int, return_logprobs: bool) -> tuple[str, Any]:
         """A ForwardBackward's counters and result, once its gradient is in (alone or in a batched pass)."""
         self.micro_steps += 1
@@ -304,8 +320,8 @@ class TrainingSession:
         if self.micro_steps == 0:
             raise FailedPrecondition("optim_step without gradients: call forward_backward first")
         self.optim_calls += 1
-        grad_norm = _norm([p.grad for p in params if p.grad is not None])
         clip = self.apply_step_params(step)
+        grad_norm = _norm([p.grad for p in params if p.grad is not None])
         lr = float(optimizer.param_groups[0]["lr"])
         if self.optim_calls < self.settings.accumulation:
             # Accumulating: gradients are kept until the configured number of micro-batches is reached.
@@ -316,9 +332,9 @@ class TrainingSession:
             optimizer.zero_grad(set_to_none=True)
             self._reset_accumulation()
             raise InvalidArgument("batch", "gradients are not finite; the step was skipped and gradients cleared")
-        optimizer.step()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.lineage.own_non_private_steps += 1
@@ -338,8 +354,8 @@ class TrainingSession:
         Poisson sampling a batch may be empty, and that step is still noised and accounted.
         """
         dp, clipper, accountant = self._dp_parts()
-        lr = float(self._optimizer().param_groups[0]["lr"])
         clip = self.apply_step_params(step)
+        lr = float(self._optimizer().param_groups[0]["lr"])
         self.optim_calls += 1
         if self.optim_calls < self.settings.accumulation:
             return "optim_step", trainer_pb2.OptimStepResult(step=self.step, learning_rate=lr,
@@ -361,9 +377,9 @@ class TrainingSession:
         # The update, computed (and its noise drawn) before the record, released only after it.
         grads = clipper.noised_mean(dp.noise_multiplier, dp.expected_batch_size, dp.noise)
         grad_norm = _norm(list(grads.values()))
-        dp.updates += 1
         if clip > 0 and grad_norm > clip:  # post-processing of the noised gradient: no privacy cost
             grads = {p: g * (clip / grad_norm) for p, g in grads.items()}
+        dp.updates += 1
         step_id = f"{self.session_id}:u{dp.updates}"
         try:
             recorded = accountant.record_step(caller, dp.budget_id, step_id, dp.noise_multiplier,

@@ -24,6 +24,10 @@ class TensorData:
     data: bytes
 
 
+# trainer.v1.DPSampling
+DP_SAMPLING_CLIENT, DP_SAMPLING_SERVER = 1, 2
+
+
 @dataclass(frozen=True)
 class BatchInput:
     """A ``Batch``: token ids [B, T] and the optional per-row / per-token inputs of the losses."""
@@ -75,6 +79,8 @@ class DPSpec:
     sample_rate: float | None = None
     max_steps: int | None = None
     budget_id: str = ""
+    sampling: int = 0              # trainer.v1.DPSampling; 0 / CLIENT: the client draws the batches
+    dataset_artifact_id: str = ""  # SERVER sampling: the vault dataset the trainer draws from
 
 
 @dataclass(frozen=True)

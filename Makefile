@@ -9,7 +9,7 @@ PYTEST  = $(PY) -m pytest -q
 PY_SOURCES = services sdk/tg_tinker tests scripts bench examples
 
 .PHONY: install test test-unit test-integration test-e2e test-cov lint ruff buf-lint types qa proto proto-check \
-        bench demo up clean
+        bench demo up clean compliance compliance-smoke
 
 install: $(VENV)/.installed
 
@@ -98,6 +98,16 @@ up: install
 
 demo: install
 	$(PY) examples/demo.py --data-dir $(DATA)
+
+# Compliance evidence (docs/compliance.md). `compliance`: the report of tenant $(TENANT) from the data dir of
+# `make up` / `make demo` (HTML, JSON, PDF when Chromium is installed) in build/compliance. `compliance-smoke`:
+# a fresh stack, a short scripted DP scenario, its report, checked (about a minute).
+TENANT ?= default
+compliance: install
+	$(BIN)/tensafe compliance report --tenant $(TENANT) --data-dir $(DATA) --out build/compliance
+
+compliance-smoke: install
+	$(PY) scripts/compliance_smoke.py --models $(DATA)/models --out build/compliance-smoke
 
 clean:
 	rm -rf $(VENV) node_modules build dist *.egg-info services/*.egg-info sdk/*.egg-info sdk/build .pytest_cache \

@@ -212,6 +212,33 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compliance_report(args: argparse.Namespace) -> int:
+    from tensafe.compliance import evidence, render
+    from tensafe.compliance.report import build_report
+
+    if args.url:
+        api_key = os.environ.get("TS_API_KEY", "")
+        if not api_key:
+            print("error: --url reads the ledger as the tenant: set TS_API_KEY to one of its API keys",
+                  file=sys.stderr)
+            return 2
+        ev = evidence.from_url(args.url, api_key, args.tenant, args.vkey or os.environ.get("TS_LEDGER_VKEY"))
+    else:
+        ev = evidence.from_data_dir(_config(args), args.tenant, args.vkey)
+    report = build_report(ev)
+    files = render.write(report, Path(args.out), pdf=not args.no_pdf)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    v = report.verification
+    if not v["ok"]:
+        print(f"LEDGER NOT VERIFIED: {v['problem']}; the report uses only the first {v['verified_size']} entries "
+              f"and marks {v['excluded_entries']} of this tenant's as unverifiable", file=sys.stderr)
+        return 1
+    print(f"verified: {v['tenant_entries']} entries of tenant {args.tenant} ({len(report.sessions)} sessions, "
+          f"{len(report.budget_refusals)} budget refusals, {len(report.artifacts)} artifacts)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_ledger_verify)
     with_data_dir(ledger.add_parser("vkey", help="print the verifier key that checks the ledger's checkpoints")
                   ).set_defaults(func=cmd_ledger_vkey)
+
+    compliance = sub.add_parser("compliance", help="evidence from the verified audit ledger").add_subparsers(
+        dest="compliance_command", required=True)
+    rep = with_data_dir(compliance.add_parser(
+        "report", help="a tenant's evidence report (HTML, JSON, and PDF when Chromium is installed)"))
+    rep.add_argument("--tenant", required=True)
+    rep.add_argument("--url", help="read a running deployment as the tenant (TS_API_KEY) instead of the data dir")
+    rep.add_argument("--vkey", help="the ledger's verifier key (default: the data dir's, or $TS_LEDGER_VKEY)")
+    rep.add_argument("--out", default="compliance-report", help="output directory (default: ./compliance-report)")
+    rep.add_argument("--no-pdf", action="store_true", help="do not print a PDF even if Chromium is installed")
+    rep.set_defaults(func=cmd_compliance_report)
     return parser
 
 

@@ -105,13 +105,15 @@ def test_tensafe_is_a_namespace_split_across_both_roots() -> None:
 def test_sdk_wheel_holds_the_sdk_and_its_stubs_only(wheels) -> None:
     names = _names(wheels["tg_tinker"])
     expected = (_shipped_sources(SDK_ROOT, "tg_tinker", (".py",))
-                | _shipped_sources(SDK_ROOT, "tensafe/api", (".py", ".pyi")))
+                | _shipped_sources(SDK_ROOT, "tensafe/api", (".py", ".pyi"))
+                | _shipped_sources(SDK_ROOT, "tensafe/rlvr", (".py",)))
     assert expected - names == set()
     assert "tg_tinker/py.typed" in names
     assert {"tensafe/api/trainer/v1/trainer_pb2.py", "tensafe/api/trainer/v1/trainer_pb2.pyi",
             "tensafe/api/trainer/v1/trainer_pb2_grpc.py"} <= names
     modules = {n for n in names if ".dist-info/" not in n}
-    assert {n for n in modules if not n.startswith(("tg_tinker/", "tensafe/api/"))} == set()
+    assert {n for n in modules if not n.startswith(("tg_tinker/", "tensafe/api/", "tensafe/rlvr/"))} == set()
+    assert "tensafe/rlvr/algorithms.py" in names  # tensafe.rlvr: client-side RL, part of the SDK
     for server_part in ("tensafe/trainer/", "tensafe/runtime/", "tensafe/cli/", "tensafe/vault/"):
         assert not any(n.startswith(server_part) for n in names), server_part
     assert "tensafe/__init__.py" not in names

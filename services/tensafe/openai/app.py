@@ -128,9 +128,25 @@ def from_grpc(err: grpc.RpcError, chat: bool) -> ApiError:
     return ApiError(failure, param)
 
 
+class _Limiter:
+    """Threads for generations (each waits on its gRPC stream), apart from the pool that serves the short calls
+    (keys, model lists), so that generations cannot starve them: at most TENSAFE_MAX_STREAMS, as the server
+    allows (made on first use: a limiter belongs to the event loop)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def get(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.size)
+        return self._limiter
+
+
 def create_app(edge: HttpEdge) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible front on ``edge``."""
     service = OpenAIService(edge)
+    generations = _Limiter(edge.config.max_streams)
     app = FastAPI(title="TenSafe OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -192,17 +208,18 @@ def create_app(edge: HttpEdge) -> FastAPI:
                 req = _parse(model_cls, body)
                 request.state.resource = req.model[:128]
                 try:
-                    gen = await anyio.to_thread.run_sync(service.start, caller, req)
+                    gen = await anyio.to_thread.run_sync(service.start, caller, req, limiter=generations.get())
                 except grpc.RpcError as err:
                     raise from_grpc(err, chat) from None
                 completion_id, created = new_id(chat)
                 details = {"model": req.model[:128], "choices": str(len(gen.choices)), "stream": str(req.stream)}
                 if req.stream:
                     return StreamingResponse(
-                        _streamed(edge, action, caller, body, gen, completion_id, created, details),
+                        _streamed(edge, action, caller, body, gen, completion_id, created, details,
+                                  generations.get()),
                         media_type="text/event-stream", headers={"cache-control": "no-cache"})
                 try:
-                    await anyio.to_thread.run_sync(gen.run)
+                    await anyio.to_thread.run_sync(gen.run, limiter=generations.get())
                 except grpc.RpcError as err:
                     raise from_grpc(err, chat) from None
                 return JSONResponse((chat_body if chat else completion_body)(gen, completion_id, created))
@@ -219,7 +236,8 @@ def create_app(edge: HttpEdge) -> FastAPI:
 
 
 async def _streamed(edge: HttpEdge, action: str, caller: EdgeCaller, body: bytes, gen: Generation,
-                    completion_id: str, created: int, details: dict[str, str]) -> AsyncIterator[str]:
+                    completion_id: str, created: int, details: dict[str, str],
+                    limiter: anyio.CapacityLimiter) -> AsyncIterator[str]:
     """The events of a streamed generation; a failure mid-stream is sent as an ``error`` event (OpenAI's
     clients raise it), and the audit entry is written when the stream ends, however it ends."""
     events = stream_events(gen, completion_id, created)
@@ -227,7 +245,7 @@ async def _streamed(edge: HttpEdge, action: str, caller: EdgeCaller, body: bytes
     done = object()
     try:
         while True:
-            item: Any = await anyio.to_thread.run_sync(next, events, done)
+            item: Any = await anyio.to_thread.run_sync(next, events, done, limiter=limiter)
             if item is done:
                 break
             yield item

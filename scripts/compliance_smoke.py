@@ -1,7 +1,7 @@
 """`make compliance-smoke`: a fresh stack, a short scripted DP scenario, then its compliance report.
 
 On a fresh data dir (a temp dir unless --data-dir): SmolLM2-135M-Instruct (converted once into --models), `tensafe
-up`, a DP session whose small budget refuses its third step, a checkpoint, a tenant key rotation, an API key
+up`, a DP session whose small budget (epsilon 0.65: 0.483 after one step, 0.596 after two) refuses its third step, a checkpoint, a tenant key rotation, an API key
 created and revoked; then `tensafe compliance report` on the data dir. It fails unless the report verifies and
 holds the scenario's session, steps, refusal, checkpoint, rotation and key events. About a minute on two cores.
 """
@@ -48,7 +48,7 @@ def scenario(base_url: str, api_key: str, model_dir: Path, data_dir: Path, env: 
     with ServiceClient(api_key=api_key, base_url=base_url) as service:
         cfg = TrainingConfig(model_ref=model_dir.name, batch_size=4, lora_config=LoRAConfig(rank=4, alpha=8.0),
                              dp_config=DPConfig(enabled=True, noise_multiplier=0.8, max_grad_norm=1.0,
-                                                target_epsilon=0.55, target_delta=1e-5, dataset_size=400))
+                                                target_epsilon=0.65, target_delta=1e-5, dataset_size=400))
         with service.create_training_client(cfg) as tc:
             eps = []
             for step in range(3):

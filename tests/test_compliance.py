@@ -103,6 +103,7 @@ def test_report_holds_exactly_the_scenario(trainer_stack, scenario, tmp_path) ->
     assert float(refusals[0]["epsilon_with_step"]) > float(refusals[0]["target_epsilon"])
     arts = {a["artifact_id"]: a for a in report["artifacts"]}
     assert arts[scenario["checkpoint"]]["cipher"] == "AES-256-GCM"
+    assert arts[scenario["checkpoint"]]["kind"] == "checkpoint"
     assert arts[scenario["checkpoint"]]["kek_version"] == "1"
     rotations = [k for k in report["key_events"] if k["action"] == "vault.RotateTenantKey"]
     assert [k["kek_version"] for k in rotations] == [str(scenario["kek_version"])]

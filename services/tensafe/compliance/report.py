@@ -17,6 +17,7 @@ from .evidence import Entry, Evidence
 
 REPORT_VERSION = 1
 DP_REFUSALS = ("DP_BUDGET_EXCEEDED", "DP_BATCH_IMPLAUSIBLE")
+ARTIFACT_KINDS = {"1": "checkpoint", "2": "adapter", "3": "other"}  # vault.v1.ArtifactKind, as the entry holds it
 
 
 def _float(value: str | None) -> float | None:
@@ -134,6 +135,7 @@ def build_report(evidence: Evidence, now: float | None = None) -> Report:
                               **{k: e.details.get(k, "") for k in ("kind", "session_id", "cipher", "kek_version",
                                                                    "format_version", "size_bytes", "plaintext_sha256",
                                                                    "lineage_attested")}})
+            artifacts[-1]["kind"] = ARTIFACT_KINDS.get(artifacts[-1]["kind"], artifacts[-1]["kind"])
         elif e.action == "vault.DeleteArtifact" and e.outcome == "success":
             artifacts.append({"entry": e.index, "time": e.time, "artifact_id": e.resource_id, "kind": "(deleted)"})
         elif e.action in ("vault.GetArtifact", "vault.PullArtifact", "vault.UnwrapDataKey") and e.outcome == "success":

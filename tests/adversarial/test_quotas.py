@@ -166,6 +166,9 @@ def test_unfinished_he_computations_are_capped_per_tenant(he_tenant) -> None:
     with pytest.raises(QuotaExceededError) as err:
         round_one()
     assert err.value.quota == "TENSAFE_QUOTA_HE_COMPUTATIONS" and int(err.value.limit) == 2
+    with pytest.raises(QuotaExceededError):  # a batched call (ComputeTokens) is one more computation too
+        client.he.compute_tokens(he_pb2.ComputeTokensRequest(
+            adapter_id=inference.adapter.adapter_id, ciphertexts=[bundle.encrypt_token(np.ones(bundle.slot_count))]))
     # Finishing one (its round 2) makes room: a finished computation gives way to a new one.
     req = he_pb2.ComputeDeltaRequest(packing=he_pb2.PACKING_REPLICATED, computation_id=first.computation_id)
     req.layer_inputs.add(layer=layer.name, ciphertexts=[bundle.encrypt_token(

@@ -171,7 +171,7 @@ class PPOConfig:
     seed: int | None = None  # shuffling of the mini-batches
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.clip_epsilon, int | float) and 0 < self.clip_epsilon < 1):
+        if not 0 < self.clip_epsilon < 1:
             raise _invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
         for name in ("ppo_epochs", "num_minibatches"):
             v = getattr(self, name)
@@ -200,7 +200,7 @@ class GRPOConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.clip_epsilon, int | float) and 0 < self.clip_epsilon < 1):
+        if not 0 < self.clip_epsilon < 1:
             raise _invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
         for name in ("ppo_epochs", "num_minibatches"):
             v = getattr(self, name)
@@ -346,7 +346,7 @@ class _PolicyGradient:
         for epoch in range(epochs):
             if epoch or minibatches > 1:
                 rng.shuffle(order)
-            chunks = [order[k::minibatches] for k in range(minibatches)] if trajs else [[]]
+            chunks: list[list[int]] = [order[k::minibatches] for k in range(minibatches)] if trajs else [[]]
             for mb in chunks:
                 fbs: list[tuple[FutureHandle[ForwardBackwardResult], int]] = []
                 for s in range(0, len(mb), cfg.micro_batch_size):

@@ -21,7 +21,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tg_tinker.errors import TGTinkerError, ValidationError
 
@@ -94,10 +94,12 @@ def combine(*parts: RewardFn | tuple[RewardFn, float]) -> RewardFn:
         raise _invalid("parts", "combine needs at least one reward")
     weighted: list[tuple[RewardFn, float]] = []
     for i, part in enumerate(parts):
-        fn, weight = part if isinstance(part, tuple) else (part, 1.0)
-        if not callable(fn) or not math.isfinite(weight):
+        pair = cast(tuple[Any, Any], part) if isinstance(part, tuple) else (part, 1.0)
+        fn, weight = pair
+        if not callable(fn) or isinstance(weight, bool) or not isinstance(weight, int | float) \
+                or not math.isfinite(weight):
             raise _invalid(f"parts[{i}]", "a reward function, or (function, finite weight)")
-        weighted.append((fn, float(weight)))
+        weighted.append((cast(RewardFn, fn), float(weight)))
 
     def combined(prompt: str, completion: str, **context: Any) -> float:
         return sum(w * float(fn(prompt, completion, **context)) for fn, w in weighted)
@@ -114,10 +116,11 @@ def _check_input(completion: str) -> str:
 
 
 def _strings(value: Any, field: str, limit: int) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else None
+    items: list[Any] = ([value] if isinstance(value, str)
+                        else list(cast(Sequence[Any], value)) if isinstance(value, Sequence) else [])
     if not items or len(items) > limit or not all(isinstance(k, str) and k for k in items):
         raise _invalid(field, f"1 to {limit} non-empty strings")
-    return items  # pyright: ignore[reportReturnType]
+    return [str(k) for k in items]
 
 
 def _finite(value: Any, field: str, *, minimum: float | None = None) -> float:
@@ -185,14 +188,13 @@ def regex_match(pattern: str, full_match: bool = False, ignore_case: bool = Fals
     options.case_sensitive = not ignore_case
     options.max_mem = 8 << 20  # RE2's memory bound for the compiled program and its DFA cache
     try:
-        compiled = re2.compile(pattern, options)
-    except re2.error as exc:
+        compiled: Any = re2.compile(pattern, options)
+    except Exception as exc:  # noqa: BLE001 - re2.error: the pattern is refused, naming why
         raise _invalid("reward.kwargs.pattern", f"not a pattern RE2 accepts: {exc}") from None
+    match: Callable[[str], object] = compiled.fullmatch if full_match else compiled.search
 
     def reward(prompt: str, completion: str, **context: Any) -> float:
-        text = _check_input(completion)
-        found = compiled.fullmatch(text) if full_match else compiled.search(text)
-        return 1.0 if found is not None else 0.0
+        return 1.0 if match(_check_input(completion)) is not None else 0.0
 
     return reward
 
@@ -247,6 +249,7 @@ def json_schema_valid(schema: dict[str, Any], extract: bool = True) -> RewardFn:
     (models like to talk around it); otherwise the whole completion, stripped. Needs ``jsonschema``."""
     try:
         import jsonschema
+        import jsonschema.validators
     except ImportError:
         raise TGTinkerError("json_schema_valid needs jsonschema: pip install 'tg-tinker[rlvr]' (or jsonschema)",
                             code="CLIENT_ERROR") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tg_tinker.errors import ValidationError
 
@@ -25,13 +25,12 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     text prompts), an object with ``encode``, or a function ``text -> ids``."""
     if not callable(tokenizer):
         return [int(i) for i in tokenizer.encode(text)]
-    out = tokenizer(text)
-    ids = getattr(out, "input_ids", None)
+    out: Any = tokenizer(text)
+    ids: Any = getattr(out, "input_ids", None)
     if ids is None and isinstance(out, Mapping):
-        ids = out.get("input_ids")  # pyright: ignore[reportUnknownMemberType]
-    if ids is None:
-        ids = out
-    return [int(i) for i in ids]  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+        ids = cast(Mapping[str, Any], out)["input_ids"]
+    seq = cast(Sequence[Any], out if ids is None else ids)
+    return [int(i) for i in seq]
 
 
 class RolloutSampler:

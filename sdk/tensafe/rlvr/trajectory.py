@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 
@@ -118,13 +118,13 @@ class TrajectoryBatch(Sequence[Trajectory]):
             raise ValidationError("error_reward must be finite", field="error_reward", code="INVALID_ARGUMENT")
         for t in self.trajectories:
             try:
-                value = reward_fn(t.prompt, t.response, **{**t.context, **context})
+                value: Any = reward_fn(t.prompt, t.response, **{**t.context, **context})
                 if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
                     raise TypeError(f"the reward must be a number, got {type(value).__name__}")
-                value = float(value)
-                if not math.isfinite(value):
-                    raise ValueError(f"the reward is not finite: {value!r}")
-                t.reward, t.reward_error = value, None
+                number = float(cast(float, value))
+                if not math.isfinite(number):
+                    raise ValueError(f"the reward is not finite: {number!r}")
+                t.reward, t.reward_error = number, None
             except Exception as exc:  # noqa: BLE001 - one failing reward is reported, not fatal
                 t.reward, t.reward_error = float(error_reward), f"{type(exc).__name__}: {exc}"
         return self

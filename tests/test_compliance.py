@@ -4,6 +4,7 @@ an edited ledger makes the report mark what it can no longer prove (and the comm
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -160,3 +161,18 @@ def test_an_edited_ledger_is_marked_and_refused(trainer_stack, scenario, tmp_pat
     assert v["verified_size"] <= target and v["excluded_entries"] > 0
     assert all(e["index"] < v["verified_size"] for e in report["entries"])
     assert "did not verify" in (tmp_path / "t" / "report.html").read_text()
+
+
+def test_pdf_is_printed_when_chromium_is_installed(trainer_stack, scenario, tmp_path) -> None:
+    from tensafe.compliance.render import chromium
+
+    if chromium() is None:
+        if os.environ.get("TENSAFE_REQUIRE_CHROMIUM"):
+            pytest.fail("TENSAFE_REQUIRE_CHROMIUM is set but chromium is not installed")
+        pytest.skip("no Chromium here (apt install chromium): the report is HTML and JSON only")
+    proc = subprocess.run(tensafe_cmd("compliance", "report", "--tenant", "default", "--out", str(tmp_path),
+                                      "--data-dir", str(trainer_stack.data_dir)), env=trainer_stack.env,
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-") and b"/Type /Page" in pdf and len(pdf) > 10_000

@@ -42,8 +42,8 @@ def run(service, tokenizer, algo, iterations: int, num_samples: int = 1, repeat:
 
 
 def assert_learnt(r: list[float]) -> None:
-    """Measured (2026-12-02, seeds as here): REINFORCE 0.167 -> last three 0.958; PPO 0.167 -> 0.958;
-    GRPO 0.25 -> 0.944. Chance is 1/6."""
+    """Measured (2026-12-02, seeds as here, 8 iterations): REINFORCE 0.167 in the first iteration -> 0.903 over the
+    last three; PPO 0.167 -> 0.972; GRPO 0.25 -> 0.944. Chance is 1/6."""
     assert r[0] < 0.4, r  # before any update: about chance
     assert np.mean(r[-3:]) > 0.75 and np.mean(r[-3:]) > np.mean(r[:3]) + 0.25, r
 
@@ -51,15 +51,15 @@ def assert_learnt(r: list[float]) -> None:
 @pytest.mark.slow
 def test_reinforce_learns(service, tokenizer) -> None:
     algo = REINFORCE(REINFORCEConfig(use_baseline=True, normalize_advantages=True, entropy_coef=0.0))
-    log, r = run(service, tokenizer, algo, iterations=12)
-    assert log.stopped == "completed" and len(r) == 12
+    log, r = run(service, tokenizer, algo, iterations=8)
+    assert log.stopped == "completed" and len(r) == 8
     assert_learnt(r)
 
 
 @pytest.mark.slow
 def test_ppo_learns(service, tokenizer) -> None:
     algo = PPO(PPOConfig(ppo_epochs=2, num_minibatches=2, clip_epsilon=0.2, seed=0))
-    log, r = run(service, tokenizer, algo, iterations=10, lr=5e-3)
+    log, r = run(service, tokenizer, algo, iterations=8, lr=5e-3)
     assert_learnt(r)
     assert any(h.clip_fraction > 0 for h in log.history)  # later passes over a batch do clip
 
@@ -67,5 +67,5 @@ def test_ppo_learns(service, tokenizer) -> None:
 @pytest.mark.slow
 def test_grpo_learns(service, tokenizer) -> None:
     algo = GRPO(GRPOConfig())
-    log, r = run(service, tokenizer, algo, iterations=10, num_samples=4, repeat=1, lr=1e-2)
+    log, r = run(service, tokenizer, algo, iterations=8, num_samples=4, repeat=1, lr=1e-2)
     assert_learnt(r)

@@ -259,8 +259,12 @@ class _PolicyGradient:
     clip: bool = True
     name = "policy gradient"
 
-    def __init__(self, reference: TrainingClient | None = None) -> None:
+    config: Any
+
+    def __init__(self, config: Any, reference: TrainingClient | None = None) -> None:
+        self.config = config
         self.reference = reference
+        self.running = RunningBaseline(getattr(config, "baseline_momentum", 0.9))
         self._pad: dict[str, int] = {}
 
     # subclasses
@@ -268,17 +272,18 @@ class _PolicyGradient:
         raise NotImplementedError
 
     def _passes(self) -> tuple[int, int]:
-        return 1, 1
+        """(passes over the batch, mini-batches per pass): PPO's and GRPO's from their config; REINFORCE's 1, 1."""
+        return int(getattr(self._cfg, "ppo_epochs", 1)), int(getattr(self._cfg, "num_minibatches", 1))
 
     def _clip_epsilon(self) -> float:
-        return 0.2
+        return float(getattr(self._cfg, "clip_epsilon", 0.2))
 
     def _dp_check(self, batch: TrajectoryBatch) -> None:
         raise NotImplementedError
 
     @property
     def _cfg(self) -> Any:
-        raise NotImplementedError
+        return self.config
 
     # shared
     def _pad_id(self, tc: TrainingClient) -> int:
@@ -406,7 +411,19 @@ class _PolicyGradient:
             steps=steps)
 
 
-def _dp_common(batch: TrajectoryBatch, algo: str) -> None:
+def _baselined(cfg: REINFORCEConfig | PPOConfig, batch: TrajectoryBatch, running: RunningBaseline) -> np.ndarray:
+    rewards = batch.rewards()
+    adv = (_baseline_advantages(rewards, batch.groups, cfg.baseline, cfg.baseline_value, running)
+           if cfg.use_baseline else rewards.astype(np.float64))
+    return normalize(adv) if cfg.normalize_advantages else adv
+
+
+def _dp_common(cfg: REINFORCEConfig | PPOConfig, batch: TrajectoryBatch, algo: str) -> None:
+    if cfg.normalize_advantages or (cfg.use_baseline and cfg.baseline != "constant"):
+        raise _invalid("normalize_advantages" if cfg.normalize_advantages else "baseline",
+                       "on a DP session a trajectory's advantage may depend on its own reward only (its "
+                       "clipped gradient must not change with other examples): use normalize_advantages="
+                       "False and baseline='constant' (a fixed baseline_value) or use_baseline=False")
     groups = batch.groups
     if len(np.unique(groups)) != len(groups):
         raise _invalid("num_samples", f"{algo} on a DP session: each trajectory is one example for clipping and "
@@ -421,30 +438,16 @@ class REINFORCE(_PolicyGradient):
     clip = False
     name = "REINFORCE"
 
-    def __init__(self, config: REINFORCEConfig | None = None, *, reference: TrainingClient | None = None) -> None:
-        super().__init__(reference)
-        self.config = config or REINFORCEConfig()
-        self.running = RunningBaseline(self.config.baseline_momentum)
+    config: REINFORCEConfig
 
-    @property
-    def _cfg(self) -> REINFORCEConfig:
-        return self.config
+    def __init__(self, config: REINFORCEConfig | None = None, *, reference: TrainingClient | None = None) -> None:
+        super().__init__(config or REINFORCEConfig(), reference)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> np.ndarray:
-        cfg = self.config
-        rewards = batch.rewards()
-        adv = (_baseline_advantages(rewards, batch.groups, cfg.baseline, cfg.baseline_value, self.running)
-               if cfg.use_baseline else rewards.astype(np.float64))
-        return normalize(adv) if cfg.normalize_advantages else adv
+        return _baselined(self.config, batch, self.running)
 
     def _dp_check(self, batch: TrajectoryBatch) -> None:
-        cfg = self.config
-        if cfg.normalize_advantages or (cfg.use_baseline and cfg.baseline != "constant"):
-            raise _invalid("normalize_advantages" if cfg.normalize_advantages else "baseline",
-                           "on a DP session a trajectory's advantage may depend on its own reward only (its "
-                           "clipped gradient must not change with other examples): use normalize_advantages="
-                           "False and baseline='constant' (a fixed baseline_value) or use_baseline=False")
-        _dp_common(batch, "REINFORCE")
+        _dp_common(self.config, batch, "REINFORCE")
 
 
 class PPO(_PolicyGradient):
@@ -452,27 +455,13 @@ class PPO(_PolicyGradient):
 
     name = "PPO"
 
+    config: PPOConfig
+
     def __init__(self, config: PPOConfig | None = None, *, reference: TrainingClient | None = None) -> None:
-        super().__init__(reference)
-        self.config = config or PPOConfig()
-        self.running = RunningBaseline(self.config.baseline_momentum)
-
-    @property
-    def _cfg(self) -> PPOConfig:
-        return self.config
-
-    def _passes(self) -> tuple[int, int]:
-        return self.config.ppo_epochs, self.config.num_minibatches
-
-    def _clip_epsilon(self) -> float:
-        return float(self.config.clip_epsilon)
+        super().__init__(config or PPOConfig(), reference)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> np.ndarray:
-        cfg = self.config
-        rewards = batch.rewards()
-        adv = (_baseline_advantages(rewards, batch.groups, cfg.baseline, cfg.baseline_value, self.running)
-               if cfg.use_baseline else rewards.astype(np.float64))
-        return normalize(adv) if cfg.normalize_advantages else adv
+        return _baselined(self.config, batch, self.running)
 
     def _dp_check(self, batch: TrajectoryBatch) -> None:
         cfg = self.config
@@ -481,11 +470,7 @@ class PPO(_PolicyGradient):
                            "on a DP session each optimizer step is accounted as a fresh Poisson sample: "
                            "several steps on one rollout batch would spend privacy the accountant does not "
                            "see; use ppo_epochs=1 and num_minibatches=1")
-        if cfg.normalize_advantages or (cfg.use_baseline and cfg.baseline != "constant"):
-            raise _invalid("normalize_advantages" if cfg.normalize_advantages else "baseline",
-                           "on a DP session a trajectory's advantage may depend on its own reward only: use "
-                           "normalize_advantages=False and baseline='constant' or use_baseline=False")
-        _dp_common(batch, "PPO")
+        _dp_common(cfg, batch, "PPO")
 
 
 class GRPO(_PolicyGradient):
@@ -493,19 +478,10 @@ class GRPO(_PolicyGradient):
 
     name = "GRPO"
 
+    config: GRPOConfig
+
     def __init__(self, config: GRPOConfig | None = None, *, reference: TrainingClient | None = None) -> None:
-        super().__init__(reference)
-        self.config = config or GRPOConfig()
-
-    @property
-    def _cfg(self) -> GRPOConfig:
-        return self.config
-
-    def _passes(self) -> tuple[int, int]:
-        return self.config.ppo_epochs, self.config.num_minibatches
-
-    def _clip_epsilon(self) -> float:
-        return float(self.config.clip_epsilon)
+        super().__init__(config or GRPOConfig(), reference)
 
     def compute_advantages(self, batch: TrajectoryBatch) -> np.ndarray:
         return group_advantages(batch.rewards(), batch.groups, self.config.scale_rewards)

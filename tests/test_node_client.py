@@ -54,7 +54,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> tupl
 def npm(tmp_path_factory: pytest.TempPathFactory) -> str:
     _require("node")
     npm = _require("npm")
-    code, output = _run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], dict(os.environ), 300,
+    code, output = _run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], dict(os.environ), 200,
                         tmp_path_factory.mktemp("npm") / "ci.log")
     assert code == 0, f"npm ci in clients/node failed:\n{output}"
     return npm
@@ -77,7 +77,8 @@ def test_node_client_suite_against_a_live_stack(npm: str, tmp_path: Path) -> Non
     # the settings this suite gives its servers.
     server_env = {k: v for k, v in base_env().items() if k.startswith("TENSAFE_")}
     env = base_env(TENSAFE_CLI=json.dumps(tensafe_cmd()), TENSAFE_NODE_SERVER_ENV=json.dumps(server_env))
-    code, output = _run([npm, "test"], env, 400, tmp_path / "npm-test.log")
+    # Under pytest-timeout's 300 s, so that on a hang this kills the process group (the stack included) itself.
+    code, output = _run([npm, "test"], env, 280, tmp_path / "npm-test.log")
     tail = output[-6000:]
     assert code == 0, f"npm test failed (exit {code}):\n{tail}"
     counts = {k: int(v) for k, v in re.findall(r"^# (tests|pass|fail|skipped|cancelled|todo) (\d+)$", output, re.M)}

@@ -11,9 +11,9 @@ import { Code, ConnectError, type ConnectRouter, type HandlerContext } from "@co
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
 import { AccountantService, BudgetSchema } from "../src/gen/tensafe/api/accountant/v1/accountant_pb.js";
-import { ErrorDetailSchema } from "../src/gen/tensafe/api/common/v1/common_pb.js";
+import { ErrorDetailSchema, ErrorReason } from "../src/gen/tensafe/api/common/v1/common_pb.js";
 import {
-  DPBudgetExceededError, Dtype, FutureCancelledError, QuotaExceededError, RateLimitedError, ServerError,
+  REASON_TO_ERROR, DPBudgetExceededError, Dtype, FutureCancelledError, QuotaExceededError, RateLimitedError, ServerError,
   ServiceUnavailableError, TenSafeClient, ValidationError, fromErrorDetail, parseEndpoint, resolveConfig, tensor,
   tensorToNested, tensorValues,
 } from "../src/index.js";
@@ -101,6 +101,13 @@ describe("settings", () => {
     assert.equal(mine.retry.count, 0);
     assert.throws(() => resolveConfig({ env: { TS_RETRY_COUNT: "-1" } }), (e: unknown) =>
       e instanceof ValidationError && e.field === "TS_RETRY_COUNT");
+  });
+
+  test("every ErrorReason of common.proto has its error class", () => {
+    const reasons = Object.keys(ErrorReason).filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED");
+    assert.ok(reasons.length >= 23);
+    assert.deepEqual(reasons.filter((r) => !(r in REASON_TO_ERROR)), []);
+    assert.deepEqual(Object.keys(REASON_TO_ERROR).filter((r) => !reasons.includes(r)), []);
   });
 
   test("a failed future's ErrorDetail becomes the same typed error as a failed call", () => {

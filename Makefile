@@ -6,7 +6,7 @@ PY      = $(BIN)/python
 DATA   ?= .tensafe
 PYTEST  = $(PY) -m pytest -q
 # What ruff checks (the generated stubs in sdk/tensafe/api are excluded in pyproject.toml).
-PY_SOURCES = services sdk/tg_tinker tests scripts bench examples
+PY_SOURCES = services sdk/tg_tinker sdk/tensafe/rlvr tests scripts bench examples
 
 .PHONY: install test test-unit test-integration test-e2e test-cov lint ruff buf-lint types qa proto proto-check \
         bench demo up clean compliance compliance-smoke

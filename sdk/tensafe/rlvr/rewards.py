@@ -179,7 +179,7 @@ def regex_match(pattern: str, full_match: bool = False, ignore_case: bool = Fals
     if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:  # pyright: ignore[reportUnnecessaryIsInstance]
         raise _invalid("reward.kwargs.pattern", f"a non-empty string of at most {MAX_PATTERN_CHARS} characters")
     try:
-        import re2  # pyright: ignore[reportMissingImports]
+        import re2
     except ImportError:
         raise TGTinkerError("regex_match needs RE2 (linear-time matching): pip install 'tg-tinker[rlvr]' "
                             "(or google-re2)", code="CLIENT_ERROR") from None

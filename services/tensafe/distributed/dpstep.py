@@ -38,7 +38,7 @@ def poisson_sample(rows: Sequence[int], sample_rate: float) -> list[int]:
         return []
     words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
     u = (words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-    return [rows[i] for i in np.flatnonzero(u < sample_rate)]
+    return [rows[int(i)] for i in np.flatnonzero(u < sample_rate)]
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:

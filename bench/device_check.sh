@@ -132,7 +132,7 @@ from conftest import free_port  # noqa: E402
 
 data_dir = Path(tempfile.mkdtemp()) / "data"
 port = free_port()
-env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_dir))
+env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_dir), TENSAFE_TINKER_PORT="0", TENSAFE_OPENAI_PORT="0")
 log = open(out_dir / "up.log", "w")
 up = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
                       env=env, stdout=log, stderr=subprocess.STDOUT)

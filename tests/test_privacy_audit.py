@@ -1,0 +1,47 @@
+"""The canary audit (tensafe.privacy_audit) on the tiny model through a live stack: a non-DP run shows a large
+empirical epsilon; a DP run's empirical lower bound stays within the accountant's epsilon."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from tensafe import privacy_audit as pa
+
+# Canaries only (no other data): the tiny model memorises them quickly without DP.
+AUDIT = dict(model="tiny", canaries=64, candidates=7, steps=60, batch_size=32, learning_rate=1e-2, rank=16)
+HELDOUT = [{"prompt": "When does the clinic open?", "response": "The clinic opens at eight in the morning."}]
+
+
+def test_bound_is_a_valid_binomial_bound() -> None:
+    # Perfect separation of m canaries: the bound approaches, never passes, what m guesses can show.
+    m = 64
+    bound = pa.one_run_epsilon_bound([1.0] * (m // 2), [0.0] * (m // 2), delta=1e-5)
+    assert 0 < bound <= pa.max_demonstrable_epsilon(m)
+    # No signal: no bound.
+    assert pa.one_run_epsilon_bound([0.0] * 32, [0.0] * 32, delta=1e-5) == 0.0
+    assert pa.auc([2.0, 3.0], [1.0, 2.0]) == pytest.approx(0.875)
+    assert pa.exposure(1, 49) == pytest.approx(math.log2(50))
+
+
+def _audit(trainer_stack, tiny_model, **over):
+    from tg_tinker import ServiceClient
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
+    cfg = pa.AuditConfig(**{**AUDIT, **over})
+    with ServiceClient(api_key=trainer_stack.api_key, base_url=trainer_stack.target) as service:
+        return pa.audit(service, tok, cfg, [], HELDOUT)
+
+
+def test_non_dp_run_leaks_and_dp_run_stays_within_its_epsilon(trainer_stack, tiny_model) -> None:
+    plain = _audit(trainer_stack, tiny_model, dp=False)
+    print(plain)
+    assert plain["membership_auc"] > 0.9, plain
+    assert plain["epsilon_lower_bound"] > 1.5, plain
+    private = _audit(trainer_stack, tiny_model, dp=True, target_epsilon=1.0)
+    print(private)
+    assert private["steps"] == AUDIT["steps"] and 0 < private["epsilon_spent"] <= 1.0, private
+    assert private["epsilon_lower_bound"] <= private["epsilon_spent"], private
+    assert private["epsilon_lower_bound"] < plain["epsilon_lower_bound"], (private, plain)

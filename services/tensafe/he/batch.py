@@ -58,11 +58,11 @@ class BatchProtocol:
                 return self.expand(tenant, computation_id, data)
             return self.project(tenant, adapter_id, layers, data)
 
-    def _want(self, adapter_id: str, loaded: LoadedContext, layout: GroupLayout) -> None:
+    def _want(self, adapter_id: str, loaded: LoadedContext, layout: GroupLayout, tokens: int) -> None:
         """Have blindings of this group prepared between requests, and masks kept ready for all the groups
         of the adapter (two-plane generation asks for them one after another)."""
-        self.preparer.want_group(adapter_id, loaded.pool_key, loaded.token, loaded.engine_args, layout)
-        groups = max(1, self.preparer.groups(adapter_id))
+        self.preparer.want_group(adapter_id, loaded.pool_key, loaded.token, loaded.engine_args, layout, tokens)
+        groups = max(1, self.preparer.groups(adapter_id)) * tokens
         item = 2 * loaded.record.poly_modulus_degree * 8
         self.masks.expect(loaded.pool_key, loaded.engine_args, layout.block, compute.BLIND, layout.first * groups, item)
         self.masks.expect(loaded.pool_key, loaded.engine_args, layout.block2, compute.ZERO, layout.second * groups,
@@ -119,7 +119,7 @@ class BatchProtocol:
             outs.append(compute.serialize_seal(result, timer))
         self.pending.open(comp)
         self.activity.between_rounds(comp.computation_id)
-        self._want(adapter_id, loaded, layout)
+        self._want(adapter_id, loaded, layout, len(cts))
         return TokensResult(comp.computation_id, 1, layout, outs, total, timings(timer, t_start, load))
 
     def expand(self, tenant: str, computation_id: str, data: list[bytes]) -> TokensResult:

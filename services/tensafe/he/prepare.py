@@ -27,6 +27,7 @@ from .masks import MaskPool
 log = logging.getLogger(__name__)
 
 READY_PER_LAYER = 2
+MAX_READY_PER_GROUP = 8
 MAX_BYTES = 256 << 20
 # How long the he service waits for a single token's second round before preparing again.
 ROUND_GAP_S = 0.5
@@ -109,6 +110,7 @@ class _Entry:
     make: Callable[[compute.MaskSource, Callable[[], None]], Blinding]
     name: str
     eager: bool = False                               # prepared whenever no request runs (groups)
+    target: int = READY_PER_LAYER                     # blindings to keep ready: what one call takes, at least 2
     ready: deque[Blinding] = field(default_factory=deque)
 
 
@@ -136,10 +138,11 @@ class Preparer:
         self._want((adapter_id, layer.name), _Entry(pool_key, engine, engine_args, needs, make, layer.name))
 
     def want_group(self, adapter_id: str, pool_key: tuple, engine: SealEngine,
-                   engine_args: tuple[bytes, bytes, float], layout: GroupLayout) -> None:
+                   engine_args: tuple[bytes, bytes, float], layout: GroupLayout, tokens: int = 1) -> None:
         """Keep one-token blindings of ``layout``'s layers together (ComputeTokens) ready; its layers'
         own entries, and any other group holding one of them, give way (a client calling them as a group
-        takes no single-layer blinding)."""
+        takes no single-layer blinding). As many are kept ready as the last call had ``tokens`` (2 to 8),
+        within MAX_BYTES in all."""
         needs = ((layout.block, compute.BLIND, layout.first), (layout.block2, compute.ZERO, layout.second))
 
         def make(source: compute.MaskSource, pause: Callable[[], None]) -> Blinding:
@@ -153,6 +156,10 @@ class Preparer:
                 self.bytes -= sum(b.nbytes for b in self._entries.pop(key).ready)
         self._want((adapter_id, layout.names), _Entry(pool_key, engine, engine_args, needs, make,
                                                       "+".join(layout.names), eager=True))
+        with self._cond:  # a call's tokens each take one: keep what the last call took ready for the next
+            entry = self._entries.get((adapter_id, layout.names))
+            if entry is not None:
+                entry.target = max(READY_PER_LAYER, min(tokens, MAX_READY_PER_GROUP))
 
     def _want(self, key: tuple, entry: _Entry) -> None:
         with self._cond:
@@ -207,7 +214,7 @@ class Preparer:
         entry waits for masks."""
         best, waiting = None, False
         for entry in self._entries.values():
-            if len(entry.ready) >= READY_PER_LAYER or self.bytes >= MAX_BYTES:
+            if len(entry.ready) >= entry.target or self.bytes >= MAX_BYTES:
                 continue
             waiting = True
             if best is None or len(entry.ready) < len(best.ready):

@@ -231,6 +231,55 @@ def test_tinker_client_matches_tg_tinker(gateway: tuple[Stack, str, str], tiny_m
     sc.close("success").result()
 
 
+def test_per_step_adam_params_match_torch(gateway: tuple[Stack, str, str], tiny_model: Path) -> None:
+    """OptimStep's per-step parameters do what torch's AdamW + clip_grad_norm_ do: two steps on the server (the
+    second with other params) equal the same steps on the same model, adapter init and batch, in this process."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    stack, _, _ = gateway
+    second = {"learning_rate": 2e-2, "beta1": 0.5, "beta2": 0.7, "eps": 1e-3, "weight_decay": 0.3,
+              "grad_clip_norm": 0.5}
+    batch = tensafe_batch()
+    with stack.client() as tg:
+        cfg = twin_config(tiny_model.name)
+        cfg.seed = 11
+        tc = tg.create_training_client(cfg)
+        try:
+            for params in (ADAM, second):
+                tc.forward_backward(batch, "cross_entropy")
+                tc.optim_step(**params).result()
+            served = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+        finally:
+            tc.close()
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+    model.requires_grad_(False)
+    torch.manual_seed(11)
+    peft = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
+    mask, w = torch.tensor(batch["attention_mask"]), torch.tensor(batch["weights"])
+
+    def loss_sum() -> torch.Tensor:
+        logits = peft(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+        return -(logp * w[:, 1:] * (labels[:, 1:] != -100)).sum()
+
+    for step in (ADAM, second):
+        for group in opt.param_groups:
+            group.update(lr=step["learning_rate"], betas=(step["beta1"], step["beta2"]), eps=step["eps"],
+                         weight_decay=step["weight_decay"])
+        loss_sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, step["grad_clip_norm"])
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert math.isclose(served, float(loss_sum()), rel_tol=1e-4), (served, float(loss_sum()))
+
+
 def test_refusals_are_client_errors(gateway: tuple[Stack, str, str]) -> None:
     stack, url, dp_key = gateway
     with pytest.raises(tinker.AuthenticationError):

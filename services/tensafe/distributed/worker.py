@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tensafe.common import devices
 from tensafe.common.models import load_base_model, resolve_model_ref
 from tensafe.runtime import lineage as lineage_mac
-from tensafe.runtime.errors import TensafeError
+from tensafe.runtime.errors import DependencyUnavailable, TensafeError
 from tensafe.trainer import checkpoint
 from tensafe.trainer.dp import PerSampleClipper, SecureGaussian, lora_layers
 from tensafe.trainer.lineage import SessionLineage
@@ -227,6 +227,10 @@ def _run(spec: RunSpec, cfg: TenSafeTrainingConfig, plan: Plan, texts: list[str]
                     dp.total_epsilon, dp.accounted_steps = (recorded.budget.spent_epsilon,
                                                             recorded.budget.num_steps)
                     status[0], status[1] = 1.0, dp.total_epsilon
+                except DependencyUnavailable:
+                    # Maybe recorded, maybe not: this rank fails, Ray Train restarts the group from the last
+                    # checkpoint, and the step is made again under the same step id (counted once).
+                    raise
                 except TensafeError as exc:  # refused (budget spent or closed): the run stops where it is
                     stopped = f"{exc.reason}: {exc}"
             dist.broadcast(status, src=0)

@@ -104,6 +104,8 @@ class TenSafeTrainer:
                 "sample_rate": the_plan.sample_rate, "planned_steps": the_plan.planned_steps,
                 "noise_multiplier": noise_multiplier, "max_grad_norm": dp.max_grad_norm if dp else "",
                 "budget_id": budget_id, "target_epsilon": dp.target_epsilon if dp else ""}, "start")
+            if not ray.is_initialized():
+                ray.init()  # a local cluster, or the one RAY_ADDRESS names
             trainer = TorchTrainer(
                 train_loop, train_loop_config={"spec": spec, "texts": ray.put(texts)},
                 scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),

@@ -26,7 +26,7 @@ from tensafe.trainer.batches import prepare_batch
 from tensafe.trainer.dp import PerSampleClipper, lora_layers
 from tensafe.trainer.losses import resolve_loss
 from tensafe.trainer.messages import OP_FORWARD, OP_FORWARD_BACKWARD, OP_OPTIM_STEP
-from tensafe.trainer.passes import PassOp, run_pass
+from tensafe.trainer.passes import PassOp, StepOp, run_pass
 from tensafe.trainer.service import Trainer, validate_config
 from tensafe.trainer.servicer import batch_value, config_value
 from tensafe.trainer.session import DPState, TrainingSession
@@ -227,5 +227,35 @@ def test_the_worker_batches_queued_ops_keeps_order_and_charges_shares(trainer: T
                 _alone(trainer, s, True, _prepared(s, n, 30 + k))
         for a, b in zip(alone, batched, strict=True):
             _close_enough(_grads(a), _grads(b))
+    finally:
+        _close(trainer, batched + alone)
+
+
+def test_optimizer_steps_run_in_one_turn_so_sessions_stay_in_step(trainer: Trainer) -> None:
+    """Sessions alternating forward_backward and optim_step: each round is one pass and one turn of steps,
+    not a convoy of one-session passes; the weights are those of running each session alone."""
+    names = ["plain", "mlp", "dp"]
+    batched = [_session(trainer, f"tenant-{i}", n, seed=40 + i) for i, n in enumerate(names)]
+    alone = [_session(trainer, f"tenant-{i}", n, seed=40 + i) for i, n in enumerate(names)]
+    base = batched[0].base
+    try:
+        for s in batched + alone:
+            if s.dp is not None:  # no accountant here: the DP session's step is its clipped sum, kept
+                s.dp = None
+        groups, ops_run = base.stats["passes"], base.stats["batched_ops"]
+        with base._cond:  # pyright: ignore[reportPrivateUsage] - the worker sees all of them at once
+            ops = [trainer._submit(s, kind, work) for k in range(2) for s, n in zip(batched, names, strict=True)  # pyright: ignore[reportPrivateUsage]
+                   for kind, work in ((OP_FORWARD_BACKWARD, PassOp(s, True, _prepared(s, n, 50 + k),
+                                                                    resolve_loss("token_ce"), False)),
+                                      (OP_OPTIM_STEP, StepOp(s, s.optim_step)))]
+        assert all(_wait(op).state == SUCCEEDED for op in ops)
+        assert base.stats["passes"] - groups == 4 and base.stats["batched_ops"] - ops_run == 12
+        for s, n in zip(alone, names, strict=True):
+            for k in range(2):
+                _alone(trainer, s, True, _prepared(s, n, 50 + k))
+                assert _wait(trainer._submit(s, OP_OPTIM_STEP, s.optim_step)).state == SUCCEEDED  # pyright: ignore[reportPrivateUsage]
+        for a, b in zip(alone, batched, strict=True):
+            assert a.step == b.step == 2
+            _close_enough([p.detach() for p in a.params], [p.detach() for p in b.params])
     finally:
         _close(trainer, batched + alone)

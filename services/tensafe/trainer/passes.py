@@ -25,6 +25,7 @@ itself (rare: memory) raises before anything changed, and the worker then runs t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,44 @@ class PassOp:
 
     def together(self, parts: list[Any]) -> list[Outcome]:
         return run_pass(parts)
+
+
+@dataclass
+class StepOp:
+    """An OptimStep. Nothing of it is shared, but the worker runs it in one turn with other sessions' next
+    OptimSteps (one after another, each its own op), so that sessions training side by side stay in step:
+    their next ForwardBackwards are queued together and share one pass, instead of each arriving while the
+    others still wait for their OptimStep and running alone."""
+
+    session: TrainingSession
+    run: Callable[[], tuple[str, Any]]
+
+    kind = "optim_step"
+    shape = (0, 0)  # no rows in a pass
+
+    @property
+    def weight(self) -> int:
+        """Its share of a turn's cost: the optimizer's work grows with the adapter's size."""
+        return sum(p.numel() for p in self.session.params) or 1
+
+    def batchable(self) -> bool:
+        return not self.session.closed
+
+    def __call__(self) -> tuple[str, Any]:
+        return self.run()
+
+    def together(self, parts: list[Any]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for part in parts:
+            try:
+                if part.session.closed:
+                    raise FailedPrecondition(f"session {part.session.session_id} is closed")
+                out.append(part())
+            except TensafeError as exc:
+                out.append(exc)
+            except Exception as exc:  # noqa: BLE001 - one session's failure is its op's, never the others'
+                out.append(_internal(exc, f"the optimizer step of session {part.session.session_id}"))
+        return out
 
 
 def _padded(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ from .messages import (
     budget_is_active,
     budget_state_name,
 )
-from .passes import PassOp
+from .passes import PassOp, StepOp
 from .session import DPState, SessionSettings, StepParams, TrainingSession
 from .values import (
     DP_SAMPLING_CLIENT,
@@ -584,11 +584,11 @@ class Trainer:
                 raise InvalidArgument("apply_dp_noise", "this is a DP session: every optimizer step is clipped, "
                                                         "noised and accounted; false is refused, not obeyed")
             caller = call_context.current()  # the accountant is called as this caller, from the worker
-            return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(caller, step))
+            return self._submit(s, OP_OPTIM_STEP, StepOp(s, lambda: s.optim_step(caller, step)))
         if apply_dp_noise:
             raise InvalidArgument("apply_dp_noise", "this session has no DP configuration (dp_config.enabled is "
                                                     "false); create a DP session to train with noise")
-        return self._submit(s, OP_OPTIM_STEP, lambda: s.optim_step(None, step))
+        return self._submit(s, OP_OPTIM_STEP, StepOp(s, lambda: s.optim_step(None, step)))
 
     def sample(self, tenant: str, session_id: str, sampling: SamplingSpec, prompts: Sequence[str] = (),
                prompt_token_ids: Sequence[Sequence[int]] = ()) -> Op:

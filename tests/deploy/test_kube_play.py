@@ -76,6 +76,7 @@ class KubePlay:
         self.manifest = work / "kube.yaml"
         self.rendered: list[dict[str, Any]] = []
         self.played: list[dict[str, Any]] = []
+        self.started = time.monotonic()
 
     @property
     def host_db_url(self) -> str:

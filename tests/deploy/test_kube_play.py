@@ -275,3 +275,27 @@ def test_six_serving_and_the_sdk_through_the_pods(kube: KubePlay, monkeypatch, t
         entries = audit_entries(client, vkey)
     assert {e.service for e in entries} >= {"trainer", "inference", "vault"}, {e.service for e in entries}
     assert kube.tensafe("ledger", "verify").startswith("ok:")
+
+
+def test_post_render_refuses_what_podman_would_expose(tmp_path: Path) -> None:
+    """Without a host port for every container port (podman would publish it on 0.0.0.0), or without a Secret's
+    file, the post-render stops; it never leaves a secretKeyRef behind. Needs helm only."""
+    done = subprocess.run([_helm(), "template", "ts", str(CHART), "--set", "peerHostSuffix=-pod-0"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HELM_CACHE_HOME": str(tmp_path), "HELM_CONFIG_HOME": str(tmp_path),
+                               "HELM_DATA_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    secrets_dir = tmp_path / "secrets"
+    for name, key in SECRETS.items():
+        (secrets_dir / name).mkdir(parents=True)
+        (secrets_dir / name / key).write_text("test")
+    ports = {s: {"grpc": 40000 + i, "metrics": 41000 + i} for i, s in enumerate(SERVICE_NAMES)}
+    played = post_render(copy.deepcopy(docs), secrets_dir, ports)
+    assert "secretKeyRef" not in yaml.safe_dump_all(played)
+    assert {d["kind"] for d in played} == {"Deployment", "PersistentVolumeClaim"}  # NetworkPolicies dropped too
+    with pytest.raises(SystemExit, match="no host port for vault metrics"):
+        post_render(copy.deepcopy(docs), secrets_dir, {**ports, "vault": {"grpc": 40100}})
+    (secrets_dir / "tensafe-vault-master-key" / "master-key").unlink()
+    with pytest.raises(SystemExit, match="tensafe-vault-master-key/master-key"):
+        post_render(copy.deepcopy(docs), secrets_dir, ports)

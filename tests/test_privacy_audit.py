@@ -45,3 +45,24 @@ def test_non_dp_run_leaks_and_dp_run_stays_within_its_epsilon(trainer_stack, tin
     assert private["steps"] == AUDIT["steps"] and 0 < private["epsilon_spent"] <= 1.0, private
     assert private["epsilon_lower_bound"] <= private["epsilon_spent"], private
     assert private["epsilon_lower_bound"] < plain["epsilon_lower_bound"], (private, plain)
+
+
+def test_cli_audits_a_dp_run(trainer_stack, tiny_model, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "audit.json"
+    env = dict(trainer_stack.env, TS_API_KEY=trainer_stack.api_key, TS_BASE_URL=trainer_stack.target)
+    proc = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
+                           str(tiny_model), "--canaries", "32", "--candidates", "3", "--steps", "10", "--batch-size", "8",
+                           "--target-epsilon", "2", "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads(out.read_text())
+    assert s["dp"] and s["steps"] == 10 and 0 < s["epsilon_spent"] <= 2.0, s
+    assert s["epsilon_lower_bound"] <= s["epsilon_spent"]
+    assert "epsilon, accountant (upper)" in proc.stdout and "epsilon, empirical (lower)" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
+                          str(tiny_model), "--canaries", "100000"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--canaries" in bad.stderr

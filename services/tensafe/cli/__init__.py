@@ -239,6 +239,12 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_privacy(args: argparse.Namespace) -> int:
+    from tensafe.privacy_audit.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensafe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="compliance-report", help="output directory (default: ./compliance-report)")
     rep.add_argument("--no-pdf", action="store_true", help="do not print a PDF even if Chromium is installed")
     rep.set_defaults(func=cmd_compliance_report)
+
+    from tensafe.privacy_audit.cli import add_arguments as audit_arguments
+
+    audit_arguments(sub.add_parser(
+        "audit-privacy", help="canary audit of a configuration on a running stack: empirical vs claimed epsilon "
+        "(docs/privacy.md)")).set_defaults(func=cmd_audit_privacy)
     return parser
 
 

@@ -36,8 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scipy import stats
-
 NAMES_FIRST = ["Ada", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi",
                "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tomasz", "Uma", "Viktor",
                "Wanda", "Xavier", "Yara", "Zoltan"]
@@ -251,6 +249,8 @@ def _largest_ruled_out(r: int, right: int, level: float) -> float:
     """The epsilon at which P[Binomial(r, p(eps)) >= right] = level (p(eps) = e^eps / (1 + e^eps))."""
     if level <= 0 or right <= r / 2:
         return 0.0
+
+    from scipy import stats
 
     def tail(eps: float) -> float:
         p = 1 / (1 + math.exp(-eps))

@@ -9,8 +9,8 @@ aggregate training tokens/s, batched over one at a time.
 
 Generation: 8 adapters (random LoRA factors on q/v) on one hf backend base. Anchor: one stream (one
 request, one adapter) of ``--tokens`` greedy tokens. Measured: 8 concurrent streams, one per adapter,
-the same length (the anchor is run before and after). Figure: aggregate generated tokens/s, 8 streams
-over 1. Training rounds are repeated (``--repeats``, interleaved) and the fastest of each kind kept.
+the same length, in interleaved pairs. Figure: aggregate generated tokens/s, 8 streams over 1 (the
+median pair). Training rounds are repeated (``--repeats``, interleaved) and the fastest of each kind kept.
 
 In process (the trainer's and the hf backend's own classes, no gRPC): the figures are the batching's,
 not the transport's (bench_trainer.py and bench_inference.py measure that).
@@ -166,7 +166,7 @@ def _streams(base, adapters: list[str], tokens: int) -> tuple[float, int]:
     return wall, sum(len(c.token_ids) for _, got in runs for c in got)
 
 
-def bench_generation(name: str, model_dir: Path, tokens: int) -> None:
+def bench_generation(name: str, model_dir: Path, tokens: int, repeats: int) -> None:
     from tensafe.common.models import ModelLocation
     from tensafe.inference.hf_backend import HFBase
 
@@ -177,14 +177,16 @@ def bench_generation(name: str, model_dir: Path, tokens: int) -> None:
         for n, files in zip(names, _adapter_files(model_dir, 8), strict=True):
             base.add_adapter(n, files)
         _streams(base, names[:2], 4)  # warm up
-        one_s, one_t = _streams(base, names[:1], tokens)
-        many_s, many_t = _streams(base, names, tokens)
-        one_s2, one_t2 = _streams(base, names[1:2], tokens)  # the anchor again, after: the machine is shared
-        one_rate = (one_t + one_t2) / (one_s + one_s2)
+        pairs = []
+        for k in range(repeats):  # interleaved pairs: the machine is shared, the load moves between runs
+            one_s, one_t = _streams(base, names[k % 8:k % 8 + 1], tokens)
+            many_s, many_t = _streams(base, names, tokens)
+            pairs.append((one_t / one_s, many_t / many_s))
+        ratios = sorted(m / o for o, m in pairs)
         print(f"\n{name}: generation, greedy, {tokens} tokens per stream (EOS id {eos} may end one early)")
-        print(f"  1 stream : {one_rate:8.1f} tok/s  ({one_t} tokens in {one_s:.2f}s, again {one_t2} in {one_s2:.2f}s)")
-        print(f"  8 streams: {many_t / many_s:8.1f} tok/s  ({many_t} tokens in {many_s:.2f}s, 8 adapters)")
-        print(f"  ratio    : {many_t / many_s / one_rate:8.2f}x  (decode steps {base.stats['steps']}, "
+        for o, m in pairs:
+            print(f"  1 stream {o:7.1f} tok/s, 8 streams (8 adapters) {m:7.1f} tok/s: {m / o:5.2f}x")
+        print(f"  ratio, median of {len(pairs)}: {ratios[len(ratios) // 2]:.2f}x  (decode steps {base.stats['steps']}, "
               f"rows {base.stats['rows']})", flush=True)
     finally:
         base.close()
@@ -215,7 +217,7 @@ def main() -> int:
             if args.only != "generation":
                 bench_training(name, model_dir, args.steps, args.rows, args.seq, args.repeats)
             if args.only != "training":
-                bench_generation(name, model_dir, args.tokens)
+                bench_generation(name, model_dir, args.tokens, args.repeats + 1)
     return 0
 
 

@@ -55,9 +55,9 @@ def test_cli_audits_a_dp_run(trainer_stack, tiny_model, tmp_path) -> None:
     out = tmp_path / "audit.json"
     env = dict(trainer_stack.env, TS_API_KEY=trainer_stack.api_key, TS_BASE_URL=trainer_stack.target)
     proc = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
-                           str(tiny_model), "--canaries", "32", "--candidates", "3", "--steps", "10", "--batch-size", "8",
-                           "--target-epsilon", "2", "--json", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(tiny_model), "--canaries", "32", "--candidates", "3", "--steps", "10",
+                           "--batch-size", "8", "--target-epsilon", "2", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
     assert s["dp"] and s["steps"] == 10 and 0 < s["epsilon_spent"] <= 2.0, s

@@ -165,6 +165,8 @@ CASES: dict[tuple[str, str], tuple[Callable[[Owned], Any], str]] = {
     ("inference", "LoadAdapter"): (lambda o: inf.LoadAdapterRequest(artifact_id=o.artifact_id), NOT_FOUND),
     ("inference", "GetAdapter"): (lambda o: inf.GetAdapterRequest(adapter_id=o.inference_adapter_id), NOT_FOUND),
     ("inference", "ListAdapters"): (lambda o: inf.ListAdaptersRequest(), NONE_OF_A),
+    # The base models by name: shared by design, nothing of a tenant's in it.
+    ("inference", "GetCapabilities"): (lambda o: inf.GetCapabilitiesRequest(), NONE_OF_A),
     ("inference", "UnloadAdapter"): (lambda o: inf.UnloadAdapterRequest(adapter_id=o.inference_adapter_id),
                                      NOT_FOUND),
     ("inference", "Generate"): (lambda o: inf.GenerateRequest(adapter_id=o.inference_adapter_id, prompts=["x"],

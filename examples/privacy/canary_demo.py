@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -140,8 +141,10 @@ def report(runs: dict[str, pa.RunResult], canaries: list[pa.Canary], cfg: pa.Aud
     for name, a, b in rows:
         print(f"{name:{w}}  {a:>18}  {b:>18}")
     ratio = dp.median_step_s / plain.median_step_s
-    print(f"\nDP step {dp.median_step_s:.2f} s vs non-DP {plain.median_step_s:.2f} s: ratio {ratio:.2f} "
-          f"(noise multiplier {dp.noise_multiplier:.3f}, clipping {cfg.max_grad_norm:g})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nDP step {dp.median_step_s:.2f} s vs non-DP {plain.median_step_s:.2f} s (medians): ratio {ratio:.2f} "
+          f"(noise multiplier {dp.noise_multiplier:.3f}, clipping {cfg.max_grad_norm:g}; load average {load:.1f} "
+          f"on {os.cpu_count()} CPUs: the runs are sequential, so other work on the machine moves the ratio)")
     print("\nPer canary (planted ones marked *): greedy completion after \"<name>'s patient ID is\", rank among "
           f"{cfg.candidates + 1}")
     assert plain.scores_after is not None and dp.scores_after is not None
@@ -193,7 +196,7 @@ def plot(runs: dict[str, pa.RunResult], canaries: list[pa.Canary], cfg: pa.Audit
     ax_exp.set_xticks(list(xs), [("*" if c.planted else "") + c.name.split()[0] for c in canaries], rotation=60,
                       fontsize=7)
     ax_exp.set(title="exposure per canary (* planted)", ylabel="bits")
-    ax_exp.legend()
+    ax_exp.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,9 +1,10 @@
 """`make compliance-smoke`: a fresh stack, a short scripted DP scenario, then its compliance report.
 
-On a fresh data dir (a temp dir unless --data-dir): SmolLM2-135M-Instruct (converted once into --models), `tensafe
-up`, a DP session whose small budget (epsilon 0.65: 0.483 after one step, 0.596 after two) refuses its third step, a checkpoint, a tenant key rotation, an API key
-created and revoked; then `tensafe compliance report` on the data dir. It fails unless the report verifies and
-holds the scenario's session, steps, refusal, checkpoint, rotation and key events. About a minute on two cores.
+On a fresh data dir (a temp dir unless --data-dir): SmolLM2-135M-Instruct (converted once into --models),
+`tensafe up`, a DP session whose small budget (epsilon 0.65: 0.483 after one step, 0.596 after two) refuses its
+third step, a checkpoint, a tenant key rotation, an API key created and revoked; then `tensafe compliance report`
+on the data dir. It fails unless the report verifies and holds the scenario's session, steps, refusal,
+checkpoint, rotation and key events. About a minute on two cores.
 """
 
 from __future__ import annotations

@@ -284,7 +284,8 @@ def test_bad_name_or_kwargs(name, kwargs, field):
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(InvalidArgument, match="unknown loss 'focal'; available: cispo, contrastive, cross_entropy, dro, importance_sampling"):
+    available = "cispo, contrastive, cross_entropy, dro, importance_sampling"
+    with pytest.raises(InvalidArgument, match=f"unknown loss 'focal'; available: {available}"):
         resolve_loss("focal")
 
 

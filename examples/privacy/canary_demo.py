@@ -53,13 +53,13 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: .tensafe/models/<model>)")
     parser.add_argument("--data", default=str(HERE / "data" / "clinic_faq.jsonl"))
     parser.add_argument("--heldout", default=str(HERE / "data" / "clinic_faq_heldout.jsonl"))
-    parser.add_argument("--records", type=int, default=48, help="FAQ records trained on (beside the canaries)")
+    parser.add_argument("--records", type=int, default=24, help="FAQ records trained on (beside the canaries)")
     parser.add_argument("--canaries", type=int, default=16, help="canaries made; each planted by a fair coin")
     parser.add_argument("--candidates", type=int, default=15, help="random IDs each secret is ranked against")
     parser.add_argument("--questions", type=int, default=3, help="held-out questions answered before and after")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=4e-3)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     parser.add_argument("--target-delta", type=float, default=1e-5)
@@ -156,18 +156,30 @@ def report(runs: dict[str, pa.RunResult], canaries: list[pa.Canary], cfg: pa.Aud
         print(f"\nQ: {questions[0]}")
         for kind, r in runs.items():
             print(f"  {kind} before: {r.answers_before[0][:110]!r}\n  {kind} after:  {r.answers_after[0][:110]!r}")
-    print("\nVerdict: " + verdict(s))
+    print("\nVerdict: " + verdict(s, plain, dp))
 
 
-def verdict(s: dict[str, dict]) -> str:
-    leaks = s["non-DP"]["membership_auc"] >= 0.75 or s["non-DP"]["leaked_greedy"] > 0
-    safe = s["DP"]["leaked_greedy"] == 0 and s["DP"]["membership_auc"] < 0.75
-    learned = s["DP"]["heldout_loss_after"] < s["DP"]["heldout_loss_before"]
-    parts = [
-        "the non-DP run leaks its planted secrets" if leaks else "the non-DP run did NOT visibly leak (more steps?)",
-        "the DP run does not" if safe else "the DP run shows some membership signal",
-        "while its held-out loss fell (it learned the FAQ)" if learned else "and its held-out loss did NOT fall",
-    ]
+def verdict(s: dict[str, dict], plain: pa.RunResult, dp: pa.RunResult) -> str:
+    """What the figures show, in words (including what they do not show)."""
+    a, b = s["non-DP"], s["DP"]
+    parts = []
+    if a["membership_auc"] >= 0.75 or a["leaked_greedy"]:
+        parts.append(f"the non-DP run leaks: its planted canaries are told apart from held-out ones (AUC "
+                     f"{a['membership_auc']:.2f}, exposure {a['mean_exposure_planted']:.1f} vs "
+                     f"{a['mean_exposure_heldout']:.1f} bits)")
+    else:
+        parts.append(f"the non-DP run did NOT visibly leak (AUC {a['membership_auc']:.2f}; try more --steps)")
+    if b["leaked_greedy"] == 0 and b["membership_auc"] < 0.75:
+        parts.append(f"the DP run does not (AUC {b['membership_auc']:.2f}, exposure {b['mean_exposure_planted']:.1f} "
+                     f"vs {b['mean_exposure_heldout']:.1f} bits)")
+    else:
+        parts.append(f"the DP run shows some membership signal (AUC {b['membership_auc']:.2f})")
+    if not (a["leaked_greedy"] or b["leaked_greedy"]):
+        parts.append("neither run completes a secret greedily in this many steps")
+    parts.append(f"utility: held-out perplexity {math.exp(plain.loss_before):.1f} -> {math.exp(plain.loss_after):.1f} "
+                 f"without DP, {math.exp(dp.loss_before):.1f} -> {math.exp(dp.loss_after):.1f} with DP"
+                 + (" (the DP run learned little of the clinic's answers at this epsilon and step count)"
+                    if dp.loss_after > 0.5 * (dp.loss_before + plain.loss_after) else ""))
     return "; ".join(parts) + "."
 
 

@@ -55,7 +55,9 @@ def scenario(base_url: str, api_key: str, model_dir: Path, data_dir: Path, env: 
             for step in range(3):
                 tc.forward_backward(batch)
                 try:
-                    eps.append(tc.optim_step().result(timeout=300).dp_metrics.total_epsilon)
+                    dp = tc.optim_step().result(timeout=300).dp_metrics
+                    assert dp is not None, "a DP session's steps report their DP metrics"
+                    eps.append(dp.total_epsilon)
                     print(f"  DP step {step + 1}: epsilon {eps[-1]:.4f}", flush=True)
                 except DPBudgetExceededError as exc:
                     print(f"  DP step {step + 1}: refused by the accountant ({exc.code})", flush=True)

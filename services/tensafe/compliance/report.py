@@ -135,7 +135,8 @@ def build_report(evidence: Evidence, now: float | None = None) -> Report:
                               **{k: e.details.get(k, "") for k in ("kind", "session_id", "cipher", "kek_version",
                                                                    "format_version", "size_bytes", "plaintext_sha256",
                                                                    "lineage_attested")}})
-            artifacts[-1]["kind"] = ARTIFACT_KINDS.get(artifacts[-1]["kind"], artifacts[-1]["kind"])
+            kind = e.details.get("kind", "")
+            artifacts[-1]["kind"] = ARTIFACT_KINDS.get(kind, kind)
         elif e.action == "vault.DeleteArtifact" and e.outcome == "success":
             artifacts.append({"entry": e.index, "time": e.time, "artifact_id": e.resource_id, "kind": "(deleted)"})
         elif e.action in ("vault.GetArtifact", "vault.PullArtifact", "vault.UnwrapDataKey") and e.outcome == "success":

@@ -92,7 +92,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING")
+        env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING", TENSAFE_OPENAI_PORT="0",
+                   TENSAFE_TINKER_PORT="0")
         server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),
                                    "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None

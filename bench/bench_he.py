@@ -132,7 +132,8 @@ def main() -> int:
         print(f"anchor  TenSEAL enc_x.mm({d} x {RANK}) with Galois keys: {anchors[d] * 1e3:9.1f} ms", flush=True)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_"))}
-    env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "TENSAFE_ACCESS_LOG": "false"})
+    env.update({"TENSAFE_METRICS_PORT": "0", "TENSAFE_LOG_LEVEL": "WARNING", "TENSAFE_ACCESS_LOG": "false",
+                "TENSAFE_OPENAI_PORT": "0", "TENSAFE_TINKER_PORT": "0"})
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),

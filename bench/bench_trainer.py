@@ -76,7 +76,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = dict(os.environ, TENSAFE_MODEL_DIR=str(model_root), TENSAFE_METRICS_PORT="0",
-                   TENSAFE_LOG_LEVEL="WARNING", TENSAFE_ACCESS_LOG="false")
+                   TENSAFE_LOG_LEVEL="WARNING", TENSAFE_ACCESS_LOG="false",
+                   TENSAFE_OPENAI_PORT="0", TENSAFE_TINKER_PORT="0")  # the HTTP edges: not measured, no fixed ports
         self.data = tmp / "data"
         self.proc = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(self.data),
                                       "--port", str(self.port)], env=env, stdout=subprocess.PIPE, text=True)

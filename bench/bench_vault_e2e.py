@@ -104,7 +104,8 @@ def main() -> int:
                                   stdout=subprocess.PIPE, text=True)
         assert anchor.stdout is not None
         anchor.stdout.readline()
-        env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING")
+        env = dict(os.environ, TENSAFE_METRICS_PORT="0", TENSAFE_LOG_LEVEL="WARNING", TENSAFE_OPENAI_PORT="0",
+                   TENSAFE_TINKER_PORT="0")
         vault = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(Path(tmp) / "d"),
                                   "--port", str(vault_port)], env=env, stdout=subprocess.PIPE, text=True)
         assert vault.stdout is not None

@@ -21,7 +21,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 MODEL_DIR=${1:-$(mktemp -d)/models}
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH="services:sdk:tests${PYTHONPATH:+:$PYTHONPATH}"
-export TENSAFE_DEVICE=${TENSAFE_DEVICE:-cuda} TENSAFE_LOG_LEVEL=WARNING TENSAFE_METRICS_PORT=0
+export TENSAFE_DEVICE=${TENSAFE_DEVICE:-cuda} TENSAFE_LOG_LEVEL=WARNING TENSAFE_METRICS_PORT=0 TENSAFE_OPENAI_PORT=0 TENSAFE_TINKER_PORT=0
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # as the server sets it: the anchor and the service alike
 mkdir -p "$MODEL_DIR" "$OUT"
 

@@ -113,7 +113,7 @@ def main() -> int:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSAFE_", "TS_"))}
     env.update(TENSAFE_MODEL_DIR=str(model_dir.parent.resolve()), TENSAFE_METRICS_PORT="0",
-               TENSAFE_LOG_LEVEL="WARNING")
+               TENSAFE_LOG_LEVEL="WARNING", TENSAFE_OPENAI_PORT="0", TENSAFE_TINKER_PORT="0")
     print(f"fresh stack on 127.0.0.1:{port}, data dir {data_dir}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "tensafe.cli", "up", "--data-dir", str(data_dir), "--port",
                                str(port)], env=env, stdout=subprocess.PIPE, text=True)

@@ -17,19 +17,8 @@ at the session's sample rate and stops when the budget is spent. See docs/rlvr.m
 
 from __future__ import annotations
 
-from .algorithms import (
-    GRPO,
-    PPO,
-    REINFORCE,
-    GRPOConfig,
-    PPOConfig,
-    REINFORCEConfig,
-    RunningBaseline,
-    UpdateResult,
-    group_advantages,
-    group_means,
-    normalize,
-)
+from .advantages import RunningBaseline, group_advantages, group_means, normalize
+from .algorithms import GRPO, PPO, REINFORCE, GRPOConfig, PPOConfig, REINFORCEConfig, UpdateResult
 from .loop import Progress, TrainLog, dp_sample_rate, train
 from .rewards import (
     available_rewards,

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tg_tinker.errors import ValidationError
-
+from .advantages import RunningBaseline, baseline_advantages, group_advantages, invalid, normalize
 from .trajectory import Trajectory, TrajectoryBatch, response_logprobs, to_training_batch
 
 if TYPE_CHECKING:
@@ -35,75 +34,6 @@ if TYPE_CHECKING:
 
 LOSS = "policy_gradient"
 BASELINES = ("running", "group", "constant", "none")
-EPS = 1e-6
-
-
-def _invalid(field: str, message: str) -> ValidationError:
-    return ValidationError(message, field=field, code="INVALID_ARGUMENT")
-
-
-# ---------------------------------------------------------------------------------------------- advantages
-
-
-def normalize(advantages: np.ndarray, eps: float = EPS) -> np.ndarray:
-    """(A - mean A) / (std A + eps) over the batch (population std); all-equal advantages give zeros."""
-    a = np.asarray(advantages, dtype=np.float64)
-    return (a - a.mean()) / (a.std() + eps) if a.size else a
-
-
-def group_means(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Per trajectory, the mean reward of its group (the completions of the same prompt)."""
-    out = np.zeros_like(rewards, dtype=np.float64)
-    for g in np.unique(groups):
-        rows = groups == g
-        out[rows] = rewards[rows].mean()
-    return out
-
-
-def group_advantages(rewards: np.ndarray, groups: np.ndarray, scale: bool = True, eps: float = EPS) -> np.ndarray:
-    """GRPO: A_i = (r_i - mean of i's group) / (std of i's group + eps) (population std; without ``scale``
-    only the mean is subtracted). Every group needs at least two trajectories."""
-    r = np.asarray(rewards, dtype=np.float64)
-    out = np.zeros_like(r)
-    for g in np.unique(groups):
-        rows = groups == g
-        if int(rows.sum()) < 2:
-            raise _invalid("num_samples", f"prompt {int(g)} has one trajectory: group-relative advantages need "
-                                          "num_samples >= 2 per prompt (RolloutSampler(..., num_samples=k))")
-        centred = r[rows] - r[rows].mean()
-        out[rows] = centred / (r[rows].std() + eps) if scale else centred
-    return out
-
-
-class RunningBaseline:
-    """An exponential moving average of the batches' mean rewards; its first value is the first batch's mean."""
-
-    def __init__(self, momentum: float = 0.9, value: float | None = None) -> None:
-        if not 0 <= momentum < 1:
-            raise _invalid("baseline_momentum", f"must be in [0, 1), got {momentum!r}")
-        self.momentum = momentum
-        self.value = value
-
-    def advantages(self, rewards: np.ndarray) -> np.ndarray:
-        """r - b with the baseline as it was before this batch, then the batch is folded into it."""
-        mean = float(np.mean(rewards)) if len(rewards) else 0.0
-        b = mean if self.value is None else self.value
-        self.value = self.momentum * b + (1 - self.momentum) * mean
-        return np.asarray(rewards, dtype=np.float64) - b
-
-
-def _baseline_advantages(rewards: np.ndarray, groups: np.ndarray, baseline: str, value: float,
-                         running: RunningBaseline) -> np.ndarray:
-    if baseline == "none":
-        return rewards.astype(np.float64)
-    if baseline == "constant":
-        return rewards - value
-    if baseline == "group":
-        if len(np.unique(groups)) == len(groups):
-            raise _invalid("baseline", "the 'group' baseline needs several trajectories per prompt "
-                                       "(RolloutSampler(..., num_samples=k), k >= 2)")
-        return rewards - group_means(rewards, groups)
-    return running.advantages(rewards)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -113,9 +43,9 @@ def _check_common(cfg: Any) -> None:
     for name in ("entropy_coef", "kl_coef"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-            raise _invalid(name, f"must be a finite number >= 0, got {v!r}")
+            raise invalid(name, f"must be a finite number >= 0, got {v!r}")
     if not isinstance(cfg.micro_batch_size, int) or cfg.micro_batch_size <= 0:
-        raise _invalid("micro_batch_size", f"must be a positive int, got {cfg.micro_batch_size!r}")
+        raise invalid("micro_batch_size", f"must be a positive int, got {cfg.micro_batch_size!r}")
 
 
 @dataclass
@@ -141,9 +71,9 @@ class REINFORCEConfig:
 
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
-            raise _invalid("baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+            raise invalid("baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if not math.isfinite(self.baseline_value):
-            raise _invalid("baseline_value", "must be finite")
+            raise invalid("baseline_value", "must be finite")
         _check_common(self)
 
 
@@ -172,13 +102,13 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.clip_epsilon < 1:
-            raise _invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
+            raise invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
         for name in ("ppo_epochs", "num_minibatches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-                raise _invalid(name, f"must be an int in 1..64, got {v!r}")
+                raise invalid(name, f"must be an int in 1..64, got {v!r}")
         if self.baseline not in BASELINES:
-            raise _invalid("baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+            raise invalid("baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         _check_common(self)
 
 
@@ -201,11 +131,11 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.clip_epsilon < 1:
-            raise _invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
+            raise invalid("clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon!r}")
         for name in ("ppo_epochs", "num_minibatches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-                raise _invalid(name, f"must be an int in 1..64, got {v!r}")
+                raise invalid(name, f"must be an int in 1..64, got {v!r}")
         _check_common(self)
 
 
@@ -295,10 +225,10 @@ class _PolicyGradient:
 
     def _check_session(self, tc: TrainingClient, batch: TrajectoryBatch) -> bool:
         if tc.config.gradient_accumulation_steps not in (0, 1):
-            raise _invalid("gradient_accumulation_steps", "tensafe.rlvr splits batches itself: use a session with "
+            raise invalid("gradient_accumulation_steps", "tensafe.rlvr splits batches itself: use a session with "
                                                           "gradient_accumulation_steps=1 (and micro_batch_size)")
         if self._cfg.kl_coef > 0 and self.reference is None:
-            raise _invalid("reference", f"kl_coef > 0 needs a reference session: {type(self).__name__}(config, "
+            raise invalid("reference", f"kl_coef > 0 needs a reference session: {type(self).__name__}(config, "
                                         "reference=service.create_training_client(<the same model>))")
         dp = _dp_enabled(tc)
         if dp:
@@ -413,20 +343,20 @@ class _PolicyGradient:
 
 def _baselined(cfg: REINFORCEConfig | PPOConfig, batch: TrajectoryBatch, running: RunningBaseline) -> np.ndarray:
     rewards = batch.rewards()
-    adv = (_baseline_advantages(rewards, batch.groups, cfg.baseline, cfg.baseline_value, running)
+    adv = (baseline_advantages(rewards, batch.groups, cfg.baseline, cfg.baseline_value, running)
            if cfg.use_baseline else rewards.astype(np.float64))
     return normalize(adv) if cfg.normalize_advantages else adv
 
 
 def _dp_common(cfg: REINFORCEConfig | PPOConfig, batch: TrajectoryBatch, algo: str) -> None:
     if cfg.normalize_advantages or (cfg.use_baseline and cfg.baseline != "constant"):
-        raise _invalid("normalize_advantages" if cfg.normalize_advantages else "baseline",
+        raise invalid("normalize_advantages" if cfg.normalize_advantages else "baseline",
                        "on a DP session a trajectory's advantage may depend on its own reward only (its "
                        "clipped gradient must not change with other examples): use normalize_advantages="
                        "False and baseline='constant' (a fixed baseline_value) or use_baseline=False")
     groups = batch.groups
     if len(np.unique(groups)) != len(groups):
-        raise _invalid("num_samples", f"{algo} on a DP session: each trajectory is one example for clipping and "
+        raise invalid("num_samples", f"{algo} on a DP session: each trajectory is one example for clipping and "
                                       "accounting, so each prompt may have one trajectory (num_samples=1); k "
                                       "completions of one prompt would be k examples of one person's data")
 
@@ -466,7 +396,7 @@ class PPO(_PolicyGradient):
     def _dp_check(self, batch: TrajectoryBatch) -> None:
         cfg = self.config
         if cfg.ppo_epochs != 1 or cfg.num_minibatches != 1:
-            raise _invalid("ppo_epochs" if cfg.ppo_epochs != 1 else "num_minibatches",
+            raise invalid("ppo_epochs" if cfg.ppo_epochs != 1 else "num_minibatches",
                            "on a DP session each optimizer step is accounted as a fresh Poisson sample: "
                            "several steps on one rollout batch would spend privacy the accountant does not "
                            "see; use ppo_epochs=1 and num_minibatches=1")
@@ -487,6 +417,6 @@ class GRPO(_PolicyGradient):
         return group_advantages(batch.rewards(), batch.groups, self.config.scale_rewards)
 
     def _dp_check(self, batch: TrajectoryBatch) -> None:
-        raise _invalid("num_samples", "GRPO on a DP session: its advantages compare the completions of one prompt "
+        raise invalid("num_samples", "GRPO on a DP session: its advantages compare the completions of one prompt "
                                       "(rows depend on each other) and a prompt contributes num_samples examples; "
                                       "use REINFORCE or PPO with num_samples=1 and a constant baseline")

@@ -97,15 +97,15 @@ def test_futures_expire_to_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished future is kept for FUTURE_TTL_SECONDS, then remembered as expired (retrieve_future: 410);
     an unknown id, or another tenant's, is NotFound (404)."""
     from tensafe.runtime.errors import NotFound
-    from tensafe.tinker import service
+    from tensafe.tinker import futures
 
-    table = service.FutureTable()
+    table = futures.FutureTable()
     box = table.new("acme")
     assert table.get("acme", box.request_id) is box
     with pytest.raises(NotFound):
         table.get("other", box.request_id)
-    box.future.set_result(service.Outcome(json={}))
-    monkeypatch.setattr(service, "FUTURE_TTL_SECONDS", -1.0)
+    box.future.set_result(futures.Outcome(json={}))
+    monkeypatch.setattr(futures, "FUTURE_TTL_SECONDS", -1.0)
     assert table.get("acme", box.request_id) is None
     with pytest.raises(NotFound):
         table.get("acme", "never-issued")

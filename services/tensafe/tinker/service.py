@@ -11,17 +11,13 @@ applies them in submission order.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import json
 import logging
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,168 +26,21 @@ from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tensafe.runtime.http_edge import EdgeCaller
 from tg_tinker import ServiceClient
-from tg_tinker.configs import DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
+from tg_tinker.configs import LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import TGTinkerError, ValidationError
 from tg_tinker.sampling import SamplingClient
 from tg_tinker.training import TrainingClient
 
 from . import wire
+from .futures import Box, FutureTable, Outcome, failure
+from .policy import DPPolicy, check_id, check_name, load_policies, parse_models
 
 log = logging.getLogger("tensafe.tinker")
 
 SESSION_TTL_SECONDS = 600.0  # a session whose client stopped heartbeating is closed (its models released)
-FUTURE_TTL_SECONDS = 900.0  # a finished future is kept this long for retrieval
-MAX_NAME = 128
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ID_MAX = 200
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-USER_CODES = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
-              "NOT_FOUND", "ALREADY_EXISTS", "DP_BUDGET_EXCEEDED", "UNAUTHENTICATED"}
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
-
-
-def check_name(name: str, field_name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise InvalidArgument(field_name, "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
-                                          "letter or digit")
-    return name
-
-
-def check_id(value: object, field_name: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= ID_MAX or not value.isprintable():
-        raise InvalidArgument(field_name, f"must be an id of at most {ID_MAX} printable characters")
-    return value
-
-
-def parse_models(text: str) -> dict[str, str]:
-    """TENSAFE_TINKER_MODELS: ``hub/name=local,...`` -> {hub name: local model name}."""
-    out: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        hub, sep, local = item.partition("=")
-        if not sep or not hub.strip() or not local.strip():
-            raise ValueError(f"TENSAFE_TINKER_MODELS: {item!r} is not hub-name=local-name")
-        out[hub.strip()] = local.strip()
-    return out
-
-
-@dataclass(frozen=True)
-class DPPolicy:
-    """DP settings every model of a tenant (or API key) gets; the ``tinker`` client cannot send them."""
-
-    target_epsilon: float
-    target_delta: float
-    max_grad_norm: float
-    batch_size: int
-    dataset_size: int | None = None
-    sample_rate: float | None = None
-    max_steps: int | None = None
-    noise_multiplier: float | None = None
-    accountant_type: str = "pld"
-
-    def config(self) -> DPConfig:
-        return DPConfig(enabled=True, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                        target_epsilon=self.target_epsilon, target_delta=self.target_delta,
-                        accountant_type=self.accountant_type, dataset_size=self.dataset_size,
-                        sample_rate=self.sample_rate, max_steps=self.max_steps)
-
-
-def load_policies(path: str) -> tuple[dict[str, DPPolicy], dict[str, DPPolicy]]:
-    """TENSAFE_TINKER_POLICY_FILE -> (DP policy by tenant id, by API key id). Operator input: checked at start.
-
-    ``{"tenants": {"<tenant>": {"dp": {...}}}, "keys": {"<key id>": {"dp": {...}}}}``; ``dp`` takes
-    target_epsilon, target_delta, max_grad_norm, batch_size (expected rows per step), dataset_size or
-    sample_rate, and optionally max_steps, noise_multiplier, accountant_type."""
-    if not path:
-        return {}, {}
-    raw = json.loads(Path(path).read_text())
-    out: list[dict[str, DPPolicy]] = []
-    for section in ("tenants", "keys"):
-        entries: dict[str, DPPolicy] = {}
-        for who, policy in (raw.get(section) or {}).items():
-            dp = policy.get("dp")
-            if dp is None:
-                continue
-            try:
-                entries[who] = DPPolicy(**dp)
-                entries[who].config()  # the SDK's own checks of the values
-            except (TypeError, TGTinkerError) as exc:
-                raise ValueError(f"TENSAFE_TINKER_POLICY_FILE {section}.{who}.dp: {exc}") from None
-        out.append(entries)
-    return out[0], out[1]
-
-
-# ------------------------------------------------------------------------------------------------- futures
-
-
-@dataclass
-class Outcome:
-    """What ``retrieve_future`` answers once the op is done: a JSON body, protobuf bytes, or a failure."""
-
-    json: dict[str, Any] | None = None
-    proto: bytes | None = None
-    error: str | None = None
-    category: str = "server"
-
-
-@dataclass
-class Box:
-    request_id: str
-    tenant: str
-    future: concurrent.futures.Future[Outcome] = field(default_factory=concurrent.futures.Future[Outcome])
-    done_at: float = 0.0
-
-
-def failure(exc: BaseException) -> Outcome:
-    """An op's exception as the client's RequestFailedResponse: its category says whose fault it was."""
-    if isinstance(exc, TGTinkerError):
-        code = exc.code
-        msg = exc.message
-        fld = getattr(exc, "field", None)
-        if fld:
-            msg = f"{msg} (field {fld})"
-        return Outcome(error=f"{code}: {msg}", category="user" if code in USER_CODES else "server")
-    if isinstance(exc, InvalidArgument | FailedPrecondition | NotFound):
-        return Outcome(error=f"{exc.code.name}: {exc.message}", category="user")
-    log.exception("op failed", exc_info=exc)
-    return Outcome(error=f"INTERNAL: {type(exc).__name__}: {exc}", category="server")
-
-
-class FutureTable:
-    """Pending and finished futures by request id; a finished one is dropped FUTURE_TTL_SECONDS after it ended,
-    and its id is then remembered as expired (``retrieve_future`` answers 410 Gone, as the client expects)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._boxes: dict[str, Box] = {}
-        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
-
-    def new(self, tenant: str) -> Box:
-        box = Box(uuid.uuid4().hex, tenant)
-        box.future.add_done_callback(lambda _f: setattr(box, "done_at", time.monotonic()))
-        with self._lock:
-            self._boxes[box.request_id] = box
-        return box
-
-    def peek(self, request_id: str) -> Box | None:
-        with self._lock:
-            return self._boxes.get(request_id)
-
-    def get(self, tenant: str, request_id: str) -> Box | None:
-        """The box, None when expired (410); NotFound when unknown or another tenant's."""
-        now = time.monotonic()
-        with self._lock:
-            for rid in [r for r, b in self._boxes.items() if b.done_at and now - b.done_at > FUTURE_TTL_SECONDS]:
-                del self._boxes[rid]
-                self._expired[rid] = None
-            while len(self._expired) > 100_000:
-                self._expired.popitem(last=False)
-            box = self._boxes.get(request_id)
-            if box is None and request_id in self._expired:
-                return None
-        if box is None or box.tenant != tenant:
-            raise NotFound("future", request_id)
-        return box
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from tensafe.he import compute
+from tensafe.he import compute, group
 from tensafe.he.compute import Counts, LoraLayer, SealEngine, Timer
 from tensafe.he.masks import MaskPool
 from tensafe.he.service import check_params, inspect_context
@@ -208,18 +208,18 @@ def _group(bundle, layers: list[LoraLayer], x: np.ndarray):
     """Both rounds of one token through ``layers`` as the SDK's process_tokens runs them."""
     engine = _engine(bundle)
     slots = bundle.slot_count
-    layout = compute.group_layout(layers, slots, "layers")
+    layout = group.group_layout(layers, slots, "layers")
     counts = Counts()
     ct = engine.load_input(bundle.encrypt_token(np.tile(x, layout.per)), "x")
-    blinding = compute.prepare_group(engine, layout, _fresh_masks(engine), counts)
-    first = compute.serialize_seal(compute.project_group(engine, blinding, ct, counts), Timer())
+    blinding = group.prepare_group(engine, layout, _fresh_masks(engine), counts)
+    first = compute.serialize_seal(group.project_group(engine, blinding, ct, counts), Timer())
     sums = np.concatenate([bundle.decrypt_token(c)[: layout.per * layout.block].reshape(layout.per, -1).sum(1)
                            for c in first])
     values = np.zeros((layout.per2, layout.block2))
     for ly, row, start, span in zip(layers, layout.rows, layout.starts, layout.spans, strict=True):
         values[start:start + span, : ly.rank] = sums[row:row + ly.rank]
     ct2 = engine.load_input(bundle.encrypt_token(values.ravel()), "u")
-    second = compute.serialize_seal(compute.expand_group(engine, blinding, ct2, counts), Timer())
+    second = compute.serialize_seal(group.expand_group(engine, blinding, ct2, counts), Timer())
     blocks = np.stack([bundle.decrypt_token(c).reshape(layout.per2, -1).sum(1) for c in second])
     deltas = [blocks[:, start:start + span].reshape(-1)[: ly.out_features]
               for ly, start, span in zip(layers, layout.starts, layout.spans, strict=True)]
@@ -251,7 +251,7 @@ def test_layers_sharing_an_input_share_each_tokens_ciphertexts(bundle) -> None:
     for layer, delta in zip(mixed, deltas, strict=True):
         assert _rel(delta, layer.scaling * layer.B @ layer.A @ x) < 1e-4
     with pytest.raises(InvalidArgument) as err:  # more layers than round 2 has blocks
-        compute.group_layout([_layer(rng, 8, 64, 8)] * 65, bundle.slot_count, "layers")
+        group.group_layout([_layer(rng, 8, 64, 8)] * 65, bundle.slot_count, "layers")
     assert err.value.field == "layers"
 
 
@@ -292,14 +292,14 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
     bare = sealapi.Ciphertext()
     engine.evaluator.multiply_plain(ct, engine.plaintext(rows.ravel(), engine.weight_scale), bare)
     engine.evaluator.rescale_to_next_inplace(bare)
-    plains = compute._encoded_rows(engine, rows, 576, lambda: None)
+    plains = compute.encoded_rows(engine, rows, 576, lambda: None)
     outs = [compute.masked_products(engine, ct, plains, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]],
                                      Counts())[0] for _ in range(2)]
     c1_bare, c1_a, c1_b = (_second_component(c) for c in (bare, *outs))
     assert outs[0].parms_id() == engine.output_level and outs[0].scale == engine.scale
     assert np.mean(c1_a == c1_bare) < 0.01 and np.mean(c1_a == c1_b) < 0.01
     # ... and an all-zero weight block (an untrained B) still returns a fresh encryption, of the masks.
-    zeros = compute._encoded_rows(engine, np.zeros((7, 576)), 576, lambda: None)
+    zeros = compute.encoded_rows(engine, np.zeros((7, 576)), 576, lambda: None)
     assert zeros == [None]
     zero = compute.masked_products(engine, ct, zeros, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]], Counts())[0]
     values = bundle.decrypt_token(compute.serialize_seal([zero], Timer())[0])

@@ -5,7 +5,7 @@ Two-plane generation asks for q_proj and v_proj of a block together (they read t
 and for a prompt's or several sequences' tokens together. Per token everything is as in ``token.py``:
 a fresh rotation Q and blinding rho per layer, masks whose block sums are rho (round 1) or zero (round
 2), each output ``rescale(ct * w) + Enc_pk(masks)`` with a fresh public-key encryption of its masks, and
-round 2 once per computation. What changes is the layout (``compute.GroupLayout``): the layers' rows
+round 2 once per computation. What changes is the layout (``group.GroupLayout``): the layers' rows
 share each token's output ciphertexts, and round 2 takes one ciphertext per token for all its layers.
 """
 
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument
 
-from . import compute
+from . import compute, group
 from .adapter_cache import Adapters
-from .compute import Counts, GroupBlinding, GroupLayout, Timer
+from .compute import Counts, Timer
 from .contexts import Contexts, LoadedContext
+from .group import GroupBlinding, GroupLayout
 from .masks import MaskPool
 from .pending import COMPUTATION_TTL_S, Computation, Pending, same_input, timings
 from .prepare import Activity, Preparer
@@ -95,7 +96,7 @@ class BatchProtocol:
                                                  f"{MAX_TOKEN_LAYERS} per call; send fewer tokens or layers")
         same_input([weights[n] for n in chosen], "layers")
         loaded = self.contexts.loaded(tenant, record.key_id)
-        layout = compute.group_layout([weights[n] for n in chosen], loaded.slots, "layers")
+        layout = group.group_layout([weights[n] for n in chosen], loaded.slots, "layers")
         self._check_size(loaded, layout, len(data))
         timer = Timer()
         t0 = time.perf_counter()
@@ -112,8 +113,8 @@ class BatchProtocol:
             if isinstance(blinding, GroupBlinding):
                 total.prepared_encryptions += len(blinding.first_masks)
             else:
-                blinding = compute.prepare_group(loaded.token, layout, self._source(loaded), total)
-            result = compute.project_group(loaded.token, blinding, ct, total)
+                blinding = group.prepare_group(loaded.token, layout, self._source(loaded), total)
+            result = group.project_group(loaded.token, blinding, ct, total)
             timer.compute += time.perf_counter() - t0
             comp.token_blindings.append(blinding)
             outs.append(compute.serialize_seal(result, timer))
@@ -147,7 +148,7 @@ class BatchProtocol:
             if blinding.prepared_ahead:
                 total.prepared_encryptions += len(blinding.second_masks)
             t0 = time.perf_counter()
-            result = compute.expand_group(loaded.token, blinding, ct, total)
+            result = group.expand_group(loaded.token, blinding, ct, total)
             timer.compute += time.perf_counter() - t0
             outs.append(compute.serialize_seal(result, timer))
         return TokensResult(comp.computation_id, 2, comp.layout, outs, total, timings(timer, t_start, 0.0))

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from tensafe.runtime.errors import InvalidArgument, NotFound, QuotaExceeded
 
-from .compute import ColumnProjection, Counts, GroupBlinding, GroupLayout, LoraLayer, Timer, TokenBlinding
+from .compute import ColumnProjection, Counts, LoraLayer, Timer, TokenBlinding
+from .group import GroupBlinding, GroupLayout
 
 COMPUTATION_TTL_S = 600.0
 

@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import compute
-from .compute import Counts, GroupBlinding, GroupLayout, LoraLayer, SealEngine, TokenBlinding
+from . import compute, group
+from .compute import Counts, LoraLayer, SealEngine, TokenBlinding
+from .group import GroupBlinding, GroupLayout
 from .masks import MaskPool
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Preparer:
         needs = ((layout.block, compute.BLIND, layout.first), (layout.block2, compute.ZERO, layout.second))
 
         def make(source: compute.MaskSource, pause: Callable[[], None]) -> Blinding:
-            return compute.prepare_group(engine, layout, source, Counts(), pause=pause)
+            return group.prepare_group(engine, layout, source, Counts(), pause=pause)
 
         names = set(layout.names)
         with self._cond:

@@ -11,19 +11,16 @@ he service on encrypted hidden states (real CKKS with TenSEAL; there is no simul
 Needs the ``he`` extra (``pip install 'tg-tinker[he]'``). See docs/he.md.
 """
 
-from .inference import (
-    AdapterEncryptionConfig,
-    CallStats,
-    EncryptedInput,
-    EncryptedLoRARuntime,
-    EncryptedOutput,
-    PrivateInference,
-    create_encrypted_runtime,
-    create_private_inference_mode,
-)
+from .inference import CallStats, EncryptedInput, EncryptedOutput, PrivateInference
 from .keys import HEKeyBundle, HEKeyManager
 from .params import SECURITY_TABLE, HEScheme, HESchemeParams
 from .remote import HEAdapterInfo, HeClient, HEContextInfo, HELayerInfo
+from .runtime import (
+    AdapterEncryptionConfig,
+    EncryptedLoRARuntime,
+    create_encrypted_runtime,
+    create_private_inference_mode,
+)
 
 __all__ = [
     "HEKeyManager",

@@ -102,3 +102,41 @@ def test_bf16_base_keeps_lora_and_dp_arithmetic_in_fp32(tiny_model: Path) -> Non
     total = torch.sqrt(sum(t.double().pow(2).sum() for t in clipper.summed.values()))
     assert 0 < float(total) <= 3 * 1e-3 * (1 + 1e-5)  # three rows, each clipped to 1e-3
     clipper.close()
+
+
+@pytest.mark.parametrize(("env", "field"), [({"TENSAFE_DEVICE": "gpu0"}, "TENSAFE_DEVICE='gpu0'"),
+                                            ({"TENSAFE_DTYPE": "int8"}, "TENSAFE_DTYPE='int8'")])
+def test_server_config_checks_device_settings(env: dict[str, str], field: str, tmp_path: Path) -> None:
+    """TENSAFE_DEVICE / TENSAFE_DTYPE are ServerConfig settings (README table): a malformed value is a
+    ConfigError naming it at load, before any service or torch is touched."""
+    from tensafe.runtime.config import ServerConfig
+
+    with pytest.raises(ConfigError, match=field):
+        ServerConfig.load(environ=env, env_file=tmp_path / "none.env")
+    ok = ServerConfig.load(environ={"TENSAFE_DEVICE": "cuda:1", "TENSAFE_DTYPE": "bfloat16"},
+                           env_file=tmp_path / "none.env")
+    assert (ok.device, ok.dtype) == ("cuda:1", "bfloat16")
+
+
+def test_configured_placement_is_the_process_default(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a server configured (from its ServerConfig, .env included) is what load_base_model uses when no
+    placement is passed, even though the process environment says nothing."""
+    monkeypatch.delenv("TENSAFE_DEVICE", raising=False)
+    monkeypatch.delenv("TENSAFE_DTYPE", raising=False)
+    monkeypatch.setattr(devices, "_configured", None)
+    assert devices.configure("cpu", "bfloat16") == Placement(torch.device("cpu"), torch.bfloat16)
+    model, _ = load_base_model(resolve_model_ref(tiny_model.name, tiny_model.parent))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the error of a machine without CUDA")
+def test_device_in_the_env_file_stops_the_start(data_dir: Path, tmp_path: Path) -> None:
+    """TENSAFE_DEVICE set only in the .env file (not the process environment) is honoured: exit 2, named."""
+    env_file = tmp_path / "server.env"
+    env_file.write_text("TENSAFE_DEVICE=cuda\n")
+    env = base_env(TENSAFE_PORT="0", TENSAFE_ENV_FILE=str(env_file))
+    env.pop("TENSAFE_DEVICE", None)
+    done = subprocess.run(tensafe_cmd("serve", "trainer", "--data-dir", str(data_dir)), env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "configuration error: TENSAFE_DEVICE='cuda'" in done.stderr

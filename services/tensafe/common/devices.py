@@ -109,6 +109,22 @@ def from_env(environ: Mapping[str, str] | None = None) -> Placement:
     return resolve(env.get(DEVICE_SETTING, "auto"), env.get(DTYPE_SETTING, "auto"))
 
 
+_configured: Placement | None = None
+
+
+def configure(device: str = "auto", dtype: str = "auto") -> Placement:
+    """Resolve the server's TENSAFE_DEVICE / TENSAFE_DTYPE settings (``ServerConfig.device``/``.dtype``,
+    so a ``.env`` file counts too) and make them this process's default; a ConfigError stops the start."""
+    global _configured
+    _configured = resolve(device, dtype)
+    return _configured
+
+
+def default() -> Placement:
+    """The placement a server configured (:func:`configure`), else what the environment names."""
+    return _configured if _configured is not None else from_env()
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's weights are on (its first parameter's)."""
     for p in model.parameters():

@@ -189,7 +189,7 @@ def load_base_model(
 
     ``placement``: the device and dtype of the weights (:mod:`tensafe.common.devices`); None means what
     TENSAFE_DEVICE and TENSAFE_DTYPE say (checked when the service starts)."""
-    placement = placement if placement is not None else devices.from_env()
+    placement = placement if placement is not None else devices.default()
     dtype = placement.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -114,7 +114,7 @@ def _backends(env: ServiceEnvironment) -> dict[str, Callable[[], Backend]]:
 
 
 def create(env: ServiceEnvironment) -> InferenceServicer:
-    devices.from_env()  # the hf backend's TENSAFE_DEVICE / TENSAFE_DTYPE, checked when the service starts
+    devices.configure(env.config.device, env.config.dtype)  # a device this process cannot use stops the start
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     vault = VaultClient(env.peers, env.config.max_artifact_mb << 20)
     inference = Inference(model_dir, vault, env.config.inference_backend, _backends(env),

@@ -22,6 +22,9 @@ from dotenv import dotenv_values
 # One component of a model name (a name may have up to MODEL_NAME_PARTS of them, joined by "/").
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MODEL_NAME_MAX = 128
+# TENSAFE_DEVICE / TENSAFE_DTYPE as written; tensafe.common.devices resolves them against what torch sees.
+DEVICE = re.compile(r"auto|cpu|cuda(?::\d{1,3})?")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 # The vault's S3 blob store (TENSAFE_BLOB_BUCKET, TENSAFE_BLOB_PREFIX).
 S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 S3_PREFIX = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/?")
@@ -59,6 +62,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TENSAFE_HE_MAX_DIM", "he_max_dim", int, 16384, "Largest input or output width of a layer the he service loads; 0 turns the cap off."),
     Setting("TENSAFE_HE_MAX_LAYERS", "he_max_layers", int, 256, "Most layers of one adapter the he service loads; 0 turns the cap off."),
     Setting("TENSAFE_INFERENCE_BACKEND", "inference_backend", str, "hf", "Backend of the inference service when a call names none: `hf` (transformers, CPU) or `vllm` (GPU; needs the `vllm` extra)."),
+    Setting("TENSAFE_DEVICE", "device", str, "auto", "Where the trainer and the inference `hf` backend put base models: `auto` (the first CUDA device when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. A CUDA device this process cannot see stops the service at start (never a silent CPU fallback)."),
+    Setting("TENSAFE_DTYPE", "dtype", str, "auto", "dtype of the frozen base weights: `auto` (bfloat16 on a CUDA device that supports it, else float16 on CUDA, float32 on the CPU), `float32`, `bfloat16` or `float16` (CUDA only). LoRA factors, optimizer state and every DP quantity stay float32."),
     Setting("TENSAFE_VLLM_GPU_MEMORY_UTILIZATION", "vllm_gpu_memory_utilization", float, 0.9, "vllm backend: share of GPU memory vLLM may take."),
     Setting("TENSAFE_VLLM_MAX_LORAS", "vllm_max_loras", int, 8, "vllm backend: adapters served at once per base model."),
     Setting("TENSAFE_VLLM_MAX_LORA_RANK", "vllm_max_lora_rank", int, 64, "vllm backend: largest adapter rank accepted."),
@@ -146,6 +151,8 @@ class ServerConfig:
     he_max_dim: int
     he_max_layers: int
     inference_backend: str
+    device: str
+    dtype: str
     vllm_gpu_memory_utilization: float
     vllm_max_loras: int
     vllm_max_lora_rank: int
@@ -239,6 +246,10 @@ class ServerConfig:
             raise ConfigError("TENSAFE_TLS_CLIENT_CA_FILE (mTLS) needs TENSAFE_TLS_CERT_FILE and TENSAFE_TLS_KEY_FILE")
         if self.trace_exporter not in ("none", "console", "otlp"):
             raise ConfigError(f"TENSAFE_TRACE_EXPORTER={self.trace_exporter!r}: use none, console or otlp")
+        if not DEVICE.fullmatch(self.device.strip().lower()):
+            raise ConfigError(f"TENSAFE_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.dtype.strip().lower() not in DTYPE_NAMES:
+            raise ConfigError(f"TENSAFE_DTYPE={self.dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
         if self.inference_backend not in ("hf", "vllm"):
             raise ConfigError(f"TENSAFE_INFERENCE_BACKEND={self.inference_backend!r}: use hf or vllm")
         if self.max_artifact_mb < 1:

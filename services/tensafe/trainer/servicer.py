@@ -225,7 +225,7 @@ def session_proto(session: TrainingSession) -> trainer_pb2.Session:
 
 
 def create(env: ServiceEnvironment) -> TrainerServicer:
-    devices.from_env()  # TENSAFE_DEVICE / TENSAFE_DTYPE: a device this process cannot use stops the start here
+    devices.configure(env.config.device, env.config.dtype)  # a device this process cannot use stops the start
     model_dir = Path(env.config.model_dir) if env.config.model_dir else env.config.data_dir / "models"
     cfg = env.config
     limits = TrainerLimits(sessions=cfg.quota_sessions, private_copies=cfg.quota_private_copies,

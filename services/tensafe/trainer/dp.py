@@ -176,6 +176,24 @@ class PerSampleClipper:
         output.register_hook(on_grad)
 
     # -- one micro-batch ---------------------------------------------------------------------------
+    def start_capture(self, on: bool) -> None:
+        """Capture (``on``) the per-sample gradients of any backward through the next forward, by hooks
+        on the layers' outputs, for a pass whose backward someone else runs; then
+        :meth:`accumulate_captured`."""
+        if on:
+            self._grad_samples = {}
+        self._capturing = on
+
+    def accumulate_captured(self, rows: int | None) -> None:
+        """Clip the captured rows into the sum (``rows`` None: drop them); no unclipped gradient is kept."""
+        try:
+            if rows is not None:
+                self._accumulate(rows)
+        finally:
+            self._grad_samples = {}
+            for p in self.params:
+                p.grad = None
+
     def per_sample_backward(self, forward: Callable[[], LossInputs], loss: Loss) -> list[LossOutput]:
         """Runs the model, one loss per row, one backward; clips each row and adds it to the sum.
 

@@ -11,7 +11,7 @@ optimizer, measured in the same run.
    the peak resident memory of the steps over the memory after loading (the peak is reset after
    loading through /proc/self/clear_refs).
 
-    python bench/bench_dp.py [--models tiny smollm2] [--steps 8]
+    python bench/bench_dp.py [--models tiny smollm2] [--steps 8] [--only in-process|service]
 """
 
 from __future__ import annotations
@@ -152,13 +152,15 @@ def in_process(model_dir: Path, steps: int) -> tuple[float, float]:
     return t_ratio, m_ratio
 
 
-def bench(name: str, model_dir: Path, steps: int, tmp: Path) -> None:
+def bench(name: str, model_dir: Path, steps: int, tmp: Path, only: str | None = None) -> None:
     from transformers import AutoConfig
 
     ids = batch_for(AutoConfig.from_pretrained(str(model_dir), local_files_only=True).vocab_size)
     print(f"{name}: batch {BATCH} x {SEQ} tokens, LoRA r=16 on {'/'.join(TARGETS)}, AdamW; DP: clip 1.0, noise 1.0")
-    in_process(model_dir, steps)
-    through_service(name, model_dir, ids, steps, tmp)
+    if only != "service":
+        in_process(model_dir, steps)
+    if only != "in-process":
+        through_service(name, model_dir, ids, steps, tmp)
 
 
 def main() -> int:
@@ -168,6 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--only", choices=["in-process", "service"], help="run one of the two comparisons")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -175,11 +178,11 @@ def main() -> int:
             if name == "tiny":
                 from tiny_model import build_tiny_model
 
-                bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.steps * 4, tmp)
+                bench("tiny", build_tiny_model(tmp / "models" / "tiny"), args.steps * 4, tmp, args.only)
             else:
                 from tensafe.common.models import prepare_smollm2
 
-                bench("smollm2", prepare_smollm2(REPO / ".tensafe" / "models"), args.steps, tmp)
+                bench("smollm2", prepare_smollm2(REPO / ".tensafe" / "models"), args.steps, tmp, args.only)
     return 0
 
 

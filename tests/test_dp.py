@@ -173,6 +173,44 @@ def test_micro_batches_add_up_to_the_logical_batch(tiny_model) -> None:
         torch.testing.assert_close(clipper.clipped_sum(p), r, rtol=1e-4, atol=1e-9)
 
 
+def test_captured_backward_clips_as_per_sample_backward(tiny_model) -> None:
+    """A pass whose backward someone else runs (start_capture, backward, accumulate_captured) clips the
+    same rows as per_sample_backward (autograd.grad to the layers' outputs) and as one row at a time."""
+    from tensafe.trainer.dp import PerSampleClipper, lora_layers, row_inputs
+    from tensafe.trainer.losses import LossInputs, resolve_loss
+
+    model = _peft(tiny_model)
+    loss = resolve_loss("token_ce")
+    reference = _reference_sum(model, loss, 0.05)
+    clipper = PerSampleClipper(lora_layers(model, "ses_a"), 0.05)
+    ids, mask, labels = (torch.tensor(BATCH[k]) for k in ("input_ids", "attention_mask", "labels"))
+    clipper.start_capture(True)
+    try:
+        model.train(True)
+        batch = LossInputs(logits=model(input_ids=ids, attention_mask=mask).logits.float(), input_ids=ids,
+                           attention_mask=mask, labels=labels)
+    finally:
+        clipper.start_capture(False)
+    torch.stack([loss(row_inputs(batch, i)).loss for i in range(4)]).sum().backward()
+    clipper.accumulate_captured(4)
+    assert clipper.rows == 4 and all(p.grad is None for p in _params(model, "ses_a"))
+    captured = [clipper.clipped_sum(p).clone() for p in _params(model, "ses_a")]
+    clipper.reset()
+    engine = PerSampleClipper(lora_layers(model, "ses_a"), 0.05)
+    engine.per_sample_backward(lambda: LossInputs(logits=model(input_ids=ids, attention_mask=mask).logits.float(),
+                                                  input_ids=ids, attention_mask=mask, labels=labels), loss)
+    for p, c, r in zip(_params(model, "ses_a"), captured, reference, strict=True):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(engine.clipped_sum(p), r, rtol=1e-4, atol=1e-9)
+    # Dropped rows (a failed pass) add nothing.
+    engine.reset()
+    engine.start_capture(True)
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    engine.start_capture(False)
+    engine.accumulate_captured(None)
+    assert engine.rows == 0 and engine.summed == {} and all(p.grad is None for p in _params(model, "ses_a"))
+
+
 def test_secure_gaussian_is_standard_normal() -> None:
     from tensafe.trainer.dp import SecureGaussian
 

@@ -3,8 +3,9 @@
 How a DP step is computed (Abadi et al. 2016, as Opacus does it):
 
 1. ``forward_backward``: the loss of each row is computed on that row alone (the batch loss is their
-   sum), one backward pass runs, and hooks on the session's LoRA ``nn.Linear`` layers compute each
-   row's gradient with Opacus' own per-sample rule for linear layers
+   sum), one backward pass runs (``torch.autograd.grad`` to the outputs of the session's LoRA
+   ``nn.Linear`` layers, no Python in the engine), and from each layer's input and output gradient each
+   row's gradient is computed with Opacus' own per-sample rule for linear layers
    (:func:`opacus.grad_sample.linear.compute_linear_grad_sample`). Each row's gradient over ALL the
    session's trainable parameters is clipped to L2 norm ``max_grad_norm`` and the clipped gradients
    are added to a running sum that spans the logical batch (all micro-batches of one step).
@@ -32,6 +33,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from tensafe.runtime.errors import InvalidArgument
 
@@ -119,8 +121,8 @@ class PerSampleClipper:
     """Per-sample gradients of a session's LoRA layers, clipped and summed over a logical batch.
 
     Hooks are put on the given ``nn.Linear`` modules only; they record nothing unless
-    :meth:`per_sample_backward` is running, so ``forward``, ``sample`` and other sessions' ops on
-    the same shared base model are unaffected.
+    :meth:`per_sample_backward` is running (or :meth:`start_capture` is on), so ``forward``,
+    ``sample`` and other sessions' ops on the same shared base model are unaffected.
 
     The clipped parameters are known by identity: every parameter of the given modules (the
     session's own LoRA factors), whatever their ``requires_grad`` is when the clipper is built. PEFT
@@ -147,6 +149,8 @@ class PerSampleClipper:
         self.rows = 0  # rows (samples) clipped into ``summed`` since the last reset
         self._capturing = False
         self._grad_samples: dict[nn.Parameter, torch.Tensor] = {}
+        # per_sample_backward's forward: (layer, its input, its output) of each LoRA layer call
+        self._recorded: list[tuple[nn.Linear, torch.Tensor, GradientEdge]] | None = None
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
 
     def close(self) -> None:
@@ -162,18 +166,26 @@ class PerSampleClipper:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _forward_hook(self, module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
-        if not self._capturing or not torch.is_grad_enabled() or not output.requires_grad:
+        if not torch.is_grad_enabled() or not output.requires_grad:
             return
         activations = inputs[0].detach()
+        if self._recorded is not None:  # per_sample_backward: the output's gradient is asked for after
+            self._recorded.append((module, activations, get_gradient_edge(output)))  # not the output itself
+            return
+        if not self._capturing:
+            return
 
         def on_grad(backprops: torch.Tensor) -> None:
-            for param, grad_sample in compute_linear_grad_sample(module, [activations], backprops.detach()).items():
-                if param in self._grad_samples:
-                    self._grad_samples[param] = self._grad_samples[param] + grad_sample
-                else:
-                    self._grad_samples[param] = grad_sample
+            self._add_grad_samples(module, activations, backprops.detach())
 
         output.register_hook(on_grad)
+
+    def _add_grad_samples(self, module: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> None:
+        for param, grad_sample in compute_linear_grad_sample(module, [activations], backprops).items():
+            if param in self._grad_samples:
+                self._grad_samples[param] = self._grad_samples[param] + grad_sample
+            else:
+                self._grad_samples[param] = grad_sample
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def start_capture(self, on: bool) -> None:
@@ -199,24 +211,38 @@ class PerSampleClipper:
 
         ``forward()`` runs the model and returns the batch's LossInputs (logits included). Returns the
         per-row loss outputs. Nothing is added when a row's loss is not finite.
+
+        The backward is ``torch.autograd.grad`` of the summed row losses with respect to the outputs of
+        the session's LoRA layers (their gradient edges, recorded by the forward hooks): it runs in
+        the engine with no Python hook in it, and makes no (unclipped) parameter gradient; each layer's
+        per-sample gradient is then computed from its activations and that output gradient (Opacus'
+        rule), as the hooks of :meth:`start_capture` would.
         """
         self._grad_samples = {}
-        self._capturing = True
+        self._recorded = []
         try:
             batch = forward()
         finally:
-            self._capturing = False
+            recorded, self._recorded = self._recorded, None
         try:
             outputs = [loss(row_inputs(batch, i)) for i in range(batch.input_ids.shape[0])]
             for i, out in enumerate(outputs):
                 if not torch.isfinite(out.loss):
                     raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
-            torch.stack([o.loss for o in outputs]).sum().backward()
+            if not recorded:
+                raise InvalidArgument("batch", "no LoRA layer took part in this forward pass")
+            total = torch.stack([o.loss for o in outputs]).sum()
+            grads = torch.autograd.grad(total, [edge for _, _, edge in recorded], allow_unused=True)
+            del total
+            for (module, activations, _), backprops in zip(recorded, grads, strict=True):
+                if backprops is not None:  # None: that output did not reach the loss, its gradient is 0
+                    self._add_grad_samples(module, activations, backprops)
+            del recorded, grads
             self._accumulate(len(outputs))
         finally:
             self._grad_samples = {}
             for p in self.params:
-                p.grad = None  # the unclipped batch gradient autograd also made is never used
+                p.grad = None  # nothing unclipped is ever left on the parameters
         return outputs
 
     def _accumulate(self, rows: int) -> None:

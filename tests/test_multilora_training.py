@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 from tensafe.api.trainer.v1 import trainer_pb2
+from tensafe.common import multilora
 from tensafe.runtime.accountant_client import AccountantClient
 from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import InvalidArgument
@@ -43,6 +45,9 @@ SESSIONS = {
     "mlp": (2, ["gate_proj", "up_proj", "down_proj"], 0.05, False, 1, 12),
     "dp": (4, ["q_proj", "v_proj"], 0.0, True, 3, 7),
     "dp_dropout": (4, ["q_proj", "v_proj", "down_proj"], 0.1, True, 2, 10),
+    # twins of the same rank and batch shape: their products are computed stacked (one bmm per layer)
+    "dropout_twin": (8, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.1, False, 3, 6),
+    "plain_twin": (4, ["q_proj", "v_proj"], 0.0, False, 2, 9),
 }
 
 
@@ -167,6 +172,24 @@ def test_a_batched_pass_equals_each_session_run_alone(trainer: Trainer) -> None:
             _close_enough(_grads(s), g)
     finally:
         _close(trainer, alone + batched)
+
+
+def test_the_lora_layers_are_walked_once_per_set_of_adapters(trainer: Trainer) -> None:
+    a = _session(trainer, "tenant-a", "plain", seed=1)
+    try:
+        model = a.base.peft_model()
+        layers = multilora.lora_linears(model)
+        assert layers and multilora.lora_linears(model) is layers  # cached: no walk of the model per pass
+        b = _session(trainer, "tenant-b", "mlp", seed=2)  # new LoRA layers (the MLP's)
+        try:
+            grown = multilora.lora_linears(model)  # walked again: the set of adapters changed
+            assert grown is not layers and set(layers) <= set(grown)
+            assert {m for m in grown if b.session_id in m.lora_A} == {
+                m for m in model.modules() if isinstance(m, LoraLinear) and b.session_id in m.lora_A} != set()
+        finally:
+            _close(trainer, [b])
+    finally:
+        _close(trainer, [a])
 
 
 def test_one_sessions_broken_rows_reach_no_other_session(trainer: Trainer) -> None:

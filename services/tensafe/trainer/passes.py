@@ -36,7 +36,7 @@ from tensafe.common import multilora
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, TensafeError
 
 from .batches import PreparedBatch
-from .dp import row_inputs
+from .dp import PerSampleClipper, row_inputs
 from .losses import Loss, LossInputs, LossOutput
 from .session import TrainingSession, merge_rows
 
@@ -125,23 +125,19 @@ def _padded(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(t, (0, length - t.shape[1]), value=value) if t.shape[1] < length else t
 
 
+def _clipper(session: TrainingSession) -> PerSampleClipper:
+    dp = session.dp
+    assert dp is not None and dp.clipper is not None, "a DP session has its clipper from its creation"
+    return dp.clipper
+
+
 def _dp_capture(session: TrainingSession, on: bool) -> None:
-    clipper = session._dp_parts()[1]  # pyright: ignore[reportPrivateUsage] - the session's own clipper
-    if on:
-        clipper._grad_samples = {}  # pyright: ignore[reportPrivateUsage] - as per_sample_backward starts
-    clipper._capturing = on  # pyright: ignore[reportPrivateUsage]
+    _clipper(session).start_capture(on)
 
 
 def _dp_finish(session: TrainingSession, rows: int | None) -> None:
     """Clip the captured rows into the session's sum (``rows`` None: drop them), as per_sample_backward ends."""
-    clipper = session._dp_parts()[1]  # pyright: ignore[reportPrivateUsage]
-    try:
-        if rows is not None:
-            clipper._accumulate(rows)  # pyright: ignore[reportPrivateUsage] - its own clip-and-add
-    finally:
-        clipper._grad_samples = {}  # pyright: ignore[reportPrivateUsage]
-        for p in clipper.params:
-            p.grad = None  # the unclipped gradient autograd also made is never used
+    _clipper(session).accumulate_captured(rows)
 
 
 def _loss(op: PassOp, logits: torch.Tensor) -> LossOutput | list[LossOutput]:
@@ -197,7 +193,7 @@ def run_pass(ops: list[PassOp]) -> list[Outcome]:
     for i in dp_live:
         _dp_capture(ops[i].session, True)
     try:
-        model.train(train)
+        multilora.set_training(model, train)
         with torch.set_grad_enabled(train), multilora.routed(model, segments):
             logits = model(input_ids=ids, attention_mask=mask).logits
     except BaseException:
@@ -209,7 +205,7 @@ def run_pass(ops: list[PassOp]) -> list[Outcome]:
     finally:
         for i in dp_live:
             _dp_capture(ops[i].session, False)
-        model.eval()
+        multilora.set_training(model, False)
     losses: dict[int, LossOutput | list[LossOutput]] = {}
     for i, seg in zip(live, segments, strict=True):
         try:

@@ -319,15 +319,27 @@ def test_memory_is_constant_in_the_artifact_size():
 
 
 def test_module_imports_only_stdlib_and_cryptography():
-    source = Path(tc.__file__).read_text()
-    roots = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    third_party = {name for name in roots if name not in sys.stdlib_module_names and name != "__future__"}
-    assert third_party <= {"cryptography", "tg_tinker"}
-    assert "from tg_tinker.errors import IntegrityError" in source
-    assert not {line for line in source.splitlines() if line.startswith(("import tg_tinker", "from tg_tinker."))
-                } - {"from tg_tinker.errors import IntegrityError"}
+    """The vault and the SDK both use the container: every module of the package imports only the standard
+    library, ``cryptography``, ``tg_tinker.errors`` and the package's own modules."""
+    package = Path(tc.__file__).parent
+    assert Path(tc.__file__).name == "__init__.py"
+    files = sorted(package.glob("*.py"))
+    assert {"__init__.py", "_header.py", "_cipher.py", "_stream.py"} <= {f.name for f in files}
+    own: set[str] = set()
+    for path in files:
+        roots, ours = set(), set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots.update(alias.name.split(".")[0] for alias in node.names)
+                ours.update(alias.name for alias in node.names if alias.name.split(".")[0] == "tg_tinker")
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: a relative import"
+                module = node.module or ""
+                roots.add(module.split(".")[0])
+                if module.split(".")[0] == "tg_tinker":
+                    ours.add(module)
+        third_party = {name for name in roots if name not in sys.stdlib_module_names and name != "__future__"}
+        assert third_party <= {"cryptography", "tg_tinker"}, path.name
+        assert {m for m in ours if not m.startswith("tg_tinker.container.")} <= {"tg_tinker.errors"}, path.name
+        own |= ours
+    assert "tg_tinker.errors" in own  # the walk really read the imports

@@ -1,104 +1,30 @@
-"""The encrypted artifact container (format version 1): a header, then AES-256-GCM segments in STREAM.
-
-Both the vault (encrypting on put, decrypting on get) and the SDK (decrypting a pulled artifact with its
-unwrapped data key) use this module, so it imports only the standard library and ``cryptography``.
-The format and the reasons behind it are in docs/artifact-format.md.
-
->>> key = os.urandom(32)
->>> blob = b"".join(encrypt_chunks([b"weights"], key, "tnt_a", "art_1"))
->>> decrypt_bytes(blob, key, "tnt_a", "art_1")
-b'weights'
-"""
+"""The container's writer and reader, streaming and in constant memory, and the helpers built on them
+(:func:`encrypt_chunks`, :func:`decrypt_chunks`, :func:`decrypt_bytes`)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tg_tinker.container._buffers import Pieces, PlaintextDigest, PlaintextSize
+from tg_tinker.container._cipher import SegmentCipher
+from tg_tinker.container._header import (
+    DEFAULT_SEGMENT_SIZE,
+    FORMAT_VERSION,
+    MAX_SEGMENT_SIZE,
+    NONCE_PREFIX_SIZE,
+    SALT_SIZE,
+    TAG_SIZE,
+    ContainerHeader,
+    check_key,
+    integrity_error,
+    parse_header,
+)
 from tg_tinker.errors import IntegrityError
-
-__all__ = [
-    "FORMAT_VERSION",
-    "DEFAULT_SEGMENT_SIZE",
-    "MAX_SEGMENT_SIZE",
-    "TAG_SIZE",
-    "KEY_SIZE",
-    "ContainerHeader",
-    "ContainerWriter",
-    "ContainerReader",
-    "EncryptedStream",
-    "EncryptResult",
-    "stored_size",
-    "encrypt_chunks",
-    "decrypt_chunks",
-    "decrypt_bytes",
-    "read_header",
-]
-
-FORMAT_VERSION = 1
-DEFAULT_SEGMENT_SIZE = 1 << 20
-# A reader buffers up to two segments before it can authenticate anything, and the segment size comes from
-# the (not yet authenticated) header: the bound keeps a forged header from making a reader buffer gigabytes.
-MAX_SEGMENT_SIZE = 1 << 24
-TAG_SIZE = 16
-KEY_SIZE = 32
-MAGIC = b"TSAF"
-NONCE_PREFIX_SIZE = 7
-SALT_SIZE = 16
-MAX_SEGMENTS = 1 << 32  # the segment counter in the nonce is a u32
-
-_FIXED = struct.Struct(">4sBI7s16s")  # magic, version, segment size, nonce prefix, salt: 32 bytes
-_LEN = struct.Struct(">H")
-_NONCE_TAIL = struct.Struct(">IB")  # segment index, last flag
-_KDF_LABEL = b"tensafe-artifact-v1|"
-
-
-@dataclass(frozen=True)
-class ContainerHeader:
-    """The parsed header of a container. Every field is authenticated (as associated data) by each segment."""
-
-    version: int
-    segment_size: int
-    nonce_prefix: bytes
-    salt: bytes
-    tenant_id: str
-    artifact_id: str
-
-    def encode(self) -> bytes:
-        """The header's bytes, exactly as written at the start of the container."""
-        tenant, artifact = _id_bytes(self.tenant_id, "tenant_id"), _id_bytes(self.artifact_id, "artifact_id")
-        return b"".join((_FIXED.pack(MAGIC, self.version, self.segment_size, self.nonce_prefix, self.salt),
-                         _LEN.pack(len(tenant)), tenant, _LEN.pack(len(artifact)), artifact))
-
-
-def stored_size(plaintext_size: int, header_len: int, segment_size: int) -> int:
-    """Bytes a container takes for ``plaintext_size`` bytes of plaintext (an empty one still has a final segment)."""
-    segments = max(1, -(-plaintext_size // segment_size))
-    return header_len + plaintext_size + segments * TAG_SIZE
-
-
-def read_header(prefix: bytes | bytearray | memoryview) -> tuple[ContainerHeader, int]:
-    """Parse the header at the start of ``prefix``; return it and its length in bytes.
-
-    Use it to find which tenant and artifact a pulled blob belongs to. The header is not authenticated until
-    a segment is decrypted with it. Raises :class:`IntegrityError` if the bytes are not a version 1 header or
-    ``prefix`` ends before the header does.
-    """
-    parsed = _parse_header(memoryview(prefix).cast("B"), None)
-    if parsed is None:
-        raise _integrity(None, f"truncated: the header is incomplete ({len(prefix)} bytes)")
-    return parsed
 
 
 @dataclass(frozen=True)
@@ -122,15 +48,15 @@ class ContainerWriter:
 
     def __init__(self, data_key: bytes, tenant_id: str, artifact_id: str,
                  segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
-        _check_key(data_key)
+        check_key(data_key)
         if not isinstance(segment_size, int) or not 1 <= segment_size <= MAX_SEGMENT_SIZE:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
             raise ValueError(f"segment_size must be an int in 1..{MAX_SEGMENT_SIZE}, got {segment_size!r}")
         self.container_header = ContainerHeader(FORMAT_VERSION, segment_size, os.urandom(NONCE_PREFIX_SIZE),
                                                 os.urandom(SALT_SIZE), tenant_id, artifact_id)
         self.header: bytes = self.container_header.encode()
-        self._seal = _SegmentCipher(data_key, self.container_header, self.header)
-        self._pending = _Pieces()
-        self._digest = _PlaintextDigest()
+        self._seal = SegmentCipher(data_key, self.container_header, self.header)
+        self._pending = Pieces()
+        self._digest = PlaintextDigest()
         self._stored = len(self.header)
         self._done = False
         self.plaintext_sha256: bytes | None = None
@@ -196,15 +122,15 @@ class ContainerReader:
         """``digest=False`` skips the plaintext SHA-256 (``plaintext_sha256`` stays None): the AEAD tags and
         the STREAM nonces already authenticate every byte, its order and the end, so a reader that does not
         need the digest saves the hashing, the slowest step of decryption."""
-        _check_key(data_key)
+        check_key(data_key)
         self._data_key = data_key
         self._expected_tenant = tenant_id
         self._expected_artifact = artifact_id
         self._head: bytearray | None = bytearray()
         self.header: ContainerHeader | None = None
-        self._open: _SegmentCipher | None = None
-        self._pending = _Pieces()
-        self._digest = _PlaintextDigest() if digest else _PlaintextSize()
+        self._open: SegmentCipher | None = None
+        self._pending = Pieces()
+        self._digest = PlaintextDigest() if digest else PlaintextSize()
         self._done = False
         self.plaintext_sha256: bytes | None = None
         self.plaintext_size: int | None = None
@@ -225,7 +151,7 @@ class ContainerReader:
             raise ValueError("the container reader is already finalized")
         if self._head is not None:
             self._head += data
-            parsed = _parse_header(memoryview(self._head), self.artifact_id)
+            parsed = parse_header(memoryview(self._head), self.artifact_id)
             if parsed is None:
                 return []
             header, length = parsed
@@ -266,9 +192,9 @@ class ContainerReader:
                               f"artifact {header.artifact_id!r}, expected tenant {self._expected_tenant!r} and "
                               f"artifact {self._expected_artifact!r}")
         self.header = header
-        self._open = _SegmentCipher(self._data_key, header, raw)
+        self._open = SegmentCipher(self._data_key, header, raw)
 
-    def _cipher(self) -> _SegmentCipher:
+    def _cipher(self) -> SegmentCipher:
         """The segment cipher, set with :attr:`header` once the header is parsed (callers check ``_head`` first)."""
         if self._open is None:
             raise RuntimeError("the container header has not been read yet")
@@ -301,7 +227,7 @@ class ContainerReader:
     def _error(self, what: str) -> IntegrityError:
         self._done = True
         self._digest.close()
-        return _integrity(self.artifact_id, what)
+        return integrity_error(self.artifact_id, what)
 
 
 class EncryptedStream:
@@ -377,202 +303,3 @@ def _sliced(update: Any, chunk: bytes | bytearray | memoryview, step: int) -> It
         view = memoryview(view.tobytes())  # the caller may reuse a mutable buffer once we yield
     for start in range(0, len(view), step):
         yield from update(view[start:start + step])
-
-
-class _SegmentCipher:
-    """AES-256-GCM under the artifact's derived key, with STREAM nonces: prefix || index (u32) || last flag."""
-
-    def __init__(self, data_key: bytes, header: ContainerHeader, raw_header: bytes) -> None:
-        info = _KDF_LABEL + header.tenant_id.encode() + b"|" + header.artifact_id.encode()
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=header.salt, info=info).derive(data_key)
-        self._aead = AESGCM(key)
-        self.header = header
-        self._prefix = header.nonce_prefix
-        self._aad = raw_header  # the whole header: binds version, segment size, prefix, salt, tenant and artifact
-        self._last_seen = False
-        self.index = 0
-
-    def _nonce(self, index: int, last: bool) -> bytes:
-        return self._prefix + _NONCE_TAIL.pack(index, 1 if last else 0)
-
-    def _advance(self, last: bool) -> int:
-        if self._last_seen:
-            raise ValueError("no segment may follow the final one")
-        if self.index >= MAX_SEGMENTS:
-            raise ValueError(f"a container holds at most {MAX_SEGMENTS} segments; use a larger segment size")
-        self._last_seen = last
-        index, self.index = self.index, self.index + 1
-        return index
-
-    def encrypt(self, plaintext: bytes | memoryview, last: bool) -> bytes:
-        nonce = self._nonce(self.index, last)
-        self._advance(last)
-        return self._aead.encrypt(nonce, plaintext, self._aad)
-
-    def decrypt(self, segment: bytes | memoryview, last: bool) -> bytes:
-        plaintext = self._aead.decrypt(self._nonce(self.index, last), segment, self._aad)
-        self._advance(last)
-        return plaintext
-
-    def authenticates(self, segment: bytes | memoryview, index: int, last: bool) -> bool:
-        if index >= MAX_SEGMENTS:
-            return False
-        try:
-            self._aead.decrypt(self._nonce(index, last), segment, self._aad)
-        except InvalidTag:
-            return False
-        return True
-
-
-class _Pieces:
-    """A FIFO of immutable byte views; ``take`` slices without copying when one piece holds the whole request."""
-
-    def __init__(self) -> None:
-        self._views: deque[memoryview] = deque()
-        self.size = 0
-
-    def append(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        if not view:
-            return
-        if not isinstance(view.obj, bytes):
-            view = memoryview(view.tobytes())  # the caller may reuse a mutable buffer after update returns
-        self._views.append(view)
-        self.size += len(view)
-
-    def take(self, n: int) -> bytes | memoryview:
-        if n == 0:
-            return b""
-        first = self._views[0]
-        if len(first) >= n:
-            taken = first[:n]
-            if len(first) == n:
-                self._views.popleft()
-            else:
-                self._views[0] = first[n:]
-        else:
-            parts: list[bytes | memoryview] = []
-            need = n
-            while need:
-                view = self._views.popleft()
-                if len(view) > need:
-                    self._views.appendleft(view[need:])
-                    view = view[:need]
-                parts.append(view)
-                need -= len(view)
-            taken = b"".join(parts)
-        self.size -= n
-        return taken
-
-
-_PIPELINE_MIN = 1 << 16  # below this, handing a buffer to another thread costs more than hashing it here
-# Two hashes queued keep the helper busy: with one, each segment also pays the helper's wake-up latency
-# (measured: 0.97x of SHA-256 alone with two, 0.89x with one, 0.89x hashing inline on the calling thread).
-_PIPELINE_DEPTH = 2
-
-
-class _PlaintextDigest:
-    """SHA-256 of the plaintext, hashed on a helper thread while the calling thread runs AES-GCM.
-
-    hashlib releases the GIL for large buffers, so hashing overlaps encryption (or decryption) and whatever
-    the caller does between segments. The helper is one thread per digest, so the updates run in order; at
-    most ``_PIPELINE_DEPTH`` segments are queued, which bounds the extra memory held alive.
-    """
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._queued: deque[Future[None]] = deque()
-        self._helper: ThreadPoolExecutor | None = None
-        self.size = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
-        if len(data) < _PIPELINE_MIN:
-            self._drain(0)
-            self._hash.update(data)
-            return
-        self._drain(_PIPELINE_DEPTH - 1)
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsaf-sha256")
-        self._queued.append(self._helper.submit(self._hash.update, data))
-
-    def digest(self) -> bytes:
-        self.close()
-        return self._hash.digest()
-
-    def close(self) -> None:
-        self._drain(0)
-        if self._helper is not None:
-            self._helper.shutdown(wait=False)
-            self._helper = None
-
-    def _drain(self, keep: int) -> None:
-        while len(self._queued) > keep:
-            self._queued.popleft().result()
-
-
-class _PlaintextSize:
-    """Counts the plaintext without hashing it (a reader built with ``digest=False``)."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
-
-    def digest(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-def _parse_header(buf: memoryview, artifact_id: str | None) -> tuple[ContainerHeader, int] | None:
-    """The header and its length, None if ``buf`` ends before the header does; raises on a bad header."""
-    if len(buf) >= 4 and bytes(buf[:4]) != MAGIC:
-        raise _integrity(artifact_id, "bad header: not a TenSafe artifact container (wrong magic bytes)")
-    if len(buf) >= 5 and buf[4] != FORMAT_VERSION:
-        raise _integrity(artifact_id, f"bad header: unsupported format version {buf[4]} (this SDK reads "
-                                      f"version {FORMAT_VERSION})")
-    if len(buf) < _FIXED.size:
-        return None
-    _, version, segment_size, prefix, salt = _FIXED.unpack_from(buf)
-    if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
-        raise _integrity(artifact_id, f"bad header: segment size {segment_size} is outside 1..{MAX_SEGMENT_SIZE}")
-    offset = _FIXED.size
-    ids: list[str] = []
-    for name in ("tenant id", "artifact id"):
-        if len(buf) < offset + _LEN.size:
-            return None
-        (length,) = _LEN.unpack_from(buf, offset)
-        offset += _LEN.size
-        if len(buf) < offset + length:
-            return None
-        try:
-            value = bytes(buf[offset:offset + length]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _integrity(artifact_id, f"bad header: the {name} is not valid UTF-8") from None
-        if not value:
-            raise _integrity(artifact_id, f"bad header: the {name} is empty")
-        ids.append(value)
-        offset += length
-    return ContainerHeader(version, segment_size, bytes(prefix), bytes(salt), ids[0], ids[1]), offset
-
-
-def _id_bytes(value: str, name: str) -> bytes:
-    if not isinstance(value, str) or not value:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
-        raise ValueError(f"{name} must be a non-empty string")
-    encoded = value.encode("utf-8")
-    if len(encoded) > 0xFFFF:
-        raise ValueError(f"{name} must be at most 65535 bytes in UTF-8")
-    return encoded
-
-
-def _check_key(data_key: bytes) -> None:
-    if not isinstance(data_key, bytes | bytearray) or len(data_key) != KEY_SIZE:  # pyright: ignore[reportUnnecessaryIsInstance] - checked for callers without a type checker
-        raise ValueError(f"the data key must be {KEY_SIZE} bytes")
-
-
-def _integrity(artifact_id: str | None, what: str) -> IntegrityError:
-    name = artifact_id if artifact_id is not None else "(unknown: the header could not be read)"
-    return IntegrityError(f"artifact {name}: {what}", code="INTEGRITY_ERROR", details={"artifact_id": artifact_id})

@@ -15,8 +15,13 @@ from tg_tinker.services import SERVICE_NAMES
 
 
 class TinkerServer(EdgeServer):
-    """The gateway and its HTTP server. ``local_endpoint``: the gRPC server of the same process (``tensafe up``);
-    otherwise each service's ``TENSAFE_<SERVICE>_ENDPOINT``."""
+    """The gateway and its HTTP server: an :class:`EdgeServer` whose app is the Tinker API over a
+    :class:`~tensafe.tinker.service.Gateway`. ``local_endpoint``: the gRPC server of the same process
+    (``tensafe up``); otherwise each service's ``TENSAFE_<SERVICE>_ENDPOINT``. ``port``: default
+    TENSAFE_TINKER_PORT.
+
+    Stopping it (``EdgeServer.stop``) lets requests in flight finish, then closes the gateway (open sessions'
+    models, its clients; one of the edge's closers), then delivers the audit outbox."""
 
     def __init__(self, config: ServerConfig, local_endpoint: str | None = None, port: int | None = None) -> None:
         from .app import build_app
@@ -25,16 +30,12 @@ class TinkerServer(EdgeServer):
         made: list[Gateway] = []
 
         def make_app(edge: HttpEdge) -> Any:
-            made.append(Gateway(config, {s: edge.peers.endpoint(s) for s in SERVICE_NAMES}))
-            return build_app(edge, made[0])
+            gateway = Gateway(config, {s: edge.peers.endpoint(s) for s in SERVICE_NAMES})
+            made.append(gateway)
+            edge.closers.append(gateway.close)  # also run if the app or the socket fails here
+            return build_app(edge, gateway)
 
         local = frozenset(SERVICE_NAMES) if local_endpoint else frozenset[str]()
         super().__init__(config, "tinker", config.tinker_port if port is None else port, make_app, local_endpoint,
                          local)
         self.gateway = made[0]
-
-    def stop(self) -> None:
-        """Requests in flight finish, open sessions' models are closed, then the audit outbox is delivered."""
-        self.http.stop()
-        self.gateway.close()
-        self.edge.stop()

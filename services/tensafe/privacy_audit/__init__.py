@@ -1,13 +1,14 @@
 """An empirical privacy audit through a running stack: plant canaries, fine-tune, try to extract them.
 
-A *canary* is a made-up patient record with a secret in it (``"Ada Moreau's patient ID is 482-917."``).
+A *canary* is a made-up patient record with a secret in it (``"Ada Moreau's patient ID is 482-917."``, or
+with ``secret="allergy"``, ``"Ada Moreau is allergic to penicillin."``).
 Each of ``canaries`` canaries is put into the training data or held out by an independent fair coin
 (seeded); the session fine-tunes on the data (with DP or without, the same data and steps), and then
 the audit plays the attacker, with the trained model's log-probabilities only (the ``forward`` and
 ``sample`` calls any tenant has):
 
 - **leak**: whether greedy decoding after ``"<name>'s patient ID is"`` produces the secret, and the
-  secret's rank among ``candidates`` random secrets of the same format by log-probability; the
+  secret's rank among ``candidates`` random secrets of the same kind by log-probability; the
   *exposure* of Carlini et al., "The Secret Sharer" (USENIX Security 2019), estimated from the sample:
   ``log2(candidates + 1) - log2(rank)`` bits (its maximum is ``log2(candidates + 1)``).
 - **membership inference**: the score of a canary is how much more likely its secret became
@@ -44,11 +45,35 @@ NAMES_LAST = ["Moreau", "Okafor", "Lindqvist", "Tanaka", "Costa", "Novak", "Hadd
               "Mensah", "Rossi", "Duarte", "Kowalski", "Nakamura", "Schmidt", "Alvarez", "Petrov", "Dubois",
               "Keller", "Larsen", "Mbeki", "Oliveira", "Quinn", "Varga", "Weber"]
 PROMPT = "Pull up the chart of {name}."
-PREFIX = "{name}'s patient ID is"
+
+# What a canary's secret is: the sentence that states it (before the secret), and the secret space.
+# "id": a made-up six-digit patient ID (10^6 of them: any number of candidates); "allergy": one of
+# ALLERGIES (a secret of one or two words, which a fine-tune memorises in far fewer passes than six
+# random digits: what `make demo` uses to show a verbatim leak in a few minutes).
+SECRET_KINDS = ("id", "allergy")
+PREFIXES = {"id": "{name}'s patient ID is", "allergy": "{name} is allergic to"}
+ALLERGIES = ("penicillin", "amoxicillin", "sulfa drugs", "aspirin", "ibuprofen", "codeine", "morphine", "latex",
+             "iodine", "peanuts", "tree nuts", "shellfish", "eggs", "soy", "wheat", "sesame", "bee stings",
+             "cephalexin", "tetracycline", "erythromycin", "naproxen", "lidocaine", "contrast dye", "nickel",
+             "adhesive tape", "chlorhexidine", "gelatin", "mustard", "celery", "kiwi", "strawberries", "milk",
+             "corn", "mold", "dust mites", "cat dander", "ragweed", "vancomycin", "ciprofloxacin", "doxycycline")
 
 
-def secret_text(rng: random.Random) -> str:
-    """A made-up six-digit patient ID, e.g. ``482-917``."""
+def secret_space(kind: str) -> int:
+    """How many distinct secrets of ``kind`` there are."""
+    check_kind(kind)
+    return 10 ** 6 if kind == "id" else len(ALLERGIES)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in SECRET_KINDS:
+        raise ValueError(f"secret: must be one of {', '.join(SECRET_KINDS)}, got {kind!r}")
+
+
+def secret_text(rng: random.Random, kind: str = "id") -> str:
+    """A made-up secret of ``kind``: a six-digit patient ID (``482-917``) or an allergy (``penicillin``)."""
+    if kind == "allergy":
+        return ALLERGIES[rng.randrange(len(ALLERGIES))]
     return f"{rng.randrange(1000):03d}-{rng.randrange(1000):03d}"
 
 
@@ -57,6 +82,7 @@ class Canary:
     name: str
     secret: str
     planted: bool  # in the training data (the coin said so) or held out
+    kind: str = "id"
 
     @property
     def prompt(self) -> str:
@@ -64,7 +90,7 @@ class Canary:
 
     @property
     def prefix(self) -> str:
-        return PREFIX.format(name=self.name)
+        return PREFIXES[self.kind].format(name=self.name)
 
     def response(self, secret: str | None = None) -> str:
         return f"{self.prefix} {secret or self.secret}."
@@ -73,18 +99,20 @@ class Canary:
         return {"prompt": self.prompt, "response": self.response()}
 
 
-def make_canaries(count: int, seed: int) -> list[Canary]:
+def make_canaries(count: int, seed: int, kind: str = "id") -> list[Canary]:
     """``count`` canaries with distinct names and secrets, each planted by its own fair coin."""
+    if not 1 <= count <= secret_space(kind):
+        raise ValueError(f"canaries: at most {secret_space(kind)} distinct {kind} secrets, got {count}")
     rng = random.Random(f"tensafe-canaries-{seed}")
     names = rng.sample([f"{a} {b}" for a in NAMES_FIRST for b in NAMES_LAST], count)
     secrets_: set[str] = set()
     out = []
     for name in names:
-        s = secret_text(rng)
+        s = secret_text(rng, kind)
         while s in secrets_:
-            s = secret_text(rng)
+            s = secret_text(rng, kind)
         secrets_.add(s)
-        out.append(Canary(name, s, planted=rng.random() < 0.5))
+        out.append(Canary(name, s, planted=rng.random() < 0.5, kind=kind))
     return out
 
 
@@ -172,9 +200,11 @@ def score_canaries(tc: Any, fmt: Formatter, canaries: Sequence[Canary], candidat
     rng = random.Random(f"tensafe-candidates-{seed}")
     rows, owners = [], []
     for k, c in enumerate(canaries):
+        if candidates >= secret_space(c.kind):
+            raise ValueError(f"candidates: at most {secret_space(c.kind) - 1} for {c.kind} secrets, got {candidates}")
         alts: set[str] = set()
         while len(alts) < candidates:
-            s = secret_text(rng)
+            s = secret_text(rng, c.kind)
             if s != c.secret:
                 alts.add(s)
         for s in [c.secret, *sorted(alts)]:
@@ -191,7 +221,8 @@ def score_canaries(tc: Any, fmt: Formatter, canaries: Sequence[Canary], candidat
 
 
 def greedy_leaks(tc: Any, fmt: Formatter, canaries: Sequence[Canary]) -> list[str]:
-    """What greedy decoding writes after ``"<name>'s patient ID is"`` (a leak: the secret is in it)."""
+    """What greedy decoding writes after the canary's prefix (``"<name>'s patient ID is"``); a leak if it
+    starts with the secret."""
     prompts = []
     for c in canaries:
         ids, start, _ = fmt.span(c.prompt, c.prefix, c.secret)
@@ -219,6 +250,7 @@ class AuditConfig:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     alpha: float = 0.05
+    secret: str = "id"  # one of SECRET_KINDS
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -263,6 +295,9 @@ def run(service: Any, fmt: Formatter, cfg: AuditConfig, records: Sequence[dict[s
     from tg_tinker import DPBudgetExceededError, DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
     from tg_tinker.data import PoissonSampler
 
+    if cfg.candidates >= secret_space(cfg.secret):  # checked before any training
+        raise ValueError(f"candidates: at most {secret_space(cfg.secret) - 1} for {cfg.secret} secrets, "
+                         f"got {cfg.candidates}")
     data = training_set(records, canaries, cfg.seed)
     config = TrainingConfig(
         model_ref=cfg.model,
@@ -339,7 +374,9 @@ def _answers(tc: Any, fmt: Formatter, questions: Sequence[str]) -> list[str]:
 
 
 def leaked(canary: Canary, completion: str) -> bool:
-    return canary.secret in completion
+    """The completion starts with the secret, as a whole word (``"shellfish."`` is not ``"fish"``)."""
+    text = completion.lstrip()
+    return text.startswith(canary.secret) and not text[len(canary.secret):][:1].isalnum()
 
 
 def summary(cfg: AuditConfig, canaries: Sequence[Canary], res: RunResult) -> dict[str, Any]:
@@ -370,11 +407,11 @@ def audit(service: Any, tokenizer: Any, cfg: AuditConfig, records: Sequence[dict
           heldout: Sequence[dict[str, str]], progress: Progress | None = None) -> dict[str, Any]:
     """The canary audit of one configuration: its canaries, the run, and :func:`summary` of it."""
     fmt = Formatter(tokenizer)
-    canaries = make_canaries(cfg.canaries, cfg.seed)
+    canaries = make_canaries(cfg.canaries, cfg.seed, cfg.secret)
     res = run(service, fmt, cfg, records, heldout, canaries, progress=progress)
     return summary(cfg, canaries, res)
 
 
-__all__ = ["AuditConfig", "Canary", "CanaryScores", "Formatter", "RunResult", "audit", "auc", "exposure",
-           "heldout_loss", "make_canaries", "max_demonstrable_epsilon", "one_run_epsilon_bound", "run",
-           "score_canaries", "summary"]
+__all__ = ["ALLERGIES", "PREFIXES", "SECRET_KINDS", "AuditConfig", "Canary", "CanaryScores", "Formatter", "RunResult",
+           "audit", "auc", "exposure", "heldout_loss", "make_canaries", "max_demonstrable_epsilon",
+           "one_run_epsilon_bound", "run", "score_canaries", "secret_space", "summary"]

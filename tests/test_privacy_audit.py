@@ -94,5 +94,6 @@ def test_cli_refuses_more_candidates_than_the_secret_space(tmp_path) -> None:
     import sys
 
     bad = subprocess.run([sys.executable, "-m", "tensafe.cli", "audit-privacy", "--model", "tiny", "--tokenizer",
-                          str(tmp_path), "--secret", "allergy", "--candidates", "40"], capture_output=True, text=True)
+                          str(tmp_path), "--secret", "allergy", "--canaries", "16", "--candidates", "40"],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and "--candidates" in bad.stderr and "40 secrets" in bad.stderr, bad.stderr

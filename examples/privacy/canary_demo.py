@@ -71,10 +71,13 @@ def main() -> int:
     parser.add_argument("--plot", default="build/demo/canary_demo.png", help="where to write the PNG ('' for none)")
     parser.add_argument("--json", default="", help="also write the results as JSON here")
     args = parser.parse_args()
-    space = pa.secret_space(args.secret)
-    if args.canaries > space or args.candidates >= space:
-        parser.error(f"--secret {args.secret} has {space} secrets: at most {space} --canaries, "
-                     f"{space - 1} --candidates")
+    base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                rank=args.rank, canaries=args.canaries, candidates=args.candidates, seed=args.seed, secret=args.secret,
+                target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm)
+    try:
+        pa.AuditConfig(**base)  # sizes the secret space cannot hold: refused before any training
+    except ValueError as exc:
+        parser.error(f"--{exc}")
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or str(Path(".tensafe/models") / args.model),
                                         local_files_only=True)
@@ -88,9 +91,6 @@ def main() -> int:
     planted = [c for c in canaries if c.planted]
     print(f"Data: {len(records)} clinic FAQ records + {len(planted)} planted canaries "
           f"({len(canaries) - len(planted)} more held out), e.g. {planted[0].response()!r}")
-    base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                rank=args.rank, canaries=args.canaries, candidates=args.candidates, seed=args.seed, secret=args.secret,
-                target_epsilon=args.target_epsilon, target_delta=args.target_delta, max_grad_norm=args.max_grad_norm)
     runs: dict[str, pa.RunResult] = {}
     with ServiceClient() as service:
         baseline = None

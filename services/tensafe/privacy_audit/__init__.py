@@ -61,13 +61,9 @@ ALLERGIES = ("penicillin", "amoxicillin", "sulfa drugs", "aspirin", "ibuprofen",
 
 def secret_space(kind: str) -> int:
     """How many distinct secrets of ``kind`` there are."""
-    check_kind(kind)
-    return 10 ** 6 if kind == "id" else len(ALLERGIES)
-
-
-def check_kind(kind: str) -> None:
     if kind not in SECRET_KINDS:
         raise ValueError(f"secret: must be one of {', '.join(SECRET_KINDS)}, got {kind!r}")
+    return 10 ** 6 if kind == "id" else len(ALLERGIES)
 
 
 def secret_text(rng: random.Random, kind: str = "id") -> str:
@@ -253,6 +249,14 @@ class AuditConfig:
     secret: str = "id"  # one of SECRET_KINDS
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+    def __post_init__(self) -> None:  # refused here, before any session or training
+        space = secret_space(self.secret)
+        if self.canaries > space:
+            raise ValueError(f"canaries: at most {space} ({self.secret} has {space} secrets), got {self.canaries}")
+        if self.candidates >= space:
+            raise ValueError(f"candidates: at most {space - 1} ({self.secret} has {space} secrets), "
+                             f"got {self.candidates}")
+
 
 @dataclass
 class RunResult:
@@ -295,9 +299,6 @@ def run(service: Any, fmt: Formatter, cfg: AuditConfig, records: Sequence[dict[s
     from tg_tinker import DPBudgetExceededError, DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
     from tg_tinker.data import PoissonSampler
 
-    if cfg.candidates >= secret_space(cfg.secret):  # checked before any training
-        raise ValueError(f"candidates: at most {secret_space(cfg.secret) - 1} for {cfg.secret} secrets, "
-                         f"got {cfg.candidates}")
     data = training_set(records, canaries, cfg.seed)
     config = TrainingConfig(
         model_ref=cfg.model,

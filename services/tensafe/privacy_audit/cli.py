@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import SECRET_KINDS
+
 MAX_CANARIES = 600
 MAX_CANDIDATES = 999
 MAX_STEPS = 100_000
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="canaries made, each planted by a fair coin (more canaries: a tighter bound)")
     p.add_argument("--candidates", type=_bounded(1, MAX_CANDIDATES), default=15,
                    help="random IDs each secret is ranked against (exposure)")
-    p.add_argument("--secret", choices=("id", "allergy"), default="id",
+    p.add_argument("--secret", choices=SECRET_KINDS, default="id",
                    help="the canaries' secret: a six-digit patient ID, or one of 40 allergies (learned in fewer steps;"
                         " at most 40 canaries and 39 candidates)")
     p.add_argument("--steps", type=_bounded(1, MAX_STEPS), default=60)
@@ -73,15 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from tg_tinker import ServiceClient
     from tg_tinker.errors import TGTinkerError
 
-    from . import AuditConfig, audit, secret_space
+    from . import AuditConfig, audit
 
     if not 0 < args.alpha < 1:
         print("error: --alpha must be in (0, 1)", file=sys.stderr)
-        return 2
-    space = secret_space(args.secret)
-    if args.canaries > space or args.candidates >= space:
-        print(f"error: --secret {args.secret} has {space} secrets: at most {space} --canaries and "
-              f"{space - 1} --candidates", file=sys.stderr)
         return 2
     records = _records(args.data, "--data")
     heldout = _records(args.heldout, "--heldout") or records[-10:]
@@ -90,11 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if not heldout:
         heldout = [{"prompt": "What does a privacy audit measure?",
                     "response": "How much a trained model reveals about the examples it was trained on."}]
-    cfg = AuditConfig(model=args.model, steps=args.steps, batch_size=args.batch_size,
-                      learning_rate=args.learning_rate, rank=args.rank, canaries=args.canaries,
-                      candidates=args.candidates, seed=args.seed, dp=args.dp, target_epsilon=args.target_epsilon,
-                      target_delta=args.target_delta, noise_multiplier=args.noise_multiplier,
-                      max_grad_norm=args.max_grad_norm, alpha=args.alpha, secret=args.secret)
+    try:
+        cfg = AuditConfig(model=args.model, steps=args.steps, batch_size=args.batch_size,
+                          learning_rate=args.learning_rate, rank=args.rank, canaries=args.canaries,
+                          candidates=args.candidates, seed=args.seed, dp=args.dp, target_epsilon=args.target_epsilon,
+                          target_delta=args.target_delta, noise_multiplier=args.noise_multiplier,
+                          max_grad_norm=args.max_grad_norm, alpha=args.alpha, secret=args.secret)
+    except ValueError as exc:  # a size the secret space cannot hold: refused before any training
+        print(f"error: --{exc}", file=sys.stderr)
+        return 2
     tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     try:
         with ServiceClient() as service:

@@ -176,7 +176,7 @@ def test_micro_batches_add_up_to_the_logical_batch(tiny_model) -> None:
 def test_captured_backward_clips_as_per_sample_backward(tiny_model) -> None:
     """A pass whose backward someone else runs (start_capture, backward, accumulate_captured) clips the
     same rows as per_sample_backward (autograd.grad to the layers' outputs) and as one row at a time."""
-    from tensafe.trainer.dp import PerSampleClipper, lora_layers, row_inputs
+    from tensafe.trainer.dp import PerSampleClipper, lora_layers, split_rows
     from tensafe.trainer.losses import LossInputs, resolve_loss
 
     model = _peft(tiny_model)
@@ -191,7 +191,7 @@ def test_captured_backward_clips_as_per_sample_backward(tiny_model) -> None:
                            attention_mask=mask, labels=labels)
     finally:
         clipper.start_capture(False)
-    torch.stack([loss(row_inputs(batch, i)).loss for i in range(4)]).sum().backward()
+    torch.stack([loss(row).loss for row in split_rows(batch)]).sum().backward()
     clipper.accumulate_captured(4)
     assert clipper.rows == 4 and all(p.grad is None for p in _params(model, "ses_a"))
     captured = [clipper.clipped_sum(p).clone() for p in _params(model, "ses_a")]
@@ -417,3 +417,30 @@ def test_rdp_sessions_are_accounted_with_rdp(service) -> None:
     assert dp.accounted_steps == 2
     assert dp.total_epsilon == pytest.approx(acct.get_epsilon(1e-5), rel=1e-3)
     assert dp.total_epsilon > pld_epsilon(1.1, 0.01, 2, 1e-5)  # RDP is the looser bound
+
+
+def test_split_rows_cuts_each_tensor_once() -> None:
+    """split_rows gives each row alone (the same values as slicing row by row) from one split per tensor:
+    the logits' rows share one backward node, whose backward is one concatenation. Row slices would be
+    B nodes, each writing a zero tensor of the whole batch's shape (B^2 work in the DP backward)."""
+    from tensafe.trainer.dp import split_rows
+    from tensafe.trainer.losses import LossInputs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, requires_grad=True)
+    ids = torch.randint(0, 7, (3, 5), generator=g)
+    batch = LossInputs(logits=logits * 1.0, input_ids=ids, attention_mask=torch.ones(3, 5, dtype=torch.long),
+                       labels=ids, advantages=torch.randn(3, 5, generator=g), extra={"w": torch.arange(3.0)})
+    rows = split_rows(batch)
+    assert len(rows) == 3
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(r.logits, batch.logits[i:i + 1])
+        assert r.input_ids.shape == (1, 5) and torch.equal(r.labels, ids[i:i + 1])
+        assert r.advantages is not None and torch.equal(r.advantages, batch.advantages[i:i + 1])
+        assert r.old_logprobs is None and torch.equal(r.extra["w"], torch.tensor([float(i)]))
+    assert len({id(r.logits.grad_fn) for r in rows}) == 1
+    torch.stack([r.logits[0, 0, k] for k, r in enumerate(rows)]).sum().backward()
+    expected = torch.zeros(3, 5, 7)
+    for k in range(3):
+        expected[k, 0, k] = 1.0
+    torch.testing.assert_close(logits.grad, expected)

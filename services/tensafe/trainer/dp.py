@@ -225,7 +225,7 @@ class PerSampleClipper:
         finally:
             recorded, self._recorded = self._recorded, None
         try:
-            outputs = [loss(row_inputs(batch, i)) for i in range(batch.input_ids.shape[0])]
+            outputs = [loss(row) for row in split_rows(batch)]
             for i, out in enumerate(outputs):
                 if not torch.isfinite(out.loss):
                     raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
@@ -285,15 +285,25 @@ class PerSampleClipper:
         return out
 
 
-def row_inputs(batch: LossInputs, i: int) -> LossInputs:
-    """Row ``i`` of a batch alone (leading dimension kept), for its own loss."""
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[i:i + 1]
+def split_rows(batch: LossInputs) -> list[LossInputs]:
+    """Each row of a batch alone (leading dimension kept), for its own loss.
 
-    return LossInputs(logits=batch.logits[i:i + 1], input_ids=batch.input_ids[i:i + 1],
-                      attention_mask=batch.attention_mask[i:i + 1], labels=batch.labels[i:i + 1],
-                      advantages=pick(batch.advantages), old_logprobs=pick(batch.old_logprobs),
-                      extra={k: v[i:i + 1] for k, v in batch.extra.items()})
+    The rows are cut by one ``torch.split`` per tensor, not by ``batch.logits[i:i + 1]`` per row: the
+    backward of a slice writes its gradient into a zero tensor of the whole batch's shape, so B row
+    slices of [B, T, vocab] logits cost B full-size zero-fills and adds (2.7 s of a 7.4 s DP step at
+    B=16 on SmolLM2); the backward of one split is one concatenation.
+    """
+    n = batch.input_ids.shape[0]
+
+    def rows(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        return [None] * n if t is None else list(torch.split(t, 1))
+
+    extra = {k: rows(v) for k, v in batch.extra.items()}
+    return [LossInputs(logits=lg, input_ids=ids, attention_mask=am, labels=lb, advantages=adv, old_logprobs=old,
+                       extra={k: v[i] for k, v in extra.items()})
+            for i, (lg, ids, am, lb, adv, old) in enumerate(zip(
+                rows(batch.logits), rows(batch.input_ids), rows(batch.attention_mask), rows(batch.labels),
+                rows(batch.advantages), rows(batch.old_logprobs), strict=True))]
 
 
 def lora_layers(model: nn.Module, session_id: str) -> list[nn.Linear]:

@@ -36,7 +36,7 @@ from tensafe.common import multilora
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, TensafeError
 
 from .batches import PreparedBatch
-from .dp import PerSampleClipper, row_inputs
+from .dp import PerSampleClipper, split_rows
 from .losses import Loss, LossInputs, LossOutput
 from .session import TrainingSession, merge_rows
 
@@ -146,7 +146,7 @@ def _loss(op: PassOp, logits: torch.Tensor) -> LossOutput | list[LossOutput]:
     inputs = LossInputs(logits=logits, input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
                         advantages=b.advantages, old_logprobs=b.old_logprobs, extra=b.extra)
     if op.train and op.session.dp is not None:
-        outs = [op.loss(row_inputs(inputs, i)) for i in range(b.input_ids.shape[0])]
+        outs = [op.loss(row) for row in split_rows(inputs)]
         for i, out in enumerate(outs):
             if not torch.isfinite(out.loss):
                 raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")

@@ -8,8 +8,9 @@
    with DP-SGD (epsilon 8), and prints side by side: held-out loss, answers in the clinic's voice, whether
    each secret can be extracted (greedy completion, rank and exposure among other secrets),
    membership-inference AUC, the empirical lower bound on epsilon beside the accountant's, per-step
-   time and the DP/non-DP ratio; it saves a PNG and prints its path. 20 steps per run: about 5 minutes
-   in all on 2 idle cores (the job itself 4 min 13 s measured), longer when other work shares them.
+   time and the DP/non-DP ratio; it saves a PNG and prints its path. 20 steps per run at batch 16: about
+   6 minutes in all on 2 idle cores (the job itself 5 min 32 s measured), longer when other work shares
+   them.
    `--classic` runs the older DP fine-tuning example (examples/training/lora_finetuning.py --dp) instead.
 """
 

@@ -3,6 +3,7 @@ empirical epsilon; a DP run's empirical lower bound stays within the accountant'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -97,3 +98,17 @@ def test_cli_refuses_more_candidates_than_the_secret_space(tmp_path) -> None:
                           str(tmp_path), "--secret", "allergy", "--canaries", "16", "--candidates", "40"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--candidates" in bad.stderr and "40 secrets" in bad.stderr, bad.stderr
+
+
+def test_dp_and_non_dp_runs_train_on_the_same_poisson_batches() -> None:
+    """Both runs of an audit (and of `make demo`) take the same batches, Poisson-sampled at batch_size / N:
+    the clipping and the noise are then the only difference, and the step times compare like for like."""
+    data = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(64)]
+    cfg = pa.AuditConfig(model="m", steps=40, batch_size=16, seed=3)
+    dp = list(pa.step_batches(cfg, data))
+    plain = list(pa.step_batches(dataclasses.replace(cfg, dp=False), data))
+    assert len(dp) == 40 and dp == plain
+    sizes = [len(b) for b in dp]
+    assert len(set(sizes)) > 1 and 10 <= sum(sizes) / len(sizes) <= 22  # Poisson, mean 16: not a fixed size
+    assert all(len({r["prompt"] for r in b}) == len(b) for b in dp)  # each record at most once per batch
+    assert list(pa.step_batches(dataclasses.replace(cfg, seed=4), data)) != dp

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +289,17 @@ def training_set(records: Sequence[dict[str, str]], canaries: Sequence[Canary], 
     return data
 
 
+def step_batches(cfg: AuditConfig, data: Sequence[dict[str, str]]) -> Iterator[list[dict[str, str]]]:
+    """The batches of ``cfg.steps`` steps: Poisson at rate batch_size / len(data), seeded by ``cfg.seed``.
+
+    With DP and without, the same batches (``cfg.dp`` is not an input): the only difference between the
+    two runs is the clipping and the noise, and their step times compare like for like.
+    """
+    from tg_tinker.data import PoissonSampler
+
+    return PoissonSampler.for_batch_size(len(data), cfg.batch_size, steps=cfg.steps, seed=cfg.seed).batches(data)
+
+
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
 
@@ -297,7 +308,6 @@ def run(service: Any, fmt: Formatter, cfg: AuditConfig, records: Sequence[dict[s
         questions: Sequence[str] = (), progress: Progress | None = None) -> RunResult:
     """One session through ``service`` (a tg_tinker.ServiceClient): measure, fine-tune, measure again."""
     from tg_tinker import DPBudgetExceededError, DPConfig, LoRAConfig, OptimizerConfig, TrainingConfig
-    from tg_tinker.data import PoissonSampler
 
     data = training_set(records, canaries, cfg.seed)
     config = TrainingConfig(
@@ -315,16 +325,13 @@ def run(service: Any, fmt: Formatter, cfg: AuditConfig, records: Sequence[dict[s
         res.scores_before = baseline or score_canaries(tc, fmt, canaries, cfg.candidates, cfg.seed)
         if questions:
             res.answers_before = _answers(tc, fmt, questions)
-        if cfg.dp:
-            batches = PoissonSampler.for_batch_size(len(data), cfg.batch_size, steps=cfg.steps,
-                                                    seed=cfg.seed).batches(data)
-        else:
-            rng = random.Random(f"tensafe-batches-{cfg.seed}")
-            batches = (rng.sample(data, cfg.batch_size) for _ in range(cfg.steps))
+        batches = step_batches(cfg, data)
         pending = None
         last = time.perf_counter()
         try:
             for rows in batches:
+                if not rows and not cfg.dp:
+                    continue  # an empty Poisson batch (p = e^-batch_size): DP still takes its noise step
                 # The next step is queued before the previous one is waited for: the server is never idle.
                 fb = tc.forward_backward(fmt.train_batch(rows)) if rows else None
                 step = (fb, tc.optim_step())
@@ -415,4 +422,4 @@ def audit(service: Any, tokenizer: Any, cfg: AuditConfig, records: Sequence[dict
 
 __all__ = ["ALLERGIES", "PREFIXES", "SECRET_KINDS", "AuditConfig", "Canary", "CanaryScores", "Formatter", "RunResult",
            "audit", "auc", "exposure", "heldout_loss", "make_canaries", "max_demonstrable_epsilon",
-           "one_run_epsilon_bound", "run", "score_canaries", "secret_space", "summary"]
+           "one_run_epsilon_bound", "run", "score_canaries", "secret_space", "step_batches", "summary"]

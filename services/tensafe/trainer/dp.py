@@ -298,7 +298,7 @@ def split_rows(batch: LossInputs) -> list[LossInputs]:
     def rows(t: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [None] * n if t is None else list(torch.split(t, 1))
 
-    extra = {k: rows(v) for k, v in batch.extra.items()}
+    extra = {k: list(torch.split(v, 1)) for k, v in batch.extra.items()}
     return [LossInputs(logits=lg, input_ids=ids, attention_mask=am, labels=lb, advantages=adv, old_logprobs=old,
                        extra={k: v[i] for k, v in extra.items()})
             for i, (lg, ids, am, lb, adv, old) in enumerate(zip(

@@ -25,11 +25,12 @@ from tensafe.runtime.config import ServerConfig
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.peers import PeerChannels
 from tensafe.trainer.batches import prepare_batch
+from tensafe.trainer.config_checks import validate_config
 from tensafe.trainer.dp import PerSampleClipper, lora_layers
 from tensafe.trainer.losses import resolve_loss
 from tensafe.trainer.messages import OP_FORWARD, OP_FORWARD_BACKWARD, OP_OPTIM_STEP
 from tensafe.trainer.passes import PassOp, StepOp, run_pass
-from tensafe.trainer.service import Trainer, validate_config
+from tensafe.trainer.service import Trainer
 from tensafe.trainer.servicer import batch_value, config_value
 from tensafe.trainer.session import DPState, TrainingSession
 from tensafe.trainer.values import BatchInput

@@ -3,7 +3,7 @@
 Each mirrors its message field for field, with ``None`` where the message tracks presence (an
 ``optional`` scalar, a sub-message that may be absent), so that ``messages.config_proto`` gives back
 the configuration exactly as the tenant sent it (Session.config, the checkpoint record). Defaults
-and range checks are the logic's (``service.validate_config``), not this module's.
+and range checks are the logic's (``config_checks.validate_config``), not this module's.
 """
 
 from __future__ import annotations

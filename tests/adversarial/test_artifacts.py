@@ -13,64 +13,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import random
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from test_adapter_config import CATASTROPHIC, gnu_sparse_bomb, pax_sparse_bomb, tar_of
 
-from tensafe.runtime import adapter_config as ac
 from tensafe.runtime.errors import InvalidArgument
 from tensafe.runtime.safetar import read_tar
 from tg_tinker import LoRAConfig, OptimizerConfig, TrainingConfig, ValidationError
 
+from .crafting import RANK, adapter_tar, config, weights
+
 PROMPTS = ["Once upon a time", "The clinic opens at"]
-# The tiny Llama: hidden 64, 4 heads of 16 (q_proj 64 -> 64), 2 KV heads (v_proj 64 -> 32), 2 layers.
-OUT = {"q_proj": 64, "v_proj": 32}
-RANK = 4
-
-FUZZ = settings(max_examples=int(os.environ.get("TENSAFE_FUZZ_EXAMPLES", "200")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-# -- crafting adapters ---------------------------------------------------------------------------------------------
-def config(**changes: object) -> dict:
-    """What PEFT 0.21 saves for a plain rank-4 LoRA on q_proj and v_proj, with ``changes``."""
-    base = {"alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-            "base_model_name_or_path": "tiny", "bias": "none", "corda_config": None, "ensure_weight_tying": False,
-            "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-            "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
-            "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-            "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA", "peft_version": "0.21.2",
-            "qalora_group_size": 16, "r": RANK, "rank_pattern": {}, "revision": None,
-            "target_modules": ["q_proj", "v_proj"], "target_parameters": None, "task_type": "CAUSAL_LM",
-            "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
-            "use_rslora": False, "velora_config": None}
-    base.update(changes)
-    return base
-
-
-def weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer, (module, width) in itertools.product(range(2), OUT.items()):
-        key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-        out[f"{key}.lora_A.weight"] = torch.randn(RANK, 64, generator=g) * 0.1
-        out[f"{key}.lora_B.weight"] = torch.randn(width, RANK, generator=g) * 0.1
-    return out
-
-
-def adapter_tar(cfg: dict, tensors: dict[str, torch.Tensor] | None = None, **extra: bytes) -> bytes:
-    return tar_of({"adapter_config.json": json.dumps(cfg).encode(),
-                   "adapter_model.safetensors": st_save(weights() if tensors is None else tensors), **extra})
 
 
 BASE_Q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
@@ -399,84 +356,3 @@ def _header_member(name: str, data: bytes) -> bytes:
     """One regular member, without the end-of-archive blocks (to put in front of a crafted member)."""
     raw = tar_of({name: data})
     return raw[:512 + -(-len(data) // 512) * 512]
-
-
-# -- fuzzing the decoders: only InvalidArgument may come out --------------------------------------------------------
-VALID_TAR = adapter_tar(config())
-
-
-@st.composite
-def mutated_tar(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from([VALID_TAR, gnu_sparse_bomb(), pax_sparse_bomb(),
-                                           tar_of({"a": b"x" * 700, "b" * 150: b"y"}, tarfile.GNU_FORMAT)])))
-    for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["flip", "truncate", "extend", "overwrite", "fix_checksum"]))
-        if kind == "flip" and data:
-            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
-        elif kind == "truncate":
-            data = data[:draw(st.integers(0, len(data)))]
-        elif kind == "extend":
-            data += draw(st.binary(min_size=1, max_size=1024))
-        elif kind == "overwrite" and len(data) >= 512:
-            block = draw(st.integers(0, len(data) // 512 - 1)) * 512
-            at = block + draw(st.sampled_from([0, 100, 124, 156, 257, 345, 386, 482, 483]))
-            chunk = draw(st.binary(min_size=1, max_size=16))
-            data[at:at + len(chunk)] = chunk
-        elif kind == "fix_checksum" and len(data) >= 512:
-            block = draw(st.integers(0, len(data) // 512 - 1)) * 512
-            header = data[block:block + 512]
-            header[148:156] = b" " * 8
-            data[block + 148:block + 156] = f"{sum(header):06o}\0 ".encode()
-    return bytes(data)
-
-
-@FUZZ
-@given(mutated_tar())
-def test_fuzz_the_tar_reader(data: bytes) -> None:
-    try:
-        files = read_tar(data, max_bytes=1 << 20)
-    except InvalidArgument as exc:
-        assert exc.field == "artifact_id"
-        return
-    assert sum(len(v) for v in files.values()) <= len(data)
-
-
-def test_fuzz_the_tar_reader_on_random_bytes() -> None:
-    rng = random.Random(13)
-    for _ in range(500):
-        data = rng.randbytes(rng.choice([0, 100, 511, 512, 1024, 3000]))
-        with pytest.raises(InvalidArgument):
-            read_tar(data, max_bytes=1 << 20)
-
-
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                                max_size=4), max_leaves=12)
-FIELDS = sorted(set(config()) | {"unknown"})
-
-
-@FUZZ
-@given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8), st.booleans())
-def test_fuzz_the_adapter_config_validator(changes: dict, allow_bias: bool) -> None:
-    raw = json.dumps(config(**changes)).encode()
-    try:
-        out = ac.parse_adapter_config(raw, allow_base_bias=allow_bias)
-    except InvalidArgument as exc:
-        assert exc.field.startswith("adapter_config")
-        return
-    assert set(out) <= set(ac.LORA_FIELDS) | {"peft_type", "base_model_name_or_path"}
-    assert out["init_lora_weights"] in (True, False, "gaussian") and isinstance(out["target_modules"], list)
-    assert all(ac.MODULE_NAME.fullmatch(k) for k in {**out.get("rank_pattern", {}), **out.get("alpha_pattern", {})})
-
-
-@FUZZ
-@given(st.sampled_from([st_save(weights()), st_save({"x": torch.zeros(3)})]).flatmap(
-    lambda raw: st.tuples(st.just(raw), st.integers(0, len(raw) - 1), st.binary(min_size=1, max_size=8))))
-def test_fuzz_the_safetensors_header_check(case: tuple) -> None:
-    raw, at, chunk = case
-    data = raw[:at] + chunk + raw[at + len(chunk):]
-    try:
-        header = ac.safetensors_header(data)
-        ac.check_adapter_weights(header, ac.validate_adapter_config(config()))
-    except InvalidArgument:
-        return

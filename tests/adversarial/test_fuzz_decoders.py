@@ -4,8 +4,8 @@ SDK and by the vault), a tenant's public CKKS context and its SEAL ciphertexts (
 Each decoder must answer malformed input with its own documented error (IntegrityError for containers,
 INVALID_ARGUMENT naming the field for HE inputs) and never with anything else: no other exception, no
 crash, no secret-key context accepted. Mutations start from valid encodings (flipped bytes, truncations,
-extensions, overwritten headers), which reach much deeper than random bytes. The tensor and tar decoders
-are fuzzed beside their own hardening (test_scheduling.py, test_artifacts.py).
+extensions, overwritten headers), which reach much deeper than random bytes. The tensor decoder and the
+artifact readers have their own fuzzers (test_tensor_decoder.py, test_artifact_fuzz.py).
 """
 
 from __future__ import annotations

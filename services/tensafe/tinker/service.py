@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,12 +27,11 @@ from tensafe.runtime.http_edge import EdgeCaller
 from tg_tinker import ServiceClient
 from tg_tinker.configs import LoRAConfig, OptimizerConfig, TrainingConfig
 from tg_tinker.errors import TGTinkerError, ValidationError
-from tg_tinker.sampling import SamplingClient
-from tg_tinker.training import TrainingClient
 
 from . import wire
 from .futures import Box, FutureTable, Outcome, failure
 from .policy import DPPolicy, check_id, check_name, load_policies, parse_models
+from .state import ClientSession, Model, Sampler
 
 log = logging.getLogger("tensafe.tinker")
 
@@ -41,57 +39,6 @@ SESSION_TTL_SECONDS = 600.0  # a session whose client stopped heartbeating is cl
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
-
-
-# --------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class Model:
-    model_id: str
-    tenant: str
-    key_id: str
-    session_id: str  # the client's session
-    base_model: str  # as the client named it
-    local_ref: str
-    rank: int
-    train: tuple[bool, bool, bool]  # mlp, attn, unembed
-    tc: TrainingClient | None = None
-    dp: bool = False
-    created: Box | None = None  # the create_model (or create-from-state) future
-    next_seq: int = 1
-    waiting: dict[int, Callable[[], None]] = field(default_factory=dict[int, Callable[[], None]])
-    seen: dict[int, str] = field(default_factory=dict[int, str])
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def run_id(self) -> str:
-        """The training run in ``tinker://`` paths: the trainer session's id."""
-        assert self.tc is not None
-        return self.tc.session_id
-
-
-@dataclass
-class Sampler:
-    sampler_id: str
-    tenant: str
-    base_model: str
-    local_ref: str
-    model_path: str | None
-    artifact_id: str | None
-    client: SamplingClient
-    scorer: TrainingClient | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class ClientSession:
-    session_id: str
-    tenant: str
-    last_seen: float
-    models: list[str] = field(default_factory=list[str])
-    samplers: list[str] = field(default_factory=list[str])
-    finished: bool = False
 
 
 class Gateway:
@@ -520,7 +467,7 @@ class Gateway:
         if sid is None:
             raise InvalidArgument("sampling_session_id", "required (create a sampling session first)")
         sp = self.sampler(caller, sid)
-        prompt = model_input_tokens(body.get("prompt"), "prompt")
+        prompt = wire.model_input_tokens(body.get("prompt"), "prompt")
         n = body.get("num_samples", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
             raise InvalidArgument("num_samples", "must be an integer in 1..64")
@@ -530,7 +477,7 @@ class Gateway:
                 raise InvalidArgument(unsupported, "is not supported by TenSafe")
         if body.get("target_prompt_logprobs") is not None or body.get("prompt_logprobs_last_n") is not None:
             raise InvalidArgument("target_prompt_logprobs", "is not supported by TenSafe")
-        kwargs = sampling_kwargs(params)
+        kwargs = wire.sampling_kwargs(params)
         want_prompt = bool(body.get("prompt_logprobs"))
         box = self.futures.new(caller.tenant_id)
         seq_ids = [f"{sid}:{body.get('seq_id', 0)}:{i}" for i in range(n)]
@@ -581,37 +528,3 @@ class Gateway:
     def capabilities(self) -> list[dict[str, Any]]:
         names = list(self.models_by_name) or sorted(self.config.registered_models())
         return [{"model_name": n, "trainable": True, "sampleable": True} for n in names]
-
-
-def model_input_tokens(value: object, where: str) -> list[int]:
-    """A ModelInput JSON (``{"chunks": [{"type": "encoded_text", "tokens": [...]}]}``) as token ids."""
-    if not isinstance(value, dict) or not isinstance(value.get("chunks"), list):
-        raise InvalidArgument(where, "must be a ModelInput with chunks")
-    tokens: list[int] = []
-    for i, chunk in enumerate(value["chunks"]):  # pyright: ignore[reportUnknownVariableType]
-        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
-            raise InvalidArgument(f"{where}.chunks[{i}]", "only encoded_text chunks are supported")
-        toks = chunk.get("tokens")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                 for t in toks):  # pyright: ignore[reportUnknownVariableType]
-            raise InvalidArgument(f"{where}.chunks[{i}].tokens", "must be a list of token ids")
-        tokens.extend(toks)  # pyright: ignore[reportUnknownArgumentType]
-    if not 0 < len(tokens) <= wire.MAX_TOKENS:
-        raise InvalidArgument(where, f"must hold 1 to {wire.MAX_TOKENS} tokens")
-    return tokens
-
-
-def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """Tinker's SamplingParams as ``tg_tinker`` sampling arguments (the inference service checks the values)."""
-    max_tokens = params.get("max_tokens") or 16
-    stop = params.get("stop")
-    if isinstance(stop, list) and stop and not all(isinstance(x, str) for x in stop):  # pyright: ignore[reportUnknownVariableType]
-        raise InvalidArgument("sampling_params.stop", "stop token ids are not supported; give stop strings")
-    out: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(params.get("temperature", 1.0)),
-                           "top_p": float(params.get("top_p", 1.0)),
-                           "top_k": max(int(params.get("top_k", -1)), 0)}
-    if stop:
-        out["stop"] = [stop] if isinstance(stop, str) else list(stop)  # pyright: ignore[reportUnknownArgumentType]
-    if params.get("seed") is not None:
-        out["seed"] = int(params["seed"])
-    return out

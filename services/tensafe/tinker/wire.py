@@ -229,3 +229,37 @@ def sample_response(seqs: list[SampledSeq], prompt_logprobs: list[float] | None)
 def metric_names(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics the client reads: those named ``name:reduction`` (it folds chunks by the reduction)."""
     return {k: float(v) for k, v in metrics.items() if k.count(":") == 1}
+
+
+def model_input_tokens(value: object, where: str) -> list[int]:
+    """A ModelInput JSON (``{"chunks": [{"type": "encoded_text", "tokens": [...]}]}``) as token ids."""
+    if not isinstance(value, dict) or not isinstance(value.get("chunks"), list):
+        raise InvalidArgument(where, "must be a ModelInput with chunks")
+    tokens: list[int] = []
+    for i, chunk in enumerate(value["chunks"]):  # pyright: ignore[reportUnknownVariableType]
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            raise InvalidArgument(f"{where}.chunks[{i}]", "only encoded_text chunks are supported")
+        toks = chunk.get("tokens")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in toks):  # pyright: ignore[reportUnknownVariableType]
+            raise InvalidArgument(f"{where}.chunks[{i}].tokens", "must be a list of token ids")
+        tokens.extend(toks)  # pyright: ignore[reportUnknownArgumentType]
+    if not 0 < len(tokens) <= MAX_TOKENS:
+        raise InvalidArgument(where, f"must hold 1 to {MAX_TOKENS} tokens")
+    return tokens
+
+
+def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Tinker's SamplingParams as ``tg_tinker`` sampling arguments (the inference service checks the values)."""
+    max_tokens = params.get("max_tokens") or 16
+    stop = params.get("stop")
+    if isinstance(stop, list) and stop and not all(isinstance(x, str) for x in stop):  # pyright: ignore[reportUnknownVariableType]
+        raise InvalidArgument("sampling_params.stop", "stop token ids are not supported; give stop strings")
+    out: dict[str, Any] = {"max_tokens": int(max_tokens), "temperature": float(params.get("temperature", 1.0)),
+                           "top_p": float(params.get("top_p", 1.0)),
+                           "top_k": max(int(params.get("top_k", -1)), 0)}
+    if stop:
+        out["stop"] = [stop] if isinstance(stop, str) else list(stop)  # pyright: ignore[reportUnknownArgumentType]
+    if params.get("seed") is not None:
+        out["seed"] = int(params["seed"])
+    return out

@@ -32,7 +32,8 @@ from tensafe.trainer.messages import OP_FORWARD, OP_FORWARD_BACKWARD, OP_OPTIM_S
 from tensafe.trainer.passes import PassOp, StepOp, run_pass
 from tensafe.trainer.service import Trainer
 from tensafe.trainer.servicer import batch_value, config_value
-from tensafe.trainer.session import DPState, TrainingSession
+from tensafe.trainer.session import TrainingSession
+from tensafe.trainer.settings import DPState
 from tensafe.trainer.values import BatchInput
 from tg_tinker import LoRAConfig, TrainingConfig
 from tg_tinker.training import batch_to_proto

@@ -30,7 +30,7 @@ from tensafe.trainer import checkpoint
 from tensafe.trainer.dp import PerSampleClipper, SecureGaussian, lora_layers
 from tensafe.trainer.lineage import SessionLineage
 from tensafe.trainer.losses import resolve_loss
-from tensafe.trainer.session import DPState
+from tensafe.trainer.settings import DPState
 from tensafe.trainer.values import SessionConfig
 
 from . import dpstep

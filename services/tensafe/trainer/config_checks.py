@@ -18,7 +18,7 @@ from tensafe.runtime.errors import InvalidArgument
 from .dp import poisson_batch_limit
 from .losses import Loss, resolve_loss
 from .messages import DEFAULT_ACCOUNTANT_TYPE
-from .session import DPState, SessionSettings, StepParams
+from .settings import DPState, SessionSettings, StepParams
 from .values import LORA_BIASES, LossSpec, SessionConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")

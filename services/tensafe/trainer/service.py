@@ -57,7 +57,8 @@ from .messages import (
     budget_state_name,
 )
 from .passes import PassOp, StepOp
-from .session import SessionSettings, StepParams, TrainingSession
+from .session import TrainingSession
+from .settings import SessionSettings, StepParams
 from .values import (
     DP_SAMPLING_CLIENT,
     DP_SAMPLING_SERVER,

@@ -24,7 +24,8 @@ from tg_tinker.sampling_rules import SamplingParamError, check_sampling
 from .audit_trail import OpAudit
 from .messages import BIAS_NAMES, config_proto
 from .service import Trainer, TrainerLimits
-from .session import STEP_PARAM_FIELDS, StepParams, TrainingSession
+from .session import TrainingSession
+from .settings import STEP_PARAM_FIELDS, StepParams
 from .values import (
     BatchInput,
     DPSpec,

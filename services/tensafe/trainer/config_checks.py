@@ -3,6 +3,7 @@ named in its INVALID_ARGUMENT (``config.<field>``, ``params.<field>``), before a
 
 ``validate_config`` turns a ``SessionConfig`` into the session's settings and PEFT LoRA config;
 ``validate_dp`` checks its DP parameters (the sampling rate above all: the guarantee depends on it).
+``server_dataset_id`` the settings of server-side sampling (the dataset is read by the service).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from peft import LoraConfig
 from tensafe.runtime.adapter_config import MAX_RANK, check_module_names
 from tensafe.runtime.errors import InvalidArgument
 
+from .dataset import FIELD as DATASET_FIELD
 from .dp import poisson_batch_limit
 from .losses import Loss, resolve_loss
 from .messages import DEFAULT_ACCOUNTANT_TYPE
 from .settings import DPState, SessionSettings, StepParams
-from .values import LORA_BIASES, LossSpec, SessionConfig
+from .values import DP_SAMPLING_CLIENT, DP_SAMPLING_SERVER, LORA_BIASES, LossSpec, SessionConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -164,3 +166,28 @@ def validate_dp(config: SessionConfig, default_loss: Loss, lora: LoraConfig) -> 
                    accountant_type=dp.accountant_type or DEFAULT_ACCOUNTANT_TYPE,
                    target_epsilon=dp.target_epsilon, target_delta=dp.target_delta, dataset_size=dataset_size,
                    batch_limit=poisson_batch_limit(rate, dataset_size, expected))
+
+
+def server_dataset_id(config: SessionConfig) -> str | None:
+    """The vault dataset a DPConfig.sampling = SERVER session draws from (None: the client samples), with the
+    settings server sampling rules out refused by name."""
+    dp = config.dp
+    if dp is None or dp.sampling not in (0, DP_SAMPLING_CLIENT, DP_SAMPLING_SERVER):
+        if dp is not None:
+            raise InvalidArgument("config.dp_config.sampling", f"unknown sampling {dp.sampling}")
+        return None
+    if dp.sampling != DP_SAMPLING_SERVER:
+        if dp.dataset_artifact_id:
+            raise InvalidArgument(DATASET_FIELD, "is only read with sampling = SERVER")
+        return None
+    if not dp.enabled:
+        raise InvalidArgument("config.dp_config.sampling", "server sampling is for DP sessions (enabled = true)")
+    if not dp.dataset_artifact_id:
+        raise InvalidArgument(DATASET_FIELD, "is required with sampling = SERVER: the trainer samples it")
+    if dp.sample_rate is not None:
+        raise InvalidArgument("config.dp_config.sample_rate", "is the trainer's with server sampling (expected "
+                                                              "batch / the dataset's rows): omit it")
+    if config.gradient_accumulation_steps > 1:
+        raise InvalidArgument("config.gradient_accumulation_steps", "server sampling draws a whole logical "
+                                                                    "batch per ForwardBackward: use 1")
+    return dp.dataset_artifact_id

@@ -35,8 +35,7 @@ from . import checkpoint
 from .audit_trail import SUCCESS, OpAudit
 from .base import SharedBase
 from .batches import PreparedBatch, float_matrix, prepare_batch
-from .config_checks import check_step_params, resolve_request_loss, validate_config
-from .dataset import FIELD as DATASET_FIELD
+from .config_checks import check_step_params, resolve_request_loss, server_dataset_id, validate_config
 from .dataset import PoissonSampler, ServerDataset, check_tokens
 from .dataset import batch as draw_batch
 from .dataset import parse as parse_dataset
@@ -60,8 +59,6 @@ from .passes import PassOp, StepOp
 from .session import TrainingSession
 from .settings import SessionSettings, StepParams
 from .values import (
-    DP_SAMPLING_CLIENT,
-    DP_SAMPLING_SERVER,
     BatchInput,
     LossSpec,
     SamplingSpec,
@@ -175,31 +172,16 @@ class Trainer:
 
     def _server_dataset(self, config: SessionConfig) -> ServerDataset | None:
         """DPConfig.sampling = SERVER: the session's dataset, read from the vault as the caller and checked."""
-        dp = config.dp
-        if dp is None or dp.sampling not in (0, DP_SAMPLING_CLIENT, DP_SAMPLING_SERVER):
-            if dp is not None:
-                raise InvalidArgument("config.dp_config.sampling", f"unknown sampling {dp.sampling}")
+        artifact_id = server_dataset_id(config)
+        if artifact_id is None:
             return None
-        if dp.sampling != DP_SAMPLING_SERVER:
-            if dp.dataset_artifact_id:
-                raise InvalidArgument(DATASET_FIELD, "is only read with sampling = SERVER")
-            return None
-        if not dp.enabled:
-            raise InvalidArgument("config.dp_config.sampling", "server sampling is for DP sessions (enabled = true)")
-        if not dp.dataset_artifact_id:
-            raise InvalidArgument(DATASET_FIELD, "is required with sampling = SERVER: the trainer samples it")
-        if dp.sample_rate is not None:
-            raise InvalidArgument("config.dp_config.sample_rate", "is the trainer's with server sampling (expected "
-                                                                  "batch / the dataset's rows): omit it")
-        if config.gradient_accumulation_steps > 1:
-            raise InvalidArgument("config.gradient_accumulation_steps", "server sampling draws a whole logical "
-                                                                        "batch per ForwardBackward: use 1")
         if self.vault is None:
             raise FailedPrecondition("this trainer has no vault configured: set TENSAFE_VAULT_ENDPOINT")
-        _, data = self.vault.get(call_context.current(), dp.dataset_artifact_id)
-        dataset = parse_dataset(data, dp.dataset_artifact_id)
-        if dp.dataset_size is not None and dp.dataset_size != len(dataset):
-            raise InvalidArgument("config.dp_config.dataset_size", f"is {dp.dataset_size}, but the dataset has "
+        _, data = self.vault.get(call_context.current(), artifact_id)
+        dataset = parse_dataset(data, artifact_id)
+        size = config.dp_or_default.dataset_size
+        if size is not None and size != len(dataset):
+            raise InvalidArgument("config.dp_config.dataset_size", f"is {size}, but the dataset has "
                                                                    f"{len(dataset)} rows: omit it")
         return dataset
 

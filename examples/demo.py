@@ -9,8 +9,8 @@
    each secret can be extracted (greedy completion, rank and exposure among other secrets),
    membership-inference AUC, the empirical lower bound on epsilon beside the accountant's, per-step
    time and the DP/non-DP ratio; it saves a PNG and prints its path. 20 steps per run at batch 16: about
-   6 minutes in all on 2 idle cores (the job itself 5 min 32 s measured), longer when other work shares
-   them.
+   6 minutes in all on 2 idle cores (5 min 48 s measured, the job itself 5 min 32 s), longer when other
+   work shares them.
    `--classic` runs the older DP fine-tuning example (examples/training/lora_finetuning.py --dp) instead.
 """
 

@@ -225,10 +225,7 @@ class PerSampleClipper:
         finally:
             recorded, self._recorded = self._recorded, None
         try:
-            outputs = [loss(row) for row in split_rows(batch)]
-            for i, out in enumerate(outputs):
-                if not torch.isfinite(out.loss):
-                    raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
+            outputs = row_losses(loss, batch)
             if not recorded:
                 raise InvalidArgument("batch", "no LoRA layer took part in this forward pass")
             total = torch.stack([o.loss for o in outputs]).sum()
@@ -304,6 +301,15 @@ def split_rows(batch: LossInputs) -> list[LossInputs]:
             for i, (lg, ids, am, lb, adv, old) in enumerate(zip(
                 rows(batch.logits), rows(batch.input_ids), rows(batch.attention_mask), rows(batch.labels),
                 rows(batch.advantages), rows(batch.old_logprobs), strict=True))]
+
+
+def row_losses(loss: Loss, batch: LossInputs) -> list[LossOutput]:
+    """Each row's own loss (a DP step clips each row's gradient); INVALID_ARGUMENT if one is not finite."""
+    outputs = [loss(row) for row in split_rows(batch)]
+    for i, out in enumerate(outputs):
+        if not torch.isfinite(out.loss):
+            raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
+    return outputs
 
 
 def lora_layers(model: nn.Module, session_id: str) -> list[nn.Linear]:

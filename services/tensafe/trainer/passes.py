@@ -36,7 +36,7 @@ from tensafe.common import multilora
 from tensafe.runtime.errors import FailedPrecondition, InvalidArgument, TensafeError
 
 from .batches import PreparedBatch
-from .dp import PerSampleClipper, split_rows
+from .dp import PerSampleClipper, row_losses
 from .losses import Loss, LossInputs, LossOutput
 from .session import TrainingSession, merge_rows
 
@@ -146,11 +146,7 @@ def _loss(op: PassOp, logits: torch.Tensor) -> LossOutput | list[LossOutput]:
     inputs = LossInputs(logits=logits, input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
                         advantages=b.advantages, old_logprobs=b.old_logprobs, extra=b.extra)
     if op.train and op.session.dp is not None:
-        outs = [op.loss(row) for row in split_rows(inputs)]
-        for i, out in enumerate(outs):
-            if not torch.isfinite(out.loss):
-                raise InvalidArgument("batch", f"the loss of row {i} is not finite; no gradient was accumulated")
-        return outs
+        return row_losses(op.loss, inputs)
     out = op.loss(inputs)
     if op.train and not torch.isfinite(out.loss):
         raise InvalidArgument("batch", "the loss is not finite for this batch; no gradient was accumulated")
@@ -207,9 +203,12 @@ def run_pass(ops: list[PassOp]) -> list[Outcome]:
             _dp_capture(ops[i].session, False)
         multilora.set_training(model, False)
     losses: dict[int, LossOutput | list[LossOutput]] = {}
-    for i, seg in zip(live, segments, strict=True):
+    # One split into the ops' rows (a slice each would make its backward write a zero tensor of the whole
+    # pass's logits per op; see dp.split_rows), then each op's own length.
+    pieces = torch.split(logits, [seg.stop - seg.start for seg in segments])
+    for i, seg, piece in zip(live, segments, pieces, strict=True):
         try:
-            losses[i] = _loss(ops[i], logits[seg.start:seg.stop, :seg.length].float())
+            losses[i] = _loss(ops[i], piece[:, :seg.length].float())
         except TensafeError as exc:
             outcomes[i] = exc
         except Exception as exc:  # noqa: BLE001 - a loss's own failure is that op's, never the others'

@@ -52,15 +52,21 @@ def to_bytes(obj: object) -> bytes:
 
 def load_ciphertext(seal_context: SEALContext, data: bytes) -> Ciphertext:
     """A SEAL Ciphertext from its bytes; SEAL checks it is valid for ``seal_context`` (ValueError if not)."""
+    ct = seal.ciphertext(seal_context)
+    load_into(ct, seal_context, data)
+    return ct
+
+
+def load_into(obj: object, seal_context: object, data: bytes) -> None:
+    """Load SEAL bytes into ``obj`` (a Ciphertext, a PublicKey: anything with ``load(context, path)``);
+    SEAL checks them against ``seal_context`` (ValueError if they do not fit)."""
     path = _scratch()
     with open(path, "wb") as fh:
         fh.write(data)
-    ct = seal.ciphertext(seal_context)
     try:
-        ct.load(seal_context, path)
+        obj.load(seal_context, path)  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - SEAL raises plain exceptions for any malformed input
-        raise ValueError(f"not a SEAL ciphertext for this context ({exc})") from None
-    return ct
+        raise ValueError(f"not a SEAL object for this context ({exc})") from None
 
 
 def levels(seal_context: SEALContext) -> tuple[ParmsId, ParmsId]:
@@ -105,4 +111,5 @@ class TokenCodec:
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 
 
-__all__ = ["Ciphertext", "ParmsId", "SEALContext", "Saveable", "TokenCodec", "levels", "load_ciphertext", "to_bytes"]
+__all__ = ["Ciphertext", "ParmsId", "SEALContext", "Saveable", "TokenCodec", "levels", "load_ciphertext", "load_into",
+           "to_bytes"]

@@ -32,7 +32,8 @@ from tensafe.runtime.errors import InvalidArgument
 
 # Standard deviation of the masks on each slot and of the blinding rho of the rank projections. Real
 # masks hide statistically: the larger, the better they hide and the more precision they cost (the
-# key holder sums them in float64); 2^14 keeps the delta within 1e-7 of the plaintext one.
+# key holder sums them in float64); with the masks' encryption noise (mask_key.py) the delta stays within
+# about 1e-5 relative of the plaintext one.
 MASK_STD = 2.0 ** 14
 BLIND_STD = 2.0 ** 14
 # A scalar that encodes to zero at scale 2^40 would make a transparent ciphertext: skip it.
@@ -202,12 +203,16 @@ class SealEngine:
 
         from tg_tinker.he.seal import levels
 
+        from .mask_key import output_level_encryptor
+
         self.seal_context = ctx.seal_context().data
         self.scale = scale
         self.encoder = sealapi.CKKSEncoder(self.seal_context)
         self.evaluator = sealapi.Evaluator(self.seal_context)
         self.encryptor = sealapi.Encryptor(self.seal_context, ctx.public_key().data)
         self.input_level, self.output_level = levels(self.seal_context)
+        # Masks and zeros at the output level: under the key's residues mod that level's prime (mask_key.py).
+        self._mask_context, self.mask_encryptor = output_level_encryptor(self.seal_context, ctx.public_key().data)
         self.top_level = self.seal_context.first_parms_id()
         self.slots = self.encoder.slot_count()
         self.weight_scale = self._rescale_prime()
@@ -245,7 +250,7 @@ class SealEngine:
 
         plain, ct = sealapi.Plaintext(), sealapi.Ciphertext()
         self.encoder.encode(0.0, self.output_level, self.scale, plain)
-        self.encryptor.encrypt(plain, ct)
+        self.mask_encryptor.encrypt(plain, ct)
         return ct
 
     def masks(self, block: int, kind: str) -> tuple[object, np.ndarray]:
@@ -257,7 +262,7 @@ class SealEngine:
         sums = secure_normal(per, BLIND_STD) if kind == BLIND else np.zeros(per)
         plain, ct = sealapi.Plaintext(), sealapi.Ciphertext()
         self.encoder.encode(block_masks(self.slots, block, per, sums).tolist(), self.output_level, self.scale, plain)
-        self.encryptor.encrypt(plain, ct)
+        self.mask_encryptor.encrypt(plain, ct)
         return ct, sums
 
     def load_input(self, data: bytes, field_name: str, *, column: bool = False) -> object:

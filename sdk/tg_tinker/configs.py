@@ -32,7 +32,8 @@ def _mapping(value: object) -> dict[str, Any] | None:
 def to_struct(values: dict[str, Any] | None, fld: str) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     try:
-        s.update(values or {})
+        # types-protobuf 7.35.1.20261122 types Struct.update with an Unknown in its value union.
+        s.update(values or {})  # pyright: ignore[reportUnknownMemberType]
     except (ValueError, TypeError) as exc:
         _fail(fld, f"values must be JSON-like (str, number, bool, None, list, dict): {exc}")
     return s

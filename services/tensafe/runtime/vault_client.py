@@ -48,7 +48,8 @@ class VaultClient:
             lineage_mac: bytes = b"") -> vault_pb2.Artifact:
         """Stores the bytes; ``lineage`` with its MAC (tensafe.runtime.lineage) is what the vault records."""
         meta = struct_pb2.Struct()
-        meta.update(metadata)
+        # types-protobuf 7.35.1.20261122 types Struct.update with an Unknown in its value union.
+        meta.update(metadata)  # pyright: ignore[reportUnknownMemberType]
         header = vault_pb2.PutArtifactHeader(kind=cast("vault_pb2.ArtifactKind", kind), name=name, metadata=meta,
                                              session_id=session_id, content_type=content_type, lineage=lineage,
                                              lineage_mac=lineage_mac)

@@ -58,16 +58,18 @@ def train_save_sample(client: Any, steps: int = 2) -> tuple[Any, Any]:
     return ckpt, expected
 
 
-def audit_entries(client: Any, vkey: str, wait_for: str = "inference.Generate", deadline_s: float = 60) -> list[Any]:
-    """The verified audit log, once it holds ``wait_for`` (entries reach the ledger through each service's
-    outbox) and some trainer entry."""
+def audit_entries(client: Any, vkey: str, wait_for: str = "inference.Generate", deadline_s: float = 60,
+                  services: frozenset[str] = frozenset({"trainer", "inference", "vault"})) -> list[Any]:
+    """The verified audit log, once it holds ``wait_for`` and an entry of each of ``services`` (entries
+    reach the ledger through each service's own outbox, so one service's may arrive after another's)."""
     deadline = time.monotonic() + deadline_s
     while True:
         entries = client.get_audit_logs(vkey=vkey)
         actions = {e.action for e in entries}
-        if wait_for in actions or time.monotonic() > deadline:
+        seen = {e.service for e in entries}
+        if (wait_for in actions and seen >= services) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert wait_for in actions, actions
-    assert any(a.startswith("trainer.") for a in actions), actions
+    assert seen >= services, seen
     return entries

@@ -226,7 +226,7 @@ def test_single_token_masks_cancel_in_block_sums_and_hide_the_products(bundle) -
     # Round 2: the masks cancel in every block of r slots, and the slots are not the products either.
     blocks = slots2.reshape(-1, layer.rank)[: layer.out_features]
     products2 = layer.scaling * (layer.B @ blinding.Q.T) * projections
-    assert np.allclose(blocks.sum(1), products2.sum(1), atol=1e-6)
+    assert np.allclose(blocks.sum(1), products2.sum(1), atol=1e-5)
     assert np.abs(blocks - products2).min() > 1e-3
     # A second call on the same x draws fresh Q, rho and masks: same delta, different everything else.
     slots1b, slots2b, sums_b, _, delta_b, _ = _token(bundle, layer, x)
@@ -333,7 +333,8 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
     assert zeros == [None]
     zero = compute.masked_products(engine, ct, zeros, [_fresh_masks(engine)(576, compute.ZERO, 1)[0][0]], Counts())[0]
     values = bundle.decrypt_token(compute.serialize_seal([zero], Timer())[0])
-    assert np.allclose(values[:4032].reshape(7, 576).sum(1), 0, atol=1e-6) and values.std() > 1000
+    # (block sums of 576 slots carry the one-prime encryption's noise, about 1e-7 a slot: mask_key.py)
+    assert np.allclose(values[:4032].reshape(7, 576).sum(1), 0, atol=1e-5) and values.std() > 1000
 
 
 def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> None:
@@ -375,7 +376,7 @@ def test_the_mask_pool_prepares_masks_in_a_worker_and_each_is_used_once(bundle) 
         assert (pool.taken_ready, pool.made_inline) == (6, 2)
         values = [bundle.decrypt_token(compute.serialize_seal([ct], Timer())[0]) for ct, _ in got]
         for v, (_, sums) in zip(values, got, strict=True):
-            assert np.allclose(v[:4000].reshape(40, 100).sum(1), sums, atol=1e-6)
+            assert np.allclose(v[:4000].reshape(40, 100).sum(1), sums, atol=1e-5)
             assert np.abs(sums).max() > 100  # rho: Gaussian of sigma 2^14
         firsts = {round(float(v[0]), 3) for v in values}
         assert len(firsts) == 8  # every mask is fresh: none is handed out twice

@@ -10,15 +10,14 @@ import pytest
 import tenseal as ts
 from tenseal import sealapi
 
-from tensafe.he import compute, group, mask_key
+from tensafe.he import compute, group
 from tensafe.he.compute import Counts, LoraLayer, SealEngine, Timer
-from tensafe.he.mask_key import output_level_encryptor
 from tensafe.he.masks import MaskPool
 from tensafe.he.service import check_params, inspect_context
 from tensafe.runtime.errors import InvalidArgument
 from tg_tinker import IntegrityError, ValidationError
 from tg_tinker.he import HEKeyManager, HEScheme, HESchemeParams
-from tg_tinker.he.seal import load_into, to_bytes
+from tg_tinker.he.seal import to_bytes
 
 
 @pytest.fixture(scope="module")
@@ -155,33 +154,6 @@ def _fresh_masks(engine: SealEngine):
     return make
 
 
-def test_masks_are_fresh_encryptions_under_the_keys_residues_at_the_output_level(bundle) -> None:
-    engine = _engine(bundle)
-    key = ts.context_from(bundle.public_context()).public_key().data
-    one, encryptor = output_level_encryptor(engine.seal_context, key)
-    assert list(one.first_parms_id()) == list(engine.output_level) and one.first_parms_id() == one.last_parms_id()
-    assert engine.mask_encryptor is not engine.encryptor  # masks and zeros come from the one-prime key
-    ct, sums = engine.masks(64, compute.BLIND)
-    assert ct.parms_id() == engine.output_level and ct.coeff_modulus_size() == 1
-    slots = bundle.decrypt_token(to_bytes(ct))  # the key holder's secret key decrypts it as before
-    assert np.allclose(slots.reshape(-1, 64).sum(1), sums, atol=1e-5) and np.std(slots) > 1000
-    assert np.abs(bundle.decrypt_token(to_bytes(engine.zeros()))).max() < 1e-5
-    again, _ = engine.masks(64, compute.BLIND)
-    assert to_bytes(again) != to_bytes(ct)
-    # The key is the full key's first-prime residues: a key whose residues were altered does not decrypt.
-    n = key.data().poly_modulus_degree()
-    coeffs = [key.data()[i] for i in range(n)] + [key.data()[key.data().coeff_modulus_size() * n + i] for i in range(n)]
-    coeffs[0] = (coeffs[0] + 1) % engine.seal_context.last_context_data().parms().coeff_modulus()[0].value()
-    version = to_bytes(key.data())[3:5]
-    bad = mask_key._serialised(version, list(one.first_parms_id()), n, coeffs)
-    wrong = sealapi.PublicKey()
-    load_into(wrong, one, bad)
-    plain, out = sealapi.Plaintext(), sealapi.Ciphertext()
-    engine.encoder.encode(0.0, engine.output_level, engine.scale, plain)
-    sealapi.Encryptor(one, wrong).encrypt(plain, out)
-    assert np.abs(bundle.decrypt_token(to_bytes(out))).max() > 1.0
-
-
 def _token(bundle, layer: LoraLayer, x: np.ndarray):
     """Both rounds of one token as the SDK runs them; returns (round 1 slots, round 2 slots, delta, counts)."""
     engine = _engine(bundle)
@@ -314,7 +286,6 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
     """Without a fresh encryption in each output, its second component would be rescale(c1 * w): the key
     holder, who made c1, could divide the weights out of it. With one, two outputs of the same input,
     weights and level share no component with that product or with each other."""
-    from tenseal import sealapi
 
     engine = _engine(bundle)
     ct = engine.load_input(bundle.encrypt_token(np.random.default_rng(1).normal(0, 1, 4096)), "x")
@@ -338,9 +309,7 @@ def test_single_token_outputs_are_rerandomised(bundle) -> None:
 
 
 def test_a_token_input_must_be_a_fresh_encryption_at_the_token_level(bundle) -> None:
-    from tenseal import sealapi
 
-    from tg_tinker.he.seal import to_bytes
 
     engine = _engine(bundle)
     top = sealapi.Ciphertext()

@@ -87,22 +87,22 @@ def two_tenants(trainer: Trainer) -> Iterator[tuple]:
 def test_a_small_op_is_not_stuck_behind_another_tenants_long_sample(trainer: Trainer, two_tenants) -> None:
     """Attack: a Sample with many prompts held the shared worker for its whole length (FIFO)."""
     a, b = two_tenants
-    big = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=12, max_tokens=8, seed=3))
-    wait(big, {RUNNING})
-    small = trainer.get_info("tenant-b", b.session_id)
-    wait(small)
-    assert small.state == SUCCEEDED
-    assert big.state == RUNNING  # B was served between two of A's sequences, not after all 12
-    wait(big)
-    assert big.state == SUCCEEDED and len(big.result.samples) == 12
+    with a.base.lock:  # hold the worker: B's op is queued while A's sample has its first slice
+        big = trainer.sample("tenant-a", *sample_req(a.session_id, prompts=12, max_tokens=8, seed=3))
+        wait(big, {RUNNING})
+        small = trainer.get_info("tenant-b", b.session_id)
+    assert wait(small).state == SUCCEEDED
+    assert wait(big).state == SUCCEEDED and len(big.result.samples) == 12
+    assert small.end_time < big.end_time  # B was served between two of A's sequences, not after all 12
 
 
 def test_a_small_op_is_not_stuck_behind_another_tenants_queue(trainer: Trainer, two_tenants) -> None:
     a, b = two_tenants
-    queued = [trainer.forward("tenant-a", *forward_req(a.session_id)) for _ in range(12)]
-    wait(queued[0], {RUNNING, *TERMINAL})
-    small = wait(trainer.forward("tenant-b", *forward_req(b.session_id)))
-    assert small.state == SUCCEEDED
+    with a.base.lock:  # hold the worker: B's op is queued while A's first is taken, however slow this thread
+        queued = [trainer.forward("tenant-a", *forward_req(a.session_id)) for _ in range(12)]
+        wait(queued[0], {RUNNING})
+        small = trainer.get_info("tenant-b", b.session_id)  # not a forward: it cannot ride along in A's pass
+    assert wait(small).state == SUCCEEDED
     before = sum(1 for op in queued if op.end_time is not None and op.end_time <= small.end_time)
     assert before <= 3, f"{before} of tenant A's 12 ops ran before tenant B's one"  # FIFO: all 12
     for op in queued:
@@ -119,10 +119,15 @@ def test_a_tenants_sessions_are_served_by_tenant_first(trainer: Trainer) -> None
     many = [trainer.create_session("tenant-a", cfg()) for _ in range(3)]
     b = trainer.create_session("tenant-b", cfg())
     try:
-        queued = [trainer.forward("tenant-a", *forward_req(s.session_id)) for s in many for _ in range(4)]
-        wait(queued[0], {RUNNING, *TERMINAL})
-        small = wait(trainer.forward("tenant-b", *forward_req(b.session_id)))
-        before = sum(1 for op in queued if op.end_time is not None and op.end_time <= small.end_time)
+        with b.base.lock:  # hold the worker: it takes A's first op alone, the rest and B's op queue meanwhile
+            order = [s.session_id for s in many for _ in range(4)]
+            queued = [trainer.forward("tenant-a", *forward_req(order[0]))]
+            wait(queued[0], {RUNNING})
+            queued += [trainer.forward("tenant-a", *forward_req(sid)) for sid in order[1:]]
+            small = trainer.get_info("tenant-b", b.session_id)  # not a forward: it cannot ride along in A's pass
+        assert wait(small).state == SUCCEEDED
+        # Fair by session alone, A's two other sessions (batched with A's next op) would go first too: 4.
+        before = sum(1 for op in queued if op.end_time is not None and op.end_time <= small.start_time)
         assert before <= 3, f"{before} of tenant A's 12 ops ran before tenant B's one"
         for op in queued:
             wait(op)
@@ -241,7 +246,8 @@ def test_an_inference_job_does_not_hold_the_base_for_its_whole_length(hf_base) -
     while not big_got:
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    small, small_got = _generate(hf_base, prompts=1, max_tokens=4)
+    with hf_base.lock:  # between two steps: the small job is waiting before the next, however slow this thread
+        small, small_got = _generate(hf_base, prompts=1, max_tokens=4)
     small.join(60)
     assert small_got and small_got[-1][1].finish_reason
     done_before = sum(1 for t, c in list(big_got) if c.finish_reason and t <= small_got[-1][0])

